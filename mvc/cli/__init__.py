@@ -1,0 +1,5 @@
+"""The `mvc` command line: parse, call one library function, render."""
+
+from .main import main
+
+__all__ = ["main"]

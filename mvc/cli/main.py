@@ -1,0 +1,484 @@
+"""Click commands. Each parses, calls one library function, and renders the result."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import MvcError, UsageError
+from . import render
+from .errors import exit_code
+from .progress import make_progress
+
+
+class Ctx:
+    def __init__(self, directory: str, quiet: bool):
+        self.directory = directory
+        self.quiet = quiet
+        self._repo = None
+
+    def repo(self):
+        from ..repo import Repo
+
+        if self._repo is None:
+            self._repo = Repo(self.directory)
+        return self._repo
+
+    def progress(self):
+        return make_progress(self.quiet)
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+class PathsCommand(click.Command):
+    """A command taking `-- PATHS...` after its arguments, as Git does (kept in ctx.meta["paths"])."""
+
+    def parse_args(self, ctx, args):
+        if "--" in args:
+            i = args.index("--")
+            ctx.meta["paths"] = args[i + 1:]
+            args = args[:i]
+        else:
+            ctx.meta["paths"] = None
+        return super().parse_args(ctx, args)
+
+
+class MvcGroup(click.Group):
+    """Turns MvcError into one line on stderr and an exit code; never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MvcError as e:
+            click.secho(f"error: {e}", fg="red", err=True)
+            if e.hint:
+                click.echo(f"hint: {e.hint}", err=True)
+            sys.exit(exit_code(e))
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except BrokenPipeError:
+            sys.stderr.close()
+            sys.exit(141)
+
+
+@click.group(cls=MvcGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-C", "directory", default=".", metavar="DIR", help="Run as if started in DIR.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.version_option(__version__, prog_name="mvc")
+@click.pass_context
+def cli(ctx, directory, quiet):
+    """mvc: version control for model weights, one tensor at a time."""
+    if not os.path.isdir(directory):
+        raise MvcError(f"-C {directory}: no such directory")
+    ctx.obj = Ctx(directory, quiet)
+
+
+def default_author() -> str:
+    """--author default: MVC_AUTHOR, then Git's author variables and config."""
+    if os.environ.get("MVC_AUTHOR"):
+        return os.environ["MVC_AUTHOR"]
+    name, email = os.environ.get("GIT_AUTHOR_NAME"), os.environ.get("GIT_AUTHOR_EMAIL")
+    if not (name and email):
+        try:
+            import pygit2
+
+            cfg = pygit2.Config.get_global_config()
+            name = name or cfg["user.name"]
+            email = email or cfg["user.email"]
+        except Exception:  # no global config, or the key is unset
+            pass
+    if name and email:
+        return f"{name} <{email}>"
+    from ..repo import DEFAULT_AUTHOR
+
+    return DEFAULT_AUTHOR
+
+
+# -- setup -------------------------------------------------------------------------
+@cli.command()
+@click.argument("directory", default=".")
+@click.option("-b", "--initial-branch", default="main", show_default=True)
+@pass_ctx
+def init(c, directory, initial_branch):
+    """Create an empty repository in DIRECTORY."""
+    from ..repo import Repo
+
+    path = os.path.join(c.directory, directory)
+    os.makedirs(path, exist_ok=True)
+    repo = Repo.init(path, branch=initial_branch)
+    click.echo(f"Initialized empty mvc repository in {repo.root}/.mvc")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--no-repo", is_flag=True, help="Check only the environment.")
+@pass_ctx
+def doctor(c, as_json, no_repo):
+    """Check the environment and the repository, with fixes."""
+    from ..doctor import environment_checks, repository_checks
+
+    checks = environment_checks() + ([] if no_repo else repository_checks(c.directory))
+    if as_json:
+        render.emit_json([vars(ch) for ch in checks])
+    else:
+        marks = {"ok": ("ok  ", "green"), "warn": ("warn", "yellow"), "fail": ("FAIL", "red")}
+        for ch in checks:
+            mark, color = marks[ch.status]
+            click.echo(click.style(mark, fg=color) + f"  {ch.name}: {ch.detail}")
+            if ch.fix:
+                click.echo(f"      fix: {ch.fix}")
+    if any(ch.status == "fail" for ch in checks):
+        sys.exit(1)
+
+
+# -- snapshots ---------------------------------------------------------------------
+@cli.command()
+@click.option("-m", "--message", required=True)
+@click.option("--author", default=None, help='"Name <email>"')
+@click.option("--allow-empty", is_flag=True, help="Record a commit even if nothing changed.")
+@click.option("--json", "as_json", is_flag=True)
+@click.argument("paths", nargs=-1, type=click.Path())
+@pass_ctx
+def commit(c, message, author, allow_empty, as_json, paths):
+    """Record a snapshot of the work tree (or only PATHS)."""
+    repo = c.repo()
+    before = repo.backend.stats()
+    oid = repo.commit(message, paths=list(paths) or None, author=author or default_author(),
+                      allow_empty=allow_empty, progress=c.progress())
+    after = repo.backend.stats()
+    added = after["stored_bytes"] - before["stored_bytes"]
+    if as_json:
+        render.emit_json({"id": oid, "stored_bytes_added": added,
+                          "objects_added": after["objects"] - before["objects"]})
+    else:
+        branch = repo.refs.current_branch() or "detached HEAD"
+        click.echo(f"[{branch} {oid[:12]}] {message.strip().splitlines()[0]}")
+        click.echo(f" {render.human(added)} added to the store")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.option("-s", "--short", is_flag=True)
+@click.argument("paths", nargs=-1, type=click.Path())
+@pass_ctx
+def status(c, as_json, short, paths):
+    """Show what changed in the work tree since HEAD."""
+    repo = c.repo()
+    st = repo.status(list(paths) or None, progress=c.progress())
+    if as_json:
+        render.emit_json({"branch": st.branch, "head": st.head, "modified": st.modified,
+                          "added": st.added, "deleted": st.deleted, "clean": st.clean})
+        return
+    if short:
+        for code, items in (("M", st.modified), ("A", st.added), ("D", st.deleted)):
+            for p in items:
+                click.echo(f"{code} {p}")
+        return
+    click.echo(f"On branch {st.branch}" if st.branch else f"HEAD detached at {st.head[:12] if st.head else '?'}")
+    if st.head is None:
+        click.echo("No commits yet")
+    if st.clean:
+        click.echo("nothing to commit, working tree clean")
+        return
+    click.echo("Changes not committed:")
+    for label, items, color in (("modified:", st.modified, "red"), ("new file:", st.added, "green"),
+                                ("deleted: ", st.deleted, "red")):
+        for p in items:
+            click.secho(f"  {label} {p}", fg=color)
+
+
+@cli.command()
+@click.option("--oneline", is_flag=True)
+@click.option("-n", "--max-count", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True)
+@click.argument("rev", default="HEAD")
+@pass_ctx
+def log(c, oneline, max_count, as_json, rev):
+    """Show commit history."""
+    repo = c.repo()
+    entries = repo.log(rev, max_count)
+    if as_json:
+        render.emit_json([render.commit_json(e.oid, e.commit) for e in entries])
+        return
+    deco = render.decorations(repo)
+    for e in entries:
+        if oneline:
+            d = f" ({', '.join(deco[e.oid])})" if e.oid in deco else ""
+            op = f" [{e.commit.op.get('op')}]" if e.commit.op else ""
+            click.echo(click.style(e.oid[:12], fg="yellow") + d + op + " " + e.commit.message.splitlines()[0])
+        else:
+            render.render_commit(e.oid, e.commit, deco.get(e.oid))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.argument("rev", default="HEAD")
+@pass_ctx
+def show(c, as_json, rev):
+    """Show a commit: metadata, op record and what it changed."""
+    repo = c.repo()
+    oid = repo.resolve(rev)
+    cm = repo.commit_obj(oid)
+    changes = repo.diff(cm.parents[0] if cm.parents else None, oid) if cm.parents else \
+        repo.diff_root(oid)
+    if as_json:
+        render.emit_json({**render.commit_json(oid, cm), "changes": render.changes_json(changes)})
+        return
+    render.render_commit(oid, cm, render.decorations(repo).get(oid))
+    render.render_stat(changes)
+
+
+@cli.command(cls=PathsCommand)
+@click.argument("revs", nargs=-1)
+@click.option("--stat", is_flag=True, help="One line per changed tensor or file, with sizes.")
+@click.option("--name-only", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def diff(c, revs, stat, name_only, as_json):
+    """Changes between HEAD and the work tree, or between revisions: diff [A [B]] [-- PATHS]."""
+    repo = c.repo()
+    paths = click.get_current_context().meta["paths"]
+    if len(revs) > 2:
+        raise UsageError("diff takes at most two revisions")
+    a = revs[0] if revs else None
+    b = revs[1] if len(revs) == 2 else None
+    changes = repo.diff(a, b, paths or None, progress=c.progress())
+    if as_json:
+        render.emit_json(render.changes_json(changes))
+    elif name_only:
+        for fc in changes:
+            if fc.tensors:
+                for t in fc.tensors:
+                    click.echo(f"{fc.path}:{t.name}")
+            else:
+                click.echo(fc.path)
+    else:
+        render.render_stat(changes)
+
+
+# -- moving around -----------------------------------------------------------------
+@cli.command(cls=PathsCommand)
+@click.argument("args", nargs=-1)
+@click.option("-f", "--force", is_flag=True, help="Discard local changes.")
+@pass_ctx
+def checkout(c, args, force):
+    """Check out a revision (moves HEAD), or restore files: checkout REV -- PATHS."""
+    repo = c.repo()
+    args = list(args)
+    paths = click.get_current_context().meta["paths"]
+    if paths is not None and not args:
+        args = ["HEAD"]
+    if len(args) != 1:
+        raise UsageError("usage: mvc checkout REV [-- PATHS...]")
+    oid = repo.checkout(args[0], paths=paths, force=force, progress=c.progress())
+    if paths is None:
+        branch = repo.refs.current_branch()
+        click.echo(f"Switched to branch {branch!r}" if branch else f"HEAD is now at {oid[:12]}", err=True)
+    else:
+        click.echo(f"Restored {len(paths)} path(s) from {args[0]}", err=True)
+
+
+@cli.command()
+@click.argument("branch")
+@click.argument("start", required=False)
+@click.option("-c", "--create", is_flag=True, help="Create BRANCH (at START or HEAD) first.")
+@click.option("-f", "--force", is_flag=True)
+@pass_ctx
+def switch(c, branch, start, create, force):
+    """Switch to a branch."""
+    repo = c.repo()
+    repo.switch(branch, create=create, start=start, force=force, progress=c.progress())
+    click.echo(f"Switched to {'a new ' if create else ''}branch {branch!r}", err=True)
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.argument("start", required=False, default="HEAD")
+@click.option("-d", "--delete", is_flag=True)
+@click.option("-D", "force_delete", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def branch(c, name, start, delete, force_delete, as_json):
+    """List, create (branch NAME [START]) or delete (-d NAME) branches."""
+    repo = c.repo()
+    if delete or force_delete:
+        if not name:
+            raise UsageError("branch -d needs a NAME")
+        oid = repo.delete_branch(name, force=force_delete)
+        click.echo(f"Deleted branch {name} (was {oid[:12]})")
+    elif name:
+        repo.create_branch(name, start)
+    else:
+        cur = repo.refs.current_branch()
+        branches = repo.refs.branches()
+        if as_json:
+            render.emit_json({"current": cur, "branches": branches})
+            return
+        for b, oid in branches.items():
+            click.echo(("* " if b == cur else "  ") + f"{b}  {oid[:12]}")
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.argument("rev", required=False, default="HEAD")
+@click.option("-d", "--delete", is_flag=True)
+@click.option("-f", "--force", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def tag(c, name, rev, delete, force, as_json):
+    """List, create (tag NAME [REV]) or delete (-d NAME) tags."""
+    repo = c.repo()
+    if delete:
+        if not name:
+            raise UsageError("tag -d needs a NAME")
+        oid = repo.delete_tag(name)
+        click.echo(f"Deleted tag {name} (was {oid[:12]})")
+    elif name:
+        repo.create_tag(name, rev, force=force)
+    else:
+        tags = repo.refs.tags()
+        if as_json:
+            render.emit_json(tags)
+            return
+        for t in tags:
+            click.echo(t)
+
+
+@cli.command()
+@click.argument("rev", default="HEAD")
+@click.option("--hard", is_flag=True, help="Also make the work tree match REV (discards changes).")
+@click.option("--soft", is_flag=True, help="Only move the branch (the default: mvc has no index).")
+@pass_ctx
+def reset(c, rev, hard, soft):
+    """Move the current branch to REV."""
+    repo = c.repo()
+    oid = repo.reset(rev, hard=hard, progress=c.progress())
+    click.echo(f"HEAD is now at {oid[:12]} {repo.commit_obj(oid).message.splitlines()[0]}")
+
+
+# -- plumbing ----------------------------------------------------------------------
+@cli.command("rev-parse")
+@click.argument("rev")
+@click.option("--short", is_flag=True)
+@pass_ctx
+def rev_parse(c, rev, short):
+    """Print the commit id a revision names."""
+    oid = c.repo().resolve(rev)
+    click.echo(oid[:12] if short else oid)
+
+
+@cli.command("ls-tree")
+@click.argument("rev", default="HEAD")
+@click.option("--tensors", is_flag=True, help="Also list the tensors of safetensors files.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def ls_tree(c, rev, tensors, as_json):
+    """List the files (and tensors) of a revision."""
+    repo = c.repo()
+    tree = repo.tree_of(rev)
+    rows = []
+    for e in tree.entries:
+        f = repo.odb.get(e.oid, "file")
+        row = {"path": e.path, "mode": f"{e.mode:o}", "id": e.oid, "size": f.size, "format": f.format}
+        if tensors and f.format == "safetensors":
+            row["tensors"] = []
+            for name, tid in f.tensors:
+                t = repo.odb.get(tid, "tensor")
+                row["tensors"].append({"name": name, "id": tid, "dtype": t.dtype, "shape": list(t.shape)})
+        rows.append(row)
+    if as_json:
+        render.emit_json(rows)
+        return
+    for r in rows:
+        click.echo(f"{r['mode']} {r['format']:<11} {r['id'][:12]} {r['size']:>12}  {r['path']}")
+        for t in r.get("tensors", []):
+            click.echo(f"    {t['id'][:12]} {t['dtype']:<6} {str(t['shape']):<20} {t['name']}")
+
+
+@cli.command("cat-object")
+@click.argument("oid")
+@click.option("-t", "show_type", is_flag=True, help="Print the object's type.")
+@click.option("-s", "show_size", is_flag=True, help="Print the object's decoded size.")
+@pass_ctx
+def cat_object(c, oid, show_type, show_size):
+    """Print an object: pretty JSON for metadata, raw bytes for chunks."""
+    import json
+
+    repo = c.repo()
+    matches = repo.odb.resolve_prefix(oid) if len(oid) >= 4 else []
+    if len(matches) != 1:
+        raise UsageError(f"{oid}: {'no' if not matches else 'more than one'} object matches")
+    kind, content = repo.odb.read(matches[0])
+    if show_type:
+        click.echo(kind)
+    elif show_size:
+        click.echo(len(content))
+    elif kind == "chunk":
+        sys.stdout.buffer.write(bytes(content))
+    else:
+        click.echo(json.dumps(json.loads(bytes(content)), indent=2, sort_keys=True))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def fsck(c, as_json):
+    """Verify every object and that every ref reaches complete history."""
+    from ..maintenance import fsck as run_fsck
+
+    repo = c.repo()
+    prog = c.progress()
+    prog.start("verifying", repo.backend.stats()["stored_bytes"])
+    rep = run_fsck(repo, prog)
+    prog.finish()
+    if as_json:
+        render.emit_json({"ok": rep.ok, "objects": rep.objects, "corrupt": rep.corrupt,
+                          "missing": rep.missing, "bad_refs": rep.bad_refs})
+    else:
+        for oid, why in rep.corrupt.items():
+            click.echo(f"corrupt {oid}: {why}")
+        for oid, who in rep.missing.items():
+            click.echo(f"missing {oid} (named by {who})")
+        for name, why in rep.bad_refs.items():
+            click.echo(f"bad ref {name}: {why}")
+        click.echo(f"checked {rep.objects} objects: " + ("ok" if rep.ok else "PROBLEMS FOUND"), err=True)
+    if not rep.ok:
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("-n", "--dry-run", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def gc(c, dry_run, as_json):
+    """Delete objects that no ref, HEAD or reflog reaches."""
+    from ..maintenance import gc as run_gc
+
+    rep = run_gc(c.repo(), dry_run=dry_run)
+    if as_json:
+        render.emit_json(vars(rep) | {"dry_run": dry_run})
+    else:
+        verb = "would remove" if dry_run else "removed"
+        click.echo(f"{verb} {rep.removed} objects ({render.human(rep.freed_bytes)}), kept {rep.kept}")
+
+
+def _tune_malloc() -> None:
+    """Keep glibc from mmap/munmap-ing every multi-MiB chunk buffer (measured: half the page faults)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def main() -> None:
+    _tune_malloc()
+    cli(prog_name="mvc")

@@ -1,0 +1,113 @@
+"""Rendering helpers for the CLI (text and JSON)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from ..store.objects import Commit
+from ..treediff import FileChange
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def emit_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def commit_json(oid: str, c: Commit) -> dict:
+    return {"id": oid, "tree": c.tree, "parents": list(c.parents), "author": c.author, "time": c.time,
+            "tz": c.tz, "message": c.message, "op": c.op}
+
+
+def fmt_date(t: int, tz: int) -> str:
+    sign = "+" if tz >= 0 else "-"
+    stamp = time.strftime("%a %b %d %H:%M:%S %Y", time.gmtime(t + tz * 60))
+    return f"{stamp} {sign}{abs(tz) // 60:02d}{abs(tz) % 60:02d}"
+
+
+def decorations(repo) -> dict[str, list[str]]:
+    deco: dict[str, list[str]] = {}
+    branch = repo.refs.current_branch()
+    head = repo.refs.head_commit()
+    if head and branch is None:
+        deco.setdefault(head, []).append("HEAD")
+    for name, oid in repo.refs.branches().items():
+        deco.setdefault(oid, []).append(f"HEAD -> {name}" if name == branch else name)
+    for name, oid in repo.refs.tags().items():
+        deco.setdefault(oid, []).append(f"tag: {name}")
+    return deco
+
+
+def op_lines(op: dict) -> list[str]:
+    lines = [f"op: {op.get('op', '?')}" + (f" ({op['method']})" if op.get("method") else "")]
+    for key in ("params", "scope", "metrics", "seed", "tool"):
+        if key in op:
+            lines.append(f"  {key}: {json.dumps(op[key], sort_keys=True)}")
+    return lines
+
+
+def render_commit(oid: str, c: Commit, deco: list[str] | None) -> None:
+    d = f" ({', '.join(deco)})" if deco else ""
+    click.secho(f"commit {oid}{d}", fg="yellow")
+    if len(c.parents) > 1:
+        click.echo("Merge: " + " ".join(p[:12] for p in c.parents))
+    click.echo(f"Author: {c.author}")
+    click.echo(f"Date:   {fmt_date(c.time, c.tz)}")
+    if c.op:
+        for line in op_lines(c.op):
+            click.echo(line)
+    click.echo("")
+    for line in c.message.rstrip("\n").splitlines():
+        click.echo(f"    {line}")
+    click.echo("")
+
+
+def changes_json(changes: list[FileChange]) -> list[dict]:
+    out = []
+    for fc in changes:
+        out.append({
+            "path": fc.path, "status": fc.status,
+            "old": fc.old.oid if fc.old else None, "new": fc.new.oid if fc.new else None,
+            "old_size": fc.old_size, "new_size": fc.new_size,
+            "tensors": [{
+                "name": t.name, "status": t.status,
+                "old": {"dtype": t.old.dtype, "shape": list(t.old.shape), "nbytes": t.old.nbytes} if t.old else None,
+                "new": {"dtype": t.new.dtype, "shape": list(t.new.shape), "nbytes": t.new.nbytes} if t.new else None,
+            } for t in fc.tensors],
+        })
+    return out
+
+
+def render_stat(changes: list[FileChange], width: int = 30) -> None:
+    rows = []
+    for fc in changes:
+        if fc.tensors:
+            for t in fc.tensors:
+                size = (t.new or t.old).nbytes
+                mark = {"added": "+", "removed": "-", "modified": "~"}[t.status]
+                desc = (t.new or t.old).dtype + str(list((t.new or t.old).shape))
+                if t.old and t.new and (t.old.dtype, t.old.shape) != (t.new.dtype, t.new.shape):
+                    desc = f"{t.old.dtype}{list(t.old.shape)} -> {desc}"
+                rows.append((f"{fc.path}:{t.name}", mark, size, desc))
+        else:
+            mark = {"added": "+", "deleted": "-", "modified": "~", "mode": "m"}[fc.status]
+            rows.append((fc.path, mark, max(fc.old_size, fc.new_size), fc.status))
+    if not rows:
+        return
+    top = max(r[2] for r in rows) or 1
+    name_w = min(60, max(len(r[0]) for r in rows))
+    for name, mark, size, desc in rows:
+        bar = mark * max(1, round(width * size / top)) if size else ""
+        click.echo(f" {name:<{name_w}} | {human(size):>10} {bar}  {desc}")
+    nfiles = len(changes)
+    ntensors = sum(len(fc.tensors) for fc in changes)
+    click.echo(f" {nfiles} file(s) changed, {ntensors} tensor(s) changed")

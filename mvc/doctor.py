@@ -1,0 +1,95 @@
+"""Environment and repository health checks, each with a fix suggestion. Returns data only."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from .errors import MvcError
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok | warn | fail
+    detail: str
+    fix: str = ""
+
+
+REQUIRED = ["safetensors", "numpy", "zstandard", "xxhash", "blake3", "click", "lmdb", "pathspec",
+            "tqdm", "pygit2", "torch", "transformers", "bitsandbytes"]
+
+
+def _tool_version(cmd: list[str]) -> str | None:
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip() or "?"
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def environment_checks(check_cuda: bool = True) -> list[Check]:
+    out = []
+    v = sys.version_info
+    out.append(Check("python", "ok" if v >= (3, 11) else "fail", sys.version.split()[0],
+                     "" if v >= (3, 11) else "install Python 3.11 or newer"))
+    for pkg in REQUIRED:
+        try:
+            out.append(Check(pkg, "ok", md.version(pkg)))
+        except md.PackageNotFoundError:
+            fix = ("pip install torch==2.13.0  (pin it: unpinned installs pull a CUDA build)"
+                   if pkg == "torch" else f"pip install -c constraints.txt {pkg}")
+            out.append(Check(pkg, "fail", "not installed", fix))
+    git = _tool_version(["git", "--version"])
+    out.append(Check("git", "ok" if git else "fail", git or "not found",
+                     "" if git else "install git (apt-get install git)"))
+    lfs = _tool_version(["git", "lfs", "version"]) if git else None
+    out.append(Check("git-lfs (optional)", "ok" if lfs else "warn", lfs or "not found",
+                     "" if lfs else "only needed for side-by-side benchmarks: apt-get install git-lfs"))
+    if check_cuda:
+        try:
+            import torch
+
+            cuda = torch.cuda.is_available()
+            out.append(Check("CUDA (optional)", "ok" if cuda else "warn",
+                             torch.cuda.get_device_name(0) if cuda else "no GPU; everything runs on the CPU"))
+        except Exception as e:  # torch missing or broken: already reported above
+            out.append(Check("CUDA (optional)", "warn", f"cannot ask torch ({type(e).__name__})"))
+    return out
+
+
+def repository_checks(path: str) -> list[Check]:
+    from . import maintenance
+    from .repo import Repo
+
+    try:
+        repo = Repo(path)
+    except MvcError as e:
+        return [Check("repository", "warn" if "not an mvc repository" in str(e) else "fail", str(e),
+                      e.hint or "")]
+    out = [Check("repository", "ok", f"{repo.root} (format {repo.config['format']})")]
+    stats = repo.backend.stats()
+    out.append(Check("store", "ok", f"{stats['objects']} objects, {stats['stored_bytes']} bytes stored"))
+    head = repo.refs.head_commit()
+    where = head[:12] if head else "(no commits)"
+    out.append(Check("HEAD", "ok", f"{repo.refs.current_branch() or 'detached'} at {where}"))
+    rep = maintenance.FsckReport()
+    try:
+        maintenance.reachable(repo, rep)
+    except MvcError as e:
+        rep.corrupt["?"] = str(e)
+    bad = len(rep.missing) + len(rep.corrupt)
+    out.append(Check("connectivity", "ok" if not bad else "fail",
+                     "every ref reaches complete history" if not bad else f"{bad} objects missing or damaged",
+                     "" if not bad else "run `mvc fsck` for the list"))
+    tmp = [os.path.join(d, f) for d, _, fs in os.walk(repo.root) if ".mvc" not in d
+           for f in fs if f.endswith(".mvc-tmp")]
+    if tmp:
+        out.append(Check("leftovers", "warn", f"{len(tmp)} temporary files from an interrupted checkout",
+                         "delete the *.mvc-tmp files"))
+    return out

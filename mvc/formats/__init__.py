@@ -1,0 +1,1 @@
+"""Reading work-tree files as tensors plus verbatim bytes. Parse only, never execute."""

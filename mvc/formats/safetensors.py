@@ -1,0 +1,107 @@
+"""safetensors header parsing and validation (no torch, no safetensors import needed).
+
+Layout: u64 little-endian header length N, N bytes of JSON header, then the data
+region. Each entry gives dtype, shape and [begin, end) offsets into the data
+region. We accept a file only when the entries tile the data region exactly: in
+bounds, no overlap, no holes, sizes matching dtype x shape.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+
+from ..errors import InvalidFileError
+from ..store.objects import DTYPES
+
+MAX_HEADER = 100 * 1000 * 1000  # the safetensors reference implementation's limit
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    header_size: int  # bytes before the data region (8 + N)
+    entries: tuple[Entry, ...]  # sorted by begin offset
+    metadata: dict | None
+
+
+def _no_dupes(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"duplicate key {k!r}")
+        d[k] = v
+    return d
+
+
+def parse_header(prefix: bytes, file_size: int, path: str) -> Header:
+    """Validate a header. *prefix* holds at least the first 8 + N bytes of the file."""
+    if file_size < 8 or len(prefix) < 8:
+        raise InvalidFileError(path, "truncated safetensors file (shorter than its 8-byte header length)")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n > MAX_HEADER:
+        raise InvalidFileError(path, f"safetensors header of {n} bytes is over the {MAX_HEADER} byte limit")
+    if 8 + n > file_size:
+        raise InvalidFileError(path, f"safetensors header length {n} runs past the end of the {file_size}-byte file")
+    raw = prefix[8:8 + n]
+    try:
+        head = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_dupes)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InvalidFileError(path, f"safetensors header is not valid JSON ({e})") from e
+    if not isinstance(head, dict):
+        raise InvalidFileError(path, "safetensors header is not a JSON object")
+    data_size = file_size - 8 - n
+    meta = head.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise InvalidFileError(path, "safetensors __metadata__ must map strings to strings")
+    entries = []
+    for name, info in head.items():
+        try:
+            dtype = info["dtype"]
+            shape = tuple(info["shape"])
+            begin, end = info["data_offsets"]
+            if dtype not in DTYPES:
+                raise ValueError(f"unknown dtype {dtype!r}")
+            if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (*shape, begin, end)):
+                raise ValueError("shape and offsets must be non-negative integers")
+        except (KeyError, TypeError, ValueError) as e:
+            raise InvalidFileError(path, f"tensor {name!r}: bad header entry ({e})") from e
+        if end < begin or end > data_size:
+            raise InvalidFileError(
+                path, f"tensor {name!r}: offsets [{begin}, {end}) out of bounds of the {data_size}-byte data region")
+        if end - begin != DTYPES[dtype][0] * math.prod(shape):
+            raise InvalidFileError(path, f"tensor {name!r}: {end - begin} bytes do not match {dtype} {list(shape)}")
+        entries.append(Entry(name, dtype, shape, begin, end))
+    entries.sort(key=lambda e: (e.begin, e.end))
+    pos = 0
+    for e in entries:
+        if e.begin < pos:
+            raise InvalidFileError(path, f"tensor {e.name!r} overlaps the previous tensor")
+        if e.begin > pos:
+            raise InvalidFileError(path, f"hole of {e.begin - pos} bytes before tensor {e.name!r}")
+        pos = e.end
+    if pos != data_size:
+        raise InvalidFileError(path, f"{data_size - pos} trailing bytes after the last tensor")
+    return Header(8 + n, tuple(entries), meta)
+
+
+def read_header(f, file_size: int, path: str) -> tuple[bytes, Header]:
+    """Read and validate the header from an open binary file positioned at 0."""
+    first = f.read(8)
+    if len(first) < 8:
+        raise InvalidFileError(path, "truncated safetensors file (shorter than its 8-byte header length)")
+    (n,) = struct.unpack("<Q", first)
+    if n > MAX_HEADER or 8 + n > file_size:
+        parse_header(first, file_size, path)  # raises the precise error
+    raw = first + f.read(n)
+    return raw, parse_header(raw, file_size, path)

@@ -1,0 +1,123 @@
+"""fsck (verify every object and every reference) and gc (drop what no ref reaches)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import MvcError, UnsafePathError
+from .refs import HEAD
+from .store.objects import parse_object
+from .store.odb import decode_verified
+
+
+@dataclass
+class FsckReport:
+    objects: int = 0
+    corrupt: dict[str, str] = field(default_factory=dict)  # oid -> what is wrong
+    missing: dict[str, str] = field(default_factory=dict)  # oid -> who names it
+    bad_refs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.corrupt or self.missing or self.bad_refs)
+
+
+def ref_roots(repo) -> dict[str, str]:
+    """Commit ids named by refs, HEAD and reflogs: what must stay reachable."""
+    roots = {}
+    for name, value in repo.backend.list_refs("").items():
+        if not value.startswith("ref: "):
+            roots.setdefault(value, name)
+        for entry in repo.backend.reflog(name):
+            for k in ("old", "new"):
+                if entry.get(k):
+                    roots.setdefault(entry[k], f"reflog of {name}")
+    head = repo.backend.get_ref(HEAD)
+    if head and not head.startswith("ref: "):
+        roots.setdefault(head, HEAD)
+    return roots
+
+
+def children(kind: str, obj) -> list[tuple[str, str]]:
+    if kind == "commit":
+        return [(obj.tree, "tree")] + [(p, "commit") for p in obj.parents]
+    if kind == "tree":
+        return [(e.oid, "file") for e in obj.entries]
+    if kind == "file":
+        return [(c, "chunk") for c in obj.chunks] + [(t, "tensor") for _n, t in obj.tensors]
+    if kind == "tensor":
+        return [(c, "chunk") for c in obj.chunks]
+    return []
+
+
+def reachable(repo, report: FsckReport | None = None, roots: dict[str, str] | None = None) -> set[str]:
+    """Ids reachable from the roots. Missing or damaged objects are noted in *report* (or raise)."""
+    seen: set[str] = set()
+    stack = [(oid, "commit", who) for oid, who in (roots or ref_roots(repo)).items()]
+    while stack:
+        oid, kind, who = stack.pop()
+        if oid in seen:
+            continue
+        seen.add(oid)
+        if kind == "chunk":
+            if not repo.odb.has(oid):
+                if report is None:
+                    raise MvcError(f"chunk {oid} (named by {who}) is missing")
+                report.missing[oid] = who
+            continue
+        try:
+            obj = repo.odb.get(oid, kind)
+        except MvcError as e:
+            if report is None:
+                raise
+            (report.missing if not repo.odb.has(oid) else report.corrupt)[oid] = (
+                f"{kind} named by {who}" if not repo.odb.has(oid) else str(e))
+            continue
+        for child, ckind in children(kind, obj):
+            stack.append((child, ckind, f"{kind} {oid[:12]}"))
+    return seen
+
+
+def fsck(repo, progress=None) -> FsckReport:
+    rep = FsckReport()
+    for oid in repo.backend.iter_oids():
+        rep.objects += 1
+        stored = repo.backend.get(oid)
+        if stored is None:
+            continue
+        try:
+            kind, content = decode_verified(oid, stored)
+            if kind != "chunk":
+                parse_object(kind, bytes(content), oid.hex())
+        except (MvcError, UnsafePathError) as e:
+            rep.corrupt[oid.hex()] = str(e)
+        if progress is not None:
+            progress.advance(nbytes=len(stored))
+    for name, value in repo.backend.list_refs("").items():
+        if value.startswith("ref: "):
+            continue
+        if not repo.odb.has(value):
+            rep.bad_refs[name] = f"points to missing commit {value}"
+    reachable(repo, rep)
+    return rep
+
+
+@dataclass
+class GcReport:
+    kept: int
+    removed: int
+    freed_bytes: int
+
+
+def gc(repo, dry_run: bool = False) -> GcReport:
+    with repo.lock():
+        keep = reachable(repo)
+        keep_bytes = {bytes.fromhex(o) for o in keep}
+        drop = [o for o in repo.backend.iter_oids() if o not in keep_bytes]
+        freed = 0
+        if not dry_run:
+            for i in range(0, len(drop), 1024):
+                freed += repo.backend.delete_many(drop[i:i + 1024])
+        else:
+            freed = sum(len(repo.backend.get(o) or b"") for o in drop)
+        return GcReport(repo.backend.stats()["objects"] - (len(drop) if dry_run else 0), len(drop), freed)

@@ -1,0 +1,258 @@
+"""Streaming ingest (work-tree file -> objects) and materialize (objects -> file bytes).
+
+Both keep a bounded number of chunks in flight: worker threads hash, encode,
+decode and verify (zstd, BLAKE3 and numpy release the GIL), while the calling
+thread reads and writes files and the store in order. Peak memory is a few
+chunks per worker, whatever the size of the model or its largest tensor.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+from .errors import InvalidFileError
+from .formats import safetensors as stf
+from .formats import torchfile
+from .progress import NULL, Progress
+from .store.backend import Backend
+from .store.ids import hash_object
+from .store.objects import DTYPES, File, Tensor
+from .store.odb import ObjectDB, decode_verified, encode_chunk
+
+CHUNK_SIZE = 4 * 1024 * 1024  # a multiple of every element size
+_BATCH_BYTES = 64 * 1024 * 1024
+_RELEASE_BYTES = 128 * 1024 * 1024
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+class Ingestor:
+    """Turns files into stored objects (``store=True``) or only computes their ids (status)."""
+
+    def __init__(self, odb: ObjectDB, store: bool = True, workers: int | None = None,
+                 progress: Progress = NULL):
+        self.odb = odb
+        self.backend: Backend = odb.backend
+        self.store = store
+        self.progress = progress
+        self.pool = ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="mvc-ingest")
+        self.inflight = 2 * (workers or default_workers()) + 2
+        # one writer thread: store transactions (and their fsync) overlap hashing and encoding,
+        # and batches still commit in the order they were made
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="mvc-writer") if store else None
+        self._writing = None
+        self._batch: list[tuple[bytes, bytes]] = []
+        self._batch_bytes = 0
+        self._seen: set[bytes] = set()
+        self.added_bytes = 0
+        #: metadata objects computed but not stored (store=False), for diffs against the work tree
+        self.scratch: dict[str, object] = {}
+
+    def close(self) -> None:
+        self.flush(wait=True)
+        self.pool.shutdown()
+        if self._writer:
+            self._writer.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.close()
+        else:
+            self.pool.shutdown(cancel_futures=True)
+            if self._writer:
+                self._writer.shutdown(cancel_futures=True)
+
+    # -- store batching ----------------------------------------------------------
+    def _add(self, oid: bytes, stored: bytes | None) -> None:
+        if stored is None or oid in self._seen:
+            return
+        self._seen.add(oid)
+        self._batch.append((oid, stored))
+        self._batch_bytes += len(stored)
+        if self._batch_bytes >= _BATCH_BYTES:
+            self.flush()
+
+    def _wait_write(self) -> None:
+        if self._writing is not None:
+            self.added_bytes += self._writing.result()
+            self._writing = None
+            self.backend.release_pages()
+
+    def flush(self, wait: bool = False) -> None:
+        """Hand the batch to the writer thread (at most one batch in flight); *wait* for it to land."""
+        if self._batch:
+            self._wait_write()
+            self._writing = self._writer.submit(self.backend.put_many, self._batch)
+            self._batch, self._batch_bytes = [], 0
+        if wait:
+            self._wait_write()
+
+    def _meta(self, obj) -> str:
+        oid, stored = self.odb.encode_meta(obj)
+        if self.store:
+            self._add(oid, stored)
+        else:
+            self.scratch[oid.hex()] = obj
+        return oid.hex()
+
+    # -- workers -----------------------------------------------------------------
+    def _work(self, data: bytes, float_size: int):
+        if not self.store:
+            return hash_object("chunk", data), None
+        oid = hash_object("chunk", data)
+        if self.backend.has(oid):
+            return oid, None
+        return encode_chunk(data, float_size)
+
+    def _chunks(self, f, nbytes: int, float_size: int, pending: deque, tag):
+        """Read *nbytes* from *f* in chunks and queue them; yields control to drain the queue."""
+        left = nbytes
+        while left > 0:
+            n = min(CHUNK_SIZE, left)
+            data = f.read(n)
+            if len(data) != n:
+                raise InvalidFileError(getattr(f, "name", "?"), "file changed or shrank while being read")
+            left -= n
+            pending.append((tag, n, self.pool.submit(self._work, data, float_size)))
+            yield
+
+    def ingest(self, path: str, rel: str) -> str:
+        """Store (or hash) one file and return its file id."""
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if rel.endswith(".safetensors"):
+                return self._safetensors(f, size, rel)
+            if rel.endswith(torchfile.SUFFIXES):
+                torchfile.check_file(f, rel)
+            return self._raw(f, size)
+
+    def _drain(self, pending: deque, sink, limit: int) -> None:
+        while len(pending) > limit:
+            tag, n, fut = pending.popleft()
+            oid, stored = fut.result()
+            if self.store:
+                self._add(oid, stored)
+            sink(tag, oid.hex())
+            self.progress.advance(nbytes=n)
+
+    def _raw(self, f, size: int) -> str:
+        chunks: list[str] = []
+        pending: deque = deque()
+        for _ in self._chunks(f, size, 0, pending, None):
+            self._drain(pending, lambda _t, h: chunks.append(h), self.inflight)
+        self._drain(pending, lambda _t, h: chunks.append(h), 0)
+        return self._meta(File("raw", size, tuple(chunks)))
+
+    def _safetensors(self, f, size: int, rel: str) -> str:
+        raw_header, header = stf.read_header(f, size, rel)
+        header_chunks = []
+        for i in range(0, len(raw_header), CHUNK_SIZE):
+            piece = raw_header[i:i + CHUNK_SIZE]
+            oid, stored = encode_chunk(piece) if self.store else (hash_object("chunk", piece), None)
+            if self.store:
+                self._add(oid, stored)
+            header_chunks.append(oid.hex())
+        self.progress.advance(nbytes=len(raw_header))
+        per_tensor: list[list[str]] = [[] for _ in header.entries]
+        names: list[tuple[str, str]] = []
+        done = [0]
+
+        def finish_ready():
+            # tensors whose chunks are all back, in file order
+            while done[0] < len(header.entries):
+                e = header.entries[done[0]]
+                if len(per_tensor[done[0]]) * CHUNK_SIZE < e.end - e.begin:
+                    return
+                t = Tensor(e.dtype, e.shape, CHUNK_SIZE, tuple(per_tensor[done[0]]))
+                names.append((e.name, self._meta(t)))
+                self.progress.advance(tensors=1)
+                done[0] += 1
+
+        def sink(idx, hex_id):
+            per_tensor[idx].append(hex_id)
+
+        pending: deque = deque()
+        for idx, e in enumerate(header.entries):
+            size_, is_float = DTYPES[e.dtype]
+            fs = size_ if is_float and size_ > 1 else 0
+            for _ in self._chunks(f, e.end - e.begin, fs, pending, idx):
+                self._drain(pending, sink, self.inflight)
+                finish_ready()
+            finish_ready()
+        self._drain(pending, sink, 0)
+        finish_ready()
+        return self._meta(File("safetensors", size, tuple(header_chunks), tuple(names)))
+
+
+class Materializer:
+    """Writes the bytes of stored files, verifying every chunk as it is decoded."""
+
+    def __init__(self, odb: ObjectDB, workers: int | None = None, progress: Progress = NULL):
+        self.odb = odb
+        self.pool = ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="mvc-checkout")
+        self.inflight = 2 * (workers or default_workers()) + 2
+        self.progress = progress
+        self._since_release = 0
+
+    def close(self):
+        self.pool.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.shutdown(cancel_futures=exc[0] is not None)
+
+    def chunk_ids(self, file: File):
+        """Every chunk id of a file in byte order, with the tensor it starts (or None)."""
+        for c in file.chunks:
+            yield c, False
+        for _name, tid in file.tensors:
+            t: Tensor = self.odb.get(tid, "tensor")
+            first = True
+            for c in t.chunks:
+                yield c, first
+                first = False
+            if not t.chunks:
+                self.progress.advance(tensors=1)
+
+    def write(self, file_oid: str, out) -> None:
+        """Write the file's bytes to the binary stream *out*."""
+        file: File = self.odb.get(file_oid, "file")
+        pending: deque = deque()
+
+        def drain(limit):
+            while len(pending) > limit:
+                fut, starts = pending.popleft()
+                data = fut.result()
+                out.write(data)
+                self.progress.advance(nbytes=len(data), tensors=1 if starts else 0)
+
+        backend = self.odb.backend
+        for cid, starts in self.chunk_ids(file):
+            stored = self.odb.stored(cid, "chunk")
+            self._since_release += len(stored)
+            if self._since_release >= _RELEASE_BYTES:
+                backend.release_pages()
+                self._since_release = 0
+            pending.append((self.pool.submit(_decode_chunk, bytes.fromhex(cid), stored), starts))
+            drain(self.inflight)
+        drain(0)
+
+    def read_bytes(self, file_oid: str) -> bytes:
+        import io
+
+        buf = io.BytesIO()
+        self.write(file_oid, buf)
+        return buf.getvalue()
+
+
+def _decode_chunk(oid: bytes, stored):
+    return decode_verified(oid, stored, "chunk")[1]

@@ -1,0 +1,477 @@
+"""A repository: a work tree, an object database and refs, composed from parts passed in.
+
+Plumbing only: methods return data and raise MvcError subclasses; nothing prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from . import revparse
+from .errors import (
+    DirtyWorkTreeError,
+    FormatVersionError,
+    LockedError,
+    MvcError,
+    NotARepositoryError,
+    NothingToCommitError,
+    UnknownRevisionError,
+    UsageError,
+)
+from .progress import NULL, Progress
+from .refs import HEADS, TAGS, Refs, check_ref_name
+from .store.backend import Backend
+from .store.lmdb_backend import LmdbBackend
+
+if TYPE_CHECKING:  # imported where used: `mvc status` on a clean tree needs neither
+    from .pipeline import Ingestor
+    from .treediff import FileChange
+from .store.objects import Commit, Tree, TreeEntry
+from .store.odb import ObjectDB
+from .worktree import REPO_DIR, FileStat, WorkTree
+
+FORMAT_VERSION = 1
+CONFIG = "config.json"
+DEFAULT_AUTHOR = "mvc user <mvc@localhost>"
+
+
+@dataclass
+class Status:
+    branch: str | None
+    head: str | None
+    modified: list[str] = field(default_factory=list)
+    added: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    oids: dict[str, tuple[int, str]] = field(default_factory=dict)  # work tree path -> (mode, file id)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.modified or self.added or self.deleted)
+
+
+@dataclass
+class LogEntry:
+    oid: str
+    commit: Commit
+
+
+def find_root(start: str) -> str:
+    """The nearest directory at or above *start* that holds a .mvc directory."""
+    path = os.path.realpath(start)
+    while True:
+        if os.path.isdir(os.path.join(path, REPO_DIR)):
+            return path
+        parent = os.path.dirname(path)
+        if parent == path:
+            raise NotARepositoryError(f"not an mvc repository (or any parent): {os.path.realpath(start)}")
+        path = parent
+
+
+def read_config(root: str) -> dict:
+    path = os.path.join(root, REPO_DIR, CONFIG)
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except FileNotFoundError as e:
+        raise NotARepositoryError(f"{root}: {REPO_DIR}/{CONFIG} is missing",
+                                  hint="the repository is damaged; run `mvc doctor`") from e
+    except ValueError as e:
+        raise MvcError(f"{path}: not valid JSON ({e})") from e
+    fmt = cfg.get("format")
+    if not isinstance(fmt, int):
+        raise MvcError(f"{path}: no format version")
+    if fmt > FORMAT_VERSION:
+        raise FormatVersionError(
+            f"repository format {fmt} is newer than this mvc understands (up to {FORMAT_VERSION})")
+    return cfg
+
+
+class Repo:
+    """``Repo(path)`` opens the repository containing *path*; ``Repo.init(path)`` creates one."""
+
+    def __init__(self, path: str = ".", backend: Backend | None = None, workers: int | None = None):
+        self.root = find_root(path)
+        self.config = read_config(self.root)
+        self.backend = backend or LmdbBackend(os.path.join(self.root, REPO_DIR, "store"))
+        self.odb = ObjectDB(self.backend)
+        self.refs = Refs(self.backend)
+        self.worktree = WorkTree(self.root, self.backend)
+        self.workers = workers
+
+    @classmethod
+    def init(cls, path: str = ".", branch: str = "main", backend: Backend | None = None) -> Repo:
+        root = os.path.realpath(path)
+        check_ref_name(branch)
+        mvc_dir = os.path.join(root, REPO_DIR)
+        if os.path.exists(os.path.join(mvc_dir, CONFIG)):
+            raise MvcError(f"{root} is already an mvc repository")
+        os.makedirs(mvc_dir, exist_ok=True)
+        be = backend or LmdbBackend(os.path.join(mvc_dir, "store"), create=True)
+        Refs(be).init(branch)
+        # the config is written last: a half-made .mvc is not taken for a repository
+        tmp = os.path.join(mvc_dir, CONFIG + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"format": FORMAT_VERSION}, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, os.path.join(mvc_dir, CONFIG))
+        return cls(root, backend=be)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- locking ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self):
+        """One writer at a time for commands that change the work tree or delete objects."""
+        fd = os.open(os.path.join(self.root, REPO_DIR, "lock"), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as e:
+                raise LockedError("another mvc process is working in this repository") from e
+            yield
+        finally:
+            os.close(fd)
+
+    # -- revisions -------------------------------------------------------------
+    def resolve(self, rev: str) -> str:
+        return revparse.resolve(self.refs, self.odb, rev)
+
+    def commit_obj(self, oid: str) -> Commit:
+        return self.odb.get(oid, "commit")
+
+    def tree_of(self, rev: str | None) -> Tree:
+        if rev is None:
+            return Tree(())
+        return self.odb.get(self.commit_obj(self.resolve(rev)).tree, "tree")
+
+    def head_tree(self) -> Tree:
+        head = self.refs.head_commit()
+        return self.odb.get(self.commit_obj(head).tree, "tree") if head else Tree(())
+
+    # -- scanning the work tree ------------------------------------------------
+    def _prefixes(self, paths: list[str] | None) -> list[str] | None:
+        if not paths:
+            return None
+        return [self.worktree.rel_from_cwd(p) for p in paths]
+
+    def _file_ids(self, files: dict[str, FileStat], ingest: Ingestor, need_stored: bool,
+                  progress: Progress) -> dict[str, tuple[int, str]]:
+        """path -> (mode, file id), from the stat cache where it is valid, else by reading the file."""
+        out: dict[str, tuple[int, str]] = {}
+        todo = []
+        for rel, fs in files.items():
+            oid = self.worktree.cached_oid(rel, fs)
+            if oid is not None and (not need_stored or self.odb.has(oid)):
+                out[rel] = (fs.mode, oid)
+            else:
+                todo.append(rel)
+        progress.start("hashing" if not ingest.store else "storing", sum(files[r].size for r in todo))
+        fresh = {}
+        for rel in todo:
+            oid = ingest.ingest(self.worktree.abspath(rel), rel)
+            out[rel] = (files[rel].mode, oid)
+            fresh[rel] = (files[rel], oid)
+        ingest.flush(wait=True)
+        progress.finish()
+        self.worktree.remember(fresh)
+        return out
+
+    def status(self, paths: list[str] | None = None, progress: Progress = NULL) -> Status:
+        prefixes = self._prefixes(paths)
+        head = self.refs.head_commit()
+        tree = self.head_tree().as_dict()
+        files = self.worktree.scan(prefixes)
+        with _ingestor(self, False, progress) as ing:
+            ids = self._file_ids(files, ing, need_stored=False, progress=progress)
+        st = Status(self.refs.current_branch(), head, oids=ids)
+        for path in sorted(tree.keys() | ids.keys(), key=str.encode):
+            if prefixes and not _under(path, prefixes):
+                continue
+            e, w = tree.get(path), ids.get(path)
+            if e is None:
+                st.added.append(path)
+            elif w is None:
+                st.deleted.append(path)
+            elif (e.mode, e.oid) != w:
+                st.modified.append(path)
+        return st
+
+    # -- commit ----------------------------------------------------------------
+    def commit(self, message: str, paths: list[str] | None = None, author: str | None = None,
+               allow_empty: bool = False, op: dict | None = None, progress: Progress = NULL,
+               when: int | None = None) -> str:
+        if not message.strip():
+            raise UsageError("empty commit message", hint="pass -m MESSAGE")
+        with self.lock():
+            head = self.refs.head_commit()
+            parent_tree = self.head_tree()
+            prefixes = self._prefixes(paths)
+            files = self.worktree.scan(prefixes)
+            entries = {e.path: (e.mode, e.oid) for e in parent_tree.entries}
+            if prefixes:
+                for p in prefixes:
+                    if not any(_under(x, [p]) for x in (*files, *entries)):
+                        raise UsageError(f"pathspec {p!r} did not match any file")
+                entries = {k: v for k, v in entries.items() if not _under(k, prefixes)}
+            else:
+                entries = {}
+            with _ingestor(self, True, progress) as ing:
+                entries.update(self._file_ids(files, ing, need_stored=True, progress=progress))
+            tree = Tree.build(entries)
+            tree_oid, tree_stored = self.odb.encode_meta(tree)
+            if head and not allow_empty and tree_oid.hex() == parent_tree_oid(self, head):
+                raise NothingToCommitError("nothing to commit, working tree clean")
+            now = int(time.time()) if when is None else when
+            c = Commit(tree_oid.hex(), (head,) if head else (), author or DEFAULT_AUTHOR, now,
+                       _tz_minutes(now), message if message.endswith("\n") else message + "\n", op)
+            c_oid, c_stored = self.odb.encode_meta(c)
+            self.backend.put_many([(tree_oid, tree_stored), (c_oid, c_stored)])
+            first = message.strip().splitlines()[0]
+            self.refs.move_head(c_oid.hex(), head, f"commit{' (initial)' if not head else ''}: {first}")
+            return c_oid.hex()
+
+    # -- history ---------------------------------------------------------------
+    def log(self, rev: str = "HEAD", n: int | None = None) -> list[LogEntry]:
+        """Commits reachable from *rev*, newest first."""
+        if rev == "HEAD" and self.refs.head_commit() is None:
+            return []
+        start = self.resolve(rev)
+        out: list[LogEntry] = []
+        seen = {start}
+        frontier = [(self.commit_obj(start), start)]
+        while frontier and (n is None or len(out) < n):
+            frontier.sort(key=lambda x: x[0].time)
+            c, oid = frontier.pop()
+            out.append(LogEntry(oid, c))
+            for p in c.parents:
+                if p not in seen:
+                    seen.add(p)
+                    frontier.append((self.commit_obj(p), p))
+        return out
+
+    def lookup(self, scratch: dict | None = None):
+        def get(oid, kind):
+            if scratch and oid in scratch:
+                return scratch[oid]
+            return self.odb.get(oid, kind)
+        return get
+
+    def diff(self, a: str | None, b: str | None, paths: list[str] | None = None,
+             progress: Progress = NULL) -> list[FileChange]:
+        """Changes from revision *a* to revision *b*; b None means the work tree."""
+        from .treediff import diff_trees
+
+        prefixes = self._prefixes(paths)
+        old = self.tree_of(a) if a is not None else self.head_tree()
+        if b is not None:
+            return diff_trees(self.lookup(), old, self.tree_of(b), prefixes)
+        files = self.worktree.scan(prefixes)
+        with _ingestor(self, False, progress) as ing:
+            ids = {}
+            for rel, fs in files.items():
+                oid = self.worktree.cached_oid(rel, fs)
+                if oid is None or not self.odb.has(oid):
+                    oid = ing.ingest(self.worktree.abspath(rel), rel)
+                ids[rel] = (fs.mode, oid)
+            scratch = ing.scratch
+        if prefixes:
+            keep = {e.path: (e.mode, e.oid) for e in old.entries if not _under(e.path, prefixes)}
+            ids = {**keep, **ids}
+        return diff_trees(self.lookup(scratch), old, Tree.build(ids), prefixes)
+
+    def diff_root(self, rev: str) -> list[FileChange]:
+        """Everything a root commit added."""
+        from .treediff import diff_trees
+
+        return diff_trees(self.lookup(), Tree(()), self.tree_of(rev))
+
+    # -- checkout --------------------------------------------------------------
+    def _write_entries(self, entries: list[TreeEntry], progress: Progress) -> None:
+        total = 0
+        files = {}
+        for e in entries:
+            files[e.path] = self.odb.get(e.oid, "file")
+            total += files[e.path].size
+        progress.start("checkout", total)
+        written = {}
+        from .pipeline import Materializer
+
+        with Materializer(self.odb, workers=self.workers, progress=progress) as mat:
+            for e in entries:
+                with self.worktree.open_for_write(e.path, e.mode) as f:
+                    mat.write(e.oid, f)
+                fs = self.worktree.stat(e.path)
+                if fs is not None:
+                    written[e.path] = (fs, e.oid)
+        self.backend.release_pages()
+        progress.finish()
+        self.worktree.remember(written)
+
+    def checkout(self, rev: str, paths: list[str] | None = None, force: bool = False,
+                 progress: Progress = NULL) -> str:
+        """Check out *rev*: the whole tree (moving HEAD), or only *paths* (HEAD stays)."""
+        with self.lock():
+            target = self.resolve(rev)
+            tree = self.odb.get(self.commit_obj(target).tree, "tree")
+            if paths is not None:
+                prefixes = self._prefixes(paths) or [""]
+                for p in prefixes:
+                    if not any(_under(e.path, [p]) for e in tree.entries):
+                        raise UsageError(f"pathspec {p!r} did not match any file in {rev}")
+                self._write_entries([e for e in tree.entries if _under(e.path, prefixes)], progress)
+                return target
+            self._switch_tree(tree, force, progress)
+            branch = rev if self.refs.get(HEADS + rev) == target and rev not in ("HEAD", "@") else None
+            old = self.refs.head_commit()
+            if branch:
+                self.refs.attach_head(branch, f"checkout: moving to {rev}", old, target)
+            else:
+                self.refs.detach_head(target, f"checkout: moving to {rev}", old)
+            return target
+
+    def _switch_tree(self, tree: Tree, force: bool, progress: Progress) -> None:
+        """Make the work tree match *tree*, refusing to lose uncommitted work unless forced."""
+        st = self.status()
+        head = self.head_tree().as_dict()
+        target = tree.as_dict()
+        dirty = set(st.modified) | set(st.deleted)
+        current = st.oids
+        if not force:
+            blocked = []
+            for path in sorted(head.keys() | target.keys()):
+                if head.get(path) != target.get(path) and path in dirty:
+                    blocked.append(path)
+            for path in st.added:
+                if path in target and (target[path].mode, target[path].oid) != current[path]:
+                    blocked.append(path)
+            if blocked:
+                raise DirtyWorkTreeError(
+                    f"checkout would overwrite uncommitted changes in {len(blocked)} file(s): "
+                    + ", ".join(blocked[:5]) + (" ..." if len(blocked) > 5 else ""))
+        to_write = [e for p, e in target.items() if current.get(p) != (e.mode, e.oid)]
+        to_remove = [p for p in head if p not in target and p in current]
+        self._write_entries(to_write, progress)
+        for p in to_remove:
+            self.worktree.remove(p)
+        self.worktree.remember({}, forget=to_remove)
+
+    def switch(self, branch: str, create: bool = False, start: str | None = None,
+               force: bool = False, progress: Progress = NULL) -> str | None:
+        check_ref_name(branch)
+        if create:
+            if self.refs.get(HEADS + branch) is not None:
+                raise MvcError(f"branch {branch!r} already exists")
+            base = self.resolve(start) if start else self.refs.head_commit()
+            if base is None:  # unborn: just point HEAD at the new name
+                self.refs.attach_head(branch, f"switch: to new branch {branch}", None, None)
+                return None
+            self.refs.set_ref(HEADS + branch, base, None, f"branch: created from {start or 'HEAD'}")
+        target = self.refs.get(HEADS + branch)
+        if target is None:
+            raise UnknownRevisionError(f"no branch named {branch!r}", hint="use `mvc switch -c` to create it")
+        return self.checkout(branch, force=force, progress=progress)
+
+    def reset(self, rev: str, hard: bool = False, progress: Progress = NULL) -> str:
+        target = self.resolve(rev)
+        with self.lock():
+            if hard:
+                self._switch_tree(self.odb.get(self.commit_obj(target).tree, "tree"), True, progress)
+            self.refs.move_head(target, self.refs.head_commit(), f"reset: moving to {rev}")
+        return target
+
+    # -- branches and tags -----------------------------------------------------
+    def create_branch(self, name: str, start: str = "HEAD") -> str:
+        check_ref_name(name)
+        oid = self.resolve(start)
+        if self.refs.get(HEADS + name) is not None:
+            raise MvcError(f"branch {name!r} already exists")
+        self.refs.set_ref(HEADS + name, oid, None, f"branch: created from {start}")
+        return oid
+
+    def delete_branch(self, name: str, force: bool = False) -> str:
+        oid = self.refs.get(HEADS + name)
+        if oid is None:
+            raise UnknownRevisionError(f"no branch named {name!r}")
+        if self.refs.current_branch() == name:
+            raise MvcError(f"cannot delete branch {name!r}: it is checked out")
+        head = self.refs.head_commit()
+        if not force and (head is None or not self.is_ancestor(oid, head)):
+            raise MvcError(f"branch {name!r} is not merged into HEAD", hint="use -D to delete it anyway")
+        self.refs.set_ref(HEADS + name, None, oid, "branch: deleted")
+        return oid
+
+    def create_tag(self, name: str, rev: str = "HEAD", force: bool = False) -> str:
+        check_ref_name(name, "tag")
+        oid = self.resolve(rev)
+        old = self.refs.get(TAGS + name)
+        if old is not None and not force:
+            raise MvcError(f"tag {name!r} already exists", hint="use -f to move it")
+        self.refs.set_ref(TAGS + name, oid, old, f"tag: {rev}")
+        return oid
+
+    def delete_tag(self, name: str) -> str:
+        oid = self.refs.get(TAGS + name)
+        if oid is None:
+            raise UnknownRevisionError(f"no tag named {name!r}")
+        self.refs.set_ref(TAGS + name, None, oid, "tag: deleted")
+        return oid
+
+    def is_ancestor(self, a: str, b: str) -> bool:
+        seen, stack = set(), [b]
+        while stack:
+            c = stack.pop()
+            if c == a:
+                return True
+            if c not in seen:
+                seen.add(c)
+                stack.extend(self.commit_obj(c).parents)
+        return False
+
+    # -- tensors ---------------------------------------------------------------
+    def load(self, rev: str = "HEAD", path: str | None = None) -> dict:
+        """The tensors of *rev* as ``{name: torch.Tensor}`` without touching the work tree."""
+        from .tensors import load_tree
+
+        return load_tree(self, self.tree_of(rev), path)
+
+    def save(self, state_dict: dict, path: str, message: str, metadata: dict | None = None,
+             author: str | None = None) -> str:
+        """Write *state_dict* to *path* (safetensors) in the work tree and commit that file."""
+        from safetensors.torch import save_file
+
+        full = os.path.join(self.root, path)
+        os.makedirs(os.path.dirname(full) or ".", exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, full, metadata=metadata)
+        return self.commit(message, paths=[full], author=author)
+
+
+def _ingestor(repo: Repo, store: bool, progress: Progress) -> Ingestor:
+    from .pipeline import Ingestor
+
+    return Ingestor(repo.odb, store=store, workers=repo.workers, progress=progress)
+
+
+def parent_tree_oid(repo: Repo, head: str) -> str:
+    return repo.commit_obj(head).tree
+
+
+def _under(path: str, prefixes: list[str]) -> bool:
+    return any(not p or path == p or path.startswith(p.rstrip("/") + "/") for p in prefixes)
+
+
+def _tz_minutes(t: int) -> int:
+    lt = time.localtime(t)
+    return (lt.tm_gmtoff or 0) // 60

@@ -1,0 +1,282 @@
+"""LMDB backend: one environment under .mvc/store with objects, refs, reflog and kv tables.
+
+Rules (docs/format.md): synchronous commits always; one Environment per path and
+process (opened again after fork); the map grows on MapFullError; stale reader
+slots of killed processes are cleared on open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+import threading
+
+import lmdb
+
+from ..errors import MvcError, RefConflictError
+from .backend import Backend
+
+_MIN_MAP = 256 << 20
+_COUNT_KEY = b"\x00stats"
+_envs: dict[str, tuple[int, lmdb.Environment, _RWLock]] = {}
+_envs_lock = threading.Lock()
+
+
+class _RWLock:
+    """Transactions share; growing the map (no transaction may be open in the process) excludes."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self):
+        with self._cond:
+            while self._writer or self._waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        with self._cond:
+            self._waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def _open_env(path: str) -> tuple[lmdb.Environment, _RWLock]:
+    key = os.path.realpath(path)
+    with _envs_lock:
+        cached = _envs.get(key)
+        if cached and cached[0] == os.getpid():
+            return cached[1], cached[2]
+        data = os.path.join(key, "data.mdb")
+        used = os.stat(data).st_blocks * 512 if os.path.exists(data) else 0
+        size = max(_MIN_MAP, os.path.getsize(data) if used else 0, 2 * used)
+        try:
+            # writemap: writes go straight to the map (measured 2x faster commits than copying
+            # dirty pages); with it the file's apparent size is the map size (sparse).
+            env = lmdb.open(key, map_size=size, max_dbs=8, subdir=True, sync=True, metasync=True,
+                            writemap=True, readahead=False, max_readers=256, lock=True)
+        except lmdb.Error as e:
+            raise MvcError(f"cannot open store {key}: {e}") from e
+        env.reader_check()
+        rw = _RWLock()
+        _envs[key] = (os.getpid(), env, rw)
+        return env, rw
+
+
+class LmdbBackend(Backend):
+    def __init__(self, path: str, create: bool = False):
+        if not create and not os.path.exists(os.path.join(path, "data.mdb")):
+            raise MvcError(f"store {path} is missing", hint="the repository is damaged; run `mvc doctor`")
+        os.makedirs(path, exist_ok=True)
+        self.path = path
+        self.env, self._rw = _open_env(path)
+        self._objects = self.env.open_db(b"objects")
+        self._refs = self.env.open_db(b"refs")
+        self._reflog = self.env.open_db(b"reflog")
+        self._kv = self.env.open_db(b"kv")
+
+    # -- helpers ---------------------------------------------------------------
+    def _grow(self, size: int) -> None:
+        with self._rw.exclusive():
+            if size == 0 or size > self.env.info()["map_size"]:
+                self.env.set_mapsize(size)
+
+    def _txn(self, fn, write: bool = False):
+        """Run fn(txn) in a transaction; grow the map when full, adopt another process's growth."""
+        while True:
+            try:
+                with self._rw.shared(), self.env.begin(write=write) as txn:
+                    return fn(txn)
+            except lmdb.MapFullError:
+                self._grow(self.env.info()["map_size"] * 2)
+            except lmdb.MapResizedError:
+                self._grow(0)
+            except lmdb.Error as e:
+                raise MvcError(f"store {'write' if write else 'read'} failed: {e}") from e
+
+    def _write(self, fn):
+        return self._txn(fn, write=True)
+
+    def _counts(self, txn) -> tuple[int, int]:
+        raw = txn.get(_COUNT_KEY, db=self._kv)
+        return struct.unpack("<QQ", raw) if raw else (0, 0)
+
+    # -- objects ---------------------------------------------------------------
+    def has(self, oid):
+        return self._txn(lambda txn: txn.get(oid, db=self._objects) is not None)
+
+    def get(self, oid):
+        return self._txn(lambda txn: txn.get(oid, db=self._objects))
+
+    def put_many(self, items):
+        items = list(items)
+
+        def fn(txn):
+            n, size = self._counts(txn)
+            added = 0
+            for oid, value in items:
+                if txn.put(oid, value, db=self._objects, overwrite=False):
+                    added += len(value)
+                    n += 1
+            txn.put(_COUNT_KEY, struct.pack("<QQ", n, size + added), db=self._kv)
+            return added
+
+        return self._write(fn)
+
+    def delete_many(self, oids):
+        oids = list(oids)
+
+        def fn(txn):
+            n, size = self._counts(txn)
+            freed = 0
+            for oid in oids:
+                v = txn.pop(oid, db=self._objects)
+                if v is not None:
+                    freed += len(v)
+                    n -= 1
+            txn.put(_COUNT_KEY, struct.pack("<QQ", n, size - freed), db=self._kv)
+            return freed
+
+        return self._write(fn)
+
+    def iter_oids(self, prefix=b""):
+        def fn(txn):
+            cur = txn.cursor(db=self._objects)
+            keys = []
+            if cur.set_range(prefix):
+                for k in cur.iternext(keys=True, values=False):
+                    if not k.startswith(prefix):
+                        break
+                    keys.append(k)
+            return keys
+
+        return iter(self._txn(fn))
+
+    def stats(self):
+        n, size = self._txn(self._counts)
+        return {"objects": n, "stored_bytes": size}
+
+    # -- refs ------------------------------------------------------------------
+    def get_ref(self, name):
+        v = self._txn(lambda txn: txn.get(name.encode(), db=self._refs))
+        return v.decode() if v is not None else None
+
+    def list_refs(self, prefix=""):
+        def fn(txn):
+            out = {}
+            cur = txn.cursor(db=self._refs)
+            if cur.set_range(prefix.encode()):
+                for k, v in cur:
+                    name = k.decode()
+                    if not name.startswith(prefix):
+                        break
+                    out[name] = v.decode()
+            return out
+
+        return self._txn(fn)
+
+    def update_refs(self, updates, log):
+        def fn(txn):
+            for name, old, _new in updates:
+                cur = txn.get(name.encode(), db=self._refs)
+                cur = cur.decode() if cur is not None else None
+                if cur != old:
+                    raise RefConflictError(
+                        f"ref {name} moved (expected {old or 'nothing'}, found {cur or 'nothing'})")
+            for name, _old, new in updates:
+                if new is None:
+                    txn.delete(name.encode(), db=self._refs)
+                    self._drop_log(txn, name)
+                else:
+                    txn.put(name.encode(), new.encode(), db=self._refs)
+            for name, entry in log:
+                if txn.get(name.encode(), db=self._refs) is None:
+                    continue
+                prefix = name.encode() + b"\x00"
+                cur = txn.cursor(db=self._reflog)
+                seq = 0
+                # last key with this prefix: seek past it and step back
+                if cur.set_range(prefix + b"\xff" * 8):
+                    cur.prev()
+                elif not cur.last():
+                    cur = None
+                if cur is not None and cur.key().startswith(prefix):
+                    seq = struct.unpack(">Q", cur.key()[len(prefix):])[0] + 1
+                txn.put(prefix + struct.pack(">Q", seq), json.dumps(entry).encode(), db=self._reflog)
+
+        self._write(fn)
+
+    def _drop_log(self, txn, name):
+        prefix = name.encode() + b"\x00"
+        cur = txn.cursor(db=self._reflog)
+        if cur.set_range(prefix):
+            while cur.key().startswith(prefix):
+                if not cur.delete():
+                    break
+
+    def reflog(self, name):
+        prefix = name.encode() + b"\x00"
+
+        def fn(txn):
+            out = []
+            cur = txn.cursor(db=self._reflog)
+            if cur.set_range(prefix):
+                for k, v in cur:
+                    if not k.startswith(prefix):
+                        break
+                    out.append(json.loads(v))
+            return out
+
+        return self._txn(fn)
+
+    # -- kv --------------------------------------------------------------------
+    def kv_get(self, key):
+        return self._txn(lambda txn: txn.get(key, db=self._kv))
+
+    def kv_put_many(self, items):
+        def fn(txn):
+            for k, v in items.items():
+                if v is None:
+                    txn.delete(k, db=self._kv)
+                else:
+                    txn.put(k, v, db=self._kv)
+
+        self._write(fn)
+
+    # -- memory ----------------------------------------------------------------
+    def release_pages(self):
+        """madvise(DONTNEED) the read-only map: pages stay in the page cache, leave our RSS."""
+        import ctypes
+
+        data = os.path.join(os.path.realpath(self.path), "data.mdb")
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            with self._rw.exclusive(), open("/proc/self/maps") as f:
+                for line in f:
+                    if line.rstrip().endswith(data):
+                        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
+        except OSError:
+            pass

@@ -1,0 +1,226 @@
+"""Typed objects and their one canonical encoding.
+
+Metadata objects (tensor, file, tree, commit) are canonical JSON: UTF-8, keys
+sorted, no insignificant whitespace, ids as lowercase hex. Chunks are raw bytes.
+Parsing validates shape and types, so an object from a remote or a damaged store
+is rejected before it is used. Golden bytes are pinned in tests/test_objects.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import CorruptObjectError, UnsafePathError
+from .ids import is_hex_oid
+
+#: safetensors dtype name -> (element size in bytes, is floating point)
+DTYPES: dict[str, tuple[int, bool]] = {
+    "BOOL": (1, False), "U8": (1, False), "I8": (1, False),
+    "U16": (2, False), "I16": (2, False), "F16": (2, True), "BF16": (2, True),
+    "U32": (4, False), "I32": (4, False), "F32": (4, True),
+    "U64": (8, False), "I64": (8, False), "F64": (8, True),
+    "F8_E4M3": (1, True), "F8_E5M2": (1, True), "F8_E8M0": (1, True),
+    "C64": (8, False),
+}
+
+MODE_FILE = 0o100644
+MODE_EXEC = 0o100755
+MODES = (MODE_FILE, MODE_EXEC)
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
+def _oid(v: Any, what: str) -> str:
+    if not isinstance(v, str) or not is_hex_oid(v):
+        raise ValueError(f"{what} is not an object id")
+    return v
+
+
+def _int(v: Any, what: str, lo: int = 0) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        raise ValueError(f"{what} must be an integer >= {lo}")
+    return v
+
+
+def nbytes_of(dtype: str, shape: tuple[int, ...]) -> int:
+    return DTYPES[dtype][0] * math.prod(shape)
+
+
+@dataclass(frozen=True)
+class Tensor:
+    dtype: str
+    shape: tuple[int, ...]
+    chunk_size: int
+    chunks: tuple[str, ...]
+
+    kind = "tensor"
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes_of(self.dtype, self.shape)
+
+    def to_json(self) -> dict:
+        return {"chunk_size": self.chunk_size, "chunks": list(self.chunks), "dtype": self.dtype,
+                "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Tensor:
+        dtype = d["dtype"]
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}")
+        shape = tuple(_int(x, "shape") for x in d["shape"])
+        cs = _int(d["chunk_size"], "chunk_size", 1)
+        chunks = tuple(_oid(c, "chunk") for c in d["chunks"])
+        t = cls(dtype, shape, cs, chunks)
+        if len(chunks) != -(-t.nbytes // cs):
+            raise ValueError("chunk count does not match shape")
+        return t
+
+
+@dataclass(frozen=True)
+class File:
+    """How a work-tree file is rebuilt: raw chunks, or a safetensors header plus tensors."""
+
+    format: str  # "raw" | "safetensors"
+    size: int
+    chunks: tuple[str, ...] = ()  # raw: file chunks; safetensors: header chunks
+    tensors: tuple[tuple[str, str], ...] = ()  # safetensors: (name, tensor id) in data order
+
+    kind = "file"
+
+    def to_json(self) -> dict:
+        d: dict = {"chunks": list(self.chunks), "format": self.format, "size": self.size}
+        if self.format == "safetensors":
+            d["tensors"] = [list(t) for t in self.tensors]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> File:
+        fmt = d["format"]
+        if fmt not in ("raw", "safetensors"):
+            raise ValueError(f"unknown file format {fmt!r}")
+        tensors: tuple = ()
+        if fmt == "safetensors":
+            tensors = tuple((str(n), _oid(t, "tensor")) for n, t in d["tensors"])
+        return cls(fmt, _int(d["size"], "size"), tuple(_oid(c, "chunk") for c in d["chunks"]),
+                   tensors)
+
+
+def check_path(path: str) -> str:
+    """Validate a tree path: relative, normalized, nothing that escapes or names a repo dir."""
+    if not isinstance(path, str) or not path or "\x00" in path or "\\" in path:
+        raise UnsafePathError(f"unsafe path in tree: {path!r}")
+    if path.startswith("/"):
+        raise UnsafePathError(f"unsafe path in tree: {path!r} is absolute")
+    for comp in path.split("/"):
+        if comp in ("", ".", ".."):
+            raise UnsafePathError(f"unsafe path in tree: {path!r}")
+        if comp.rstrip(". ").lower() in (".mvc", ".git"):
+            raise UnsafePathError(f"unsafe path in tree: {path!r} names a repository directory")
+    return path
+
+
+def _no_file_dir_clash(paths) -> None:
+    paths = list(paths)
+    dirs = {p[:i] for p in paths for i in range(len(p)) if p[i] == "/"}
+    for p in paths:
+        if p in dirs:
+            raise UnsafePathError(f"tree names {p!r} both as a file and as a directory")
+
+
+@dataclass(frozen=True)
+class TreeEntry:
+    path: str
+    mode: int
+    oid: str
+
+
+@dataclass(frozen=True)
+class Tree:
+    entries: tuple[TreeEntry, ...]
+
+    kind = "tree"
+
+    def to_json(self) -> dict:
+        return {"entries": [[e.path, e.mode, e.oid] for e in self.entries]}
+
+    @classmethod
+    def build(cls, items: dict[str, tuple[int, str]]) -> Tree:
+        keys = sorted(items, key=lambda p: p.encode("utf-8"))
+        _no_file_dir_clash(keys)
+        return cls(tuple(TreeEntry(check_path(p), *items[p]) for p in keys))
+
+    @classmethod
+    def from_json(cls, d: dict) -> Tree:
+        entries = []
+        prev = b""
+        for path, mode, oid in d["entries"]:
+            check_path(path)
+            if mode not in MODES:
+                raise ValueError(f"bad mode {mode!r}")
+            key = path.encode("utf-8")
+            if entries and key <= prev:
+                raise ValueError("tree entries not sorted or duplicated")
+            prev = key
+            entries.append(TreeEntry(path, mode, _oid(oid, "file")))
+        _no_file_dir_clash(e.path for e in entries)
+        return cls(tuple(entries))
+
+    def as_dict(self) -> dict[str, TreeEntry]:
+        return {e.path: e for e in self.entries}
+
+
+@dataclass(frozen=True)
+class Commit:
+    tree: str
+    parents: tuple[str, ...]
+    author: str
+    time: int
+    tz: int  # minutes east of UTC
+    message: str
+    op: dict | None = field(default=None)
+
+    kind = "commit"
+
+    def to_json(self) -> dict:
+        d = {"author": self.author, "message": self.message, "parents": list(self.parents),
+             "time": self.time, "tree": self.tree, "tz": self.tz}
+        if self.op is not None:
+            d["op"] = self.op
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> Commit:
+        op = d.get("op")
+        if op is not None and not isinstance(op, dict):
+            raise ValueError("op must be an object")
+        if not isinstance(d["author"], str) or not isinstance(d["message"], str):
+            raise ValueError("author and message must be strings")
+        return cls(_oid(d["tree"], "tree"), tuple(_oid(p, "parent") for p in d["parents"]),
+                   d["author"], _int(d["time"], "time"), int(d["tz"]), d["message"], op)
+
+
+CLASSES = {"tensor": Tensor, "file": File, "tree": Tree, "commit": Commit}
+
+
+def encode_object(obj) -> bytes:
+    return canonical_json(obj.to_json())
+
+
+def parse_object(kind: str, content: bytes, oid: str = "?"):
+    """Parse canonical bytes of a metadata object; CorruptObjectError if malformed."""
+    try:
+        d = json.loads(content)
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
+        return CLASSES[kind].from_json(d)
+    except UnsafePathError:
+        raise
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CorruptObjectError(oid, f"malformed {kind}: {e}") from e

@@ -1,0 +1,207 @@
+"""The work tree: scanning with .mvcignore, the stat cache, and safe file writes.
+
+Writes never leave the work tree: every directory on the way is opened relative
+to its parent with O_NOFOLLOW, so a symlink planted anywhere on a path makes the
+write fail instead of following it. Files are written to a temporary name and
+renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat as st
+import time
+from dataclasses import dataclass
+
+import pathspec
+
+from .errors import MvcError, UnsafePathError
+from .store.backend import Backend
+from .store.objects import MODE_EXEC, MODE_FILE, check_path
+
+REPO_DIR = ".mvc"
+IGNORE_FILE = ".mvcignore"
+TMP_SUFFIX = ".mvc-tmp"
+_ALWAYS_IGNORED = (".mvc/", ".git/", f"*{TMP_SUFFIX}")
+_RACY_NS = 2_000_000_000
+_STAT_PREFIX = b"stat:"
+
+
+@dataclass(frozen=True)
+class FileStat:
+    size: int
+    mtime_ns: int
+    ino: int
+    mode: int  # MODE_FILE or MODE_EXEC
+
+    @classmethod
+    def of(cls, s: os.stat_result) -> FileStat:
+        return cls(s.st_size, s.st_mtime_ns, s.st_ino, MODE_EXEC if s.st_mode & 0o111 else MODE_FILE)
+
+
+class WorkTree:
+    def __init__(self, root: str, backend: Backend):
+        self.root = os.path.realpath(root)
+        self.backend = backend
+        self._spec = None
+
+    # -- scanning --------------------------------------------------------------
+    def _ignore_spec(self):
+        if self._spec is None:
+            lines = list(_ALWAYS_IGNORED)
+            try:
+                with open(os.path.join(self.root, IGNORE_FILE), encoding="utf-8") as f:
+                    lines += f.read().splitlines()
+            except FileNotFoundError:
+                pass
+            self._spec = pathspec.GitIgnoreSpec.from_lines(lines)
+        return self._spec
+
+    def ignored(self, rel: str) -> bool:
+        return self._ignore_spec().match_file(rel)
+
+    def scan(self, prefixes: list[str] | None = None) -> dict[str, FileStat]:
+        """Tracked-candidate files: relative path -> stat. Symlinked files are followed, symlinked dirs are not."""
+        out: dict[str, FileStat] = {}
+        spec = self._ignore_spec()
+        starts = prefixes if prefixes else [""]
+        for start in starts:
+            top = os.path.join(self.root, start) if start else self.root
+            if start and os.path.isfile(top):
+                if not spec.match_file(start):
+                    out[start] = FileStat.of(os.stat(top))
+                continue
+            for dirpath, dirnames, filenames in os.walk(top):
+                reldir = os.path.relpath(dirpath, self.root)
+                reldir = "" if reldir == "." else reldir.replace(os.sep, "/") + "/"
+                dirnames[:] = sorted(d for d in dirnames if not spec.match_file(reldir + d + "/")
+                                     and not os.path.islink(os.path.join(dirpath, d)))
+                for name in filenames:
+                    rel = reldir + name
+                    if spec.match_file(rel):
+                        continue
+                    try:
+                        s = os.stat(os.path.join(dirpath, name))
+                    except FileNotFoundError:
+                        continue  # dangling symlink
+                    if st.S_ISREG(s.st_mode):
+                        out[rel] = FileStat.of(s)
+        return out
+
+    def abspath(self, rel: str) -> str:
+        return os.path.join(self.root, rel)
+
+    def rel_from_cwd(self, path: str) -> str:
+        """Turn a user path (relative to cwd) into a work-tree path; refuse paths outside."""
+        full = os.path.realpath(path)
+        if full == self.root:
+            return ""
+        if not full.startswith(self.root + os.sep):
+            raise MvcError(f"{path}: outside the work tree {self.root}")
+        return os.path.relpath(full, self.root).replace(os.sep, "/")
+
+    # -- stat cache ------------------------------------------------------------
+    def cached_oid(self, rel: str, fs: FileStat) -> str | None:
+        raw = self.backend.kv_get(_STAT_PREFIX + rel.encode())
+        if raw is None:
+            return None
+        d = json.loads(raw)
+        if (d["size"], d["mtime_ns"], d["ino"], d["mode"]) == (fs.size, fs.mtime_ns, fs.ino, fs.mode):
+            return d["oid"]
+        return None
+
+    def remember(self, entries: dict[str, tuple[FileStat, str]], forget: list[str] = ()) -> None:
+        """Record path -> (stat, file id). Racily-clean files (modified in the last 2 s) are not cached."""
+        now = time.time_ns()
+        items: dict[bytes, bytes | None] = {}
+        for rel, (fs, oid) in entries.items():
+            if fs.mtime_ns >= now - _RACY_NS:
+                items[_STAT_PREFIX + rel.encode()] = None
+                continue
+            items[_STAT_PREFIX + rel.encode()] = json.dumps(
+                {"size": fs.size, "mtime_ns": fs.mtime_ns, "ino": fs.ino, "mode": fs.mode, "oid": oid}).encode()
+        for rel in forget:
+            items[_STAT_PREFIX + rel.encode()] = None
+        if items:
+            self.backend.kv_put_many(items)
+
+    # -- safe writes -----------------------------------------------------------
+    def _open_dir(self, rel_dir: str, create: bool) -> int:
+        """An fd for a work-tree directory, opened component by component without following links."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for comp in [c for c in rel_dir.split("/") if c]:
+                try:
+                    nfd = os.open(comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    os.mkdir(comp, 0o777, dir_fd=fd)
+                    nfd = os.open(comp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                except (NotADirectoryError, OSError) as e:
+                    if isinstance(e, FileNotFoundError):
+                        raise
+                    raise UnsafePathError(
+                        f"refusing to write through {rel_dir!r}: {comp!r} is a symlink or not a directory") from e
+                os.close(fd)
+                fd = nfd
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @contextlib.contextmanager
+    def open_for_write(self, rel: str, mode: int):
+        """Yield a binary file to fill; on success it atomically replaces *rel*."""
+        check_path(rel)
+        parent, _, name = rel.rpartition("/")
+        dfd = self._open_dir(parent, create=True)
+        tmp = f".{name}.{os.getpid()}{TMP_SUFFIX}"
+        try:
+            try:
+                existing = os.lstat(name, dir_fd=dfd)
+                if st.S_ISDIR(existing.st_mode) and not st.S_ISLNK(existing.st_mode):
+                    raise UnsafePathError(f"{rel}: a directory is in the way")
+            except FileNotFoundError:
+                pass
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_EXCL,
+                         0o777 if mode == MODE_EXEC else 0o666, dir_fd=dfd)
+            try:
+                with os.fdopen(fd, "wb", buffering=0, closefd=True) as f:
+                    yield f
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dfd)
+                raise
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        finally:
+            os.close(dfd)
+
+    def stat(self, rel: str) -> FileStat | None:
+        try:
+            s = os.stat(self.abspath(rel))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return FileStat.of(s) if st.S_ISREG(s.st_mode) else None
+
+    def remove(self, rel: str) -> None:
+        """Delete a file (not through symlinked dirs) and prune directories left empty."""
+        check_path(rel)
+        parent, _, name = rel.rpartition("/")
+        try:
+            dfd = self._open_dir(parent, create=False)
+        except FileNotFoundError:
+            return
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=dfd)
+        finally:
+            os.close(dfd)
+        while parent:
+            try:
+                os.rmdir(self.abspath(parent))
+            except OSError:
+                break
+            parent = parent.rpartition("/")[0]
