@@ -103,6 +103,8 @@ class Repo:
         self.refs = Refs(self.backend)
         self.worktree = WorkTree(self.root, self.backend)
         self.workers = workers
+        #: the directory user paths are relative to (the CLI's -C DIR); None means the process's cwd
+        self.cwd: str | None = None
 
     @classmethod
     def init(cls, path: str = ".", branch: str = "main", backend: Backend | None = None) -> Repo:
@@ -165,7 +167,7 @@ class Repo:
     def _prefixes(self, paths: list[str] | None) -> list[str] | None:
         if not paths:
             return None
-        return [self.worktree.rel_from_cwd(p) for p in paths]
+        return [self.worktree.rel_from_cwd(p, self.cwd) for p in paths]
 
     def _file_ids(self, files: dict[str, FileStat], ingest: Ingestor, need_stored: bool,
                   progress: Progress) -> dict[str, tuple[int, str]]:
@@ -331,11 +333,16 @@ class Repo:
                 for p in prefixes:
                     if not any(_under(e.path, [p]) for e in tree.entries):
                         raise UsageError(f"pathspec {p!r} did not match any file in {rev}")
-                self._write_entries([e for e in tree.entries if _under(e.path, prefixes)], progress)
+                entries = [e for e in tree.entries if _under(e.path, prefixes)]
+                for e in entries:
+                    self.worktree.check_writable(e.path)
+                self._write_entries(entries, progress)
                 return target
             self._switch_tree(tree, force, progress)
-            branch = rev if self.refs.get(HEADS + rev) == target and rev not in ("HEAD", "@") else None
             old = self.refs.head_commit()
+            if rev in ("HEAD", "@"):  # stays as it is: attached or detached
+                return target
+            branch = rev if self.refs.get(HEADS + rev) == target else None
             if branch:
                 self.refs.attach_head(branch, f"checkout: moving to {rev}", old, target)
             else:
@@ -363,10 +370,12 @@ class Repo:
                     + ", ".join(blocked[:5]) + (" ..." if len(blocked) > 5 else ""))
         to_write = [e for p, e in target.items() if current.get(p) != (e.mode, e.oid)]
         to_remove = [p for p in head if p not in target and p in current]
-        self._write_entries(to_write, progress)
-        for p in to_remove:
+        for e in to_write:  # refuse before anything is written
+            self.worktree.check_writable(e.path)
+        for p in to_remove:  # first, so that a file can become a directory
             self.worktree.remove(p)
         self.worktree.remember({}, forget=to_remove)
+        self._write_entries(to_write, progress)
 
     def switch(self, branch: str, create: bool = False, start: str | None = None,
                force: bool = False, progress: Progress = NULL) -> str | None:

@@ -93,9 +93,12 @@ class WorkTree:
     def abspath(self, rel: str) -> str:
         return os.path.join(self.root, rel)
 
-    def rel_from_cwd(self, path: str) -> str:
-        """Turn a user path (relative to cwd) into a work-tree path; refuse paths outside."""
-        full = os.path.realpath(path)
+    def rel_from_cwd(self, path: str, cwd: str | None = None) -> str:
+        """Turn a user path (relative to *cwd*, default the process's) into a work-tree path."""
+        full = os.path.abspath(os.path.join(cwd or os.getcwd(), path))
+        if full != self.root and not full.startswith(self.root + os.sep):
+            # the cwd may be reached through a symlink; resolve it, but not the last component
+            full = os.path.join(os.path.realpath(os.path.dirname(full)), os.path.basename(full))
         if full == self.root:
             return ""
         if not full.startswith(self.root + os.sep):
@@ -151,6 +154,21 @@ class WorkTree:
         except BaseException:
             os.close(fd)
             raise
+
+    def check_writable(self, rel: str) -> None:
+        """Refuse a path whose parent directories include a symlink or a file (checked before writing)."""
+        check_path(rel)
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            sub = "/".join(parts[:i])
+            try:
+                s = os.lstat(self.abspath(sub))
+            except FileNotFoundError:
+                return
+            if st.S_ISLNK(s.st_mode):
+                raise UnsafePathError(f"refusing to write {rel!r}: {sub!r} is a symlink")
+            if not st.S_ISDIR(s.st_mode):
+                raise UnsafePathError(f"refusing to write {rel!r}: {sub!r} is a file, not a directory")
 
     @contextlib.contextmanager
     def open_for_write(self, rel: str, mode: int):

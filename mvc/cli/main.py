@@ -25,6 +25,7 @@ class Ctx:
 
         if self._repo is None:
             self._repo = Repo(self.directory)
+            self._repo.cwd = os.path.abspath(self.directory)
         return self._repo
 
     def progress(self):
@@ -54,9 +55,8 @@ class MvcGroup(click.Group):
         try:
             return super().invoke(ctx)
         except MvcError as e:
-            click.secho(f"error: {e}", fg="red", err=True)
-            if e.hint:
-                click.echo(f"hint: {e.hint}", err=True)
+            hint = f" (hint: {e.hint})" if e.hint else ""
+            click.secho(f"error: {e}{hint}", fg="red", err=True)
             sys.exit(exit_code(e))
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)

@@ -1,0 +1,70 @@
+"""Canonical encodings are pinned by golden bytes; parsing rejects malformed or unsafe objects."""
+
+import pytest
+
+from mvc.errors import CorruptObjectError, UnsafePathError
+from mvc.store.ids import hash_object
+from mvc.store.objects import Commit, File, Tensor, Tree, TreeEntry, encode_object, parse_object
+
+A = "a" * 64
+B = "b" * 64
+
+
+def test_tensor_golden():
+    t = Tensor("BF16", (2, 3), 4194304, (A,))
+    assert encode_object(t) == (b'{"chunk_size":4194304,"chunks":["' + A.encode() + b'"],"dtype":"BF16","shape":[2,3]}')
+    assert hash_object("tensor", encode_object(t)).hex() == \
+        "3aef46fdd77932b83f3dd256b6a0c550a5ce22d9d779ef9ab3fc02d6a150ee25"
+
+
+def test_id_header_separates_types():
+    assert hash_object("chunk", b"x") != hash_object("file", b"x")
+    # the id of an empty chunk is BLAKE3(b"chunk 0\0"), independent of how it is stored
+    assert hash_object("chunk", b"").hex() == "b39b8e3568de70851cc961adf743299727ab202413830585fa608ae872d1d5fe"
+
+
+def test_file_tree_commit_golden():
+    f = File("safetensors", 10, (A,), (("w", B),))
+    assert encode_object(f) == (b'{"chunks":["' + A.encode() + b'"],"format":"safetensors","size":10,'
+                                b'"tensors":[["w","' + B.encode() + b'"]]}')
+    t = Tree.build({"b.json": (0o100644, A), "a/x.safetensors": (0o100755, B)})
+    assert [e.path for e in t.entries] == ["a/x.safetensors", "b.json"]
+    assert encode_object(t) == (b'{"entries":[["a/x.safetensors",33261,"' + B.encode() + b'"],'
+                                b'["b.json",33188,"' + A.encode() + b'"]]}')
+    c = Commit(A, (B,), "T <t@x>", 1700000000, 60, "msg\n", {"op": "prune", "params": {"sparsity": 0.5}})
+    assert encode_object(c) == (b'{"author":"T <t@x>","message":"msg\\n","op":{"op":"prune","params":'
+                                b'{"sparsity":0.5}},"parents":["' + B.encode() + b'"],"time":1700000000,'
+                                b'"tree":"' + A.encode() + b'","tz":60}')
+    for obj in (f, t, c):
+        assert parse_object(obj.kind, encode_object(obj)) == obj
+
+
+def test_tensor_chunk_count_checked():
+    with pytest.raises(CorruptObjectError):
+        parse_object("tensor", b'{"chunk_size":4,"chunks":[],"dtype":"F32","shape":[4]}')
+
+
+@pytest.mark.parametrize("path", ["../x", "/abs", "a/../../x", ".mvc/config.json", ".MVC/x", "a/.Git/hooks/x",
+                                  ".git", "a//b", "a/./b", "", "a\\b", "nul\x00"])
+def test_unsafe_paths_rejected(path):
+    with pytest.raises(UnsafePathError):
+        Tree.build({path: (0o100644, A)})
+    raw = b'{"entries":[[' + repr(path).replace("'", '"').encode() + b',33188,"' + A.encode() + b'"]]}'
+    with pytest.raises((UnsafePathError, CorruptObjectError)):
+        parse_object("tree", raw)
+
+
+def test_file_and_directory_clash_rejected():
+    with pytest.raises(UnsafePathError):
+        Tree.build({"a": (0o100644, A), "a/b": (0o100644, B)})
+
+
+def test_tree_must_be_sorted():
+    raw = (b'{"entries":[["b",33188,"' + A.encode() + b'"],["a",33188,"' + A.encode() + b'"]]}')
+    with pytest.raises(CorruptObjectError):
+        parse_object("tree", raw)
+
+
+def test_tree_entry_lookup():
+    t = Tree.build({"x": (0o100644, A)})
+    assert t.as_dict() == {"x": TreeEntry("x", 0o100644, A)}

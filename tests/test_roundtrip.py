@@ -1,0 +1,143 @@
+"""Bit-exact round trips of every kind of file the issue lists, proven with SHA-256."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mvc import Repo
+from tests.helpers import bf16, f32, mvc, sha256, tree_hashes, write_safetensors
+
+
+def mixed_tensors(rng, scale=1.0):
+    t = {
+        "bf16": ("BF16", (64, 33), bf16(rng, (64, 33))),
+        "fp16": ("F16", (17, 5), np.float16(rng.standard_normal(85) * scale).tobytes()),
+        "fp32": ("F32", (1000,), f32(rng, (1000,))),
+        "int8": ("I8", (3, 7), rng.integers(-128, 127, 21, dtype=np.int8).tobytes()),
+        "int64": ("I64", (9,), rng.integers(-2**62, 2**62, 9, dtype=np.int64).tobytes()),
+        "mask": ("BOOL", (5, 5), (rng.random(25) > 0.5).astype(np.uint8).tobytes()),
+        "empty": ("F32", (0, 4), b""),
+    }
+    if hasattr(torch, "float8_e4m3fn"):
+        x = torch.randn(48).to(torch.float8_e4m3fn)
+        t["fp8"] = ("F8_E4M3", (48,), x.view(torch.uint8).numpy().tobytes())
+    return t
+
+
+def make_tree(root, rng):
+    write_safetensors(root / "model.safetensors", mixed_tensors(rng), metadata={"format": "pt", "note": "x"})
+    # a sharded model: index JSON + 2 shards
+    shards = {}
+    for s in (1, 2):
+        name = f"model-0000{s}-of-00002.safetensors"
+        ts = {f"layers.{s}.{k}": ("BF16", (128, 64), bf16(rng, (128, 64))) for k in ("q", "k", "v")}
+        write_safetensors(root / "sharded" / name, ts, metadata={"format": "pt"})
+        shards.update({k: name for k in ts})
+    (root / "sharded" / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 6 * 128 * 64 * 2}, "weight_map": shards}, indent=2))
+    torch.save({"w": torch.randn(10, 10), "b": torch.arange(5), "h": torch.randn(3).bfloat16()},
+               root / "weights.pt")
+    (root / "config.json").write_text(json.dumps({"hidden_size": 64, "architectures": ["X"]}))
+    (root / "bin.dat").write_bytes(rng.bytes(5 * 1024 * 1024 + 17))  # > one chunk of raw bytes
+
+
+def test_commit_modify_checkout_bit_exact(repo, rng):
+    root = repo.root
+    from pathlib import Path
+
+    root = Path(root)
+    make_tree(root, rng)
+    before = tree_hashes(root)
+    first = repo.commit("first")
+    # modify every kind of file
+    write_safetensors(root / "model.safetensors", mixed_tensors(rng), metadata={"format": "pt"})
+    write_safetensors(root / "sharded" / "model-00002-of-00002.safetensors",
+                      {"layers.2.q": ("BF16", (128, 64), bf16(rng, (128, 64)))})
+    torch.save({"w": torch.zeros(2)}, root / "weights.pt")
+    (root / "config.json").write_text("{}")
+    os.remove(root / "bin.dat")
+    (root / "new.txt").write_text("new")
+    second = repo.commit("second")
+    assert second != first
+    assert tree_hashes(root) != before
+    repo.checkout(first)
+    assert tree_hashes(root) == before
+    assert repo.status().clean
+    repo.checkout("main")
+    assert (root / "new.txt").read_text() == "new" and not (root / "bin.dat").exists()
+
+
+def test_cli_round_trip_and_load(tmp_path, rng):
+    work = tmp_path / "w"
+    mvc("init", work)
+    make_tree(work, rng)
+    before = tree_hashes(work)
+    mvc("commit", "-m", "one", cwd=work)
+    with Repo(work) as r:
+        loaded = r.load("HEAD", "model.safetensors")
+        from safetensors.torch import load_file
+
+        ref = load_file(work / "model.safetensors")
+        assert loaded.keys() == ref.keys()
+        for k in ref:
+            assert loaded[k].dtype == ref[k].dtype and loaded[k].shape == ref[k].shape
+            assert torch.equal(loaded[k].view(torch.uint8), ref[k].view(torch.uint8)) if ref[k].numel() else True
+        pt = r.load("HEAD", "weights.pt")
+        assert torch.equal(pt["w"], torch.load(work / "weights.pt", weights_only=True)["w"])
+    for p in before:
+        os.remove(work / p)
+    mvc("checkout", "-f", "main", cwd=work)
+    assert tree_hashes(work) == before
+
+
+def test_checkout_paths_restores_only_those(repo, rng):
+    from pathlib import Path
+
+    root = Path(repo.root)
+    make_tree(root, rng)
+    repo.commit("one")
+    h = sha256(root / "config.json")
+    (root / "config.json").write_text("changed")
+    (root / "weights.pt").write_bytes(b"changed too")
+    repo.checkout("HEAD", paths=[str(root / "config.json")])
+    assert sha256(root / "config.json") == h
+    assert (root / "weights.pt").read_bytes() == b"changed too"
+
+
+def test_save_and_load_api(repo):
+    sd = {"a": torch.randn(4, 4), "b": torch.randn(3).to(torch.bfloat16), "c": torch.arange(6).reshape(2, 3)}
+    oid = repo.save(sd, "m/model.safetensors", "saved")
+    assert repo.log()[0].oid == oid
+    got = repo.load(oid)
+    assert set(got) == set(sd)
+    for k in sd:
+        assert torch.equal(got[k], sd[k])
+
+
+def test_load_does_not_touch_work_tree(repo, rng):
+    from pathlib import Path
+
+    root = Path(repo.root)
+    write_safetensors(root / "m.safetensors", {"w": ("F32", (4,), f32(rng, (4,)))})
+    repo.commit("one")
+    write_safetensors(root / "m.safetensors", {"w": ("F32", (4,), f32(rng, (4,)))})
+    h = sha256(root / "m.safetensors")
+    old = repo.load("HEAD")
+    assert sha256(root / "m.safetensors") == h
+    assert old["w"].shape == (4,)
+
+
+@pytest.mark.parametrize("exe", [True, False])
+def test_mode_round_trip(repo, exe):
+    from pathlib import Path
+
+    p = Path(repo.root) / "run.sh"
+    p.write_text("#!/bin/sh\n")
+    os.chmod(p, 0o755 if exe else 0o644)
+    repo.commit("m")
+    os.remove(p)
+    repo.checkout("main", force=True)
+    assert bool(os.stat(p).st_mode & 0o100) == exe
