@@ -25,7 +25,7 @@ REPO_DIR = ".mvc"
 IGNORE_FILE = ".mvcignore"
 TMP_SUFFIX = ".mvc-tmp"
 _ALWAYS_IGNORED = (".mvc/", ".git/", f"*{TMP_SUFFIX}")
-_RACY_NS = 2_000_000_000
+_RACY_NS = 100_000_000  # > the coarse kernel clock tick that stamps mtimes (1-10 ms)
 _STAT_PREFIX = b"stat:"
 
 
@@ -116,7 +116,7 @@ class WorkTree:
         return None
 
     def remember(self, entries: dict[str, tuple[FileStat, str]], forget: list[str] = ()) -> None:
-        """Record path -> (stat, file id). Racily-clean files (modified in the last 2 s) are not cached."""
+        """Record path -> (stat, file id). Racily-clean files (modified in the last 100 ms) are not cached."""
         now = time.time_ns()
         items: dict[bytes, bytes | None] = {}
         for rel, (fs, oid) in entries.items():

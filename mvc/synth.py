@@ -1,4 +1,4 @@
-"""Seeded generator of a Llama-like bf16 safetensors model, written without torch."""
+"""Seeded synthetic Llama-like bf16 models (safetensors, written without torch) for the demo and benchmarks."""
 
 from __future__ import annotations
 

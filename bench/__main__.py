@@ -1,0 +1,126 @@
+"""Commit and checkout throughput, store ratio, no-op status time and peak RSS on a generated model.
+
+    python -m bench [--size-mib 1024] [--largest-mib N] [--shards K] [--out results.json]
+
+Each mvc command runs as its own process (the real console command); its peak RSS comes
+from wait4(), so every number is what a user's shell would see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from mvc.synth import write_model
+
+
+def mvc_cmd() -> list[str]:
+    exe = os.path.join(os.path.dirname(sys.executable), "mvc")
+    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "mvc"]
+
+
+def timed(args: list[str], cwd: str) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of one mvc process."""
+    t = time.perf_counter()
+    p = subprocess.Popen(mvc_cmd() + args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise SystemExit(f"mvc {' '.join(args)} failed: {p.stderr.read().decode()}")
+    return wall, ru.ru_maxrss * 1024
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
+
+
+def run(size_mib: int, largest_mib: int | None, shards: int, workdir: str) -> dict:
+    model = os.path.join(workdir, "model.safetensors")
+    files = write_model(model, size_mib, seed=0, largest_mib=largest_mib, shards=shards)
+    raw = sum(os.path.getsize(f) for f in files)
+    hashes = {f: sha256(f) for f in files}
+    subprocess.run(mvc_cmd() + ["init", "."], cwd=workdir, check=True, stdout=subprocess.DEVNULL)
+    commit_s, commit_rss = timed(["-q", "commit", "-m", "bench"], workdir)
+    from mvc import Repo
+
+    with Repo(workdir) as r:
+        stored = r.backend.stats()["stored_bytes"]
+    status_runs = [timed(["status"], workdir)[0] for _ in range(5)]
+    for f in files:
+        os.remove(f)
+    os.sync()
+    checkout_s, checkout_rss = timed(["-q", "checkout", "-f", "main"], workdir)
+    exact = all(sha256(f) == h for f, h in hashes.items())
+    return {
+        "size_bytes": raw, "files": len(files), "largest_mib": largest_mib,
+        "commit_s": commit_s, "commit_gbps": raw / commit_s / 1e9, "commit_peak_rss_mib": commit_rss / 2**20,
+        "checkout_s": checkout_s, "checkout_gbps": raw / checkout_s / 1e9,
+        "checkout_peak_rss_mib": checkout_rss / 2**20, "bit_exact": exact,
+        "store_bytes": stored, "store_ratio": stored / raw,
+        "noop_status_s": statistics.median(status_runs), "machine": machine(),
+    }
+
+
+def report(res: dict) -> str:
+    rows = [
+        ("model", f"{res['size_bytes'] / 2**30:.2f} GiB bf16 in {res['files']} file(s)"
+         + (f", largest tensor {res['largest_mib']} MiB" if res["largest_mib"] else "")),
+        ("commit", f"{res['commit_gbps']:.2f} GB/s ({res['commit_s']:.2f} s), peak RSS {res['commit_peak_rss_mib']:.0f} MiB"),
+        ("checkout", f"{res['checkout_gbps']:.2f} GB/s ({res['checkout_s']:.2f} s), "
+                     f"peak RSS {res['checkout_peak_rss_mib']:.0f} MiB, bit-exact: {res['bit_exact']}"),
+        ("store", f"{res['store_bytes'] / 2**20:.1f} MiB = {res['store_ratio']:.4f} of raw"),
+        ("no-op status", f"{res['noop_status_s'] * 1000:.0f} ms (median of 5)"),
+        ("machine", res["machine"]),
+    ]
+    return "\n".join(f"| {k} | {v} |" for k, v in [("measure", "result"), ("---", "---"), *rows])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--largest-mib", type=int, default=None, help="add an embedding of this size")
+    ap.add_argument("--shards", type=int, default=1)
+    ap.add_argument("--out", help="also write the results as JSON here")
+    ap.add_argument("--workdir", help="directory to work in (default: a temporary one, removed after)")
+    args = ap.parse_args(argv)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="mvc-bench-")
+    try:
+        res = run(args.size_mib, args.largest_mib, args.shards, workdir)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(f"$ python -m bench {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(report(res))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
+    if not res["bit_exact"]:
+        raise SystemExit("checkout was not bit-exact")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""The README's main job and the benchmark run end to end (small sizes)."""
+
+import json
+import subprocess
+import sys
+
+
+def test_demo_runs_and_verifies(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "mvc.demo", str(tmp_path / "d"), "--size-mib", "16"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "matches the first version" in res.stdout
+    assert "1 tensor(s) changed" in res.stdout
+
+
+def test_bench_smoke(tmp_path):
+    out = tmp_path / "r.json"
+    res = subprocess.run([sys.executable, "-m", "bench", "--size-mib", "16", "--out", str(out)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    r = json.loads(out.read_text())
+    assert r["bit_exact"] is True
+    assert 0.6 < r["store_ratio"] < 0.70
+    assert r["commit_gbps"] > 0 and r["checkout_gbps"] > 0
+    assert "| commit |" in res.stdout
