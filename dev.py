@@ -33,7 +33,7 @@ def deps_hash() -> str:
 
 
 def ensure_venv() -> None:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - dev.py itself may run on an older python3
         sys.exit(f"mvc needs Python 3.11 or newer (this is {sys.version.split()[0]})")
     want = deps_hash()
     if os.path.exists(PY) and os.path.exists(STAMP) and open(STAMP).read() == want:

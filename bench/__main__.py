@@ -22,6 +22,8 @@ import time
 
 from mvc.synth import write_model
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def mvc_cmd() -> list[str]:
     exe = os.path.join(os.path.dirname(sys.executable), "mvc")
@@ -29,15 +31,16 @@ def mvc_cmd() -> list[str]:
 
 
 def timed(args: list[str], cwd: str) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of one mvc process."""
-    t = time.perf_counter()
-    p = subprocess.Popen(mvc_cmd() + args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        raise SystemExit(f"mvc {' '.join(args)} failed: {p.stderr.read().decode()}")
-    return wall, ru.ru_maxrss * 1024
+    """(wall seconds, peak RSS bytes) of one mvc process, measured by the process itself."""
+    with tempfile.NamedTemporaryFile(suffix=".rss") as rss:
+        t = time.perf_counter()
+        p = subprocess.run([sys.executable, "-m", "bench.peak", rss.name, "--", *args], cwd=cwd,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           env=dict(os.environ, PYTHONPATH=ROOT))
+        wall = time.perf_counter() - t
+        if p.returncode != 0:
+            raise SystemExit(f"mvc {' '.join(args)} failed: {p.stderr.decode()}")
+        return wall, int(open(rss.name).read() or 0)
 
 
 def sha256(path: str) -> str:
@@ -89,7 +92,8 @@ def report(res: dict) -> str:
     rows = [
         ("model", f"{res['size_bytes'] / 2**30:.2f} GiB bf16 in {res['files']} file(s)"
          + (f", largest tensor {res['largest_mib']} MiB" if res["largest_mib"] else "")),
-        ("commit", f"{res['commit_gbps']:.2f} GB/s ({res['commit_s']:.2f} s), peak RSS {res['commit_peak_rss_mib']:.0f} MiB"),
+        ("commit", f"{res['commit_gbps']:.2f} GB/s ({res['commit_s']:.2f} s), "
+                   f"peak RSS {res['commit_peak_rss_mib']:.0f} MiB"),
         ("checkout", f"{res['checkout_gbps']:.2f} GB/s ({res['checkout_s']:.2f} s), "
                      f"peak RSS {res['checkout_peak_rss_mib']:.0f} MiB, bit-exact: {res['bit_exact']}"),
         ("store", f"{res['store_bytes'] / 2**20:.1f} MiB = {res['store_ratio']:.4f} of raw"),

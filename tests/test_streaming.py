@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from bench.__main__ import timed
 from mvc.synth import write_model
 
 
@@ -15,14 +16,10 @@ def test_commit_and_checkout_rss_independent_of_model_size(tmp_path):
     root = tmp_path / "w"
     root.mkdir()
     write_model(str(root / "model.safetensors"), 512, seed=0, largest_mib=192)
-    exe = [sys.executable, "-m", "mvc"]
-    subprocess.run(exe + ["init", "."], cwd=root, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "mvc", "init", "."], cwd=root, check=True, capture_output=True)
 
     def peak(*args):
-        p = subprocess.Popen(exe + list(args), cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _, status, ru = os.wait4(p.pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0, p.stderr.read()
-        return ru.ru_maxrss * 1024
+        return timed(list(args), str(root))[1]
 
     commit = peak("-q", "commit", "-m", "big")
     os.remove(root / "model.safetensors")
