@@ -115,17 +115,21 @@ def _decode_planes(body: memoryview) -> memoryview:
     pos = 5 + 5 * k
     heads = [struct.unpack_from("<BI", body, 5 + 5 * j) for j in range(k)]
     dctx = _ctx()[2]
-    inter = np.empty((n, k), dtype=np.uint8)
-    for j, (codec, length) in enumerate(heads):
+    r = None
+    for codec, length in heads:  # top plane first: r = ((p[k-1] << 8 | p[k-2]) << 8 | ...)
         chunk = body[pos:pos + length]
         pos += length
         raw = chunk if codec == RAW else dctx.decompress(chunk, max_output_size=n)
         if len(raw) != n:
             raise ValueError("plane length mismatch")
-        inter[:, k - 1 - j] = np.frombuffer(raw, dtype=np.uint8)
+        plane = np.frombuffer(raw, dtype=np.uint8)
+        if r is None:
+            r = plane.astype(_UINT[k])
+        else:
+            r <<= 8
+            r |= plane
     if pos != len(body):
         raise ValueError("trailing bytes")
-    r = inter.view(_UINT[k]).reshape(-1)
     out = r >> 1
     out |= r << (8 * k - 1)
     return memoryview(out).cast("B")
