@@ -40,7 +40,10 @@ def ensure_venv() -> None:
         return
     if not os.path.exists(PY):
         print(f"creating {VENV}", flush=True)
-        venv.EnvBuilder(with_pip=True).create(VENV)
+        try:
+            venv.EnvBuilder(with_pip=True).create(VENV)
+        except (OSError, subprocess.CalledProcessError) as e:
+            sys.exit(f"could not create {VENV} ({e}); on Debian/Ubuntu: apt-get install python3-venv")
     print("installing mvc and its dependencies (torch pinned to the CPU build)", flush=True)
     pip = [PY, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     subprocess.run(pip + ["-c", "constraints.txt", "torch==2.13.0", "-e", ".[dev]"], cwd=ROOT, check=True)

@@ -141,3 +141,19 @@ def test_mode_round_trip(repo, exe):
     os.remove(p)
     repo.checkout("main", force=True)
     assert bool(os.stat(p).st_mode & 0o100) == exe
+
+
+def test_repo_over_memory_backend(tmp_path, rng):
+    """Repo is composed from parts: the same workflow runs on the in-memory backend."""
+    from mvc.store.backend import MemoryBackend
+
+    r = Repo.init(tmp_path / "m", backend=MemoryBackend())
+    root = tmp_path / "m"
+    write_safetensors(root / "x.safetensors", {"w": ("BF16", (64, 64), bf16(rng, (64, 64)))})
+    h = sha256(root / "x.safetensors")
+    first = r.commit("one")
+    write_safetensors(root / "x.safetensors", {"w": ("BF16", (64, 64), bf16(rng, (64, 64)))})
+    r.commit("two")
+    r.checkout(first)
+    assert sha256(root / "x.safetensors") == h
+    assert not os.path.exists(root / ".mvc" / "store")
