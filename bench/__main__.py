@@ -9,7 +9,6 @@ from wait4(), so every number is what a user's shell would see.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -20,6 +19,7 @@ import sys
 import tempfile
 import time
 
+from mvc.filehash import sha256_file as sha256
 from mvc.synth import write_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,14 +41,6 @@ def timed(args: list[str], cwd: str) -> tuple[float, int]:
         if p.returncode != 0:
             raise SystemExit(f"mvc {' '.join(args)} failed: {p.stderr.decode()}")
         return wall, int(open(rss.name).read() or 0)
-
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def machine() -> str:

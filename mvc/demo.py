@@ -5,7 +5,6 @@ Run with ``python -m mvc.demo [DIR]``. Every step is a real ``mvc`` command, ech
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shlex
 import subprocess
@@ -14,15 +13,8 @@ import tempfile
 
 import numpy as np
 
+from .filehash import sha256_file as _sha256
 from .synth import bf16_normal, write_model
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _mvc(cwd: str, *args: str, capture: bool = False) -> str:

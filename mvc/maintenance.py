@@ -70,8 +70,10 @@ def reachable(repo, report: FsckReport | None = None, roots: dict[str, str] | No
         except MvcError as e:
             if report is None:
                 raise
-            (report.missing if not repo.odb.has(oid) else report.corrupt)[oid] = (
-                f"{kind} named by {who}" if not repo.odb.has(oid) else str(e))
+            if repo.odb.has(oid):
+                report.corrupt[oid] = str(e)
+            else:
+                report.missing[oid] = f"{kind} named by {who}"
             continue
         for child, ckind in children(kind, obj):
             stack.append((child, ckind, f"{kind} {oid[:12]}"))

@@ -242,7 +242,7 @@ class Materializer:
             if self._since_release >= _RELEASE_BYTES:
                 backend.release_pages()
                 self._since_release = 0
-            pending.append((self.pool.submit(_decode_chunk, bytes.fromhex(cid), stored), starts))
+            pending.append((self.pool.submit(decode_chunk, bytes.fromhex(cid), stored), starts))
             drain(self.inflight)
         drain(0)
 
@@ -254,5 +254,5 @@ class Materializer:
         return buf.getvalue()
 
 
-def _decode_chunk(oid: bytes, stored):
+def decode_chunk(oid: bytes, stored):
     return decode_verified(oid, stored, "chunk")[1]

@@ -234,7 +234,7 @@ class Repo:
                 entries.update(self._file_ids(files, ing, need_stored=True, progress=progress))
             tree = Tree.build(entries)
             tree_oid, tree_stored = self.odb.encode_meta(tree)
-            if head and not allow_empty and tree_oid.hex() == parent_tree_oid(self, head):
+            if head and not allow_empty and tree_oid.hex() == self.commit_obj(head).tree:
                 raise NothingToCommitError("nothing to commit, working tree clean")
             now = int(time.time()) if when is None else when
             c = Commit(tree_oid.hex(), (head,) if head else (), author or DEFAULT_AUTHOR, now,
@@ -471,10 +471,6 @@ def _ingestor(repo: Repo, store: bool, progress: Progress) -> Ingestor:
     from .pipeline import Ingestor
 
     return Ingestor(repo.odb, store=store, workers=repo.workers, progress=progress)
-
-
-def parent_tree_oid(repo: Repo, head: str) -> str:
-    return repo.commit_obj(head).tree
 
 
 def _under(path: str, prefixes: list[str]) -> bool:

@@ -6,7 +6,6 @@ import re
 
 from .errors import AmbiguousRevisionError, UnknownRevisionError
 from .refs import HEADS, TAGS, Refs
-from .store.objects import Commit
 from .store.odb import ObjectDB
 
 _SUFFIX = re.compile(r"(~\d*|\^\d*)$")
@@ -60,6 +59,3 @@ def resolve(refs: Refs, odb: ObjectDB, rev: str) -> str:
             oid = parents[n - 1]
     return oid
 
-
-def get_commit(odb: ObjectDB, oid: str) -> Commit:
-    return odb.get(oid, "commit")

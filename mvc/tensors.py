@@ -7,7 +7,7 @@ from collections import deque
 
 from .errors import MvcError, UsageError
 from .formats import torchfile
-from .pipeline import Materializer, _decode_chunk
+from .pipeline import Materializer, decode_chunk
 from .store.objects import Tensor, Tree
 
 _TORCH_DTYPES = {
@@ -33,7 +33,7 @@ def tensor_bytes(mat: Materializer, t: Tensor) -> bytearray:
             pos += len(data)
 
     for cid in t.chunks:
-        pending.append(mat.pool.submit(_decode_chunk, bytes.fromhex(cid), mat.odb.stored(cid, "chunk")))
+        pending.append(mat.pool.submit(decode_chunk, bytes.fromhex(cid), mat.odb.stored(cid, "chunk")))
         drain(mat.inflight)
     drain(0)
     return buf

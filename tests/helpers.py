@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -13,6 +12,7 @@ import numpy as np
 from click.testing import CliRunner
 
 from mvc.cli.main import cli
+from mvc.filehash import sha256_file
 
 
 def write_safetensors(path, tensors: dict, metadata: dict | None = None, pad: bool = True) -> None:
@@ -41,13 +41,7 @@ def f32(rng, shape, std=0.02) -> bytes:
     return (rng.standard_normal(int(np.prod(shape)), dtype=np.float32) * std).astype("<f4").tobytes()
 
 
-def sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
+sha256 = sha256_file
 
 def tree_hashes(root) -> dict[str, str]:
     out = {}

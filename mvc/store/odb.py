@@ -86,9 +86,6 @@ class ObjectDB:
             self._cache.popitem(last=False)
         return obj
 
-    def read_chunk(self, hex_id: str):
-        return self.read(hex_id, "chunk")[1]
-
     def kind_of(self, hex_id: str) -> str:
         stored = self.stored(hex_id)
         if not stored or stored[0] >= len(TYPES):
