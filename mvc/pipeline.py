@@ -51,6 +51,8 @@ class Ingestor:
         self.added_bytes = 0
         #: metadata objects computed but not stored (store=False), for diffs against the work tree
         self.scratch: dict[str, object] = {}
+        #: store=False: chunk id -> (path, offset, length), so the work tree's data can be read back
+        self.locations: dict[str, tuple[str, int, int]] = {}
 
     def close(self) -> None:
         self.flush(wait=True)
@@ -116,11 +118,12 @@ class Ingestor:
         left = nbytes
         while left > 0:
             n = min(CHUNK_SIZE, left)
+            offset = f.tell()
             data = f.read(n)
             if len(data) != n:
                 raise InvalidFileError(getattr(f, "name", "?"), "file changed or shrank while being read")
             left -= n
-            pending.append((tag, n, self.pool.submit(self._work, data, float_size)))
+            pending.append((tag, (n, offset), self.pool.submit(self._work, data, float_size)))
             yield
 
     def ingest(self, path: str, rel: str) -> str:
@@ -128,29 +131,31 @@ class Ingestor:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if rel.endswith(".safetensors"):
-                return self._safetensors(f, size, rel)
+                return self._safetensors(f, size, rel, path)
             if rel.endswith(torchfile.SUFFIXES):
                 torchfile.check_file(f, rel)
-            return self._raw(f, size)
+            return self._raw(f, size, path)
 
-    def _drain(self, pending: deque, sink, limit: int) -> None:
+    def _drain(self, pending: deque, sink, limit: int, path: str) -> None:
         while len(pending) > limit:
-            tag, n, fut = pending.popleft()
+            tag, (n, offset), fut = pending.popleft()
             oid, stored = fut.result()
             if self.store:
                 self._add(oid, stored)
+            else:
+                self.locations[oid.hex()] = (path, offset, n)
             sink(tag, oid.hex())
             self.progress.advance(nbytes=n)
 
-    def _raw(self, f, size: int) -> str:
+    def _raw(self, f, size: int, path: str) -> str:
         chunks: list[str] = []
         pending: deque = deque()
         for _ in self._chunks(f, size, 0, pending, None):
-            self._drain(pending, lambda _t, h: chunks.append(h), self.inflight)
-        self._drain(pending, lambda _t, h: chunks.append(h), 0)
+            self._drain(pending, lambda _t, h: chunks.append(h), self.inflight, path)
+        self._drain(pending, lambda _t, h: chunks.append(h), 0, path)
         return self._meta(File("raw", size, tuple(chunks)))
 
-    def _safetensors(self, f, size: int, rel: str) -> str:
+    def _safetensors(self, f, size: int, rel: str, path: str) -> str:
         raw_header, header = stf.read_header(f, size, rel)
         header_chunks = []
         for i in range(0, len(raw_header), CHUNK_SIZE):
@@ -183,10 +188,10 @@ class Ingestor:
             size_, is_float = DTYPES[e.dtype]
             fs = size_ if is_float and size_ > 1 else 0
             for _ in self._chunks(f, e.end - e.begin, fs, pending, idx):
-                self._drain(pending, sink, self.inflight)
+                self._drain(pending, sink, self.inflight, path)
                 finish_ready()
             finish_ready()
-        self._drain(pending, sink, 0)
+        self._drain(pending, sink, 0, path)
         finish_ready()
         return self._meta(File("safetensors", size, tuple(header_chunks), tuple(names)))
 
@@ -200,6 +205,8 @@ class Materializer:
         self.inflight = 2 * (workers or default_workers()) + 2
         self.progress = progress
         self._since_release = 0
+        #: chunk id -> (path, offset, length) for chunks that live only in the work tree
+        self.locations: dict[str, tuple[str, int, int]] = {}
 
     def close(self):
         self.pool.shutdown()
@@ -223,28 +230,38 @@ class Materializer:
             if not t.chunks:
                 self.progress.advance(tensors=1)
 
+    def iter_chunks(self, items):
+        """Decode and verify chunks in parallel; yield (bytes, tag) in the order of (chunk id, tag) *items*.
+
+        A chunk listed in ``self.locations`` (path, offset, length) is read from that work-tree
+        file instead of the store, and verified against its id all the same.
+        """
+        pending: deque = deque()
+        backend = self.odb.backend
+        for cid, tag in items:
+            loc = self.locations.get(cid)
+            if loc is not None:
+                pending.append((self.pool.submit(_read_located, cid, *loc), tag))
+            else:
+                stored = self.odb.stored(cid, "chunk")
+                self._since_release += len(stored)
+                if self._since_release >= _RELEASE_BYTES:
+                    backend.release_pages()
+                    self._since_release = 0
+                pending.append((self.pool.submit(decode_chunk, bytes.fromhex(cid), stored), tag))
+            while len(pending) > self.inflight:
+                fut, t = pending.popleft()
+                yield fut.result(), t
+        while pending:
+            fut, t = pending.popleft()
+            yield fut.result(), t
+
     def write(self, file_oid: str, out) -> None:
         """Write the file's bytes to the binary stream *out*."""
         file: File = self.odb.get(file_oid, "file")
-        pending: deque = deque()
-
-        def drain(limit):
-            while len(pending) > limit:
-                fut, starts = pending.popleft()
-                data = fut.result()
-                out.write(data)
-                self.progress.advance(nbytes=len(data), tensors=1 if starts else 0)
-
-        backend = self.odb.backend
-        for cid, starts in self.chunk_ids(file):
-            stored = self.odb.stored(cid, "chunk")
-            self._since_release += len(stored)
-            if self._since_release >= _RELEASE_BYTES:
-                backend.release_pages()
-                self._since_release = 0
-            pending.append((self.pool.submit(decode_chunk, bytes.fromhex(cid), stored), starts))
-            drain(self.inflight)
-        drain(0)
+        for data, starts in self.iter_chunks(self.chunk_ids(file)):
+            out.write(data)
+            self.progress.advance(nbytes=len(data), tensors=1 if starts else 0)
 
     def read_bytes(self, file_oid: str) -> bytes:
         import io
@@ -256,3 +273,12 @@ class Materializer:
 
 def decode_chunk(oid: bytes, stored):
     return decode_verified(oid, stored, "chunk")[1]
+
+
+def _read_located(cid: str, path: str, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length or hash_object("chunk", data).hex() != cid:
+        raise InvalidFileError(path, "changed while mvc was reading it; run the command again")
+    return data

@@ -271,28 +271,53 @@ class Repo:
             return self.odb.get(oid, kind)
         return get
 
-    def diff(self, a: str | None, b: str | None, paths: list[str] | None = None,
+    def diff(self, a: str | None, b: str | None, paths: list[str] | None = None, stats: bool = False,
              progress: Progress = NULL) -> list[FileChange]:
-        """Changes from revision *a* to revision *b*; b None means the work tree."""
+        """Changes from revision *a* (default HEAD) to revision *b*; b None means the work tree.
+
+        With *stats*, every changed tensor gets its statistics (tensordiff.tensor_stats); only
+        tensors whose ids differ are read.
+        """
         from .treediff import diff_trees
 
         prefixes = self._prefixes(paths)
         old = self.tree_of(a) if a is not None else self.head_tree()
+        scratch: dict = {}
+        locations: dict = {}
         if b is not None:
-            return diff_trees(self.lookup(), old, self.tree_of(b), prefixes)
-        files = self.worktree.scan(prefixes)
-        with _ingestor(self, False, progress) as ing:
-            ids = {}
-            for rel, fs in files.items():
-                oid = self.worktree.cached_oid(rel, fs)
-                if oid is None or not self.odb.has(oid):
-                    oid = ing.ingest(self.worktree.abspath(rel), rel)
-                ids[rel] = (fs.mode, oid)
-            scratch = ing.scratch
-        if prefixes:
-            keep = {e.path: (e.mode, e.oid) for e in old.entries if not _under(e.path, prefixes)}
-            ids = {**keep, **ids}
-        return diff_trees(self.lookup(scratch), old, Tree.build(ids), prefixes)
+            new = self.tree_of(b)
+        else:
+            files = self.worktree.scan(prefixes)
+            with _ingestor(self, False, progress) as ing:
+                ids = {}
+                for rel, fs in files.items():
+                    oid = self.worktree.cached_oid(rel, fs)
+                    if oid is None or not self.odb.has(oid):
+                        oid = ing.ingest(self.worktree.abspath(rel), rel)
+                    ids[rel] = (fs.mode, oid)
+                scratch, locations = ing.scratch, ing.locations
+            if prefixes:
+                keep = {e.path: (e.mode, e.oid) for e in old.entries if not _under(e.path, prefixes)}
+                ids = {**keep, **ids}
+            new = Tree.build(ids)
+        changes = diff_trees(self.lookup(scratch), old, new, prefixes)
+        if stats:
+            self._add_stats(changes, locations)
+        return changes
+
+    def _add_stats(self, changes: list[FileChange], locations: dict) -> None:
+        from .pipeline import Materializer
+        from .tensordiff import tensor_stats
+
+        with Materializer(self.odb, workers=self.workers) as mat:
+            mat.locations = locations
+
+            def read(chunk_ids):
+                return (data for data, _ in mat.iter_chunks((c, None) for c in chunk_ids))
+
+            for fc in changes:
+                for tc in fc.tensors:
+                    tc.stats = tensor_stats(read, tc.old, tc.new)
 
     def diff_root(self, rev: str) -> list[FileChange]:
         """Everything a root commit added."""

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import io
-from collections import deque
 
 from .errors import MvcError, UsageError
 from .formats import torchfile
-from .pipeline import Materializer, decode_chunk
+from .pipeline import Materializer
 from .store.objects import Tensor, Tree
 
 _TORCH_DTYPES = {
@@ -22,20 +21,10 @@ def tensor_bytes(mat: Materializer, t: Tensor) -> bytearray:
     """The raw bytes of one stored tensor, decoded and verified chunk by chunk."""
     buf = bytearray(t.nbytes)
     view = memoryview(buf)
-    pending: deque = deque()
     pos = 0
-
-    def drain(limit):
-        nonlocal pos
-        while len(pending) > limit:
-            data = pending.popleft().result()
-            view[pos:pos + len(data)] = data
-            pos += len(data)
-
-    for cid in t.chunks:
-        pending.append(mat.pool.submit(decode_chunk, bytes.fromhex(cid), mat.odb.stored(cid, "chunk")))
-        drain(mat.inflight)
-    drain(0)
+    for data, _ in mat.iter_chunks((c, None) for c in t.chunks):
+        view[pos:pos + len(data)] = data
+        pos += len(data)
     return buf
 
 

@@ -16,6 +16,7 @@ class TensorChange:
     status: str  # added | removed | modified
     old: Tensor | None
     new: Tensor | None
+    stats: dict | None = None  # filled by Repo.diff(stats=True); see docs/diff-json.md
 
 
 @dataclass

@@ -247,9 +247,11 @@ def diff(c, revs, stat, name_only, as_json):
         raise UsageError("diff takes at most two revisions")
     a = revs[0] if revs else None
     b = revs[1] if len(revs) == 2 else None
-    changes = repo.diff(a, b, paths or None, progress=c.progress())
+    changes = repo.diff(a, b, paths or None, stats=not name_only, progress=c.progress())
     if as_json:
         render.emit_json(render.changes_json(changes))
+    elif stat:
+        render.render_stat(changes)
     elif name_only:
         for fc in changes:
             if fc.tensors:
@@ -258,7 +260,7 @@ def diff(c, revs, stat, name_only, as_json):
             else:
                 click.echo(fc.path)
     else:
-        render.render_stat(changes)
+        render.render_full(changes)
 
 
 # -- moving around -----------------------------------------------------------------

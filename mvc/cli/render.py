@@ -82,9 +82,28 @@ def changes_json(changes: list[FileChange]) -> list[dict]:
                 "name": t.name, "status": t.status,
                 "old": {"dtype": t.old.dtype, "shape": list(t.old.shape), "nbytes": t.old.nbytes} if t.old else None,
                 "new": {"dtype": t.new.dtype, "shape": list(t.new.shape), "nbytes": t.new.nbytes} if t.new else None,
+                "stats": t.stats,
             } for t in fc.tensors],
         })
     return out
+
+
+def _shape(t) -> str:
+    return t.dtype + str(list(t.shape))
+
+
+def _stat_desc(t) -> tuple[int, str]:
+    """(bytes to scale the bar by, description) of one tensor change."""
+    cur = t.new or t.old
+    desc = _shape(cur)
+    if t.old and t.new and (t.old.dtype, t.old.shape) != (t.new.dtype, t.new.shape):
+        return cur.nbytes, f"{_shape(t.old)} -> {desc}"
+    s = t.stats or {}
+    if t.status == "modified" and "changed" in s:
+        itemsize = cur.nbytes // max(1, s["numel"])
+        rel = f", rel L2 {s['rel_l2_delta']:.3g}" if s.get("rel_l2_delta") is not None else ""
+        return s["changed"] * itemsize, f"{desc} {100 * s['changed_fraction']:.3g}% changed{rel}"
+    return cur.nbytes, desc
 
 
 def render_stat(changes: list[FileChange], width: int = 30) -> None:
@@ -92,11 +111,8 @@ def render_stat(changes: list[FileChange], width: int = 30) -> None:
     for fc in changes:
         if fc.tensors:
             for t in fc.tensors:
-                size = (t.new or t.old).nbytes
+                size, desc = _stat_desc(t)
                 mark = {"added": "+", "removed": "-", "modified": "~"}[t.status]
-                desc = (t.new or t.old).dtype + str(list((t.new or t.old).shape))
-                if t.old and t.new and (t.old.dtype, t.old.shape) != (t.new.dtype, t.new.shape):
-                    desc = f"{t.old.dtype}{list(t.old.shape)} -> {desc}"
                 rows.append((f"{fc.path}:{t.name}", mark, size, desc))
         else:
             mark = {"added": "+", "deleted": "-", "modified": "~", "mode": "m"}[fc.status]
@@ -111,3 +127,28 @@ def render_stat(changes: list[FileChange], width: int = 30) -> None:
     nfiles = len(changes)
     ntensors = sum(len(fc.tensors) for fc in changes)
     click.echo(f" {nfiles} file(s) changed, {ntensors} tensor(s) changed")
+
+
+def _num(x, fmt=".4g") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def render_full(changes: list[FileChange]) -> None:
+    """Every changed file, and for each changed tensor its statistics."""
+    for fc in changes:
+        old = fc.old.oid[:12] if fc.old else "-"
+        new = fc.new.oid[:12] if fc.new else "-"
+        click.secho(f"{fc.status} {fc.path} ({old} -> {new}, {human(fc.old_size)} -> {human(fc.new_size)})",
+                    bold=True)
+        for t in fc.tensors:
+            s = t.stats or {}
+            if t.status != "modified" or "changed" not in s:
+                sides = [f"{side}: sparsity {s['sparsity_' + side]:.4f} L2 {_num(s['l2_' + side])}"
+                         for side in ("old", "new") if "l2_" + side in s]
+                click.echo(f"  {t.status:<8} {t.name}  {_stat_desc(t)[1]}  " + "; ".join(sides))
+                continue
+            click.echo(f"  modified {t.name}  {_shape(t.new)}")
+            click.echo(f"           changed {s['changed']}/{s['numel']} ({100 * s['changed_fraction']:.3g}%)"
+                       f"  sparsity {s['sparsity_old']:.4f} -> {s['sparsity_new']:.4f}")
+            click.echo(f"           |delta| {_num(s['l2_delta'])} (rel {_num(s['rel_l2_delta'])})"
+                       f"  max|delta| {_num(s['max_abs_delta'])}  cosine {_num(s['cosine'], '.6f')}")
