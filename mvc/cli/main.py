@@ -224,7 +224,7 @@ def show(c, as_json, rev):
     repo = c.repo()
     oid = repo.resolve(rev)
     cm = repo.commit_obj(oid)
-    changes = repo.diff(cm.parents[0] if cm.parents else None, oid) if cm.parents else \
+    changes = repo.diff(cm.parents[0], oid, stats=True) if cm.parents else \
         repo.diff_root(oid)
     if as_json:
         render.emit_json({**render.commit_json(oid, cm), "changes": render.changes_json(changes)})
@@ -484,3 +484,102 @@ def _tune_malloc() -> None:
 def main() -> None:
     _tune_malloc()
     cli(prog_name="mvc")
+
+
+# -- bisect ------------------------------------------------------------------------
+@cli.group()
+def bisect():
+    """Find the commit that introduced a regression (binary search over history)."""
+
+
+def _bisect_report(repo, step) -> None:
+    if step.first_bad:
+        oid = step.first_bad
+        cm = repo.commit_obj(oid)
+        click.secho(f"{oid} is the first bad commit", bold=True)
+        render.render_commit(oid, cm, None)
+        changes = repo.diff(cm.parents[0], oid, stats=True) if cm.parents else repo.diff_root(oid)
+        render.render_stat(changes)
+    elif step.maybe:
+        click.echo("only skipped commits are left; the first bad commit is one of:")
+        for oid in step.maybe:
+            click.echo(f"  {oid[:12]} {repo.commit_obj(oid).message.splitlines()[0]}")
+    elif step.candidate:
+        left = step.remaining - 1
+        click.echo(f"Bisecting: {left} revision(s) left to test after this (roughly {step.steps_left} step(s))")
+        click.echo(f"[{step.candidate[:12]}] {repo.commit_obj(step.candidate).message.splitlines()[0]}")
+    else:
+        click.echo("waiting for both a good and a bad commit")
+
+
+@bisect.command("start")
+@click.argument("bad", required=False)
+@click.argument("good", nargs=-1)
+@pass_ctx
+def bisect_start(c, bad, good):
+    """Start bisecting; optionally name the BAD commit and GOOD ones."""
+    from .. import bisect as B
+
+    repo = c.repo()
+    _bisect_report(repo, B.start(repo, bad, list(good)))
+
+
+def _mark_command(term):
+    @click.argument("rev", required=False)
+    @pass_ctx
+    def cmd(c, rev):
+        from .. import bisect as B
+
+        repo = c.repo()
+        _bisect_report(repo, B.mark(repo, term, rev))
+
+    cmd.__doc__ = f"Mark REV (default: the checked-out candidate) as {term}."
+    return bisect.command(term)(cmd)
+
+
+for _term in ("good", "bad", "skip"):
+    _mark_command(_term)
+
+
+@bisect.command("reset")
+@pass_ctx
+def bisect_reset(c):
+    """End the bisect and return to where it started."""
+    from .. import bisect as B
+
+    B.reset(c.repo())
+    click.echo("bisect ended", err=True)
+
+
+@bisect.command("log")
+@pass_ctx
+def bisect_log(c):
+    """Print the marks made so far (replayable commands)."""
+    from .. import bisect as B
+
+    st = B.load_state(c.repo())
+    if st is None:
+        raise UsageError("not bisecting")
+    for line in st.log:
+        click.echo(f"mvc {line}")
+
+
+@bisect.command("run", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--metric", is_flag=True, help="CMD prints a number; compare it with --threshold.")
+@click.option("--threshold", type=float, default=None)
+@click.option("--higher-is-better", is_flag=True, help="With --metric: values >= threshold are good.")
+@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+@pass_ctx
+def bisect_run(c, metric, threshold, higher_is_better, argv):
+    """Run CMD on each candidate: exit 0 good, 125 skip, 1-127 bad, else abort. MVC_BISECT_REV names it."""
+    from .. import bisect as B
+
+    repo = c.repo()
+
+    def on_step(oid, verdict, detail):
+        click.echo(f"{oid[:12]} {verdict:<5} ({detail}) {repo.commit_obj(oid).message.splitlines()[0]}")
+
+    step = B.run(repo, list(argv), dict(os.environ), metric=metric, threshold=threshold,
+                 higher_is_better=higher_is_better, on_step=on_step)
+    click.echo(f"{step.evaluations} evaluation(s)")
+    _bisect_report(repo, step)
