@@ -247,21 +247,29 @@ class Repo:
 
     # -- history ---------------------------------------------------------------
     def log(self, rev: str = "HEAD", n: int | None = None) -> list[LogEntry]:
-        """Commits reachable from *rev*, newest first."""
+        """Commits reachable from *rev*, newest first, children always before their parents."""
         if rev == "HEAD" and self.refs.head_commit() is None:
             return []
         start = self.resolve(rev)
+        # count each commit's children within the history, so a commit is shown only after all of them
+        pending_children: dict[str, int] = {start: 0}
+        stack = [start]
+        while stack:
+            for p in self.commit_obj(stack.pop()).parents:
+                if p not in pending_children:
+                    pending_children[p] = 0
+                    stack.append(p)
+                pending_children[p] += 1
         out: list[LogEntry] = []
-        seen = {start}
-        frontier = [(self.commit_obj(start), start)]
-        while frontier and (n is None or len(out) < n):
-            frontier.sort(key=lambda x: x[0].time)
-            c, oid = frontier.pop()
+        ready = [(self.commit_obj(start), start)]
+        while ready and (n is None or len(out) < n):
+            ready.sort(key=lambda x: (x[0].time, x[1]))
+            c, oid = ready.pop()
             out.append(LogEntry(oid, c))
             for p in c.parents:
-                if p not in seen:
-                    seen.add(p)
-                    frontier.append((self.commit_obj(p), p))
+                pending_children[p] -= 1
+                if pending_children[p] == 0:
+                    ready.append((self.commit_obj(p), p))
         return out
 
     def lookup(self, scratch: dict | None = None):

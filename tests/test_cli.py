@@ -208,3 +208,29 @@ def test_status_in_new_repo(tmp_path):
     assert "No commits yet" in out and "nothing to commit" in out
     assert mvc("log", cwd=root).output == ""
     time.sleep(0)
+
+
+def test_log_graph_with_a_merge(hist, rng):
+    """A merge commit (made through the object API until `mvc merge` exists) draws two lines of descent."""
+    from mvc.store.objects import Commit
+
+    root, ids = hist
+    mvc("switch", "-c", "side", ids[0], cwd=root)
+    (root / "side.txt").write_text("side")
+    mvc("commit", "-m", "on side", cwd=root)
+    mvc("switch", "main", cwd=root)
+    with Repo(root) as r:
+        side = r.refs.get("refs/heads/side")
+        head = r.refs.head_commit()
+        m = r.odb.put(Commit(r.commit_obj(head).tree, (head, side), "T <t@x>", int(time.time()) + 5, 0, "merge\n"))
+        r.refs.move_head(m, head, "merge")
+    lines = mvc("log", "--graph", cwd=root).output.splitlines()
+    assert lines[0].startswith("* ") and "merge" in lines[0]
+    assert lines[1].startswith("| \\")
+    assert any(line.startswith("|/") for line in lines)
+    commits = [line for line in lines if "*" in line]
+    assert len(commits) == 5  # 3 on main, 1 on side, the merge
+    assert commits[-1].startswith("* ") and "step 0" in commits[-1]
+    # children before parents in plain log too
+    order = [e["id"] for e in json.loads(mvc("log", "--json", cwd=root).output)]
+    assert order[0] == m and order[-1] == ids[0]

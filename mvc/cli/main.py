@@ -194,11 +194,12 @@ def status(c, as_json, short, paths):
 
 @cli.command()
 @click.option("--oneline", is_flag=True)
+@click.option("--graph", is_flag=True, help="Draw the history as a graph (one line per commit).")
 @click.option("-n", "--max-count", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True)
 @click.argument("rev", default="HEAD")
 @pass_ctx
-def log(c, oneline, max_count, as_json, rev):
+def log(c, oneline, graph, max_count, as_json, rev):
     """Show commit history."""
     repo = c.repo()
     entries = repo.log(rev, max_count)
@@ -206,6 +207,16 @@ def log(c, oneline, max_count, as_json, rev):
         render.emit_json([render.commit_json(e.oid, e.commit) for e in entries])
         return
     deco = render.decorations(repo)
+    if graph:
+        for prefix, i in render.graph_lines(entries):
+            if i < 0:
+                click.echo(prefix)
+                continue
+            e = entries[i]
+            d = f" ({', '.join(deco[e.oid])})" if e.oid in deco else ""
+            click.echo(f"{prefix} " + click.style(e.oid[:12], fg="yellow") + d + " "
+                       + e.commit.message.splitlines()[0])
+        return
     for e in entries:
         if oneline:
             d = f" ({', '.join(deco[e.oid])})" if e.oid in deco else ""

@@ -152,3 +152,35 @@ def render_full(changes: list[FileChange]) -> None:
                        f"  sparsity {s['sparsity_old']:.4f} -> {s['sparsity_new']:.4f}")
             click.echo(f"           |delta| {_num(s['l2_delta'])} (rel {_num(s['rel_l2_delta'])})"
                        f"  max|delta| {_num(s['max_abs_delta'])}  cosine {_num(s['cosine'], '.6f')}")
+
+
+def graph_lines(entries) -> list[tuple[str, int]]:
+    """ASCII history graph as (prefix, entry index) rows; index -1 marks a connector row.
+
+    One column per line of descent: ``*`` is the commit, ``|`` a line passing by, ``\\``
+    a merge opening a column for its second parent, ``/`` two columns joining.
+    """
+    cols: list[str] = []
+    rows: list[tuple[str, int]] = []
+    for i, e in enumerate(entries):
+        if e.oid not in cols:
+            cols.append(e.oid)
+        col = cols.index(e.oid)
+        rows.append((" ".join("*" if j == col else "|" for j in range(len(cols))), i))
+        parents = list(e.commit.parents)
+        nxt = cols[:col] + parents[:1] + cols[col + 1:]
+        opened = 0
+        for p in parents[1:]:
+            if p not in nxt:
+                nxt.insert(col + 1 + opened, p)
+                opened += 1
+        if opened:
+            rows.append((" ".join("|" if j <= col else "\\" for j in range(col + 1 + opened)), -1))
+        while True:  # a commit now expected in two columns: join them
+            dup = next((j for j, c in enumerate(nxt) if c in nxt[:j]), None)
+            if dup is None:
+                break
+            rows.append((" ".join("|" for _ in range(dup - 1)) + (" " if dup > 1 else "") + "|/", -1))
+            del nxt[dup]
+        cols = nxt
+    return rows
