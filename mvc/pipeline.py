@@ -96,6 +96,17 @@ class Ingestor:
         if wait:
             self._wait_write()
 
+    def add_chunk(self, data, float_size: int = 0) -> str:
+        """Encode and store one chunk made in memory (merges); returns its id."""
+        oid = hash_object("chunk", data)
+        if oid not in self._seen and not self.backend.has(oid):
+            self._add(*encode_chunk(data, float_size))
+        return oid.hex()
+
+    def add_meta(self, obj) -> str:
+        """Store a metadata object after everything already added (write order is kept)."""
+        return self._meta(obj)
+
     def _meta(self, obj) -> str:
         oid, stored = self.odb.encode_meta(obj)
         if self.store:

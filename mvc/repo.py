@@ -214,7 +214,7 @@ class Repo:
     # -- commit ----------------------------------------------------------------
     def commit(self, message: str, paths: list[str] | None = None, author: str | None = None,
                allow_empty: bool = False, op: dict | None = None, progress: Progress = NULL,
-               when: int | None = None) -> str:
+               when: int | None = None, parents_extra: tuple[str, ...] = ()) -> str:
         if not message.strip():
             raise UsageError("empty commit message", hint="pass -m MESSAGE")
         with self.lock():
@@ -233,17 +233,24 @@ class Repo:
             with _ingestor(self, True, progress) as ing:
                 entries.update(self._file_ids(files, ing, need_stored=True, progress=progress))
             tree = Tree.build(entries)
-            tree_oid, tree_stored = self.odb.encode_meta(tree)
-            if head and not allow_empty and tree_oid.hex() == self.commit_obj(head).tree:
+            if head and not allow_empty and self.odb.encode_meta(tree)[0].hex() == self.commit_obj(head).tree:
                 raise NothingToCommitError("nothing to commit, working tree clean")
-            now = int(time.time()) if when is None else when
-            c = Commit(tree_oid.hex(), (head,) if head else (), author or DEFAULT_AUTHOR, now,
-                       _tz_minutes(now), message if message.endswith("\n") else message + "\n", op)
-            c_oid, c_stored = self.odb.encode_meta(c)
-            self.backend.put_many([(tree_oid, tree_stored), (c_oid, c_stored)])
-            first = message.strip().splitlines()[0]
-            self.refs.move_head(c_oid.hex(), head, f"commit{' (initial)' if not head else ''}: {first}")
-            return c_oid.hex()
+            parents = ((head,) if head else ()) + tuple(parents_extra)
+            return self._record(tree, parents, message, author, op, when,
+                                f"commit{' (initial)' if not head else ''}")
+
+    def _record(self, tree: Tree, parents: tuple[str, ...], message: str, author: str | None,
+                op: dict | None, when: int | None, what: str) -> str:
+        """Write tree and commit (one transaction), then move HEAD's branch by CAS from parents[0]."""
+        tree_oid, tree_stored = self.odb.encode_meta(tree)
+        now = int(time.time()) if when is None else when
+        c = Commit(tree_oid.hex(), parents, author or DEFAULT_AUTHOR, now, _tz_minutes(now),
+                   message if message.endswith("\n") else message + "\n", op)
+        c_oid, c_stored = self.odb.encode_meta(c)
+        self.backend.put_many([(tree_oid, tree_stored), (c_oid, c_stored)])
+        first = message.strip().splitlines()[0]
+        self.refs.move_head(c_oid.hex(), parents[0] if parents else None, f"{what}: {first}")
+        return c_oid.hex()
 
     # -- history ---------------------------------------------------------------
     def log(self, rev: str = "HEAD", n: int | None = None) -> list[LogEntry]:

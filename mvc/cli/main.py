@@ -171,8 +171,12 @@ def status(c, as_json, short, paths):
     repo = c.repo()
     st = repo.status(list(paths) or None, progress=c.progress())
     if as_json:
+        from .. import mergeops
+
+        ms = mergeops.state(repo)
         render.emit_json({"branch": st.branch, "head": st.head, "modified": st.modified,
-                          "added": st.added, "deleted": st.deleted, "clean": st.clean})
+                          "added": st.added, "deleted": st.deleted, "clean": st.clean,
+                          "merge": None if ms is None else {"theirs": ms["theirs"], "conflicts": ms["conflicts"]}})
         return
     if short:
         for code, items in (("M", st.modified), ("A", st.added), ("D", st.deleted)):
@@ -182,6 +186,16 @@ def status(c, as_json, short, paths):
     click.echo(f"On branch {st.branch}" if st.branch else f"HEAD detached at {st.head[:12] if st.head else '?'}")
     if st.head is None:
         click.echo("No commits yet")
+    from .. import mergeops
+
+    ms = mergeops.state(repo)
+    if ms is not None:
+        click.echo(f"Merging {ms['theirs'][:12]}: {len(ms['conflicts'])} conflict(s) left"
+                   + (" (run `mvc merge --continue`)" if not ms["conflicts"] else ""))
+        for cf in ms["conflicts"]:
+            where = f"{cf['path']}:{cf['tensor']}" if cf["tensor"] else cf["path"]
+            n = f", {cf['elements']} elements" if cf["elements"] else ""
+            click.secho(f"  conflict: {where} ({cf['reason']}{n})", fg="red")
     if st.clean:
         click.echo("nothing to commit, working tree clean")
         return
@@ -278,12 +292,21 @@ def diff(c, revs, stat, name_only, as_json):
 @cli.command(cls=PathsCommand)
 @click.argument("args", nargs=-1)
 @click.option("-f", "--force", is_flag=True, help="Discard local changes.")
+@click.option("--ours", "side", flag_value="ours", help="During a merge: resolve -- PATH:TENSOR with ours.")
+@click.option("--theirs", "side", flag_value="theirs", help="During a merge: resolve -- PATH:TENSOR with theirs.")
 @pass_ctx
-def checkout(c, args, force):
+def checkout(c, args, force, side):
     """Check out a revision (moves HEAD), or restore files: checkout REV -- PATHS."""
     repo = c.repo()
     args = list(args)
     paths = click.get_current_context().meta["paths"]
+    if side:
+        from .. import mergeops
+
+        for spec in (paths or []) + args:
+            mergeops.resolve(repo, spec, side)
+            click.echo(f"resolved {spec} with {side}", err=True)
+        return
     if paths is not None and not args:
         args = ["HEAD"]
     if len(args) != 1:
@@ -594,3 +617,55 @@ def bisect_run(c, metric, threshold, higher_is_better, argv):
                  higher_is_better=higher_is_better, on_step=on_step)
     click.echo(f"{step.evaluations} evaluation(s)")
     _bisect_report(repo, step)
+
+
+# -- merge -------------------------------------------------------------------------
+def _weights(text):
+    if text is None:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError as e:
+        raise UsageError(f"--weights {text!r}: expected two numbers like 0.7,0.3") from e
+
+
+@cli.command()
+@click.argument("rev", required=False)
+@click.option("-m", "--message", default=None)
+@click.option("-s", "--strategy", type=click.Choice(["ours", "theirs", "average", "task-arithmetic", "ties"]),
+              default=None, help="How to settle elements changed on both sides (docs/merge.md).")
+@click.option("--weights", default=None, metavar="W1,W2", help="average: FedAvg weights; task-arithmetic: lambdas.")
+@click.option("--continue", "cont", is_flag=True, help="Commit a merge whose conflicts are resolved.")
+@click.option("--abort", is_flag=True, help="Give up a conflicted merge and restore HEAD.")
+@click.option("--author", default=None)
+@pass_ctx
+def merge(c, rev, message, strategy, weights, cont, abort, author):
+    """Merge REV into the current branch: tensor by tensor, element by element."""
+    from .. import mergeops
+
+    repo = c.repo()
+    if abort:
+        mergeops.abort(repo)
+        click.echo("merge aborted", err=True)
+        return
+    if cont:
+        oid = mergeops.continue_(repo, author=author or default_author())
+        click.echo(f"[{repo.refs.current_branch() or 'detached HEAD'} {oid[:12]}] merge committed")
+        return
+    if not rev:
+        raise UsageError("merge needs a revision (or --continue / --abort)")
+    out = mergeops.merge(repo, rev, message, strategy, _weights(weights), author or default_author(),
+                         progress=c.progress())
+    if out.kind == "up-to-date":
+        click.echo("Already up to date.")
+    elif out.kind == "fast-forward":
+        click.echo(f"Fast-forward to {out.commit[:12]}")
+    elif out.kind == "merged":
+        click.echo(f"Merge made: {out.commit[:12]} (base {out.base[:12] if out.base else 'none'})")
+    else:
+        for cf in out.conflicts:
+            where = f"{cf.path}:{cf.tensor}" if cf.tensor else cf.path
+            n = f", {cf.elements} elements" if cf.elements else ""
+            click.echo(f"CONFLICT {where} ({cf.reason}{n})")
+        raise MvcError(f"{len(out.conflicts)} conflict(s); the work tree holds ours' values where they clash",
+                       hint="resolve with `mvc checkout --ours|--theirs -- PATH:TENSOR`, then `mvc merge --continue`")

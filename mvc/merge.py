@@ -1,0 +1,243 @@
+"""Three-way merges of trees, files, tensors and single elements.
+
+Per path: changed on one side only, take it. Per tensor in a safetensors file
+changed on both sides: likewise by tensor id. Per element of a tensor changed on
+both sides (same dtype and shape): an element changed on one side takes that
+side; changed on both to different values it conflicts, and a strategy (if
+given) decides it. Everything streams chunk by chunk. Formulas: docs/merge.md.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import MvcError, UsageError
+from .pipeline import CHUNK_SIZE, Ingestor, Materializer
+from .store.objects import DTYPES, File, Tensor, Tree, TreeEntry
+from .tensordiff import to_float64
+
+STRATEGIES = ("ours", "theirs", "average", "task-arithmetic", "ties")
+_UINT = {1: "u1", 2: "<u2", 4: "<u4", 8: "<u8"}
+
+
+@dataclass
+class Conflict:
+    path: str
+    tensor: str | None  # None: the whole file
+    elements: int = 0  # conflicting elements (tensor conflicts); 0 for whole-file or whole-tensor
+    reason: str = ""
+
+
+@dataclass
+class MergeResult:
+    entries: dict[str, tuple[int, str]]  # merged tree: path -> (mode, file id)
+    conflicts: list[Conflict] = field(default_factory=list)
+    merged_tensors: int = 0
+    elements_resolved: int = 0  # conflicting elements a strategy decided
+
+
+def merge_bases(repo, a: str, b: str) -> list[str]:
+    """Best common ancestors of a and b (none of them an ancestor of another)."""
+    anc_a = _ancestors(repo, a)
+    common = [c for c in _ancestors(repo, b) if c in anc_a]
+    best = []
+    for c in common:
+        if not any(c != d and c in _ancestors(repo, d) for d in common):
+            best.append(c)
+    return sorted(best, key=lambda c: (-repo.commit_obj(c).time, c))
+
+
+def _ancestors(repo, oid: str) -> set[str]:
+    seen, stack = set(), [oid]
+    while stack:
+        c = stack.pop()
+        if c not in seen:
+            seen.add(c)
+            stack.extend(repo.commit_obj(c).parents)
+    return seen
+
+
+# -- float conversion back to stored bytes ---------------------------------------------
+def from_float64(dtype: str, x: np.ndarray) -> np.ndarray:
+    """float64 values as *dtype*'s raw little-endian elements (round to nearest even)."""
+    if dtype == "BF16":
+        f = x.astype(np.float32)
+        u = f.view(np.uint32).astype(np.uint64)
+        rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+        nan = np.isnan(f)
+        rounded[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)  # keep NaN a (quiet) NaN
+        return rounded
+    if dtype in ("F16", "F32", "F64"):
+        return x.astype({"F16": "<f2", "F32": "<f4", "F64": "<f8"}[dtype])
+    if dtype in ("BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"):
+        np_dtype = np.dtype({"BOOL": "u1", "U8": "u1", "I8": "i1", "U16": "<u2", "I16": "<i2", "U32": "<u4",
+                             "I32": "<i4", "U64": "<u8", "I64": "<i8"}[dtype])
+        info = np.iinfo(np_dtype)
+        out = np.clip(np.rint(x), info.min, info.max)
+        return (out != 0).astype("u1") if dtype == "BOOL" else out.astype(np_dtype)
+    raise UsageError(f"merge strategies cannot compute {dtype} values", hint="use --strategy ours or theirs")
+
+
+def resolve_elements(strategy: str, dtype: str, b, o, t, weights: tuple[float, float]) -> np.ndarray:
+    """Values for conflicting elements (raw element arrays b, o, t of equal length) under *strategy*."""
+    if strategy == "ours":
+        return o
+    if strategy == "theirs":
+        return t
+    fb, fo, ft = (to_float64(dtype, v.tobytes()) for v in (b, o, t))
+    w1, w2 = weights
+    if strategy == "average":
+        val = (w1 * fo + w2 * ft) / (w1 + w2)
+    elif strategy == "task-arithmetic":
+        val = fb + w1 * (fo - fb) + w2 * (ft - fb)
+    else:
+        raise UsageError(f"strategy {strategy!r} is not element-wise")
+    return from_float64(dtype, val).view(o.dtype)
+
+
+# -- the merge ---------------------------------------------------------------------------
+class Merger:
+    def __init__(self, repo, strategy: str | None = None, weights: tuple[float, float] = (1.0, 1.0)):
+        if strategy is not None and strategy not in STRATEGIES:
+            raise UsageError(f"unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
+        self.repo = repo
+        self.odb = repo.odb
+        self.strategy = strategy
+        self.weights = weights
+        self._made: dict[str, Tensor] = {}  # tensors made by this merge, not yet flushed to the store
+
+    def _tensor(self, tid: str) -> Tensor:
+        return self._made.get(tid) or self.odb.get(tid, "tensor")
+
+    def merge_trees(self, base: Tree, ours: Tree, theirs: Tree) -> MergeResult:
+        b, o, t = base.as_dict(), ours.as_dict(), theirs.as_dict()
+        res = MergeResult(entries={})
+        with Ingestor(self.odb, store=True, workers=self.repo.workers) as ing, \
+                Materializer(self.odb, workers=self.repo.workers) as mat:
+            self.ing, self.mat = ing, mat
+            for path in sorted(b.keys() | o.keys() | t.keys(), key=str.encode):
+                eb, eo, et = b.get(path), o.get(path), t.get(path)
+                merged = self._merge_path(path, eb, eo, et, res)
+                if merged is not None:
+                    res.entries[path] = merged
+        return res
+
+    def _take(self, e: TreeEntry | None):
+        return (e.mode, e.oid) if e is not None else None
+
+    def _side(self, path, eo, et, res, what, tensor=None):
+        """A conflict no element-wise rule can settle: only --strategy ours or theirs picks a side."""
+        if self.strategy == "ours":
+            return eo
+        if self.strategy == "theirs":
+            return et
+        res.conflicts.append(Conflict(path, tensor, 0, what))
+        return eo
+
+    def _merge_path(self, path, eb, eo, et, res):
+        ko, kt, kb = self._take(eo), self._take(et), self._take(eb)
+        if ko == kt:
+            return ko
+        if ko == kb:
+            return kt
+        if kt == kb:
+            return ko
+        if eo is None or et is None:
+            side = self._side(path, eo, et, res, "deleted on one side, changed on the other")
+            return self._take(side)
+        fo, ft = self.odb.get(eo.oid, "file"), self.odb.get(et.oid, "file")
+        fb = self.odb.get(eb.oid, "file") if eb else None
+        if fo.format != "safetensors" or ft.format != "safetensors" or (fb and fb.format != "safetensors"):
+            return self._take(self._side(path, eo, et, res, "changed on both sides"))
+        mode = eo.mode if kb is None or eo.mode != eb.mode else et.mode
+        return mode, self._merge_file(path, fb, fo, ft, res)
+
+    def _merge_file(self, path: str, fb: File | None, fo: File, ft: File, res: MergeResult) -> str:
+        tb = dict(fb.tensors) if fb else {}
+        to, tt = dict(fo.tensors), dict(ft.tensors)
+        names = [n for n, _ in fo.tensors] + [n for n, _ in ft.tensors if n not in to]
+        out: list[tuple[str, str]] = []
+        for name in names + [n for n in tb if n not in to and n not in tt]:
+            b, o, t = tb.get(name), to.get(name), tt.get(name)
+            if o == t:
+                merged = o
+            elif o == b:
+                merged = t
+            elif t == b:
+                merged = o
+            elif o is None or t is None or b is None:
+                merged = self._side(path, o, t, res, "added or deleted on one side, changed on the other", name)
+            else:
+                merged = self._merge_tensor(path, name, b, o, t, res)
+            if merged is not None:
+                out.append((name, merged))
+        return self._file_object(fo, ft, out)
+
+    def _merge_tensor(self, path, name, b_id, o_id, t_id, res: MergeResult) -> str:
+        b, o, t = (self.odb.get(x, "tensor") for x in (b_id, o_id, t_id))
+        same = {(x.dtype, x.shape, x.chunk_size) for x in (b, o, t)}
+        if len(same) != 1:
+            return self._side(path, o_id, t_id, res, "dtype or shape changed on both sides", name)
+        itemsize = DTYPES[o.dtype][0]
+        view = _UINT[itemsize]
+        chunks: list[str] = []
+        conflicts = 0
+        read = self.mat.iter_chunks
+        streams = [(d for d, _ in read((c, None) for c in x.chunks)) for x in (b, o, t)]
+        for cb, co, ct in zip(*streams, strict=True):
+            vb, vo, vt = (np.frombuffer(v, dtype=view) for v in (cb, co, ct))
+            oc, tc = vo != vb, vt != vb
+            merged = np.where(oc, vo, vt)
+            clash = oc & tc & (vo != vt)
+            n = int(np.count_nonzero(clash))
+            if n and self.strategy:
+                merged[clash] = resolve_elements(self.strategy, o.dtype, vb[clash], vo[clash], vt[clash],
+                                                 self.weights)
+                res.elements_resolved += n
+            elif n:
+                conflicts += n
+            data = merged.tobytes()
+            fs = itemsize if DTYPES[o.dtype][1] and itemsize > 1 else 0
+            chunks.append(self.ing.add_chunk(data, fs))
+        if conflicts:
+            res.conflicts.append(Conflict(path, name, conflicts, "changed on both sides"))
+        res.merged_tensors += 1
+        made = Tensor(o.dtype, o.shape, CHUNK_SIZE, tuple(chunks))
+        tid = self.ing.add_meta(made)
+        self._made[tid] = made
+        return tid
+
+    def _file_object(self, fo: File, ft: File, tensors: list[tuple[str, str]]) -> str:
+        """A safetensors file for *tensors*: ours' header verbatim when layout allows, else a new one."""
+        info = {n: self._tensor(tid) for n, tid in tensors}
+        layout = [(n, info[n].dtype, info[n].shape) for n, _ in tensors]
+        for f in (fo, ft):
+            old = [(n, self._tensor(tid).dtype, self._tensor(tid).shape) for n, tid in f.tensors]
+            if old == layout:
+                return self.ing.add_meta(File("safetensors", f.size, f.chunks, tuple(tensors)))
+        header_bytes = b"".join(self.odb.read(c, "chunk")[1] for c in fo.chunks)
+        meta = json.loads(header_bytes[8:]).get("__metadata__")
+        head, off = {}, 0
+        for n, dtype, shape in layout:
+            nbytes = info[n].nbytes
+            head[n] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + nbytes]}
+            off += nbytes
+        if meta is not None:
+            head["__metadata__"] = meta
+        h = json.dumps(head, separators=(",", ":")).encode()
+        h += b" " * (-len(h) % 8)
+        raw = struct.pack("<Q", len(h)) + h
+        hchunks = tuple(self.ing.add_chunk(raw[i:i + CHUNK_SIZE], 0) for i in range(0, len(raw), CHUNK_SIZE))
+        return self.ing.add_meta(File("safetensors", len(raw) + off, hchunks, tuple(tensors)))
+
+
+def check_weights(weights: tuple[float, ...] | None) -> tuple[float, float]:
+    if weights is None:
+        return (1.0, 1.0)
+    if len(weights) != 2 or any(w < 0 for w in weights) or sum(weights) == 0:
+        raise MvcError("--weights takes two non-negative numbers, not both zero (e.g. 0.7,0.3)")
+    return (float(weights[0]), float(weights[1]))

@@ -1,0 +1,174 @@
+"""`merge` as a repository operation: fast-forward, merge commits, and the conflict state.
+
+The conflict state (kv key ``merge``) survives between commands: the work tree holds
+the merged result, with ours' values in conflicting elements, until every conflict is
+resolved (`checkout --ours|--theirs -- PATH:TENSOR`) and `merge --continue` commits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .errors import DirtyWorkTreeError, MvcError, UsageError
+from .merge import _UINT, Conflict, Merger, check_weights, merge_bases
+from .store.objects import DTYPES, Tree
+
+_KEY = b"merge"
+
+
+@dataclass
+class MergeOutcome:
+    kind: str  # up-to-date | fast-forward | merged | conflicts
+    commit: str | None = None
+    conflicts: list[Conflict] = field(default_factory=list)
+    base: str | None = None
+
+
+def state(repo) -> dict | None:
+    raw = repo.backend.kv_get(_KEY)
+    return json.loads(raw) if raw else None
+
+
+def _save(repo, st: dict | None) -> None:
+    repo.backend.kv_put_many({_KEY: json.dumps(st).encode() if st else None})
+
+
+def merge(repo, rev: str, message: str | None = None, strategy: str | None = None,
+          weights: tuple[float, ...] | None = None, author: str | None = None, progress=None) -> MergeOutcome:
+    w = check_weights(weights)
+    if state(repo) is not None:
+        raise UsageError("a merge is in progress", hint="finish it with `mvc merge --continue` or `--abort`")
+    theirs = repo.resolve(rev)
+    ours = repo.refs.head_commit()
+    if not repo.status().clean:
+        raise DirtyWorkTreeError("cannot merge with uncommitted changes")
+    if ours is None:
+        raise UsageError("cannot merge into a branch with no commits")
+    with repo.lock():
+        if theirs == ours or theirs in _anc(repo, ours):
+            return MergeOutcome("up-to-date", ours)
+        if ours in _anc(repo, theirs):
+            tree = repo.odb.get(repo.commit_obj(theirs).tree, "tree")
+            repo._switch_tree(tree, False, progress or _null())
+            repo.refs.move_head(theirs, ours, f"merge {rev}: fast-forward")
+            return MergeOutcome("fast-forward", theirs)
+        bases = merge_bases(repo, ours, theirs)
+        base = bases[0] if bases else None
+        base_tree = repo.odb.get(repo.commit_obj(base).tree, "tree") if base else Tree(())
+        res = Merger(repo, strategy, w).merge_trees(base_tree, repo.head_tree(),
+                                                    repo.odb.get(repo.commit_obj(theirs).tree, "tree"))
+        merged = Tree.build(res.entries)
+        repo._switch_tree(merged, False, progress or _null())
+        msg = message or f"Merge {rev}"
+        op = {"op": "merge", "strategy": strategy or "three-way", "base": base, "theirs": theirs,
+              "params": {"weights": list(w)} if strategy in ("average", "task-arithmetic") else {},
+              "metrics": {"merged_tensors": res.merged_tensors, "elements_resolved": res.elements_resolved}}
+        if res.conflicts:
+            _save(repo, {"ours": ours, "theirs": theirs, "base": base, "message": msg, "op": op,
+                         "conflicts": [asdict(c) for c in res.conflicts]})
+            return MergeOutcome("conflicts", None, res.conflicts, base)
+        oid = repo._record(merged, (ours, theirs), msg, author, op, None, "merge")
+        return MergeOutcome("merged", oid, [], base)
+
+
+def abort(repo) -> None:
+    st = state(repo)
+    if st is None:
+        raise UsageError("no merge in progress")
+    with repo.lock():
+        repo._switch_tree(repo.odb.get(repo.commit_obj(st["ours"]).tree, "tree"), True, _null())
+    _save(repo, None)
+
+
+def resolve(repo, spec: str, side: str) -> None:
+    """Settle one conflict (PATH or PATH:TENSOR) with ours' or theirs' values."""
+    st = state(repo)
+    if st is None:
+        raise UsageError("no merge in progress")
+    path, _, tensor = spec.partition(":")
+    path = repo.worktree.rel_from_cwd(path, repo.cwd)
+    left = [c for c in st["conflicts"] if c["path"] == path and (c["tensor"] or "") == tensor]
+    if not left:
+        raise UsageError(f"{spec}: not a conflict of this merge (see `mvc status`)")
+    c = left[0]
+    with repo.lock():
+        rev = st["ours"] if side == "ours" else st["theirs"]
+        if c["tensor"] is None or c["elements"] == 0:
+            if side == "theirs" or c["tensor"] is None:
+                _restore_whole(repo, rev, path, c["tensor"])
+        elif side == "theirs":
+            _write_tensor_elements(repo, st, path, c["tensor"])
+    st["conflicts"] = [x for x in st["conflicts"] if x is not c]
+    _save(repo, st)
+
+
+def _restore_whole(repo, rev: str, path: str, tensor: str | None) -> None:
+    if tensor is None:
+        entry = repo.tree_of(rev).as_dict().get(path)
+        if entry is None:
+            repo.worktree.remove(path)
+        else:
+            repo._write_entries([entry], _null())
+        return
+    raise UsageError(f"{path}:{tensor}: pick a whole-tensor conflict with `--ours` or edit the file",
+                     hint="whole-tensor conflicts (a shape change or deletion) are resolved by committing a choice")
+
+
+def _write_tensor_elements(repo, st: dict, path: str, name: str) -> None:
+    """Overwrite the conflicting elements of one tensor in the work-tree file with theirs' values."""
+    from .formats import safetensors as stf
+    from .pipeline import Materializer
+
+    ids = {}
+    for key in ("base", "ours", "theirs"):
+        f = repo.odb.get(repo.tree_of(st[key]).as_dict()[path].oid, "file")
+        ids[key] = repo.odb.get(dict(f.tensors)[name], "tensor")
+    full = repo.worktree.abspath(path)
+    with open(full, "r+b") as fh:
+        _raw, header = stf.read_header(fh, os.fstat(fh.fileno()).st_size, path)
+        entry = next((e for e in header.entries if e.name == name), None)
+        if entry is None or (entry.dtype, entry.shape) != (ids["ours"].dtype, ids["ours"].shape):
+            raise MvcError(f"{path}:{name} no longer matches the merge; check it out again or abort")
+        view = _UINT[DTYPES[entry.dtype][0]]
+        with Materializer(repo.odb, workers=repo.workers) as mat:
+            streams = [(d for d, _ in mat.iter_chunks((c, None) for c in ids[k].chunks))
+                       for k in ("base", "ours", "theirs")]
+            pos = header.header_size + entry.begin
+            for cb, co, ct in zip(*streams, strict=True):
+                fh.seek(pos)
+                cur = np.frombuffer(fh.read(len(co)), dtype=view).copy()
+                vb, vo, vt = (np.frombuffer(v, dtype=view) for v in (cb, co, ct))
+                clash = (vo != vb) & (vt != vb) & (vo != vt)
+                cur[clash] = vt[clash]
+                fh.seek(pos)
+                fh.write(cur.tobytes())
+                pos += len(co)
+
+
+def continue_(repo, author: str | None = None) -> str:
+    st = state(repo)
+    if st is None:
+        raise UsageError("no merge in progress")
+    if st["conflicts"]:
+        names = ", ".join(f"{c['path']}:{c['tensor']}" if c["tensor"] else c["path"] for c in st["conflicts"][:5])
+        raise MvcError(f"{len(st['conflicts'])} conflict(s) left: {names}",
+                       hint="resolve each with `mvc checkout --ours|--theirs -- PATH:TENSOR`")
+    oid = repo.commit(st["message"], author=author, allow_empty=True, op=st["op"], parents_extra=(st["theirs"],))
+    _save(repo, None)
+    return oid
+
+
+def _anc(repo, oid: str) -> set[str]:
+    from .merge import _ancestors
+
+    return _ancestors(repo, oid)
+
+
+def _null():
+    from .progress import NULL
+
+    return NULL

@@ -1,0 +1,167 @@
+"""Three-way merges: tensor-level, element-level, strategies against numpy, conflicts."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mvc import Repo
+from mvc.errors import DirtyWorkTreeError
+from tests.helpers import mvc, mvc_proc, write_safetensors
+
+N = 20_000
+
+
+def save(root, tensors):
+    write_safetensors(root / "m.safetensors", {k: ("F32", v.shape, v.astype("<f4").tobytes())
+                                               for k, v in tensors.items()}, metadata={"format": "pt"})
+
+
+def load(repo, rev="HEAD"):
+    return {k: v.numpy() for k, v in repo.load(rev).items()}
+
+
+@pytest.fixture
+def forked(tmp_path):
+    """main and side both start from a base with tensors a, b, c."""
+    rng = np.random.default_rng(3)
+    root = tmp_path / "w"
+    repo = Repo.init(root)
+    base = {k: rng.standard_normal(N).astype("<f4") for k in "abc"}
+    save(root, base)
+    repo.commit("base")
+    repo.create_branch("side")
+    return repo, root, base, rng
+
+
+def edit(repo, root, branch, tensors, msg):
+    repo.switch(branch)
+    save(root, tensors)
+    return repo.commit(msg)
+
+
+def test_different_tensors_merge_cleanly(forked):
+    repo, root, base, rng = forked
+    ours = dict(base, a=base["a"] + 1)
+    theirs = dict(base, b=base["b"] * 2)
+    edit(repo, root, "side", theirs, "side edits b")
+    o = edit(repo, root, "main", ours, "main edits a")
+    out = mvc("merge", "side", cwd=root)
+    assert "Merge made" in out.output
+    got = load(repo)
+    assert np.array_equal(got["a"], ours["a"]) and np.array_equal(got["b"], theirs["b"])
+    assert np.array_equal(got["c"], base["c"])
+    head = repo.commit_obj(repo.resolve("HEAD"))
+    assert head.parents == (o, repo.resolve("side"))
+    assert head.op["op"] == "merge" and head.op["strategy"] == "three-way"
+    assert repo.status().clean
+
+
+def test_disjoint_elements_merge_cleanly(forked):
+    repo, root, base, rng = forked
+    a_ours, a_theirs = base["a"].copy(), base["a"].copy()
+    a_ours[:100] += 1
+    a_theirs[-100:] -= 1
+    edit(repo, root, "side", dict(base, a=a_theirs), "side")
+    edit(repo, root, "main", dict(base, a=a_ours), "main")
+    mvc("merge", "side", cwd=root)
+    want = base["a"].copy()
+    want[:100] += 1
+    want[-100:] -= 1
+    assert np.array_equal(load(repo)["a"], want)
+
+
+def conflicting(forked):
+    repo, root, base, rng = forked
+    a_ours = base["a"] + rng.standard_normal(N).astype("<f4") * 0.1
+    a_theirs = base["a"] + rng.standard_normal(N).astype("<f4") * 0.1
+    a_ours[:10] = base["a"][:10]  # only theirs changed these
+    edit(repo, root, "side", dict(base, a=a_theirs), "side")
+    edit(repo, root, "main", dict(base, a=a_ours), "main")
+    return repo, root, base, a_ours, a_theirs
+
+
+def test_overlap_conflicts_then_average_is_exact_mean(forked):
+    repo, root, base, a_ours, a_theirs = conflicting(forked)
+    res = mvc("merge", "side", cwd=root, ok=False)
+    assert res.exit_code == 1 and "CONFLICT m.safetensors:a" in res.output
+    st = json.loads(mvc("status", "--json", cwd=root).output)
+    assert [c["tensor"] for c in st["merge"]["conflicts"]] == ["a"]
+    assert st["merge"]["conflicts"][0]["elements"] == N - 10
+    mvc("merge", "--abort", cwd=root)
+    assert np.array_equal(load(repo, "HEAD")["a"], a_ours) and repo.status().clean
+    mvc("merge", "side", "--strategy", "average", cwd=root)
+    got = load(repo)["a"]
+    want = ((a_ours.astype(np.float64) + a_theirs.astype(np.float64)) / 2).astype(np.float32)
+    want[:10] = a_theirs[:10]  # changed on one side only: taken as is
+    assert np.array_equal(got, want)
+
+
+def test_fedavg_weights_and_task_arithmetic(forked):
+    repo, root, base, a_ours, a_theirs = conflicting(forked)
+    mvc("merge", "side", "--strategy", "average", "--weights", "0.7,0.3", cwd=root)
+    got = load(repo)["a"]
+    o, t, b = (x.astype(np.float64) for x in (a_ours, a_theirs, base["a"]))
+    want = ((0.7 * o + 0.3 * t) / 1.0).astype(np.float32)
+    want[:10] = a_theirs[:10]
+    assert np.array_equal(got, want)
+    repo.reset("HEAD~1", hard=True)
+    mvc("merge", "side", "--strategy", "task-arithmetic", cwd=root)
+    want = (b + (o - b) + (t - b)).astype(np.float32)
+    want[:10] = a_theirs[:10]
+    assert np.array_equal(load(repo)["a"], want)
+    op = repo.commit_obj(repo.resolve("HEAD")).op
+    assert op["strategy"] == "task-arithmetic" and op["metrics"]["elements_resolved"] == N - 10
+
+
+def test_resolve_one_tensor_and_continue(forked):
+    repo, root, base, a_ours, a_theirs = conflicting(forked)
+    mvc("merge", "side", cwd=root, ok=False)
+    res = mvc("merge", "--continue", cwd=root, ok=False)
+    assert res.exit_code == 1 and "conflict(s) left" in res.output
+    mvc("checkout", "--theirs", "--", "m.safetensors:a", cwd=root)
+    mvc("merge", "--continue", cwd=root)
+    assert np.array_equal(load(repo)["a"], a_theirs)
+    head = repo.commit_obj(repo.resolve("HEAD"))
+    assert len(head.parents) == 2 and head.op["op"] == "merge"
+
+
+def test_fast_forward_and_up_to_date(forked):
+    repo, root, base, rng = forked
+    s = edit(repo, root, "side", dict(base, c=base["c"] * 3), "side")
+    repo.switch("main")
+    assert "Fast-forward" in mvc("merge", "side", cwd=root).output
+    assert repo.resolve("HEAD") == s and np.array_equal(load(repo)["c"], base["c"] * 3)
+    assert "Already up to date" in mvc("merge", "side", cwd=root).output
+
+
+def test_merge_refuses_dirty_tree_and_changes_nothing(forked):
+    repo, root, base, rng = forked
+    edit(repo, root, "side", dict(base, c=base["c"] * 3), "side")
+    edit(repo, root, "main", dict(base, a=base["a"] * 3), "main")
+    save(root, dict(base, b=base["b"] - 5))
+    content = (root / "m.safetensors").read_bytes()
+    head = repo.resolve("HEAD")
+    res = mvc_proc("merge", "side", cwd=root)
+    assert res.returncode != 0 and "uncommitted changes" in res.stderr and "Traceback" not in res.stderr
+    assert (root / "m.safetensors").read_bytes() == content and repo.resolve("HEAD") == head
+    from mvc import mergeops
+
+    with pytest.raises(DirtyWorkTreeError):
+        mergeops.merge(repo, "side")
+
+
+def test_shape_change_on_one_side_rebuilds_header(forked):
+    repo, root, base, rng = forked
+    theirs = dict(base, b=base["b"][: N // 2])  # side sheds half of b
+    ours = dict(base, a=base["a"] + 1)
+    edit(repo, root, "side", theirs, "shed b")
+    edit(repo, root, "main", ours, "bump a")
+    mvc("merge", "side", cwd=root)
+    got = load(repo)
+    assert got["b"].shape == (N // 2,) and np.array_equal(got["a"], ours["a"])
+    from safetensors.numpy import load_file
+
+    on_disk = load_file(root / "m.safetensors")
+    assert on_disk["b"].shape == (N // 2,)
+    assert mvc_proc("fsck", cwd=root).returncode == 0
