@@ -10,6 +10,7 @@ given) decides it. Everything streams chunk by chunk. Formulas: docs/merge.md.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 
@@ -82,7 +83,46 @@ def from_float64(dtype: str, x: np.ndarray) -> np.ndarray:
     raise UsageError(f"merge strategies cannot compute {dtype} values", hint="use --strategy ours or theirs")
 
 
-def resolve_elements(strategy: str, dtype: str, b, o, t, weights: tuple[float, float]) -> np.ndarray:
+def kth_largest(arrays, k: int) -> float:
+    """The exact k-th largest value (k >= 1) of non-negative float64 data streamed by *arrays()*.
+
+    A radix select over the 64-bit patterns (monotonic for non-negative floats), 16 bits a
+    pass: four passes over the data and a 65,536-bin histogram, whatever the tensor's size.
+    """
+    prefix, left = 0, k
+    for step in range(4):
+        shift = 48 - 16 * step
+        hist = np.zeros(65536, dtype=np.int64)
+        for a in arrays():
+            u = np.ascontiguousarray(a, dtype=np.float64).view(np.uint64)
+            if step:
+                u = u[(u >> np.uint64(shift + 16)) == np.uint64(prefix)]
+            hist += np.bincount(((u >> np.uint64(shift)) & np.uint64(0xFFFF)).astype(np.int64), minlength=65536)
+        cum = np.cumsum(hist[::-1])
+        idx = int(np.searchsorted(cum, left))
+        if idx >= 65536:
+            return 0.0
+        left -= int(cum[idx - 1]) if idx else 0
+        prefix = (prefix << 16) | (65535 - idx)
+    return float(np.array([prefix], dtype=np.uint64).view(np.float64)[0])
+
+
+def ties_values(fb, fo, ft, thr_o: float, thr_t: float, weights: tuple[float, float]) -> np.ndarray:
+    """TIES-merging of two task vectors on these elements: trim, elect sign, disjoint mean."""
+    to = (fo - fb) * weights[0]
+    tt = (ft - fb) * weights[1]
+    to = np.where(np.abs(fo - fb) >= thr_o, to, 0.0)
+    tt = np.where(np.abs(ft - fb) >= thr_t, tt, 0.0)
+    sign = np.sign(to + tt)
+    keep_o = (np.sign(to) == sign) & (to != 0)
+    keep_t = (np.sign(tt) == sign) & (tt != 0)
+    count = keep_o.astype(np.int64) + keep_t
+    total = np.where(keep_o, to, 0.0) + np.where(keep_t, tt, 0.0)
+    return fb + np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+
+
+def resolve_elements(strategy: str, dtype: str, b, o, t, weights: tuple[float, float],
+                     ties_thresholds: tuple[float, float] | None = None) -> np.ndarray:
     """Values for conflicting elements (raw element arrays b, o, t of equal length) under *strategy*."""
     if strategy == "ours":
         return o
@@ -94,20 +134,26 @@ def resolve_elements(strategy: str, dtype: str, b, o, t, weights: tuple[float, f
         val = (w1 * fo + w2 * ft) / (w1 + w2)
     elif strategy == "task-arithmetic":
         val = fb + w1 * (fo - fb) + w2 * (ft - fb)
+    elif strategy == "ties":
+        val = ties_values(fb, fo, ft, *ties_thresholds, weights)
     else:
-        raise UsageError(f"strategy {strategy!r} is not element-wise")
+        raise UsageError(f"unknown strategy {strategy!r}")
     return from_float64(dtype, val).view(o.dtype)
 
 
 # -- the merge ---------------------------------------------------------------------------
 class Merger:
-    def __init__(self, repo, strategy: str | None = None, weights: tuple[float, float] = (1.0, 1.0)):
+    def __init__(self, repo, strategy: str | None = None, weights: tuple[float, float] = (1.0, 1.0),
+                 density: float = 0.2):
         if strategy is not None and strategy not in STRATEGIES:
             raise UsageError(f"unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
         self.repo = repo
         self.odb = repo.odb
         self.strategy = strategy
         self.weights = weights
+        if not 0 < density <= 1:
+            raise UsageError(f"--density {density}: must be in (0, 1]")
+        self.density = density
         self._made: dict[str, Tensor] = {}  # tensors made by this merge, not yet flushed to the store
 
     def _tensor(self, tid: str) -> Tensor:
@@ -187,6 +233,7 @@ class Merger:
         chunks: list[str] = []
         conflicts = 0
         read = self.mat.iter_chunks
+        thresholds = self._ties_thresholds(b, o, t) if self.strategy == "ties" else None
         streams = [(d for d, _ in read((c, None) for c in x.chunks)) for x in (b, o, t)]
         for cb, co, ct in zip(*streams, strict=True):
             vb, vo, vt = (np.frombuffer(v, dtype=view) for v in (cb, co, ct))
@@ -196,7 +243,7 @@ class Merger:
             n = int(np.count_nonzero(clash))
             if n and self.strategy:
                 merged[clash] = resolve_elements(self.strategy, o.dtype, vb[clash], vo[clash], vt[clash],
-                                                 self.weights)
+                                                 self.weights, thresholds)
                 res.elements_resolved += n
             elif n:
                 conflicts += n
@@ -210,6 +257,20 @@ class Merger:
         tid = self.ing.add_meta(made)
         self._made[tid] = made
         return tid
+
+    def _ties_thresholds(self, b: Tensor, o: Tensor, t: Tensor) -> tuple[float, float]:
+        """Per task vector, the magnitude of its k-th largest delta, k = ceil(density * numel)."""
+        k = max(1, math.ceil(self.density * math.prod(o.shape)))
+
+        def deltas(side: Tensor):
+            def gen():
+                pairs = zip((d for d, _ in self.mat.iter_chunks((c, None) for c in b.chunks)),
+                            (d for d, _ in self.mat.iter_chunks((c, None) for c in side.chunks)), strict=True)
+                for cb, cs in pairs:
+                    yield np.nan_to_num(np.abs(to_float64(side.dtype, cs) - to_float64(b.dtype, cb)))
+            return gen
+
+        return kth_largest(deltas(o), k), kth_largest(deltas(t), k)
 
     def _file_object(self, fo: File, ft: File, tensors: list[tuple[str, str]]) -> str:
         """A safetensors file for *tensors*: ours' header verbatim when layout allows, else a new one."""

@@ -38,7 +38,8 @@ def _save(repo, st: dict | None) -> None:
 
 
 def merge(repo, rev: str, message: str | None = None, strategy: str | None = None,
-          weights: tuple[float, ...] | None = None, author: str | None = None, progress=None) -> MergeOutcome:
+          weights: tuple[float, ...] | None = None, author: str | None = None, progress=None,
+          density: float = 0.2) -> MergeOutcome:
     w = check_weights(weights)
     if state(repo) is not None:
         raise UsageError("a merge is in progress", hint="finish it with `mvc merge --continue` or `--abort`")
@@ -59,13 +60,14 @@ def merge(repo, rev: str, message: str | None = None, strategy: str | None = Non
         bases = merge_bases(repo, ours, theirs)
         base = bases[0] if bases else None
         base_tree = repo.odb.get(repo.commit_obj(base).tree, "tree") if base else Tree(())
-        res = Merger(repo, strategy, w).merge_trees(base_tree, repo.head_tree(),
+        res = Merger(repo, strategy, w, density).merge_trees(base_tree, repo.head_tree(),
                                                     repo.odb.get(repo.commit_obj(theirs).tree, "tree"))
         merged = Tree.build(res.entries)
         repo._switch_tree(merged, False, progress or _null())
         msg = message or f"Merge {rev}"
         op = {"op": "merge", "strategy": strategy or "three-way", "base": base, "theirs": theirs,
-              "params": {"weights": list(w)} if strategy in ("average", "task-arithmetic") else {},
+              "params": ({"weights": list(w)} if strategy in ("average", "task-arithmetic", "ties") else {})
+              | ({"density": density} if strategy == "ties" else {}),
               "metrics": {"merged_tensors": res.merged_tensors, "elements_resolved": res.elements_resolved}}
         if res.conflicts:
             _save(repo, {"ours": ours, "theirs": theirs, "base": base, "message": msg, "op": op,

@@ -165,3 +165,42 @@ def test_shape_change_on_one_side_rebuilds_header(forked):
     on_disk = load_file(root / "m.safetensors")
     assert on_disk["b"].shape == (N // 2,)
     assert mvc_proc("fsck", cwd=root).returncode == 0
+
+
+def ties_reference(b, o, t, density):
+    b, o, t = (x.astype(np.float64) for x in (b, o, t))
+    n = b.size
+    k = int(np.ceil(density * n))
+    out = np.where(o != b, o, t)  # one side changed: take it
+    to, tt = o - b, t - b
+    thr_o, thr_t = np.sort(np.abs(to))[n - k], np.sort(np.abs(tt))[n - k]
+    to = np.where(np.abs(to) >= thr_o, to, 0)
+    tt = np.where(np.abs(tt) >= thr_t, tt, 0)
+    sign = np.sign(to + tt)
+    ko, kt = (np.sign(to) == sign) & (to != 0), (np.sign(tt) == sign) & (tt != 0)
+    cnt = ko.astype(int) + kt
+    mean = np.where(cnt > 0, (np.where(ko, to, 0) + np.where(kt, tt, 0)) / np.maximum(cnt, 1), 0)
+    clash = (o != b) & (t != b) & (o != t)
+    out[clash] = (b + mean)[clash]
+    return out.astype(np.float32)
+
+
+def test_ties_matches_numpy_reference(forked):
+    repo, root, base, a_ours, a_theirs = conflicting(forked)
+    mvc("merge", "side", "--strategy", "ties", "--density", "0.3", cwd=root)
+    want = ties_reference(base["a"], a_ours, a_theirs, 0.3)
+    assert np.array_equal(load(repo)["a"], want)
+    op = repo.commit_obj(repo.resolve("HEAD")).op
+    assert op["strategy"] == "ties" and op["params"]["density"] == 0.3
+
+
+def test_kth_largest_is_exact():
+    from mvc.merge import kth_largest
+
+    rng = np.random.default_rng(5)
+    x = np.abs(rng.standard_normal(50_000))
+    x[:1000] = 0.25  # ties
+    x[1000:1100] = 0.0
+    for k in (1, 7, 1000, 25_000, 49_999, 50_000):
+        want = np.sort(x)[x.size - k]
+        assert kth_largest(lambda: iter(np.array_split(x, 7)), k) == want

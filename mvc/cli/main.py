@@ -634,12 +634,15 @@ def _weights(text):
 @click.option("-m", "--message", default=None)
 @click.option("-s", "--strategy", type=click.Choice(["ours", "theirs", "average", "task-arithmetic", "ties"]),
               default=None, help="How to settle elements changed on both sides (docs/merge.md).")
-@click.option("--weights", default=None, metavar="W1,W2", help="average: FedAvg weights; task-arithmetic: lambdas.")
+@click.option("--weights", default=None, metavar="W1,W2",
+              help="average: FedAvg weights; task-arithmetic and ties: scale of each side's task vector.")
+@click.option("--density", type=float, default=0.2, show_default=True,
+              help="ties: fraction of each task vector's largest deltas kept.")
 @click.option("--continue", "cont", is_flag=True, help="Commit a merge whose conflicts are resolved.")
 @click.option("--abort", is_flag=True, help="Give up a conflicted merge and restore HEAD.")
 @click.option("--author", default=None)
 @pass_ctx
-def merge(c, rev, message, strategy, weights, cont, abort, author):
+def merge(c, rev, message, strategy, weights, density, cont, abort, author):
     """Merge REV into the current branch: tensor by tensor, element by element."""
     from .. import mergeops
 
@@ -655,7 +658,7 @@ def merge(c, rev, message, strategy, weights, cont, abort, author):
     if not rev:
         raise UsageError("merge needs a revision (or --continue / --abort)")
     out = mergeops.merge(repo, rev, message, strategy, _weights(weights), author or default_author(),
-                         progress=c.progress())
+                         progress=c.progress(), density=density)
     if out.kind == "up-to-date":
         click.echo("Already up to date.")
     elif out.kind == "fast-forward":
