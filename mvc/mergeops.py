@@ -77,12 +77,51 @@ def merge(repo, rev: str, message: str | None = None, strategy: str | None = Non
         return MergeOutcome("merged", oid, [], base)
 
 
+def pick(repo, rev: str, kind: str, message: str | None = None, strategy: str | None = None,
+         author: str | None = None, progress=None) -> MergeOutcome:
+    """Revert REV (kind "revert") or apply it again (kind "cherry-pick") as a new one-parent commit."""
+    if state(repo) is not None:
+        raise UsageError("a merge, revert or cherry-pick is in progress",
+                         hint="finish it with `--continue` or `--abort`")
+    oid = repo.resolve(rev)
+    c = repo.commit_obj(oid)
+    if len(c.parents) > 1:
+        raise UsageError(f"{rev} is a merge commit; reverting or picking one is not supported yet")
+    ours = repo.refs.head_commit()
+    if ours is None:
+        raise UsageError(f"cannot {kind} onto a branch with no commits")
+    if not repo.status().clean:
+        raise DirtyWorkTreeError(f"cannot {kind} with uncommitted changes")
+    parent_tree = repo.odb.get(repo.commit_obj(c.parents[0]).tree, "tree") if c.parents else Tree(())
+    own_tree = repo.odb.get(c.tree, "tree")
+    base, theirs = (own_tree, parent_tree) if kind == "revert" else (parent_tree, own_tree)
+    first = c.message.strip().splitlines()[0] if c.message.strip() else ""
+    msg = message or (f'Revert "{first}"\n\nThis reverts commit {oid}.' if kind == "revert"
+                      else f"{first}\n\n(cherry picked from commit {oid})")
+    op = {"op": kind, "of": oid, "strategy": strategy or "three-way"}
+    with repo.lock():
+        res = Merger(repo, strategy).merge_trees(base, repo.head_tree(), theirs)
+        merged = Tree.build(res.entries)
+        repo._switch_tree(merged, False, progress or _null())
+        if res.conflicts:
+            parent = c.parents[0] if c.parents else None
+            _save(repo, {"kind": kind, "ours": ours, "message": msg, "op": op,
+                         "base": oid if kind == "revert" else parent,
+                         "theirs": parent if kind == "revert" else oid,
+                         "conflicts": [asdict(x) for x in res.conflicts]})
+            return MergeOutcome("conflicts", None, res.conflicts)
+        if merged.as_dict() == repo.head_tree().as_dict():
+            return MergeOutcome("up-to-date", ours)
+        new = repo._record(merged, (ours,), msg, author, op, None, kind)
+        return MergeOutcome("merged", new)
+
+
 def abort(repo) -> None:
     st = state(repo)
     if st is None:
         raise UsageError("no merge in progress")
     with repo.lock():
-        repo._switch_tree(repo.odb.get(repo.commit_obj(st["ours"]).tree, "tree"), True, _null())
+        repo._switch_tree(_tree(repo, st["ours"]), True, _null())
     _save(repo, None)
 
 
@@ -108,9 +147,13 @@ def resolve(repo, spec: str, side: str) -> None:
     _save(repo, st)
 
 
-def _restore_whole(repo, rev: str, path: str, tensor: str | None) -> None:
+def _tree(repo, rev: str | None) -> Tree:
+    return repo.odb.get(repo.commit_obj(rev).tree, "tree") if rev else Tree(())
+
+
+def _restore_whole(repo, rev: str | None, path: str, tensor: str | None) -> None:
     if tensor is None:
-        entry = repo.tree_of(rev).as_dict().get(path)
+        entry = _tree(repo, rev).as_dict().get(path)
         if entry is None:
             repo.worktree.remove(path)
         else:
@@ -127,7 +170,7 @@ def _write_tensor_elements(repo, st: dict, path: str, name: str) -> None:
 
     ids = {}
     for key in ("base", "ours", "theirs"):
-        f = repo.odb.get(repo.tree_of(st[key]).as_dict()[path].oid, "file")
+        f = repo.odb.get(_tree(repo, st[key]).as_dict()[path].oid, "file")
         ids[key] = repo.odb.get(dict(f.tensors)[name], "tensor")
     full = repo.worktree.abspath(path)
     with open(full, "r+b") as fh:
@@ -159,7 +202,8 @@ def continue_(repo, author: str | None = None) -> str:
         names = ", ".join(f"{c['path']}:{c['tensor']}" if c["tensor"] else c["path"] for c in st["conflicts"][:5])
         raise MvcError(f"{len(st['conflicts'])} conflict(s) left: {names}",
                        hint="resolve each with `mvc checkout --ours|--theirs -- PATH:TENSOR`")
-    oid = repo.commit(st["message"], author=author, allow_empty=True, op=st["op"], parents_extra=(st["theirs"],))
+    extra = (st["theirs"],) if st.get("kind", "merge") == "merge" else ()
+    oid = repo.commit(st["message"], author=author, allow_empty=True, op=st["op"], parents_extra=extra)
     _save(repo, None)
     return oid
 

@@ -190,8 +190,9 @@ def status(c, as_json, short, paths):
 
     ms = mergeops.state(repo)
     if ms is not None:
-        click.echo(f"Merging {ms['theirs'][:12]}: {len(ms['conflicts'])} conflict(s) left"
-                   + (" (run `mvc merge --continue`)" if not ms["conflicts"] else ""))
+        what = ms.get("kind", "merge")
+        click.echo(f"{what} of {ms['op'].get('of') or ms['theirs'] or '?'}: {len(ms['conflicts'])} conflict(s) left"
+                   + (f" (run `mvc {what} --continue`)" if not ms["conflicts"] else ""))
         for cf in ms["conflicts"]:
             where = f"{cf['path']}:{cf['tensor']}" if cf["tensor"] else cf["path"]
             n = f", {cf['elements']} elements" if cf["elements"] else ""
@@ -666,9 +667,53 @@ def merge(c, rev, message, strategy, weights, density, cont, abort, author):
     elif out.kind == "merged":
         click.echo(f"Merge made: {out.commit[:12]} (base {out.base[:12] if out.base else 'none'})")
     else:
-        for cf in out.conflicts:
-            where = f"{cf.path}:{cf.tensor}" if cf.tensor else cf.path
-            n = f", {cf.elements} elements" if cf.elements else ""
-            click.echo(f"CONFLICT {where} ({cf.reason}{n})")
-        raise MvcError(f"{len(out.conflicts)} conflict(s); the work tree holds ours' values where they clash",
-                       hint="resolve with `mvc checkout --ours|--theirs -- PATH:TENSOR`, then `mvc merge --continue`")
+        _report_conflicts(out.conflicts, "merge")
+
+
+def _report_conflicts(conflicts, kind: str) -> None:
+    for cf in conflicts:
+        where = f"{cf.path}:{cf.tensor}" if cf.tensor else cf.path
+        n = f", {cf.elements} elements" if cf.elements else ""
+        click.echo(f"CONFLICT {where} ({cf.reason}{n})")
+    raise MvcError(f"{len(conflicts)} conflict(s); the work tree holds ours' values where they clash",
+                   hint=f"resolve with `mvc checkout --ours|--theirs -- PATH:TENSOR`, then `mvc {kind} --continue`")
+
+
+def _pick_command(kind: str, doc: str):
+    @click.argument("rev", required=False)
+    @click.option("-m", "--message", default=None)
+    @click.option("-s", "--strategy", type=click.Choice(["ours", "theirs", "average", "task-arithmetic"]),
+                  default=None, help="How to settle elements that a later commit also changed.")
+    @click.option("--continue", "cont", is_flag=True, help="Commit once every conflict is resolved.")
+    @click.option("--abort", is_flag=True, help="Give up and restore HEAD.")
+    @click.option("--author", default=None)
+    @pass_ctx
+    def cmd(c, rev, message, strategy, cont, abort, author):
+        from .. import mergeops
+
+        repo = c.repo()
+        if abort:
+            mergeops.abort(repo)
+            click.echo(f"{kind} aborted", err=True)
+            return
+        if cont:
+            oid = mergeops.continue_(repo, author=author or default_author())
+            click.echo(f"[{repo.refs.current_branch() or 'detached HEAD'} {oid[:12]}] {kind} committed")
+            return
+        if not rev:
+            raise UsageError(f"{kind} needs a revision (or --continue / --abort)")
+        out = mergeops.pick(repo, rev, kind, message, strategy, author or default_author(), c.progress())
+        if out.kind == "up-to-date":
+            click.echo("nothing to do: the result equals HEAD")
+        elif out.kind == "merged":
+            click.echo(f"[{repo.refs.current_branch() or 'detached HEAD'} {out.commit[:12]}] "
+                       + repo.commit_obj(out.commit).message.splitlines()[0])
+        else:
+            _report_conflicts(out.conflicts, kind)
+
+    cmd.__doc__ = doc
+    return cli.command(kind)(cmd)
+
+
+_pick_command("revert", "Make a commit that undoes REV, tensor by tensor (element-level when needed).")
+_pick_command("cherry-pick", "Apply the change REV made onto HEAD as a new commit.")
