@@ -264,13 +264,31 @@ def show(c, as_json, rev):
 @click.option("--stat", is_flag=True, help="One line per changed tensor or file, with sizes.")
 @click.option("--name-only", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--binary", is_flag=True, help="Write a binary patch from A to B (needs -o).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Where --binary writes.")
 @pass_ctx
-def diff(c, revs, stat, name_only, as_json):
+def diff(c, revs, stat, name_only, as_json, binary, output):
     """Changes between HEAD and the work tree, or between revisions: diff [A [B]] [-- PATHS]."""
     repo = c.repo()
     paths = click.get_current_context().meta["paths"]
     if len(revs) > 2:
         raise UsageError("diff takes at most two revisions")
+    if binary:
+        from ..patch import write_patch
+
+        if len(revs) != 2 or not output:
+            raise UsageError("usage: mvc diff --binary A B -o PATCH")
+        tmp = output + ".mvc-tmp"
+        try:
+            with open(tmp, "wb") as f:
+                summary = write_patch(repo, revs[0], revs[1], f)
+            os.replace(tmp, output)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        click.echo(f"wrote {output}: {summary['objects']} objects ({summary['xor']} as XOR deltas), "
+                   f"{render.human(os.path.getsize(output))}")
+        return
     a = revs[0] if revs else None
     b = revs[1] if len(revs) == 2 else None
     changes = repo.diff(a, b, paths or None, stats=not name_only, progress=c.progress())
@@ -717,3 +735,17 @@ def _pick_command(kind: str, doc: str):
 
 _pick_command("revert", "Make a commit that undoes REV, tensor by tensor (element-level when needed).")
 _pick_command("cherry-pick", "Apply the change REV made onto HEAD as a new commit.")
+
+
+@cli.command()
+@click.argument("patch", type=click.Path(exists=True, dir_okay=False))
+@pass_ctx
+def apply(c, patch):
+    """Apply a binary patch (from `mvc diff --binary`) to a work tree at its base commit."""
+    from ..patch import apply_patch
+
+    with open(patch, "rb") as f:
+        data = f.read()
+    res = apply_patch(c.repo(), data, progress=c.progress())
+    click.echo(f"applied: the work tree now holds {res['target'][:12]}'s tree ({res['objects']} objects); "
+               "review with `mvc status`, then commit")
