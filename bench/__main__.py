@@ -84,6 +84,47 @@ def run(size_mib: int, largest_mib: int | None, shards: int, workdir: str) -> di
     }
 
 
+def perturb(src: str, dst: str, seed: int) -> None:
+    """A fine-tune of *src*: random low mantissa bits of every bf16 element flipped, streamed."""
+    import struct
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    with open(src, "rb") as f, open(dst, "wb") as g:
+        (n,) = struct.unpack("<Q", f.read(8))
+        g.write(struct.pack("<Q", n) + f.read(n))
+        while block := f.read(64 << 20):
+            u = np.frombuffer(block, "<u2") ^ rng.integers(0, 8, len(block) // 2, dtype=np.uint16)
+            g.write(u.tobytes())
+
+
+def run_merge(size_mib: int, workdir: str) -> dict:
+    """Two branches fine-tune every tensor of one model; `mvc merge --strategy average` joins them."""
+    model = os.path.join(workdir, "model.safetensors")
+    base = os.path.join(workdir, "base.bin")
+    write_model(base, size_mib, seed=0)
+    raw = os.path.getsize(base)
+    run = [*mvc_cmd()]
+    subprocess.run(run + ["init", "."], cwd=workdir, check=True, stdout=subprocess.DEVNULL)
+    with open(os.path.join(workdir, ".mvcignore"), "w") as f:
+        f.write("base.bin\n.mvcignore\n")
+    os.replace(base, model)
+    subprocess.run(run + ["-q", "commit", "-m", "base"], cwd=workdir, check=True, stdout=subprocess.DEVNULL)
+    for branch, seed in (("a", 1), ("b", 2)):
+        subprocess.run(run + ["-q", "switch", "-c", branch, "main"], cwd=workdir, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        perturb(model, model + ".new", seed)
+        os.replace(model + ".new", model)
+        subprocess.run(run + ["-q", "commit", "-m", f"tune {branch}"], cwd=workdir, check=True,
+                       stdout=subprocess.DEVNULL)
+    subprocess.run(run + ["-q", "switch", "a"], cwd=workdir, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    merge_s, merge_rss = timed(["-q", "merge", "b", "--strategy", "average"], workdir)
+    return {"size_bytes": raw, "merge_s": merge_s, "merge_gbps": raw / merge_s / 1e9,
+            "merge_peak_rss_mib": merge_rss / 2**20, "machine": machine()}
+
+
 def report(res: dict) -> str:
     rows = [
         ("model", f"{res['size_bytes'] / 2**30:.2f} GiB bf16 in {res['files']} file(s)"
@@ -106,14 +147,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shards", type=int, default=1)
     ap.add_argument("--out", help="also write the results as JSON here")
     ap.add_argument("--workdir", help="directory to work in (default: a temporary one, removed after)")
+    ap.add_argument("--merge", action="store_true",
+                    help="instead: merge two branches that both fine-tuned every tensor (--strategy average)")
     args = ap.parse_args(argv)
     workdir = args.workdir or tempfile.mkdtemp(prefix="mvc-bench-")
     try:
-        res = run(args.size_mib, args.largest_mib, args.shards, workdir)
+        if args.merge:
+            res = run_merge(args.size_mib, workdir)
+        else:
+            res = run(args.size_mib, args.largest_mib, args.shards, workdir)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     print(f"$ python -m bench {' '.join(argv if argv is not None else sys.argv[1:])}")
+    if args.merge:
+        print(f"| merge of two {res['size_bytes'] / 2**30:.2f} GiB branches, every element conflicting, average | "
+              f"{res['merge_s']:.1f} s ({res['merge_gbps']:.2f} GB/s of model), peak RSS "
+              f"{res['merge_peak_rss_mib']:.0f} MiB |")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=2)
+        return
     print(report(res))
     if args.out:
         with open(args.out, "w") as f:
