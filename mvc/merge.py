@@ -67,10 +67,12 @@ def from_float64(dtype: str, x: np.ndarray) -> np.ndarray:
     """float64 values as *dtype*'s raw little-endian elements (round to nearest even)."""
     if dtype == "BF16":
         f = x.astype(np.float32)
-        u = f.view(np.uint32).astype(np.uint64)
-        rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+        u = f.view(np.uint32)
+        # round to nearest even on the top 16 bits; only NaN patterns could overflow, and they are replaced
+        rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
         nan = np.isnan(f)
-        rounded[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)  # keep NaN a (quiet) NaN
+        if nan.any():
+            rounded[nan] = ((u[nan] >> 16) | 0x40).astype(np.uint16)  # keep NaN a (quiet) NaN
         return rounded
     if dtype in ("F16", "F32", "F64"):
         return x.astype({"F16": "<f2", "F32": "<f4", "F64": "<f8"}[dtype])
@@ -162,8 +164,9 @@ class Merger:
     def merge_trees(self, base: Tree, ours: Tree, theirs: Tree) -> MergeResult:
         b, o, t = base.as_dict(), ours.as_dict(), theirs.as_dict()
         res = MergeResult(entries={})
-        with Ingestor(self.odb, store=True, workers=self.repo.workers) as ing, \
+        with Ingestor(self.odb, store=True, workers=self.repo.workers, batch_bytes=32 << 20) as ing, \
                 Materializer(self.odb, workers=self.repo.workers) as mat:
+            mat.inflight = 2  # three streams (base, ours, theirs) read at once: keep each short
             self.ing, self.mat = ing, mat
             for path in sorted(b.keys() | o.keys() | t.keys(), key=str.encode):
                 eb, eo, et = b.get(path), o.get(path), t.get(path)
@@ -242,8 +245,12 @@ class Merger:
             clash = oc & tc & (vo != vt)
             n = int(np.count_nonzero(clash))
             if n and self.strategy:
-                merged[clash] = resolve_elements(self.strategy, o.dtype, vb[clash], vo[clash], vt[clash],
-                                                 self.weights, thresholds)
+                if n > clash.size // 8:  # most elements clash: whole-array math beats gather/scatter
+                    full = resolve_elements(self.strategy, o.dtype, vb, vo, vt, self.weights, thresholds)
+                    merged = np.where(clash, full, merged)
+                else:
+                    merged[clash] = resolve_elements(self.strategy, o.dtype, vb[clash], vo[clash], vt[clash],
+                                                     self.weights, thresholds)
                 res.elements_resolved += n
             elif n:
                 conflicts += n

@@ -34,7 +34,7 @@ class Ingestor:
     """Turns files into stored objects (``store=True``) or only computes their ids (status)."""
 
     def __init__(self, odb: ObjectDB, store: bool = True, workers: int | None = None,
-                 progress: Progress = NULL):
+                 progress: Progress = NULL, batch_bytes: int = _BATCH_BYTES):
         self.odb = odb
         self.backend: Backend = odb.backend
         self.store = store
@@ -47,6 +47,7 @@ class Ingestor:
         self._writing = None
         self._batch: list[tuple[bytes, bytes]] = []
         self._batch_bytes = 0
+        self._batch_limit = batch_bytes
         self._seen: set[bytes] = set()
         self.added_bytes = 0
         #: metadata objects computed but not stored (store=False), for diffs against the work tree
@@ -78,7 +79,7 @@ class Ingestor:
         self._seen.add(oid)
         self._batch.append((oid, stored))
         self._batch_bytes += len(stored)
-        if self._batch_bytes >= _BATCH_BYTES:
+        if self._batch_bytes >= self._batch_limit:
             self.flush()
 
     def _wait_write(self) -> None:
