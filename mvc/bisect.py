@@ -57,23 +57,13 @@ def _require(repo) -> BisectState:
     return st
 
 
-def _ancestors(repo, oid: str) -> set[str]:
-    seen, stack = set(), [oid]
-    while stack:
-        c = stack.pop()
-        if c not in seen:
-            seen.add(c)
-            stack.extend(repo.commit_obj(c).parents)
-    return seen
-
-
 def next_step(repo, st: BisectState) -> Step:
     if st.bad is None or not st.good:
         return Step()
     excluded: set[str] = set()
     for g in st.good:
-        excluded |= _ancestors(repo, g)
-    cands = _ancestors(repo, st.bad) - excluded
+        excluded |= repo.ancestors(g)
+    cands = repo.ancestors(st.bad) - excluded
     if st.bad in excluded:
         raise MvcError(f"the bad commit {st.bad[:12]} is an ancestor of a good one",
                        hint="check the good and bad marks (`mvc bisect log`)")
@@ -86,7 +76,7 @@ def next_step(repo, st: BisectState) -> Step:
     n = len(cands)
     best, best_score = None, -1
     for c in sorted(testable):  # sorted: the same choice every time
-        w = len(_ancestors(repo, c) & cands)
+        w = len(repo.ancestors(c) & cands)
         score = min(w, n - w)
         if score > best_score:
             best, best_score = c, score

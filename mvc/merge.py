@@ -43,23 +43,15 @@ class MergeResult:
 
 def merge_bases(repo, a: str, b: str) -> list[str]:
     """Best common ancestors of a and b (none of them an ancestor of another)."""
-    anc_a = _ancestors(repo, a)
-    common = [c for c in _ancestors(repo, b) if c in anc_a]
-    best = []
-    for c in common:
-        if not any(c != d and c in _ancestors(repo, d) for d in common):
-            best.append(c)
+    anc_a = repo.ancestors(a)
+    best: list[str] = []
+    covered: set[str] = set()
+    # children before parents: a common commit not below an earlier best one is itself a best one
+    for e in repo.log(b):
+        if e.oid in anc_a and e.oid not in covered:
+            best.append(e.oid)
+            covered |= repo.ancestors(e.oid)
     return sorted(best, key=lambda c: (-repo.commit_obj(c).time, c))
-
-
-def _ancestors(repo, oid: str) -> set[str]:
-    seen, stack = set(), [oid]
-    while stack:
-        c = stack.pop()
-        if c not in seen:
-            seen.add(c)
-            stack.extend(repo.commit_obj(c).parents)
-    return seen
 
 
 # -- float conversion back to stored bytes ---------------------------------------------

@@ -50,9 +50,9 @@ def merge(repo, rev: str, message: str | None = None, strategy: str | None = Non
     if ours is None:
         raise UsageError("cannot merge into a branch with no commits")
     with repo.lock():
-        if theirs == ours or theirs in _anc(repo, ours):
+        if theirs == ours or theirs in repo.ancestors(ours):
             return MergeOutcome("up-to-date", ours)
-        if ours in _anc(repo, theirs):
+        if ours in repo.ancestors(theirs):
             tree = repo.odb.get(repo.commit_obj(theirs).tree, "tree")
             repo._switch_tree(tree, False, progress or _null())
             repo.refs.move_head(theirs, ours, f"merge {rev}: fast-forward")
@@ -206,12 +206,6 @@ def continue_(repo, author: str | None = None) -> str:
     oid = repo.commit(st["message"], author=author, allow_empty=True, op=st["op"], parents_extra=extra)
     _save(repo, None)
     return oid
-
-
-def _anc(repo, oid: str) -> set[str]:
-    from .merge import _ancestors
-
-    return _ancestors(repo, oid)
 
 
 def _null():

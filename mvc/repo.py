@@ -478,16 +478,18 @@ class Repo:
         self.refs.set_ref(TAGS + name, None, oid, "tag: deleted")
         return oid
 
-    def is_ancestor(self, a: str, b: str) -> bool:
-        seen, stack = set(), [b]
+    def ancestors(self, oid: str) -> set[str]:
+        """*oid* and every commit reachable from it."""
+        seen, stack = set(), [oid]
         while stack:
             c = stack.pop()
-            if c == a:
-                return True
             if c not in seen:
                 seen.add(c)
                 stack.extend(self.commit_obj(c).parents)
-        return False
+        return seen
+
+    def is_ancestor(self, a: str, b: str) -> bool:
+        return a in self.ancestors(b)
 
     # -- tensors ---------------------------------------------------------------
     def load(self, rev: str = "HEAD", path: str | None = None) -> dict:

@@ -666,16 +666,8 @@ def merge(c, rev, message, strategy, weights, density, cont, abort, author):
     from .. import mergeops
 
     repo = c.repo()
-    if abort:
-        mergeops.abort(repo)
-        click.echo("merge aborted", err=True)
+    if _continue_or_abort(repo, "merge", rev, cont, abort, author):
         return
-    if cont:
-        oid = mergeops.continue_(repo, author=author or default_author())
-        click.echo(f"[{repo.refs.current_branch() or 'detached HEAD'} {oid[:12]}] merge committed")
-        return
-    if not rev:
-        raise UsageError("merge needs a revision (or --continue / --abort)")
     out = mergeops.merge(repo, rev, message, strategy, _weights(weights), author or default_author(),
                          progress=c.progress(), density=density)
     if out.kind == "up-to-date":
@@ -686,6 +678,23 @@ def merge(c, rev, message, strategy, weights, density, cont, abort, author):
         click.echo(f"Merge made: {out.commit[:12]} (base {out.base[:12] if out.base else 'none'})")
     else:
         _report_conflicts(out.conflicts, "merge")
+
+
+def _continue_or_abort(repo, kind: str, rev, cont: bool, abort: bool, author) -> bool:
+    """Handle --continue / --abort of a merge, revert or cherry-pick; True when one was given."""
+    from .. import mergeops
+
+    if abort:
+        mergeops.abort(repo)
+        click.echo(f"{kind} aborted", err=True)
+        return True
+    if cont:
+        oid = mergeops.continue_(repo, author=author or default_author())
+        click.echo(f"[{repo.refs.current_branch() or 'detached HEAD'} {oid[:12]}] {kind} committed")
+        return True
+    if not rev:
+        raise UsageError(f"{kind} needs a revision (or --continue / --abort)")
+    return False
 
 
 def _report_conflicts(conflicts, kind: str) -> None:
@@ -710,16 +719,8 @@ def _pick_command(kind: str, doc: str):
         from .. import mergeops
 
         repo = c.repo()
-        if abort:
-            mergeops.abort(repo)
-            click.echo(f"{kind} aborted", err=True)
+        if _continue_or_abort(repo, kind, rev, cont, abort, author):
             return
-        if cont:
-            oid = mergeops.continue_(repo, author=author or default_author())
-            click.echo(f"[{repo.refs.current_branch() or 'detached HEAD'} {oid[:12]}] {kind} committed")
-            return
-        if not rev:
-            raise UsageError(f"{kind} needs a revision (or --continue / --abort)")
         out = mergeops.pick(repo, rev, kind, message, strategy, author or default_author(), c.progress())
         if out.kind == "up-to-date":
             click.echo("nothing to do: the result equals HEAD")
