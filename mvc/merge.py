@@ -18,6 +18,7 @@ import numpy as np
 
 from .errors import MvcError, UsageError
 from .pipeline import CHUNK_SIZE, Ingestor, Materializer
+from .progress import NULL, Progress
 from .store.objects import DTYPES, File, Tensor, Tree, TreeEntry
 from .tensordiff import to_float64
 
@@ -138,7 +139,7 @@ def resolve_elements(strategy: str, dtype: str, b, o, t, weights: tuple[float, f
 # -- the merge ---------------------------------------------------------------------------
 class Merger:
     def __init__(self, repo, strategy: str | None = None, weights: tuple[float, float] = (1.0, 1.0),
-                 density: float = 0.2):
+                 density: float = 0.2, progress: Progress = NULL):
         if strategy is not None and strategy not in STRATEGIES:
             raise UsageError(f"unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
         self.repo = repo
@@ -148,6 +149,7 @@ class Merger:
         if not 0 < density <= 1:
             raise UsageError(f"--density {density}: must be in (0, 1]")
         self.density = density
+        self.progress = progress
         self._made: dict[str, Tensor] = {}  # tensors made by this merge, not yet flushed to the store
 
     def _tensor(self, tid: str) -> Tensor:
@@ -156,6 +158,9 @@ class Merger:
     def merge_trees(self, base: Tree, ours: Tree, theirs: Tree) -> MergeResult:
         b, o, t = base.as_dict(), ours.as_dict(), theirs.as_dict()
         res = MergeResult(entries={})
+        # progress counts the tensor bytes of files changed on both sides: the ones merged tensor by tensor
+        both = [p for p in o if p in t and o[p] != t[p] and (p not in b or (b[p] != o[p] and b[p] != t[p]))]
+        self.progress.start("merging", sum(self.odb.get(o[p].oid, "file").size for p in both))
         with Ingestor(self.odb, store=True, workers=self.repo.workers, batch_bytes=32 << 20) as ing, \
                 Materializer(self.odb, workers=self.repo.workers) as mat:
             mat.inflight = 2  # three streams (base, ours, theirs) read at once: keep each short
@@ -165,6 +170,7 @@ class Merger:
                 merged = self._merge_path(path, eb, eo, et, res)
                 if merged is not None:
                     res.entries[path] = merged
+        self.progress.finish()
         return res
 
     def _take(self, e: TreeEntry | None):
@@ -204,6 +210,7 @@ class Merger:
         out: list[tuple[str, str]] = []
         for name in names + [n for n in tb if n not in to and n not in tt]:
             b, o, t = tb.get(name), to.get(name), tt.get(name)
+            streamed = False  # merged element by element: progress was counted chunk by chunk
             if o == t:
                 merged = o
             elif o == b:
@@ -214,8 +221,10 @@ class Merger:
                 merged = self._side(path, o, t, res, "added or deleted on one side, changed on the other", name)
             else:
                 merged = self._merge_tensor(path, name, b, o, t, res)
+                streamed = True
             if merged is not None:
                 out.append((name, merged))
+            self.progress.advance(nbytes=0 if streamed or o is None else self._tensor(o).nbytes, tensors=1)
         return self._file_object(fo, ft, out)
 
     def _merge_tensor(self, path, name, b_id, o_id, t_id, res: MergeResult) -> str:
@@ -249,6 +258,7 @@ class Merger:
             data = merged.tobytes()
             fs = itemsize if DTYPES[o.dtype][1] and itemsize > 1 else 0
             chunks.append(self.ing.add_chunk(data, fs))
+            self.progress.advance(nbytes=len(data))
         if conflicts:
             res.conflicts.append(Conflict(path, name, conflicts, "changed on both sides"))
         res.merged_tensors += 1

@@ -60,7 +60,7 @@ def merge(repo, rev: str, message: str | None = None, strategy: str | None = Non
         bases = merge_bases(repo, ours, theirs)
         base = bases[0] if bases else None
         base_tree = repo.odb.get(repo.commit_obj(base).tree, "tree") if base else Tree(())
-        res = Merger(repo, strategy, w, density).merge_trees(base_tree, repo.head_tree(),
+        res = Merger(repo, strategy, w, density, progress or _null()).merge_trees(base_tree, repo.head_tree(),
                                                     repo.odb.get(repo.commit_obj(theirs).tree, "tree"))
         merged = Tree.build(res.entries)
         repo._switch_tree(merged, False, progress or _null())
@@ -100,7 +100,7 @@ def pick(repo, rev: str, kind: str, message: str | None = None, strategy: str | 
                       else f"{first}\n\n(cherry picked from commit {oid})")
     op = {"op": kind, "of": oid, "strategy": strategy or "three-way"}
     with repo.lock():
-        res = Merger(repo, strategy).merge_trees(base, repo.head_tree(), theirs)
+        res = Merger(repo, strategy, progress=progress or _null()).merge_trees(base, repo.head_tree(), theirs)
         merged = Tree.build(res.entries)
         repo._switch_tree(merged, False, progress or _null())
         if res.conflicts:
