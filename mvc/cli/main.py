@@ -750,3 +750,8 @@ def apply(c, patch):
     res = apply_patch(c.repo(), data, progress=c.progress())
     click.echo(f"applied: the work tree now holds {res['target'][:12]}'s tree ({res['objects']} objects); "
                "review with `mvc status`, then commit")
+
+
+from .git import git_group  # noqa: E402 - registered last, after the shared helpers above
+
+cli.add_command(git_group)

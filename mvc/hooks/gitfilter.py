@@ -1,0 +1,180 @@
+"""Git's long-running clean/smudge filter (`filter.mvc.process`), on an mvc store in .git/mvc.
+
+clean:  file bytes -> tensors and chunks in the store, a pointer (docs/pointer-spec.md) to Git.
+        A pointer is returned unchanged (clean is idempotent).
+smudge: pointer -> the file, rebuilt bit-for-bit and verified; anything else passes through.
+One process serves a whole `git add` or `git checkout` (protocol version 2).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from ..errors import MvcError
+from ..pipeline import Ingestor, Materializer
+from ..store.lmdb_backend import LmdbBackend
+from ..store.odb import ObjectDB
+from . import pktline as P
+from .pointer import Pointer, parse
+
+
+def git_dir(start: str = ".") -> str:
+    """The common .git directory of the repository containing *start*."""
+    import pygit2
+
+    found = pygit2.discover_repository(os.path.abspath(start))
+    if not found:
+        raise MvcError(f"not a git repository: {os.path.abspath(start)}", hint="run `git init` first")
+    return os.path.abspath(found)
+
+
+def store_path(gitdir: str) -> str:
+    return os.path.join(gitdir, "mvc", "store")
+
+
+def open_store(gitdir: str, create: bool = True) -> ObjectDB:
+    return ObjectDB(LmdbBackend(store_path(gitdir), create=create))
+
+
+class Filter:
+    """Filter logic, separate from the protocol: clean a spooled file, smudge a pointer."""
+
+    def __init__(self, odb: ObjectDB, tmpdir: str, fallback_store: str | None = None):
+        self.odb = odb
+        self.tmpdir = tmpdir
+        #: another mvc store (a local origin's .git/mvc/store) to copy missing objects from
+        self.fallback_store = fallback_store
+        self._fallback: ObjectDB | None = None
+        os.makedirs(tmpdir, exist_ok=True)
+
+    def _fetch(self, oid: str) -> bool:
+        """Copy a file object and everything it names from the fallback store, verifying each."""
+        if not self.fallback_store or not os.path.exists(os.path.join(self.fallback_store, "data.mdb")):
+            return False
+        if self._fallback is None:
+            self._fallback = ObjectDB(LmdbBackend(self.fallback_store))
+        src = self._fallback
+        if not src.has(oid):
+            return False
+        from ..maintenance import children
+        from ..store.odb import decode_verified
+
+        needed: dict[str, str] = {}
+        stack = [(oid, "file")]
+        while stack:
+            o, kind = stack.pop()
+            if o in needed or self.odb.has(o):
+                continue
+            needed[o] = kind
+            if kind != "chunk":
+                stack.extend(children(kind, src.get(o, kind)))
+        # write order: chunks, then tensors, then the file
+        for group in ("chunk", "tensor", "file"):
+            batch, size = [], 0
+            for o, kind in needed.items():
+                if kind != group:
+                    continue
+                stored = bytes(src.stored(o, kind))
+                decode_verified(bytes.fromhex(o), stored, kind)  # never store what does not verify
+                batch.append((bytes.fromhex(o), stored))
+                size += len(stored)
+                if size > 64 << 20:
+                    self.odb.backend.put_many(batch)
+                    batch, size = [], 0
+            self.odb.backend.put_many(batch)
+        return True
+
+    def clean(self, read_into, pathname: str) -> bytes:
+        """*read_into(file)* writes the content to a file; returns the pointer to give Git."""
+        fd, tmp = tempfile.mkstemp(dir=self.tmpdir, suffix=".clean")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                read_into(f)
+            size = os.path.getsize(tmp)
+            if size <= 1024:
+                with open(tmp, "rb") as f:
+                    head = f.read()
+                if parse(head) is not None:
+                    return head
+            with Ingestor(self.odb, store=True) as ing:
+                oid = ing.ingest(tmp, pathname)
+            return Pointer(oid, size).encode()
+        finally:
+            os.unlink(tmp)
+
+    def check_smudge(self, data: bytes) -> None:
+        """Raise before any output if *data* is a pointer whose object this store lacks."""
+        ptr = parse(data)
+        if ptr is not None and not self.odb.has(ptr.oid) and not self._fetch(ptr.oid):
+            raise MvcError(f"object {ptr.oid[:12]} is missing from {self.odb.backend.path}",
+                           hint="copy or fetch the origin's .git/mvc store, then `git checkout -- PATH`")
+
+    def smudge(self, data: bytes, out) -> None:
+        """Write the file a pointer names (or *data* itself, if it is not a pointer) to *out*."""
+        ptr = parse(data)
+        if ptr is None:
+            out.write(data)
+            return
+        self.check_smudge(data)
+        with Materializer(self.odb) as mat:
+            mat.write(ptr.oid, out)
+
+
+def serve(stdin, stdout, filt: Filter, log) -> None:
+    """Run protocol version 2 until Git closes the pipe. *log(str)* reports errors to Git's stderr."""
+    hello = P.read_text_list(stdin)
+    if "git-filter-client" not in hello or "version=2" not in hello:
+        raise P.ProtocolError(f"unexpected handshake {hello!r}")
+    P.write_text(stdout, "git-filter-server", "version=2")
+    P.flush(stdout)
+    caps = P.read_text_list(stdin)
+    offer = [c for c in ("capability=clean", "capability=smudge") if c in caps]
+    P.write_text(stdout, *offer)
+    P.flush(stdout)
+    while True:
+        try:
+            header = P.read_text_list(stdin)
+        except EOFError:
+            return
+        meta = dict(line.split("=", 1) for line in header if "=" in line)
+        command, pathname = meta.get("command"), meta.get("pathname", "?")
+        try:
+            if command == "clean":
+                result = filt.clean(lambda f: P.read_content(stdin, f.write), pathname)
+                _respond(stdout, result)
+            elif command == "smudge":
+                chunks: list[bytes] = []
+                P.read_content(stdin, chunks.append)
+                data = b"".join(chunks)
+                filt.check_smudge(data)
+                P.write_text(stdout, "status=success")
+                P.flush(stdout)
+                w = P.PacketWriter(stdout)
+                try:
+                    filt.smudge(data, w)
+                    w.close()
+                    P.flush(stdout)
+                    P.flush(stdout)  # empty list: keep status=success
+                except MvcError as e:
+                    w.close()
+                    P.flush(stdout)
+                    P.write_text(stdout, "status=error")
+                    P.flush(stdout)
+                    log(f"mvc: {pathname}: {e}" + (f" (hint: {e.hint})" if e.hint else ""))
+            else:
+                P.read_content(stdin, lambda _b: None)
+                P.write_text(stdout, "status=error")
+                P.flush(stdout)
+        except MvcError as e:
+            log(f"mvc: {pathname}: {e}" + (f" (hint: {e.hint})" if e.hint else ""))
+            P.write_text(stdout, "status=error")
+            P.flush(stdout)
+
+
+def _respond(stdout, data: bytes) -> None:
+    P.write_text(stdout, "status=success")
+    P.flush(stdout)
+    P.write_packet(stdout, data)
+    P.flush(stdout)
+    P.flush(stdout)

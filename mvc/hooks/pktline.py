@@ -1,0 +1,85 @@
+"""Git's pkt-line framing (protocol code only; no filter logic here).
+
+A packet is 4 hex digits giving its total length (header included) and the payload;
+"0000" is a flush packet. Payloads are at most 65516 bytes.
+"""
+
+from __future__ import annotations
+
+MAX_PAYLOAD = 65516
+FLUSH = b"0000"
+
+
+class ProtocolError(Exception):
+    pass
+
+
+def read_packet(stream) -> bytes | None:
+    """The next payload, or None for a flush packet. EOFError when the stream ends."""
+    head = stream.read(4)
+    if not head:
+        raise EOFError
+    if len(head) < 4:
+        raise ProtocolError("truncated pkt-line header")
+    try:
+        n = int(head, 16)
+    except ValueError as e:
+        raise ProtocolError(f"bad pkt-line header {head!r}") from e
+    if n == 0:
+        return None
+    if n < 4 or n - 4 > MAX_PAYLOAD:
+        raise ProtocolError(f"bad pkt-line length {n}")
+    data = stream.read(n - 4)
+    if len(data) != n - 4:
+        raise ProtocolError("truncated pkt-line payload")
+    return data
+
+
+def read_text_list(stream) -> list[str]:
+    """Text packets up to the next flush, without trailing newlines."""
+    out = []
+    while (pkt := read_packet(stream)) is not None:
+        out.append(pkt.decode("utf-8").rstrip("\n"))
+    return out
+
+
+def read_content(stream, sink) -> None:
+    """Binary packets up to the next flush, each handed to sink(bytes)."""
+    while (pkt := read_packet(stream)) is not None:
+        sink(pkt)
+
+
+def write_packet(stream, data: bytes) -> None:
+    for i in range(0, len(data), MAX_PAYLOAD):
+        part = data[i:i + MAX_PAYLOAD]
+        stream.write(b"%04x" % (len(part) + 4) + part)
+
+
+def write_text(stream, *lines: str) -> None:
+    for line in lines:
+        write_packet(stream, (line + "\n").encode("utf-8"))
+
+
+def flush(stream) -> None:
+    stream.write(FLUSH)
+    stream.flush()
+
+
+class PacketWriter:
+    """A binary file-like object that frames everything written to it as pkt-lines."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.buf = bytearray()
+
+    def write(self, data) -> int:
+        self.buf += data
+        while len(self.buf) >= MAX_PAYLOAD:
+            write_packet(self.stream, bytes(self.buf[:MAX_PAYLOAD]))
+            del self.buf[:MAX_PAYLOAD]
+        return len(data)
+
+    def close(self) -> None:
+        if self.buf:
+            write_packet(self.stream, bytes(self.buf))
+            self.buf.clear()
