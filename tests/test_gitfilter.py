@@ -33,6 +33,13 @@ def mvc(cwd, *args):
     return res.stdout
 
 
+def filter_starts(trace) -> int:
+    """How many mvc filter processes Git started, from its GIT_TRACE2_EVENT log."""
+    events = [json.loads(line) for line in trace.read_text().splitlines()]
+    return sum(1 for e in events
+               if e.get("event") == "child_start" and "filter-process" in " ".join(e.get("argv", [])))
+
+
 @pytest.fixture
 def gitrepo(tmp_path):
     root = tmp_path / "g"
@@ -97,9 +104,7 @@ def test_one_filter_process_for_twenty_files(gitrepo, rng, tmp_path):
     trace = tmp_path / "trace.json"
     env = dict(os.environ, GIT_TRACE2_EVENT=str(trace))
     git(gitrepo, "add", ".", env=env)
-    starts = [json.loads(line) for line in trace.read_text().splitlines()]
-    filters = [e for e in starts if e.get("event") == "child_start" and "filter-process" in " ".join(e.get("argv", []))]
-    assert len(filters) == 1
+    assert filter_starts(trace) == 1
     git(gitrepo, "commit", "-q", "-m", "twenty")
     for i in range(20):
         assert parse(git(gitrepo, "cat-file", "-p", f"HEAD:m{i:02d}.safetensors").stdout.encode())
@@ -145,3 +150,66 @@ def test_clone_of_local_repository_fetches_from_origin_store(gitrepo, rng, tmp_p
     git(clone, "checkout", "-q", "main")
     assert sha256(clone / "model.safetensors") == want
     assert git(clone, "status", "--porcelain").stdout == ""
+
+
+def test_git_diff_shows_tensor_statistics(gitrepo, rng):
+    model = gitrepo / "model.safetensors"
+    tensors = {f"w{i}": ("BF16", (128, 128), bf16(rng, (128, 128))) for i in range(3)}
+    write_safetensors(model, tensors)
+    git(gitrepo, "add", ".")
+    git(gitrepo, "commit", "-q", "-m", "one")
+    tensors["w1"] = ("BF16", (128, 128), bf16(rng, (128, 128)))
+    write_safetensors(model, tensors)
+    out = git(gitrepo, "diff").stdout  # work tree against the index: a real file on one side
+    assert "modified w1" in out and "changed" in out and "cosine" in out and "w0" not in out
+    git(gitrepo, "commit", "-q", "-am", "two")
+    out = git(gitrepo, "diff", "HEAD~1").stdout  # two pointers
+    assert "modified w1" in out and "|delta|" in out
+    log = git(gitrepo, "log", "-p", "-1").stdout  # textconv: the changed tensor's line
+    assert "-w1  BF16[128, 128]" in log and "+w1  BF16[128, 128]" in log
+
+
+def test_git_merge_through_the_tensor_merge(gitrepo, rng):
+    import numpy as np
+
+    model = gitrepo / "model.safetensors"
+    base = {f"w{i}": np.frombuffer(bf16(rng, (64, 64)), "<u2").copy() for i in range(3)}
+
+    def save(ts):
+        write_safetensors(model, {k: ("BF16", v.shape, v.tobytes()) for k, v in ts.items()})
+
+    save(base)
+    git(gitrepo, "add", ".")
+    git(gitrepo, "commit", "-q", "-m", "base")
+    git(gitrepo, "checkout", "-q", "-b", "side")
+    save(dict(base, w2=base["w2"] ^ 1))
+    git(gitrepo, "commit", "-q", "-am", "side changes w2")
+    git(gitrepo, "checkout", "-q", "main")
+    save(dict(base, w0=base["w0"] ^ 1))
+    git(gitrepo, "commit", "-q", "-am", "main changes w0")
+    git(gitrepo, "merge", "-q", "--no-edit", "side")
+    import torch
+    from safetensors.torch import load_file
+
+    got = {k: v.view(torch.int16).numpy().view("<u2") for k, v in load_file(model).items()}
+    assert np.array_equal(got["w0"], base["w0"] ^ 1)
+    assert np.array_equal(got["w2"], base["w2"] ^ 1)
+    assert git(gitrepo, "status", "--porcelain").stdout == ""
+    # overlapping edits: Git reports a conflict
+    git(gitrepo, "checkout", "-q", "-b", "other", "HEAD~2")  # the base commit
+    save(dict(base, w0=base["w0"] ^ 2))
+    git(gitrepo, "commit", "-q", "-am", "other changes w0 too")
+    git(gitrepo, "checkout", "-q", "main")
+    res = git(gitrepo, "merge", "--no-edit", "other", check=False)
+    assert res.returncode != 0
+    assert "CONFLICT" in res.stdout and "tensor conflict in w0" in res.stderr
+
+
+def test_git_status_does_not_clean_again(gitrepo, rng, tmp_path):
+    write_safetensors(gitrepo / "m.safetensors", {"w": ("BF16", (64, 64), bf16(rng, (64, 64)))})
+    git(gitrepo, "add", ".")
+    git(gitrepo, "commit", "-q", "-m", "one")
+    git(gitrepo, "status")  # refreshes the index once
+    trace = tmp_path / "t.json"
+    git(gitrepo, "status", env=dict(os.environ, GIT_TRACE2_EVENT=str(trace)))
+    assert filter_starts(trace) == 0

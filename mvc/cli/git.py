@@ -50,6 +50,11 @@ def install(c, scope):
     cmd = _mvc_command()
     _git("config", scope, "filter.mvc.process", f"{cmd} git filter-process", cwd=cwd)
     _git("config", scope, "filter.mvc.required", "true", cwd=cwd)
+    _git("config", scope, "diff.mvc.command", f"{cmd} git diff-driver", cwd=cwd)
+    _git("config", scope, "diff.mvc.textconv", f"{cmd} git textconv", cwd=cwd)
+    _git("config", scope, "diff.mvc.binary", "true", cwd=cwd)
+    _git("config", scope, "merge.mvc.name", "mvc tensor merge", cwd=cwd)
+    _git("config", scope, "merge.mvc.driver", f"{cmd} git merge-driver %O %A %B %P", cwd=cwd)
     if scope == "--local":
         open_store(git_dir(cwd), create=True)
     click.echo(f"mvc filter installed ({scope[2:]}); track files with `mvc git track '*.safetensors'`")
@@ -61,7 +66,7 @@ def install(c, scope):
 @click.pass_obj
 def uninstall(c, scope):
     """Remove the mvc filter from Git's config (objects in .git/mvc stay)."""
-    for section in ("filter.mvc",):
+    for section in ("filter.mvc", "diff.mvc", "merge.mvc"):
         subprocess.run(["git", "config", scope, "--remove-section", section], cwd=c.directory,
                        capture_output=True)
     click.echo("mvc filter removed")
@@ -114,3 +119,57 @@ def filter_process():
         sys.stderr.flush()
 
     serve(sys.stdin.buffer, sys.stdout.buffer, filt, log)
+
+
+def _store():
+    from ..hooks.gitfilter import git_dir, open_store
+
+    return open_store(os.path.abspath(os.environ.get("GIT_DIR") or git_dir(".")))
+
+
+@git_group.command("diff-driver", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def diff_driver(args):
+    """Git's external diff for tracked models: PATH OLD OLD-HEX OLD-MODE NEW NEW-HEX NEW-MODE."""
+    from ..hooks.gitdrivers import diff_files
+    from . import render
+
+    if len(args) < 7:
+        raise UsageError("diff-driver is started by Git with 7 arguments")
+    name, old, new = args[0], args[1], args[4]
+    fc = diff_files(_store(), name, old, new)
+    click.echo(f"mvc diff {name}")
+    render.render_full([fc])
+
+
+@git_group.command("textconv")
+@click.argument("path")
+def textconv(path):
+    """Git's textconv for tracked models: one line per tensor (for `git log -p`)."""
+    from ..hooks.gitdrivers import textconv_lines
+
+    for line in textconv_lines(_store(), path, path):
+        click.echo(line)
+
+
+@git_group.command("merge-driver")
+@click.argument("base")
+@click.argument("ours")
+@click.argument("theirs")
+@click.argument("name")
+def merge_driver(base, ours, theirs, name):
+    """Git's merge driver: a three-way tensor merge of three pointers, the result written to OURS."""
+    from ..hooks.gitdrivers import StoreRepo, merge_pointers
+
+    def read(p):
+        with open(p, "rb") as f:
+            return f.read()
+
+    merged, conflicts = merge_pointers(StoreRepo(_store()), name, read(base), read(ours), read(theirs))
+    if merged is None:
+        where = ", ".join(f"{c.tensor or c.path} ({c.elements} elements)" if c.elements else (c.tensor or c.path)
+                          for c in conflicts[:5])
+        raise MvcError(f"{name}: tensor conflict in {where}",
+                       hint="pick a side with `git checkout --ours/--theirs`, or merge with mvc's strategies")
+    with open(ours, "wb") as f:
+        f.write(merged)
