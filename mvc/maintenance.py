@@ -50,10 +50,12 @@ def children(kind: str, obj) -> list[tuple[str, str]]:
     return []
 
 
-def reachable(repo, report: FsckReport | None = None, roots: dict[str, str] | None = None) -> set[str]:
-    """Ids reachable from the roots. Missing or damaged objects are noted in *report* (or raise)."""
+def reachable(repo, report: FsckReport | None = None, roots: dict[str, str] | None = None,
+              root_kind: str = "commit") -> set[str]:
+    """Ids reachable from the roots (commits, or *root_kind* objects). Missing or damaged objects
+    are noted in *report* (or raise)."""
     seen: set[str] = set()
-    stack = [(oid, "commit", who) for oid, who in (roots or ref_roots(repo)).items()]
+    stack = [(oid, root_kind, who) for oid, who in (ref_roots(repo) if roots is None else roots).items()]
     while stack:
         oid, kind, who = stack.pop()
         if oid in seen:

@@ -213,3 +213,37 @@ def test_git_status_does_not_clean_again(gitrepo, rng, tmp_path):
     trace = tmp_path / "t.json"
     git(gitrepo, "status", env=dict(os.environ, GIT_TRACE2_EVENT=str(trace)))
     assert filter_starts(trace) == 0
+
+
+def test_git_fsck_and_gc_follow_git_history(gitrepo, rng):
+    model = gitrepo / "model.safetensors"
+    write_safetensors(model, {"w": ("BF16", (64, 64), bf16(rng, (64, 64)))})
+    git(gitrepo, "add", ".")
+    git(gitrepo, "commit", "-q", "-m", "one")
+    write_safetensors(model, {"w": ("BF16", (64, 64), bf16(rng, (64, 64)))})
+    git(gitrepo, "add", ".")  # staged only: the index keeps it alive
+    write_safetensors(model, {"w": ("BF16", (64, 64), bf16(rng, (64, 64)))})
+    git(gitrepo, "add", ".")  # replaces the staged version: that one is now garbage
+    assert "checked 2 pointers: ok" in subprocess.run(mvc_bin() + ["git", "fsck"], cwd=gitrepo,
+                                                      capture_output=True, text=True).stderr
+    out = mvc(gitrepo, "git", "gc")
+    assert out.startswith("removed 3 objects")  # the dropped version's chunk, tensor and file
+    git(gitrepo, "commit", "-q", "-m", "two")
+    os.remove(model)
+    git(gitrepo, "checkout", "--", "model.safetensors")
+    git(gitrepo, "checkout", "-q", "HEAD~1", "--", "model.safetensors")
+    assert git(gitrepo, "status", "--porcelain").stdout.strip().startswith("M")
+    res = subprocess.run(mvc_bin() + ["git", "fsck", "--json"], cwd=gitrepo, capture_output=True, text=True)
+    assert json.loads(res.stdout)["ok"] is True
+
+
+def test_pre_push_hook_installed_and_says_where_objects_are(gitrepo, tmp_path):
+    hook = gitrepo / ".git" / "hooks" / "pre-push"
+    assert hook.exists() and os.access(hook, os.X_OK)
+    bare = tmp_path / "bare.git"
+    git(tmp_path, "init", "-q", "--bare", str(bare))
+    (gitrepo / "a.txt").write_text("a")
+    git(gitrepo, "add", "a.txt")
+    git(gitrepo, "commit", "-q", "-m", "a")
+    res = git(gitrepo, "push", str(bare), "main")
+    assert "model objects stay in .git/mvc/store" in res.stderr

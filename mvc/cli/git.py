@@ -56,7 +56,9 @@ def install(c, scope):
     _git("config", scope, "merge.mvc.name", "mvc tensor merge", cwd=cwd)
     _git("config", scope, "merge.mvc.driver", f"{cmd} git merge-driver %O %A %B %P", cwd=cwd)
     if scope == "--local":
-        open_store(git_dir(cwd), create=True)
+        gd = git_dir(cwd)
+        open_store(gd, create=True)
+        _install_pre_push(gd, cmd)
     click.echo(f"mvc filter installed ({scope[2:]}); track files with `mvc git track '*.safetensors'`")
 
 
@@ -110,6 +112,7 @@ def _origin_store() -> str | None:
 def filter_process():
     """Git's long-running filter (started by Git, speaks pkt-lines on stdin/stdout)."""
     from ..hooks.gitfilter import Filter, git_dir, open_store, serve
+    from ..hooks.githistory import store_lock
 
     gd = os.path.abspath(os.environ.get("GIT_DIR") or git_dir("."))
     filt = Filter(open_store(gd), os.path.join(gd, "mvc", "tmp"), fallback_store=_origin_store())
@@ -118,7 +121,8 @@ def filter_process():
         sys.stderr.write(msg + "\n")
         sys.stderr.flush()
 
-    serve(sys.stdin.buffer, sys.stdout.buffer, filt, log)
+    with store_lock(gd, exclusive=False):
+        serve(sys.stdin.buffer, sys.stdout.buffer, filt, log)
 
 
 def _store():
@@ -173,3 +177,63 @@ def merge_driver(base, ours, theirs, name):
                        hint="pick a side with `git checkout --ours/--theirs`, or merge with mvc's strategies")
     with open(ours, "wb") as f:
         f.write(merged)
+
+
+PRE_PUSH = """#!/bin/sh
+# installed by `mvc git install`: push the mvc objects that pushed commits need
+exec {cmd} git pre-push "$@"
+"""
+
+
+def _install_pre_push(gitdir: str, cmd: str) -> None:
+    path = os.path.join(gitdir, "hooks", "pre-push")
+    if os.path.exists(path) and "mvc git install" not in open(path, encoding="utf-8", errors="replace").read():
+        click.echo(f"note: {path} exists and is not mvc's; not replaced", err=True)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(PRE_PUSH.format(cmd=cmd))
+    os.chmod(path, 0o755)
+
+
+@git_group.command("pre-push", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def pre_push(args):
+    """Git's pre-push hook. Until mvc remotes exist, it only says where the objects are."""
+    click.echo("mvc: model objects stay in .git/mvc/store (mvc remotes are not built yet); "
+               "a clone of this repository on this machine fetches them from here", err=True)
+
+
+@git_group.command("fsck")
+@click.option("--json", "as_json", is_flag=True)
+def git_fsck_cmd(as_json):
+    """Check that every pointer reachable in Git's history has all its objects, intact."""
+    from ..hooks.gitfilter import git_dir
+    from ..hooks.githistory import git_fsck
+    from . import render
+
+    gd = os.path.abspath(os.environ.get("GIT_DIR") or git_dir("."))
+    rep = git_fsck(_store(), gd)
+    if as_json:
+        render.emit_json({"ok": rep.ok, "pointers": rep.objects, "missing": rep.missing, "corrupt": rep.corrupt})
+    else:
+        for oid, who in rep.missing.items():
+            click.echo(f"missing {oid} (named by {who})")
+        for oid, why in rep.corrupt.items():
+            click.echo(f"corrupt {oid}: {why}")
+        click.echo(f"checked {rep.objects} pointers: " + ("ok" if rep.ok else "PROBLEMS FOUND"), err=True)
+    if not rep.ok:
+        sys.exit(1)
+
+
+@git_group.command("gc")
+@click.option("-n", "--dry-run", is_flag=True)
+def git_gc_cmd(dry_run):
+    """Delete mvc objects that no pointer in Git's history or index needs."""
+    from ..hooks.gitfilter import git_dir
+    from ..hooks.githistory import git_gc
+    from . import render
+
+    gd = os.path.abspath(os.environ.get("GIT_DIR") or git_dir("."))
+    kept, removed, freed = git_gc(_store(), gd, dry_run)
+    click.echo(f"{'would remove' if dry_run else 'removed'} {removed} objects ({render.human(freed)}), kept {kept}")
