@@ -125,6 +125,33 @@ def run_merge(size_mib: int, workdir: str) -> dict:
             "merge_peak_rss_mib": merge_rss / 2**20, "machine": machine()}
 
 
+def run_git(size_mib: int, workdir: str) -> dict:
+    """`git add` of the model through the mvc filter, against `mvc commit` of the same model."""
+    model_dir = os.path.join(workdir, "mvcrepo")
+    git_dir_ = os.path.join(workdir, "gitrepo")
+    os.makedirs(model_dir)
+    os.makedirs(git_dir_)
+    write_model(os.path.join(model_dir, "model.safetensors"), size_mib, seed=0)
+    os.link(os.path.join(model_dir, "model.safetensors"), os.path.join(git_dir_, "model.safetensors"))
+    raw = os.path.getsize(os.path.join(model_dir, "model.safetensors"))
+    subprocess.run(mvc_cmd() + ["init", "."], cwd=model_dir, check=True, stdout=subprocess.DEVNULL)
+    commit_s, _ = timed(["-q", "commit", "-m", "bench"], model_dir)
+    env = dict(os.environ, GIT_AUTHOR_NAME="b", GIT_AUTHOR_EMAIL="b@x", GIT_COMMITTER_NAME="b",
+               GIT_COMMITTER_EMAIL="b@x")
+    for args in (["git", "init", "-q"], mvc_cmd() + ["git", "install"], mvc_cmd() + ["git", "track", "*.safetensors"],
+                 ["git", "add", ".gitattributes"]):
+        subprocess.run(args, cwd=git_dir_, check=True, stdout=subprocess.DEVNULL, env=env)
+    t = time.perf_counter()
+    subprocess.run(["git", "add", "model.safetensors"], cwd=git_dir_, check=True, env=env)
+    add_s = time.perf_counter() - t
+    t = time.perf_counter()
+    subprocess.run(["git", "status", "--porcelain"], cwd=git_dir_, check=True, stdout=subprocess.DEVNULL, env=env)
+    status_s = time.perf_counter() - t
+    return {"size_bytes": raw, "commit_s": commit_s, "commit_gbps": raw / commit_s / 1e9, "git_add_s": add_s,
+            "git_add_gbps": raw / add_s / 1e9, "ratio": commit_s / add_s, "git_status_s": status_s,
+            "machine": machine()}
+
+
 def report(res: dict) -> str:
     rows = [
         ("model", f"{res['size_bytes'] / 2**30:.2f} GiB bf16 in {res['files']} file(s)"
@@ -149,17 +176,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workdir", help="directory to work in (default: a temporary one, removed after)")
     ap.add_argument("--merge", action="store_true",
                     help="instead: merge two branches that both fine-tuned every tensor (--strategy average)")
+    ap.add_argument("--git", action="store_true", help="instead: `git add` through the mvc filter vs `mvc commit`")
     args = ap.parse_args(argv)
     workdir = args.workdir or tempfile.mkdtemp(prefix="mvc-bench-")
     try:
         if args.merge:
             res = run_merge(args.size_mib, workdir)
+        elif args.git:
+            res = run_git(args.size_mib, workdir)
         else:
             res = run(args.size_mib, args.largest_mib, args.shards, workdir)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     print(f"$ python -m bench {' '.join(argv if argv is not None else sys.argv[1:])}")
+    if args.git:
+        print(f"| {res['size_bytes'] / 2**30:.2f} GiB | mvc commit {res['commit_gbps']:.2f} GB/s | git add "
+              f"{res['git_add_gbps']:.2f} GB/s | ratio {res['ratio']:.2f} | git status after add "
+              f"{res['git_status_s'] * 1000:.0f} ms |")
+        return
     if args.merge:
         print(f"| merge of two {res['size_bytes'] / 2**30:.2f} GiB branches, every element conflicting, average | "
               f"{res['merge_s']:.1f} s ({res['merge_gbps']:.2f} GB/s of model), peak RSS "

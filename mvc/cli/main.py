@@ -753,5 +753,7 @@ def apply(c, patch):
 
 
 from .git import git_group  # noqa: E402 - registered last, after the shared helpers above
+from .hook import hook_group  # noqa: E402
 
 cli.add_command(git_group)
+cli.add_command(hook_group)
