@@ -138,6 +138,10 @@ class Ingestor:
             pending.append((tag, (n, offset), self.pool.submit(self._work, data, float_size)))
             yield
 
+    def ingest_safetensors_stream(self, f, size: int, rel: str) -> str:
+        """Store a safetensors file read sequentially from *f* (no seeking), *size* bytes in all."""
+        return self._safetensors(f, size, rel, rel)
+
     def ingest(self, path: str, rel: str) -> str:
         """Store (or hash) one file and return its file id."""
         with open(path, "rb") as f:

@@ -247,3 +247,14 @@ def test_pre_push_hook_installed_and_says_where_objects_are(gitrepo, tmp_path):
     git(gitrepo, "commit", "-q", "-m", "a")
     res = git(gitrepo, "push", str(bare), "main")
     assert "model objects stay in .git/mvc/store" in res.stderr
+
+
+@pytest.mark.parametrize("damage", ["trailing", "short"])
+def test_streamed_clean_validates_sizes(gitrepo, rng, damage):
+    p = gitrepo / "m.safetensors"
+    write_safetensors(p, {"w": ("BF16", (64, 64), bf16(rng, (64, 64)))})
+    data = p.read_bytes()
+    p.write_bytes(data + b"extra" if damage == "trailing" else data[:-10])
+    res = git(gitrepo, "add", "m.safetensors", check=False)
+    assert res.returncode != 0 and "m.safetensors" in res.stderr
+    assert git(gitrepo, "status", "--porcelain").stdout.strip().startswith("??")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import tempfile
 
-from ..errors import MvcError
+from ..errors import InvalidFileError, MvcError
+from ..formats import safetensors as stf
 from ..pipeline import Ingestor, Materializer
 from ..store.lmdb_backend import LmdbBackend
 from ..store.odb import ObjectDB
@@ -85,6 +86,22 @@ class Filter:
             self.odb.backend.put_many(batch)
         return True
 
+    def clean_stream(self, reader: P.PacketReader, pathname: str) -> bytes:
+        """Clean content read from Git's packets; safetensors stream straight into the store."""
+        head = reader.read(1025)
+        if len(head) <= 1024 and parse(head) is not None and reader.drain() == 0:
+            return head
+        if pathname.endswith(".safetensors") and len(head) >= 8:
+            size = _safetensors_size(head, reader, pathname)
+            if size is not None:
+                stream = _Prefixed(head, reader)
+                with Ingestor(self.odb, store=True) as ing:
+                    oid = ing.ingest_safetensors_stream(stream, size, pathname)
+                if reader.drain():
+                    raise InvalidFileError(pathname, "trailing bytes after the last tensor")
+                return Pointer(oid, size).encode()
+        return self.clean(lambda f: (f.write(head), f.write(reader.read())), pathname)
+
     def clean(self, read_into, pathname: str) -> bytes:
         """*read_into(file)* writes the content to a file; returns the pointer to give Git."""
         fd, tmp = tempfile.mkstemp(dir=self.tmpdir, suffix=".clean")
@@ -141,7 +158,12 @@ def serve(stdin, stdout, filt: Filter, log) -> None:
         command, pathname = meta.get("command"), meta.get("pathname", "?")
         try:
             if command == "clean":
-                result = filt.clean(lambda f: P.read_content(stdin, f.write), pathname)
+                reader = P.PacketReader(stdin)
+                try:
+                    result = filt.clean_stream(reader, pathname)
+                finally:
+                    if not reader.eof:
+                        reader.drain()  # keep the protocol in step even when cleaning failed
                 _respond(stdout, result)
             elif command == "smudge":
                 chunks: list[bytes] = []
@@ -170,6 +192,55 @@ def serve(stdin, stdout, filt: Filter, log) -> None:
             log(f"mvc: {pathname}: {e}" + (f" (hint: {e.hint})" if e.hint else ""))
             P.write_text(stdout, "status=error")
             P.flush(stdout)
+
+
+class _Prefixed:
+    """Bytes already read, then the rest of a PacketReader, as one sequential file."""
+
+    def __init__(self, head: bytes, reader: P.PacketReader):
+        self.head = head
+        self.reader = reader
+        self.pos = 0
+
+    def read(self, n: int) -> bytes:
+        if self.head:
+            out, self.head = self.head[:n], self.head[n:]
+            if len(out) < n:
+                out += self.reader.read(n - len(out))
+        else:
+            out = self.reader.read(n)
+        self.pos += len(out)
+        return out
+
+    def tell(self) -> int:
+        return self.pos
+
+
+def _safetensors_size(head: bytes, reader: P.PacketReader, pathname: str) -> int | None:
+    """The whole file's size from its header (the largest end offset), or None if unreadable."""
+    import json
+    import struct
+
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > stf.MAX_HEADER:
+        raise InvalidFileError(pathname, f"safetensors header of {n} bytes is over the {stf.MAX_HEADER} byte limit")
+    need = 8 + n - len(head)
+    if need > 0:
+        head_more = reader.read(need)
+        if len(head_more) < need:
+            raise InvalidFileError(pathname, f"safetensors header length {n} runs past the end of the file")
+        reader.unread(head_more)  # the ingest reads the header again, in order
+        header = head + head_more
+    else:
+        header = head
+    try:
+        entries = json.loads(header[8:8 + n])
+        ends = [v["data_offsets"][1] for k, v in entries.items() if k != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None  # let the full parser report exactly what is wrong
+    if not all(isinstance(e, int) and e >= 0 for e in ends):
+        return None
+    return 8 + n + max(ends, default=0)
 
 
 def _respond(stdout, data: bytes) -> None:

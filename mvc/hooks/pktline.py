@@ -65,6 +65,51 @@ def flush(stream) -> None:
     stream.flush()
 
 
+class PacketReader:
+    """A binary file-like object reading content packets up to the next flush."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.cur = b""  # the packet being consumed, from offset self.off
+        self.off = 0
+        self.eof = False
+        self.pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to *n* bytes (all that is left for n < 0), copied once."""
+        parts = []
+        need = n if n >= 0 else 1 << 62
+        while need > 0:
+            if self.off >= len(self.cur):
+                if self.eof:
+                    break
+                pkt = read_packet(self.stream)
+                if pkt is None:
+                    self.eof = True
+                    break
+                self.cur, self.off = pkt, 0
+            take = min(need, len(self.cur) - self.off)
+            parts.append(memoryview(self.cur)[self.off:self.off + take])
+            self.off += take
+            need -= take
+        out = b"".join(parts)
+        self.pos += len(out)
+        return out
+
+    def unread(self, data: bytes) -> None:
+        """Put bytes back in front of what is still to be read."""
+        self.cur = data + self.cur[self.off:]
+        self.off = 0
+        self.pos -= len(data)
+
+    def tell(self) -> int:
+        return self.pos
+
+    def drain(self) -> int:
+        """Consume the rest of the content; returns how many bytes were left."""
+        return len(self.read())
+
+
 class PacketWriter:
     """A binary file-like object that frames everything written to it as pkt-lines."""
 
