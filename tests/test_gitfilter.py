@@ -258,3 +258,18 @@ def test_streamed_clean_validates_sizes(gitrepo, rng, damage):
     res = git(gitrepo, "add", "m.safetensors", check=False)
     assert res.returncode != 0 and "m.safetensors" in res.stderr
     assert git(gitrepo, "status", "--porcelain").stdout.strip().startswith("??")
+
+
+def test_plain_clone_then_install_gives_bit_exact_files(gitrepo, rng, tmp_path):
+    model = gitrepo / "model.safetensors"
+    write_safetensors(model, {f"w{i}": ("BF16", (96, 96), bf16(rng, (96, 96))) for i in range(2)})
+    want = sha256(model)
+    git(gitrepo, "add", ".")
+    git(gitrepo, "commit", "-q", "-m", "one")
+    clone = tmp_path / "plain"
+    git(tmp_path, "clone", "-q", str(gitrepo), str(clone))
+    assert parse((clone / "model.safetensors").read_bytes()) is not None  # no filter yet: a pointer
+    out = mvc(clone, "git", "install")
+    assert "checked out 1 model file" in out
+    assert sha256(clone / "model.safetensors") == want
+    assert git(clone, "status", "--porcelain").stdout == ""

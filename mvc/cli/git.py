@@ -59,7 +59,39 @@ def install(c, scope):
         gd = git_dir(cwd)
         open_store(gd, create=True)
         _install_pre_push(gd, cmd)
+        restored = _smudge_pointer_files(cwd)
+        if restored:
+            click.echo(f"checked out {restored} model file(s) that were still pointers")
     click.echo(f"mvc filter installed ({scope[2:]}); track files with `mvc git track '*.safetensors'`")
+
+
+def _smudge_pointer_files(cwd: str) -> int:
+    """Files a clone wrote as pointers before the filter was configured: check them out again."""
+    from ..hooks.pointer import MAX_SIZE, parse
+
+    top = _git("rev-parse", "--show-toplevel", cwd=cwd).strip()
+    res = subprocess.run(["git", "ls-files", "-z"], cwd=top, capture_output=True)
+    paths = []
+    for rel in res.stdout.decode("utf-8", "replace").split("\0"):
+        full = os.path.join(top, rel)
+        if rel and os.path.isfile(full) and not os.path.islink(full) and os.path.getsize(full) <= MAX_SIZE:
+            with open(full, "rb") as f:
+                if parse(f.read()) is not None:
+                    paths.append(rel)
+    if paths:
+        # Git skips index-clean files on checkout: move the pointers aside first, restore them on failure
+        for rel in paths:
+            os.replace(os.path.join(top, rel), os.path.join(top, rel) + ".mvc-pointer")
+        try:
+            _git("checkout", "--", *paths, cwd=top)
+        finally:
+            for rel in paths:
+                aside = os.path.join(top, rel) + ".mvc-pointer"
+                if os.path.exists(os.path.join(top, rel)):
+                    os.remove(aside)
+                else:
+                    os.replace(aside, os.path.join(top, rel))
+    return len(paths)
 
 
 @git_group.command()
