@@ -246,14 +246,7 @@ def git_fsck_cmd(as_json):
 
     gd = os.path.abspath(os.environ.get("GIT_DIR") or git_dir("."))
     rep = git_fsck(_store(), gd)
-    if as_json:
-        render.emit_json({"ok": rep.ok, "pointers": rep.objects, "missing": rep.missing, "corrupt": rep.corrupt})
-    else:
-        for oid, who in rep.missing.items():
-            click.echo(f"missing {oid} (named by {who})")
-        for oid, why in rep.corrupt.items():
-            click.echo(f"corrupt {oid}: {why}")
-        click.echo(f"checked {rep.objects} pointers: " + ("ok" if rep.ok else "PROBLEMS FOUND"), err=True)
+    render.render_fsck(rep, "pointers", as_json)
     if not rep.ok:
         sys.exit(1)
 

@@ -436,17 +436,7 @@ def fsck(c, as_json):
     prog.start("verifying", repo.backend.stats()["stored_bytes"])
     rep = run_fsck(repo, prog)
     prog.finish()
-    if as_json:
-        render.emit_json({"ok": rep.ok, "objects": rep.objects, "corrupt": rep.corrupt,
-                          "missing": rep.missing, "bad_refs": rep.bad_refs})
-    else:
-        for oid, why in rep.corrupt.items():
-            click.echo(f"corrupt {oid}: {why}")
-        for oid, who in rep.missing.items():
-            click.echo(f"missing {oid} (named by {who})")
-        for name, why in rep.bad_refs.items():
-            click.echo(f"bad ref {name}: {why}")
-        click.echo(f"checked {rep.objects} objects: " + ("ok" if rep.ok else "PROBLEMS FOUND"), err=True)
+    render.render_fsck(rep, "objects", as_json)
     if not rep.ok:
         sys.exit(1)
 

@@ -184,3 +184,18 @@ def graph_lines(entries) -> list[tuple[str, int]]:
             del nxt[dup]
         cols = nxt
     return rows
+
+
+def render_fsck(rep, noun: str, as_json: bool) -> None:
+    """An fsck report (mvc's objects or Git's pointers), as JSON or one line per problem."""
+    if as_json:
+        emit_json({"ok": rep.ok, noun: rep.objects, "corrupt": rep.corrupt, "missing": rep.missing,
+                   "bad_refs": rep.bad_refs})
+        return
+    for oid, why in rep.corrupt.items():
+        click.echo(f"corrupt {oid}: {why}")
+    for oid, who in rep.missing.items():
+        click.echo(f"missing {oid} (named by {who})")
+    for name, why in rep.bad_refs.items():
+        click.echo(f"bad ref {name}: {why}")
+    click.echo(f"checked {rep.objects} {noun}: " + ("ok" if rep.ok else "PROBLEMS FOUND"), err=True)
