@@ -124,6 +124,17 @@ class Repo:
         os.replace(tmp, os.path.join(mvc_dir, CONFIG))
         return cls(root, backend=be)
 
+    def update_config(self, change) -> None:
+        """Apply change(config dict) and write .mvc/config.json atomically."""
+        cfg = read_config(self.root)
+        change(cfg)
+        path = os.path.join(self.root, REPO_DIR, CONFIG)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(path + ".tmp", path)
+        self.config = cfg
+
     def close(self) -> None:
         self.backend.close()
 

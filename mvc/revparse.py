@@ -18,7 +18,7 @@ def resolve_base(refs: Refs, odb: ObjectDB, name: str) -> str:
         if oid is None:
             raise UnknownRevisionError("HEAD has no commits yet")
         return oid
-    for full in (name, TAGS + name, HEADS + name):
+    for full in (name, TAGS + name, HEADS + name, "refs/remotes/" + name):
         if full.startswith("refs/"):
             oid = refs.get(full)
             if oid is not None:

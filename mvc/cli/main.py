@@ -491,6 +491,7 @@ def apply(c, patch):
 from .git import git_group  # noqa: E402 - registered last, after the commands above
 from .history import COMMANDS as HISTORY  # noqa: E402
 from .hook import hook_group  # noqa: E402
+from .remote import COMMANDS as REMOTE  # noqa: E402
 
-for _cmd in (*HISTORY, git_group, hook_group):
+for _cmd in (*HISTORY, *REMOTE, git_group, hook_group):
     cli.add_command(_cmd)

@@ -86,6 +86,11 @@ class ObjectDB:
             self._cache.popitem(last=False)
         return obj
 
+    @staticmethod
+    def get_parsed_from(kind: str, content, hex_id: str):
+        """Parse verified content of a metadata object that is not in the store yet."""
+        return parse_object(kind, bytes(content), hex_id)
+
     def kind_of(self, hex_id: str) -> str:
         stored = self.stored(hex_id)
         if not stored or stored[0] >= len(TYPES):

@@ -1,0 +1,133 @@
+"""Remote commands: remote, push, fetch, pull, clone."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from . import render
+from .context import default_author, pass_ctx
+
+
+@click.group()
+def remote():
+    """Manage remotes (file:// directories; S3-compatible buckets are coming)."""
+
+
+@remote.command("add")
+@click.argument("name")
+@click.argument("url")
+@click.option("--endpoint-url", default=None, help="S3-compatible endpoint (kept in repo config).")
+@pass_ctx
+def remote_add(c, name, url, endpoint_url):
+    """Add a remote NAME at URL."""
+    from ..remote.sync import add_remote
+
+    add_remote(c.repo(), name, url, endpoint_url)
+
+
+@remote.command("remove")
+@click.argument("name")
+@pass_ctx
+def remote_remove(c, name):
+    """Remove a remote and its remote-tracking refs."""
+    from ..remote.sync import remove_remote
+
+    remove_remote(c.repo(), name)
+
+
+@remote.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def remote_list(c, as_json):
+    """List remotes."""
+    from ..remote.sync import remotes
+
+    rs = remotes(c.repo())
+    if as_json:
+        render.emit_json(rs)
+    else:
+        for name, entry in rs.items():
+            click.echo(f"{name}\t{entry['url']}")
+
+
+@click.command()
+@click.argument("name", default="origin")
+@click.argument("branch", required=False)
+@click.option("-f", "--force", is_flag=True, help="Allow a non-fast-forward update of the remote branch.")
+@pass_ctx
+def push(c, name, branch, force):
+    """Upload what the remote lacks, then move its branch (compare-and-swap)."""
+    from ..errors import UsageError
+    from ..remote.sync import open_named
+    from ..remote.sync import push as do_push
+
+    repo = c.repo()
+    branch = branch or repo.refs.current_branch()
+    if not branch:
+        raise UsageError("HEAD is detached: name the branch to push")
+    res = do_push(repo, open_named(repo, name), name, branch, force, c.progress())
+    if res.up_to_date:
+        click.echo("Everything up to date")
+    else:
+        old = res.old[:12] if res.old else "(new branch)"
+        click.echo(f"{name} {branch}: {old} -> {res.new[:12]} ({res.objects} objects, "
+                   f"{render.human(res.bytes_sent)} sent)")
+
+
+@click.command()
+@click.argument("name", default="origin")
+@pass_ctx
+def fetch(c, name):
+    """Download the remote's branches as NAME/BRANCH (verified before they are stored)."""
+    from ..remote.sync import fetch as do_fetch
+    from ..remote.sync import open_named
+
+    repo = c.repo()
+    for branch, tip in do_fetch(repo, open_named(repo, name), name, c.progress()).items():
+        click.echo(f"{name}/{branch} {tip[:12]}")
+
+
+@click.command()
+@click.argument("name", default="origin")
+@click.argument("branch", required=False)
+@pass_ctx
+def pull(c, name, branch):
+    """fetch, then fast-forward or merge NAME/BRANCH into the current branch."""
+    from .. import mergeops
+    from ..errors import UsageError
+    from ..remote.sync import fetch as do_fetch
+    from ..remote.sync import open_named
+
+    repo = c.repo()
+    branch = branch or repo.refs.current_branch()
+    if not branch:
+        raise UsageError("HEAD is detached: name the branch to pull")
+    tips = do_fetch(repo, open_named(repo, name), name, c.progress())
+    if branch not in tips:
+        raise UsageError(f"the remote {name} has no branch {branch!r}")
+    if repo.refs.head_commit() is None:
+        repo.refs.set_ref(f"refs/heads/{branch}", tips[branch], None, f"pull from {name}")
+        repo.checkout(branch, force=True, progress=c.progress())
+        click.echo(f"checked out {name}/{branch}")
+        return
+    out = mergeops.merge(repo, f"{name}/{branch}", None, None, None, default_author(), progress=c.progress())
+    click.echo({"up-to-date": "Already up to date.", "fast-forward": f"Fast-forward to {(out.commit or '')[:12]}",
+                "merged": f"Merge made: {(out.commit or '')[:12]}"}.get(out.kind, "conflicts: see `mvc status`"))
+
+
+@click.command()
+@click.argument("url")
+@click.argument("directory", required=False)
+@pass_ctx
+def clone(c, url, directory):
+    """Copy a remote into a new repository and check out its default branch."""
+    from ..remote.sync import clone as do_clone
+
+    dest = directory or os.path.basename(url.rstrip("/")) or "model"
+    repo = do_clone(url, os.path.join(c.directory, dest), c.progress())
+    click.echo(f"cloned into {repo.root}")
+
+
+COMMANDS = [remote, push, fetch, pull, clone]

@@ -1,0 +1,282 @@
+"""push, fetch and clone over a RemoteBackend (layout: docs/remote-format.md).
+
+Remote layout, format 1:
+
+    mvc-remote.json            {"format": 1}
+    packs/<id>.pack            stored values back to back (id = BLAKE3 of the pack bytes)
+    packs/<id>.idx             canonical JSON {"objects": [[oid, offset, length], ...]}, written after its pack
+    refs/heads/<branch>        "<commit id>\\n", moved last, by compare-and-swap
+
+A push uploads chunk packs first (in parallel), then one pack of metadata objects,
+then moves the ref; so a commit on the remote always has everything it names, an
+interrupted push leaves only complete packs (or an orphan pack without an index),
+and running it again sends only what is missing. Every downloaded object is
+verified against its id before it is stored; nothing unverified becomes visible.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import blake3
+
+from ..errors import CorruptObjectError, MvcError
+from ..maintenance import children
+from ..refs import HEADS
+from ..store.ids import TYPE_CODE
+from ..store.objects import canonical_json
+from ..store.odb import decode_verified
+from .backends import RemoteBackend, RemoteError
+
+FORMAT = 1
+PACK_TARGET = 64 << 20
+REMOTES = "refs/remotes/"
+_IDX_CACHE = b"remote-idx:"
+
+
+@dataclass
+class PushResult:
+    branch: str
+    old: str | None
+    new: str
+    objects: int = 0
+    bytes_sent: int = 0
+    up_to_date: bool = False
+
+
+def _check_format(remote: RemoteBackend, create: bool) -> None:
+    raw = remote.get("mvc-remote.json")
+    if raw is None:
+        if not create:
+            raise RemoteError("not an mvc remote (no mvc-remote.json)", hint="push to it first")
+        remote.put("mvc-remote.json", canonical_json({"format": FORMAT}))
+        return
+    try:
+        fmt = json.loads(raw)["format"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise RemoteError(f"remote's mvc-remote.json is damaged ({e})") from e
+    if fmt > FORMAT:
+        raise RemoteError(f"remote format {fmt} is newer than this mvc understands ({FORMAT})",
+                          hint="upgrade mvc")
+
+
+def remote_index(repo, remote: RemoteBackend, name: str) -> dict[str, tuple[str, int, int]]:
+    """oid -> (pack key, offset, length) for every object the remote holds (idx files cached locally)."""
+    out: dict[str, tuple[str, int, int]] = {}
+    for key in remote.list("packs/"):
+        if not key.endswith(".idx"):
+            continue
+        cache_key = _IDX_CACHE + name.encode() + b":" + key.encode()
+        raw = repo.backend.kv_get(cache_key)
+        if raw is None:
+            raw = remote.get(key)
+            if raw is None:
+                continue
+            repo.backend.kv_put_many({cache_key: raw})
+        try:
+            entries = json.loads(raw)["objects"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise RemoteError(f"remote index {key} is damaged ({e})") from e
+        pack = key[: -len(".idx")] + ".pack"
+        for oid, off, length in entries:
+            out[oid] = (pack, off, length)
+    return out
+
+
+def _read_ref(remote: RemoteBackend, branch: str) -> tuple[bytes | None, str | None]:
+    raw = remote.get(f"refs/heads/{branch}")
+    return raw, (raw.decode().strip() if raw else None)
+
+
+def _missing(repo, tip: str, have) -> dict[str, str]:
+    """Objects reachable from *tip* that the remote lacks (stopping at commits it has)."""
+    want: dict[str, str] = {}
+    stack = [(tip, "commit")]
+    while stack:
+        oid, kind = stack.pop()
+        if oid in want or oid in have:
+            continue
+        want[oid] = kind
+        if kind != "chunk":
+            stack.extend(children(kind, repo.odb.get(oid, kind)))
+    return want
+
+
+def _upload_pack(remote: RemoteBackend, items: list[tuple[str, bytes]]) -> int:
+    offsets, pos = [], 0
+    for oid, stored in items:
+        offsets.append([oid, pos, len(stored)])
+        pos += len(stored)
+    data = b"".join(s for _, s in items)
+    key = "packs/" + blake3.blake3(data).hexdigest()
+    remote.put(key + ".pack", data)
+    remote.put(key + ".idx", canonical_json({"objects": offsets}))
+    return len(data)
+
+
+def push(repo, remote: RemoteBackend, name: str, branch: str, force: bool = False, progress=None) -> PushResult:
+    local = repo.refs.get(HEADS + branch)
+    if local is None:
+        raise RemoteError(f"no local branch {branch!r} to push")
+    _check_format(remote, create=True)
+    old_raw, old = _read_ref(remote, branch)
+    res = PushResult(branch, old, local)
+    if old == local:
+        res.up_to_date = True
+        return res
+    if old and not force and not (repo.odb.has(old) and repo.is_ancestor(old, local)):
+        raise RemoteError(f"push of {branch} rejected: the remote has commits you do not (non-fast-forward)",
+                          hint=f"`mvc pull {name} {branch}` first, or push --force")
+    have = remote_index(repo, remote, name)
+    want = _missing(repo, local, have)
+    chunks = [o for o, k in want.items() if k == "chunk"]
+    meta = sorted((o for o, k in want.items() if k != "chunk"), key=lambda o: (TYPE_CODE[want[o]], o))
+    if progress is not None:
+        progress.start("pushing", sum(len(repo.odb.stored(o)) for o in chunks))
+
+    def packs(ids):
+        batch, size = [], 0
+        for oid in ids:
+            stored = bytes(repo.odb.stored(oid))
+            batch.append((oid, stored))
+            size += len(stored)
+            if size >= PACK_TARGET:
+                yield batch
+                batch, size = [], 0
+        if batch:
+            yield batch
+
+    with ThreadPoolExecutor(4, thread_name_prefix="mvc-push") as pool:
+        pending = []
+        for batch in packs(chunks):
+            pending.append(pool.submit(_upload_pack, remote, batch))
+            while len(pending) > 4:
+                n = pending.pop(0).result()
+                if progress is not None:
+                    progress.advance(nbytes=n)
+        for f in pending:
+            n = f.result()
+            if progress is not None:
+                progress.advance(nbytes=n)
+    for batch in packs(meta):  # after every chunk pack: a commit on the remote is always complete
+        _upload_pack(remote, batch)
+    if progress is not None:
+        progress.finish()
+    if not remote.cas(f"refs/heads/{branch}", old_raw, (local + "\n").encode()):
+        raise RemoteError(f"push of {branch} rejected: the remote ref moved while pushing",
+                          hint=f"`mvc pull {name} {branch}` and push again")
+    repo.refs.set_ref(f"{REMOTES}{name}/{branch}", local, repo.refs.get(f"{REMOTES}{name}/{branch}"),
+                      f"push to {name}")
+    res.objects = len(want)
+    res.bytes_sent = remote.sent
+    return res
+
+
+def fetch(repo, remote: RemoteBackend, name: str, progress=None) -> dict[str, str]:
+    """Download every branch's missing objects (verified) and set refs/remotes/NAME/*."""
+    _check_format(remote, create=False)
+    tips = {}
+    for key in remote.list("refs/heads/"):
+        raw = remote.get(key)
+        if raw:
+            tips[key[len("refs/heads/"):]] = raw.decode().strip()
+    index = remote_index(repo, remote, name)
+    metas: dict[str, tuple[str, bytes]] = {}
+    chunk_batch: list[tuple[bytes, bytes]] = []
+    size = 0
+    stack = [(t, "commit") for t in tips.values()]
+    seen: set[str] = set()
+    while stack:
+        oid, kind = stack.pop()
+        if oid in seen or repo.odb.has(oid):
+            continue
+        seen.add(oid)
+        where = index.get(oid)
+        if where is None:
+            raise RemoteError(f"the remote lacks {kind} {oid[:12]} that its refs need", hint="the remote is damaged")
+        data = remote.get_range(*where)
+        try:
+            _, content = decode_verified(bytes.fromhex(oid), data, kind)
+        except MvcError as e:
+            raise CorruptObjectError(oid, f"downloaded from {name} and refused: {e}") from e
+        if kind == "chunk":
+            chunk_batch.append((bytes.fromhex(oid), data))
+            size += len(data)
+            if size >= PACK_TARGET:
+                repo.backend.put_many(chunk_batch)
+                chunk_batch, size = [], 0
+        else:
+            metas[oid] = (kind, data)
+            stack.extend(children(kind, repo.odb.get_parsed_from(kind, content, oid)))
+    repo.backend.put_many(chunk_batch)
+    # metadata last, children before parents: tensors, files, trees, commits
+    for kind in ("tensor", "file", "tree", "commit"):
+        repo.backend.put_many([(bytes.fromhex(o), d) for o, (k, d) in metas.items() if k == kind])
+    for branch, tip in tips.items():
+        ref = f"{REMOTES}{name}/{branch}"
+        repo.refs.set_ref(ref, tip, repo.refs.get(ref), f"fetch from {name}")
+    return tips
+
+
+# -- remote configuration (in .mvc/config.json; never any secret) ----------------------------
+def remotes(repo) -> dict[str, dict]:
+    return dict(repo.config.get("remotes", {}))
+
+
+def add_remote(repo, name: str, url: str, endpoint_url: str | None = None) -> None:
+    from ..refs import check_ref_name
+    from .backends import check_url
+
+    check_ref_name(name, "remote")
+    check_url(url)
+    if name in remotes(repo):
+        raise RemoteError(f"remote {name!r} already exists")
+    entry = {"url": url} | ({"endpoint_url": check_url(endpoint_url)} if endpoint_url else {})
+    repo.update_config(lambda cfg: cfg.setdefault("remotes", {}).__setitem__(name, entry))
+
+
+def remove_remote(repo, name: str) -> None:
+    if name not in remotes(repo):
+        raise RemoteError(f"no remote named {name!r}", hint="`mvc remote list` shows them")
+    repo.update_config(lambda cfg: cfg["remotes"].pop(name))
+    for ref, oid in repo.backend.list_refs(f"{REMOTES}{name}/").items():
+        repo.refs.set_ref(ref, None, oid, "remote removed")
+
+
+def open_named(repo, name: str) -> RemoteBackend:
+    from .backends import open_remote
+
+    entry = remotes(repo).get(name)
+    if entry is None:
+        raise RemoteError(f"no remote named {name!r}", hint="add one with `mvc remote add NAME URL`")
+    return open_remote(entry["url"], create=True, endpoint_url=entry.get("endpoint_url"))
+
+
+def clone(url: str, dest: str, progress=None):
+    """A new repository in *dest* with remote "origin", its default branch checked out."""
+    import os
+
+    from ..repo import Repo
+    from .backends import open_remote
+
+    remote = open_remote(url)
+    _check_format(remote, create=False)
+    if os.path.exists(dest) and os.listdir(dest):
+        raise RemoteError(f"destination {dest} exists and is not empty")
+    repo = Repo.init(dest)
+    add_remote(repo, "origin", url)
+    tips = fetch(repo, remote, "origin", progress)
+    if tips:
+        branch = "main" if "main" in tips else sorted(tips)[0]
+        repo.refs.set_ref(HEADS + branch, tips[branch], None, f"clone: from {url}")
+        repo.refs.attach_head(branch, "clone", None, tips[branch])
+        repo.checkout(branch, force=True, progress=progress or _null())
+    return repo
+
+
+def _null():
+    from ..progress import NULL
+
+    return NULL
