@@ -94,11 +94,7 @@ def test_corrupt_remote_object_never_stored(origin, tmp_path):
     pack.write_bytes(bytes(data))
     res = mvc_proc("clone", url, tmp_path / "c")
     assert res.returncode != 0 and "refused" in res.stderr and "Traceback" not in res.stderr
-    with Repo(tmp_path / "c") as c:
-        assert c.refs.head_commit() is None  # no ref to anything unverified
-        from mvc.maintenance import fsck
-
-        assert fsck(c).ok
+    assert not (tmp_path / "c").exists()  # a failed clone leaves nothing behind
 
 
 @pytest.mark.parametrize("url", ["file:///tmp/x\nevil", "ftp://host/x", "file:///no/such/dir/at/all"])

@@ -120,13 +120,14 @@ def pull(c, name, branch):
 @click.command()
 @click.argument("url")
 @click.argument("directory", required=False)
+@click.option("--endpoint-url", default=None, help="S3-compatible endpoint (kept in the new repo's config).")
 @pass_ctx
-def clone(c, url, directory):
+def clone(c, url, directory, endpoint_url):
     """Copy a remote into a new repository and check out its default branch."""
     from ..remote.sync import clone as do_clone
 
     dest = directory or os.path.basename(url.rstrip("/")) or "model"
-    repo = do_clone(url, os.path.join(c.directory, dest), c.progress())
+    repo = do_clone(url, os.path.join(c.directory, dest), c.progress(), endpoint_url=endpoint_url)
     click.echo(f"cloned into {repo.root}")
 
 

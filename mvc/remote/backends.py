@@ -123,10 +123,14 @@ class FileRemote(RemoteBackend):
         return sorted(out)
 
 
-def open_remote(url: str, create: bool = False, **_options) -> RemoteBackend:
+def open_remote(url: str, create: bool = False, endpoint_url: str | None = None) -> RemoteBackend:
     check_url(url)
+    if endpoint_url:
+        check_url(endpoint_url)
     if url.startswith("file://"):
         return FileRemote(url[len("file://"):], create=create)
     if url.startswith("s3://"):
-        raise RemoteError("s3:// remotes are not available in this version yet", hint="use a file:// remote")
-    raise RemoteError(f"unsupported remote URL {url!r}", hint="use file:///path")
+        from .s3 import S3Remote
+
+        return S3Remote(url, endpoint_url=endpoint_url)
+    raise RemoteError(f"unsupported remote URL {url!r}", hint="use s3://BUCKET/PREFIX or file:///path")

@@ -240,7 +240,12 @@ def add_remote(repo, name: str, url: str, endpoint_url: str | None = None) -> No
 def remove_remote(repo, name: str) -> None:
     if name not in remotes(repo):
         raise RemoteError(f"no remote named {name!r}", hint="`mvc remote list` shows them")
-    repo.update_config(lambda cfg: cfg["remotes"].pop(name))
+    def drop(cfg):
+        cfg["remotes"].pop(name)
+        if not cfg["remotes"]:
+            del cfg["remotes"]
+
+    repo.update_config(drop)
     for ref, oid in repo.backend.list_refs(f"{REMOTES}{name}/").items():
         repo.refs.set_ref(ref, None, oid, "remote removed")
 
@@ -254,25 +259,37 @@ def open_named(repo, name: str) -> RemoteBackend:
     return open_remote(entry["url"], create=True, endpoint_url=entry.get("endpoint_url"))
 
 
-def clone(url: str, dest: str, progress=None):
+def clone(url: str, dest: str, progress=None, endpoint_url: str | None = None):
     """A new repository in *dest* with remote "origin", its default branch checked out."""
     import os
 
     from ..repo import Repo
     from .backends import open_remote
 
-    remote = open_remote(url)
-    _check_format(remote, create=False)
     if os.path.exists(dest) and os.listdir(dest):
         raise RemoteError(f"destination {dest} exists and is not empty")
-    repo = Repo.init(dest)
-    add_remote(repo, "origin", url)
-    tips = fetch(repo, remote, "origin", progress)
-    if tips:
-        branch = "main" if "main" in tips else sorted(tips)[0]
-        repo.refs.set_ref(HEADS + branch, tips[branch], None, f"clone: from {url}")
-        repo.refs.attach_head(branch, "clone", None, tips[branch])
-        repo.checkout(branch, force=True, progress=progress or _null())
+    remote = open_remote(url, endpoint_url=endpoint_url)
+    _check_format(remote, create=False)
+    existed = os.path.exists(dest)
+    try:
+        repo = Repo.init(dest)
+        add_remote(repo, "origin", url, endpoint_url)
+        tips = fetch(repo, remote, "origin", progress)
+        if tips:
+            branch = "main" if "main" in tips else sorted(tips)[0]
+            repo.refs.set_ref(HEADS + branch, tips[branch], None, f"clone: from {url}")
+            repo.refs.attach_head(branch, "clone", None, tips[branch])
+            repo.checkout(branch, force=True, progress=progress or _null())
+    except BaseException:
+        import shutil
+
+        # a failed clone leaves nothing behind (an existing empty directory stays, empty)
+        if existed:
+            for name in os.listdir(dest):
+                shutil.rmtree(os.path.join(dest, name), ignore_errors=True)
+        else:
+            shutil.rmtree(dest, ignore_errors=True)
+        raise
     return repo
 
 
