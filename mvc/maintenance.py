@@ -16,6 +16,7 @@ class FsckReport:
     corrupt: dict[str, str] = field(default_factory=dict)  # oid -> what is wrong
     missing: dict[str, str] = field(default_factory=dict)  # oid -> who names it
     bad_refs: dict[str, str] = field(default_factory=dict)
+    not_fetched: int = 0  # chunks a lazy clone has not downloaded yet
 
     @property
     def ok(self) -> bool:
@@ -63,6 +64,10 @@ def reachable(repo, report: FsckReport | None = None, roots: dict[str, str] | No
         seen.add(oid)
         if kind == "chunk":
             if not repo.odb.has(oid):
+                if getattr(repo.odb, "fetcher", None) is not None:
+                    if report is not None:
+                        report.not_fetched += 1  # a lazy clone: it stays on the remote until needed
+                    continue
                 if report is None:
                     raise MvcError(f"chunk {oid} (named by {who}) is missing")
                 report.missing[oid] = who

@@ -103,6 +103,10 @@ class Repo:
         self.refs = Refs(self.backend)
         self.worktree = WorkTree(self.root, self.backend)
         self.workers = workers
+        if self.config.get("lazy"):  # a lazy clone: missing chunks come from that remote on demand
+            from .remote.sync import lazy_fetcher
+
+            self.odb.fetcher = lazy_fetcher(self, self.config["lazy"])
         #: the directory user paths are relative to (the CLI's -C DIR); None means the process's cwd
         self.cwd: str | None = None
 
@@ -503,11 +507,11 @@ class Repo:
         return a in self.ancestors(b)
 
     # -- tensors ---------------------------------------------------------------
-    def load(self, rev: str = "HEAD", path: str | None = None) -> dict:
-        """The tensors of *rev* as ``{name: torch.Tensor}`` without touching the work tree."""
+    def load(self, rev: str = "HEAD", path: str | None = None, names: list[str] | None = None) -> dict:
+        """The tensors of *rev* (only *names*, if given) as ``{name: torch.Tensor}``; the work tree is untouched."""
         from .tensors import load_tree
 
-        return load_tree(self, self.tree_of(rev), path)
+        return load_tree(self, self.tree_of(rev), path, names)
 
     def save(self, state_dict: dict, path: str, message: str, metadata: dict | None = None,
              author: str | None = None) -> str:

@@ -40,7 +40,7 @@ def to_torch(t: Tensor, data: bytearray):
     return torch.frombuffer(data, dtype=dtype).reshape(t.shape)
 
 
-def load_tree(repo, tree: Tree, path: str | None) -> dict:
+def load_tree(repo, tree: Tree, path: str | None, names: list[str] | None = None) -> dict:
     entries = tree.entries
     if path is not None:
         entries = [e for e in entries if e.path == path]
@@ -51,8 +51,9 @@ def load_tree(repo, tree: Tree, path: str | None) -> dict:
         for e in entries:
             f = repo.odb.get(e.oid, "file")
             if f.format == "safetensors":
+                wanted = [(n, tid) for n, tid in f.tensors if names is None or n in names]
                 items = ((name, to_torch(t, tensor_bytes(mat, t)))
-                         for name, t in ((n, repo.odb.get(tid, "tensor")) for n, tid in f.tensors))
+                         for name, t in ((n, repo.odb.get(tid, "tensor")) for n, tid in wanted))
             elif e.path.endswith(torchfile.SUFFIXES):
                 items = _torch_file(mat.read_bytes(e.oid), e.path).items()
             else:
@@ -60,9 +61,13 @@ def load_tree(repo, tree: Tree, path: str | None) -> dict:
                     raise UsageError(f"{path}: not a tensor file")
                 continue
             for name, value in items:
+                if names is not None and name not in names:
+                    continue
                 if name in out:
                     raise MvcError(f"tensor {name!r} appears in more than one file", hint="pass path=")
                 out[name] = value
+    if names is not None and (missing := [n for n in names if n not in out]):
+        raise UsageError(f"no tensor named {missing[0]!r} in that revision")
     return out
 
 

@@ -128,3 +128,40 @@ def test_killed_push_leaves_old_ref_and_resumes(origin, tmp_path, rng):
     assert mvc_proc("push", cwd=root).returncode == 0
     mvc("clone", url, tmp_path / "c")
     assert sha256(tmp_path / "c" / "m.safetensors") == sha256(root / "m.safetensors")
+
+
+def test_lazy_clone_fetches_only_what_is_read(tmp_path):
+    from mvc.remote.sync import add_remote, fetch, lazy_fetcher
+    from mvc.synth import write_model
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write_model(str(src / "model.safetensors"), 512, seed=0)
+    mvc("init", src)
+    mvc("commit", "-m", "one", cwd=src)
+    url = f"file://{tmp_path / 'remote'}"
+    mvc("remote", "add", "origin", url, cwd=src)
+    mvc("push", cwd=src)
+    size = (src / "model.safetensors").stat().st_size
+    # the CLI's lazy clone checks nothing out
+    res = mvc_proc("clone", "--filter=lazy", url, "lazy-cli", cwd=tmp_path)
+    assert res.returncode == 0 and not (tmp_path / "lazy-cli" / "model.safetensors").exists()
+    # through the API, with the remote's byte counter at hand
+    dst = tmp_path / "dst"
+    repo = Repo.init(dst)
+    add_remote(repo, "origin", url)
+    remote = FileRemote(str(tmp_path / "remote"))
+    fetch(repo, remote, "origin", lazy=True)
+    metadata_bytes = remote.received
+    assert metadata_bytes < 1_000_000 < size
+    repo.refs.set_ref("refs/heads/main", repo.resolve("origin/main"), None, "test")
+    repo.odb.fetcher = lazy_fetcher(repo, "origin", remote)
+    name = "model.layers.0.mlp.down_proj.weight"
+    t = repo.load("HEAD", names=[name])[name]
+    tensor_obj = repo.odb.get(dict(repo.odb.get(repo.tree_of("HEAD").entries[0].oid, "file").tensors)[name], "tensor")
+    stored = sum(len(repo.backend.get(bytes.fromhex(c))) for c in tensor_obj.chunks)
+    assert remote.received - metadata_bytes <= stored * 1.01 + 4096
+    assert t.shape == (2048, 5632)
+    # a full checkout then fetches the rest, bit-exact
+    repo.checkout("main", force=True)
+    assert sha256(dst / "model.safetensors") == sha256(src / "model.safetensors")

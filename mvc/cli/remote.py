@@ -121,13 +121,16 @@ def pull(c, name, branch):
 @click.argument("url")
 @click.argument("directory", required=False)
 @click.option("--endpoint-url", default=None, help="S3-compatible endpoint (kept in the new repo's config).")
+@click.option("--filter", "filter_", type=click.Choice(["lazy"]), default=None,
+              help="lazy: download commits and metadata only; tensors come when read (nothing is checked out).")
 @pass_ctx
-def clone(c, url, directory, endpoint_url):
+def clone(c, url, directory, endpoint_url, filter_):
     """Copy a remote into a new repository and check out its default branch."""
     from ..remote.sync import clone as do_clone
 
     dest = directory or os.path.basename(url.rstrip("/")) or "model"
-    repo = do_clone(url, os.path.join(c.directory, dest), c.progress(), endpoint_url=endpoint_url)
+    repo = do_clone(url, os.path.join(c.directory, dest), c.progress(), endpoint_url=endpoint_url,
+                    lazy=filter_ == "lazy")
     click.echo(f"cloned into {repo.root}")
 
 

@@ -42,8 +42,9 @@ class RemoteBackend(ABC):
     @abstractmethod
     def list(self, prefix: str) -> list[str]: ...
 
-    #: bytes sent by put/cas, for reports and tests
+    #: bytes sent by put/cas and received by get/get_range, for reports and tests
     sent: int = 0
+    received: int = 0
 
 
 def _safe_key(key: str) -> str:
@@ -70,9 +71,11 @@ class FileRemote(RemoteBackend):
     def get(self, key):
         try:
             with open(self._path(key), "rb") as f:
-                return f.read()
+                data = f.read()
         except FileNotFoundError:
             return None
+        self.received += len(data)
+        return data
 
     def get_range(self, key, start, length):
         try:
@@ -83,6 +86,7 @@ class FileRemote(RemoteBackend):
             raise RemoteError(f"remote object {key} is missing") from e
         if len(data) != length:
             raise RemoteError(f"remote object {key} is shorter than its index says")
+        self.received += len(data)
         return data
 
     def put(self, key, data):

@@ -27,6 +27,7 @@ class S3Remote(RemoteBackend):
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.endpoint = endpoint_url
         self.sent = 0
+        self.received = 0
         cfg = Config(connect_timeout=timeout, read_timeout=3 * timeout, max_pool_connections=16,
                      retries={"max_attempts": 2, "mode": "standard"})
         self.s3 = boto3.client("s3", endpoint_url=endpoint_url, config=cfg)
@@ -62,7 +63,9 @@ class S3Remote(RemoteBackend):
         from botocore.exceptions import ClientError
 
         try:
-            return self._call(self.s3.get_object, Bucket=self.bucket, Key=self._k(key))["Body"].read()
+            data = self._call(self.s3.get_object, Bucket=self.bucket, Key=self._k(key))["Body"].read()
+            self.received += len(data)
+            return data
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
@@ -76,6 +79,7 @@ class S3Remote(RemoteBackend):
         data = resp["Body"].read()
         if len(data) != length:
             raise RemoteError(f"remote object {key} is shorter than its index says")
+        self.received += len(data)
         return data
 
     def put(self, key, data):

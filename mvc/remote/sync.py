@@ -174,8 +174,11 @@ def push(repo, remote: RemoteBackend, name: str, branch: str, force: bool = Fals
     return res
 
 
-def fetch(repo, remote: RemoteBackend, name: str, progress=None) -> dict[str, str]:
-    """Download every branch's missing objects (verified) and set refs/remotes/NAME/*."""
+def fetch(repo, remote: RemoteBackend, name: str, progress=None, lazy: bool = False) -> dict[str, str]:
+    """Download every branch's missing objects (verified) and set refs/remotes/NAME/*.
+
+    *lazy*: metadata only (commits, trees, files, tensors); chunks come on demand (lazy_fetcher).
+    """
     _check_format(remote, create=False)
     tips = {}
     for key in remote.list("refs/heads/"):
@@ -190,7 +193,7 @@ def fetch(repo, remote: RemoteBackend, name: str, progress=None) -> dict[str, st
     seen: set[str] = set()
     while stack:
         oid, kind = stack.pop()
-        if oid in seen or repo.odb.has(oid):
+        if oid in seen or (lazy and kind == "chunk") or repo.backend.has(bytes.fromhex(oid)):
             continue
         seen.add(oid)
         where = index.get(oid)
@@ -204,6 +207,8 @@ def fetch(repo, remote: RemoteBackend, name: str, progress=None) -> dict[str, st
         if kind == "chunk":
             chunk_batch.append((bytes.fromhex(oid), data))
             size += len(data)
+            if progress is not None:
+                progress.advance(nbytes=len(data))
             if size >= PACK_TARGET:
                 repo.backend.put_many(chunk_batch)
                 chunk_batch, size = [], 0
@@ -259,7 +264,30 @@ def open_named(repo, name: str) -> RemoteBackend:
     return open_remote(entry["url"], create=True, endpoint_url=entry.get("endpoint_url"))
 
 
-def clone(url: str, dest: str, progress=None, endpoint_url: str | None = None):
+def lazy_fetcher(repo, name: str, remote: RemoteBackend | None = None):
+    """For ObjectDB.fetcher: download one object from remote *name* on first use, verify, store it."""
+    state: dict = {} if remote is None else {"remote": remote, "index": None}
+
+    def fetch_one(hex_id: str):
+        if "remote" not in state:
+            state["remote"] = open_named(repo, name)
+        if state.get("index") is None:
+            state["index"] = remote_index(repo, state["remote"], name)
+        where = state["index"].get(hex_id)
+        if where is None:
+            return None
+        data = state["remote"].get_range(*where)
+        try:
+            decode_verified(bytes.fromhex(hex_id), data)
+        except MvcError as e:
+            raise CorruptObjectError(hex_id, f"downloaded from {name} and refused: {e}") from e
+        repo.backend.put_many([(bytes.fromhex(hex_id), data)])
+        return data
+
+    return fetch_one
+
+
+def clone(url: str, dest: str, progress=None, endpoint_url: str | None = None, lazy: bool = False):
     """A new repository in *dest* with remote "origin", its default branch checked out."""
     import os
 
@@ -274,12 +302,16 @@ def clone(url: str, dest: str, progress=None, endpoint_url: str | None = None):
     try:
         repo = Repo.init(dest)
         add_remote(repo, "origin", url, endpoint_url)
-        tips = fetch(repo, remote, "origin", progress)
+        if lazy:
+            repo.update_config(lambda cfg: cfg.__setitem__("lazy", "origin"))
+            repo.odb.fetcher = lazy_fetcher(repo, "origin")
+        tips = fetch(repo, remote, "origin", progress, lazy=lazy)
         if tips:
             branch = "main" if "main" in tips else sorted(tips)[0]
             repo.refs.set_ref(HEADS + branch, tips[branch], None, f"clone: from {url}")
             repo.refs.attach_head(branch, "clone", None, tips[branch])
-            repo.checkout(branch, force=True, progress=progress or _null())
+            if not lazy:  # a lazy clone checks nothing out: tensors arrive when something reads them
+                repo.checkout(branch, force=True, progress=progress or _null())
     except BaseException:
         import shutil
 

@@ -41,6 +41,8 @@ class ObjectDB:
         self.backend = backend
         self._cache: OrderedDict[str, object] = OrderedDict()
         self._cache_size = cache_size
+        #: hex id -> verified stored value or None; set for lazy clones (mvc/remote/sync.py)
+        self.fetcher = None
 
     # -- writing ---------------------------------------------------------------
     @staticmethod
@@ -65,6 +67,8 @@ class ObjectDB:
 
     def stored(self, hex_id: str, what: str = "object"):
         v = self.backend.get(bytes.fromhex(hex_id))
+        if v is None and self.fetcher is not None:
+            v = self.fetcher(hex_id)  # a lazy clone: download, verify and store it now
         if v is None:
             raise ObjectMissingError(hex_id, what)
         return v
