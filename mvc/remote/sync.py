@@ -17,6 +17,7 @@ verified against its id before it is stored; nothing unverified becomes visible.
 from __future__ import annotations
 
 import json
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -186,37 +187,65 @@ def fetch(repo, remote: RemoteBackend, name: str, progress=None, lazy: bool = Fa
         if raw:
             tips[key[len("refs/heads/"):]] = raw.decode().strip()
     index = remote_index(repo, remote, name)
-    metas: dict[str, tuple[str, bytes]] = {}
-    chunk_batch: list[tuple[bytes, bytes]] = []
-    size = 0
-    stack = [(t, "commit") for t in tips.values()]
-    seen: set[str] = set()
-    while stack:
-        oid, kind = stack.pop()
-        if oid in seen or (lazy and kind == "chunk") or repo.backend.has(bytes.fromhex(oid)):
-            continue
-        seen.add(oid)
+
+    def download(oid: str, kind: str) -> bytes:
         where = index.get(oid)
         if where is None:
             raise RemoteError(f"the remote lacks {kind} {oid[:12]} that its refs need", hint="the remote is damaged")
         data = remote.get_range(*where)
         try:
-            _, content = decode_verified(bytes.fromhex(oid), data, kind)
+            decode_verified(bytes.fromhex(oid), data, kind)
         except MvcError as e:
             raise CorruptObjectError(oid, f"downloaded from {name} and refused: {e}") from e
+        return data
+
+    # 1. metadata (small): walk down from the tips, keeping what is new in memory
+    metas: dict[str, tuple[str, bytes]] = {}
+    chunks: list[str] = []
+    stack = [(t, "commit") for t in tips.values()]
+    seen: set[str] = set()
+    while stack:
+        oid, kind = stack.pop()
+        if oid in seen or repo.backend.has(bytes.fromhex(oid)):
+            continue
+        seen.add(oid)
         if kind == "chunk":
-            chunk_batch.append((bytes.fromhex(oid), data))
+            if not lazy:
+                chunks.append(oid)
+            continue
+        data = download(oid, kind)
+        metas[oid] = (kind, data)
+        _, content = decode_verified(bytes.fromhex(oid), data, kind)
+        stack.extend(children(kind, repo.odb.get_parsed_from(kind, content, oid)))
+    # 2. chunks, several requests in flight, each verified before it is stored
+    if progress is not None and chunks:
+        progress.start(f"fetching from {name}", sum(index[c][2] for c in chunks if c in index))
+    batch: list[tuple[bytes, bytes]] = []
+    size = 0
+    with ThreadPoolExecutor(8, thread_name_prefix="mvc-fetch") as pool:
+        def downloaded():  # in order, at most 16 requests (and their data) in flight
+            pending: deque = deque()
+            for c in chunks:
+                pending.append((c, pool.submit(download, c, "chunk")))
+                if len(pending) >= 16:
+                    oid, fut = pending.popleft()
+                    yield oid, fut.result()
+            while pending:
+                oid, fut = pending.popleft()
+                yield oid, fut.result()
+
+        for oid, data in downloaded():
+            batch.append((bytes.fromhex(oid), data))
             size += len(data)
             if progress is not None:
                 progress.advance(nbytes=len(data))
             if size >= PACK_TARGET:
-                repo.backend.put_many(chunk_batch)
-                chunk_batch, size = [], 0
-        else:
-            metas[oid] = (kind, data)
-            stack.extend(children(kind, repo.odb.get_parsed_from(kind, content, oid)))
-    repo.backend.put_many(chunk_batch)
-    # metadata last, children before parents: tensors, files, trees, commits
+                repo.backend.put_many(batch)
+                batch, size = [], 0
+    repo.backend.put_many(batch)
+    if progress is not None:
+        progress.finish()
+    # 3. metadata last, children before parents: tensors, files, trees, commits
     for kind in ("tensor", "file", "tree", "commit"):
         repo.backend.put_many([(bytes.fromhex(o), d) for o, (k, d) in metas.items() if k == kind])
     for branch, tip in tips.items():
