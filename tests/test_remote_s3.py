@@ -31,22 +31,26 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def s3_server():
+    proc, url = start_moto()
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def start_moto(extra_env=None):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, **(extra_env or {})))
     deadline = time.time() + 30
     while time.time() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
+            return proc, f"http://127.0.0.1:{port}"
         except OSError:
             time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("moto server did not start")
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(timeout=10)
+    proc.kill()
+    pytest.fail("moto server did not start")
 
 
 @pytest.fixture
@@ -179,3 +183,20 @@ def test_bad_remote_inputs(s3_server, bucket, env, tmp_path, rng):
     run(a, "remote", "remove", "nobucket", env=env)
     assert (a / ".mvc" / "config.json").read_text() == cfg
     assert sha256(a / "m.safetensors")
+
+
+def test_rejected_credentials(env, tmp_path, rng):
+    # a server that checks credentials (moto with authentication on): ours are unknown to it
+    proc, url = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    try:
+        a = tmp_path / "a"
+        make_repo(a, rng, n=1)
+        run(a, "remote", "add", "origin", "s3://mvc-auth/x", "--endpoint-url", url, env=env)
+        res = mvc_proc("push", cwd=a, env=env)
+        assert res.returncode != 0 and "rejected the credentials" in res.stderr and "Traceback" not in res.stderr
+        res = mvc_proc("clone", "s3://mvc-auth/x", "b", "--endpoint-url", url, cwd=tmp_path, env=env)
+        assert res.returncode != 0 and "rejected the credentials" in res.stderr
+        assert not (tmp_path / "b").exists()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
