@@ -152,6 +152,57 @@ def run_git(size_mib: int, workdir: str) -> dict:
             "machine": machine()}
 
 
+def run_remote(size_mib: int, workdir: str) -> dict:
+    """push and clone against a local S3-compatible server (moto), and what a lazy clone transfers."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    creds = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+    os.environ.update(creds)
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="mvc-bench")
+        src = os.path.join(workdir, "src")
+        os.makedirs(src)
+        write_model(os.path.join(src, "model.safetensors"), size_mib, seed=0)
+        raw = os.path.getsize(os.path.join(src, "model.safetensors"))
+        for args in (["init", "."], ["-q", "commit", "-m", "bench"],
+                     ["remote", "add", "origin", "s3://mvc-bench/m", "--endpoint-url", endpoint]):
+            subprocess.run(mvc_cmd() + args, cwd=src, check=True, stdout=subprocess.DEVNULL)
+        push_s, push_rss = timed(["-q", "push"], src)
+        clone_s, clone_rss = timed(["-q", "clone", "s3://mvc-bench/m", "copy", "--endpoint-url", endpoint], workdir)
+        exact = sha256(os.path.join(src, "model.safetensors")) == sha256(os.path.join(workdir, "copy",
+                                                                                       "model.safetensors"))
+        from mvc import Repo
+        from mvc.remote.s3 import S3Remote
+        from mvc.remote.sync import add_remote, fetch
+
+        lazy = Repo.init(os.path.join(workdir, "lazy"))
+        add_remote(lazy, "origin", "s3://mvc-bench/m", endpoint)
+        remote = S3Remote("s3://mvc-bench/m", endpoint_url=endpoint)
+        fetch(lazy, remote, "origin", lazy=True)
+        return {"size_bytes": raw, "push_s": push_s, "push_gbps": raw / push_s / 1e9, "push_peak_rss_mib":
+                push_rss / 2**20, "clone_s": clone_s, "clone_gbps": raw / clone_s / 1e9,
+                "clone_peak_rss_mib": clone_rss / 2**20, "bit_exact": exact, "lazy_clone_bytes": remote.received,
+                "machine": machine()}
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
 def report(res: dict) -> str:
     rows = [
         ("model", f"{res['size_bytes'] / 2**30:.2f} GiB bf16 in {res['files']} file(s)"
@@ -177,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--merge", action="store_true",
                     help="instead: merge two branches that both fine-tuned every tensor (--strategy average)")
     ap.add_argument("--git", action="store_true", help="instead: `git add` through the mvc filter vs `mvc commit`")
+    ap.add_argument("--remote", action="store_true", help="instead: push and clone against a local S3 server (moto)")
     args = ap.parse_args(argv)
     workdir = args.workdir or tempfile.mkdtemp(prefix="mvc-bench-")
     try:
@@ -184,12 +236,20 @@ def main(argv: list[str] | None = None) -> None:
             res = run_merge(args.size_mib, workdir)
         elif args.git:
             res = run_git(args.size_mib, workdir)
+        elif args.remote:
+            res = run_remote(args.size_mib, workdir)
         else:
             res = run(args.size_mib, args.largest_mib, args.shards, workdir)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     print(f"$ python -m bench {' '.join(argv if argv is not None else sys.argv[1:])}")
+    if args.remote:
+        print(f"| {res['size_bytes'] / 2**30:.2f} GiB | push {res['push_gbps']:.2f} GB/s ({res['push_s']:.1f} s, "
+              f"{res['push_peak_rss_mib']:.0f} MiB) | clone {res['clone_gbps']:.2f} GB/s ({res['clone_s']:.1f} s, "
+              f"{res['clone_peak_rss_mib']:.0f} MiB), bit-exact {res['bit_exact']} | lazy clone "
+              f"{res['lazy_clone_bytes'] / 1e6:.2f} MB |")
+        return
     if args.git:
         print(f"| {res['size_bytes'] / 2**30:.2f} GiB | mvc commit {res['commit_gbps']:.2f} GB/s | git add "
               f"{res['git_add_gbps']:.2f} GB/s | ratio {res['ratio']:.2f} | git status after add "

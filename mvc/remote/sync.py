@@ -111,6 +111,7 @@ def _upload_pack(remote: RemoteBackend, items: list[tuple[str, bytes]]) -> int:
         offsets.append([oid, pos, len(stored)])
         pos += len(stored)
     data = b"".join(s for _, s in items)
+    items.clear()  # one copy of the pack in memory, not two
     key = "packs/" + blake3.blake3(data).hexdigest()
     remote.put(key + ".pack", data)
     remote.put(key + ".idx", canonical_json({"objects": offsets}))
@@ -149,11 +150,12 @@ def push(repo, remote: RemoteBackend, name: str, branch: str, force: bool = Fals
         if batch:
             yield batch
 
-    with ThreadPoolExecutor(4, thread_name_prefix="mvc-push") as pool:
+    with ThreadPoolExecutor(2, thread_name_prefix="mvc-push") as pool:
         pending = []
         for batch in packs(chunks):
             pending.append(pool.submit(_upload_pack, remote, batch))
-            while len(pending) > 4:
+            repo.backend.release_pages()
+            while len(pending) >= 2:  # two packs uploading (each multipart, 4 parts at once)
                 n = pending.pop(0).result()
                 if progress is not None:
                     progress.advance(nbytes=n)
@@ -241,8 +243,10 @@ def fetch(repo, remote: RemoteBackend, name: str, progress=None, lazy: bool = Fa
                 progress.advance(nbytes=len(data))
             if size >= PACK_TARGET:
                 repo.backend.put_many(batch)
+                repo.backend.release_pages()
                 batch, size = [], 0
     repo.backend.put_many(batch)
+    repo.backend.release_pages()
     if progress is not None:
         progress.finish()
     # 3. metadata last, children before parents: tensors, files, trees, commits
