@@ -114,18 +114,24 @@ def test_bad_remote_input(origin, url):
 def test_killed_push_leaves_old_ref_and_resumes(origin, tmp_path, rng):
     root, url, tensors = origin
     mvc("push", cwd=root)
-    for i in range(8):
+    for i in range(24):  # ~130 MiB compressed: several 64 MiB packs
         tensors[f"big{i}"] = ("BF16", (2048, 2048), bf16(rng, (2048, 2048)))
     write_safetensors(root / "m.safetensors", tensors)
     mvc("commit", "-m", "big", cwd=root)
-    old = (tmp_path / "remote" / "refs" / "heads" / "main").read_text()
+    ref = tmp_path / "remote" / "refs" / "heads" / "main"
+    old = ref.read_text()
+    packs = tmp_path / "remote" / "packs"
+    before = len(list(packs.glob("*.pack")))
     exe = os.path.join(os.path.dirname(sys.executable), "mvc")
     p = subprocess.Popen([exe, "push"], cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.4)
-    p.send_signal(signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while len(list(packs.glob("*.pack"))) == before and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.002)
+    p.send_signal(signal.SIGKILL)  # midway: the first new pack has landed, more are coming
     p.wait()
-    assert (tmp_path / "remote" / "refs" / "heads" / "main").read_text() == old
+    assert ref.read_text() == old
     assert mvc_proc("push", cwd=root).returncode == 0
+    assert ref.read_text() != old
     mvc("clone", url, tmp_path / "c")
     assert sha256(tmp_path / "c" / "m.safetensors") == sha256(root / "m.safetensors")
 
