@@ -231,9 +231,9 @@ def _install_pre_push(gitdir: str, cmd: str) -> None:
 @git_group.command("pre-push", context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def pre_push(args):
-    """Git's pre-push hook. Until mvc remotes exist, it only says where the objects are."""
-    click.echo("mvc: model objects stay in .git/mvc/store (mvc remotes are not built yet); "
-               "a clone of this repository on this machine fetches them from here", err=True)
+    """Git's pre-push hook. It says where the model objects are (uploading them is not wired to Git yet)."""
+    click.echo("mvc: model objects stay in .git/mvc/store (uploading them to an mvc remote from `git push` "
+               "is not wired yet); a clone of this repository on this machine fetches them from here", err=True)
 
 
 @git_group.command("fsck")
