@@ -229,7 +229,19 @@ def main(argv: list[str] | None = None) -> None:
                     help="instead: merge two branches that both fine-tuned every tensor (--strategy average)")
     ap.add_argument("--git", action="store_true", help="instead: `git add` through the mvc filter vs `mvc commit`")
     ap.add_argument("--remote", action="store_true", help="instead: push and clone against a local S3 server (moto)")
+    ap.add_argument("--codec", action="store_true", help="instead: mvc's chunk codec against ZipNN and zstd")
     args = ap.parse_args(argv)
+    if args.codec:
+        from . import codec as codec_bench
+
+        rows = codec_bench.run(args.size_mib)
+        print(f"$ python -m bench {' '.join(argv if argv is not None else sys.argv[1:])}")
+        print(codec_bench.report(rows))
+        print(f"machine: {machine()}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=2)
+        return
     workdir = args.workdir or tempfile.mkdtemp(prefix="mvc-bench-")
     try:
         if args.merge:

@@ -23,3 +23,14 @@ def test_bench_smoke(tmp_path):
     assert 0.6 < r["store_ratio"] < 0.70
     assert r["commit_gbps"] > 0 and r["checkout_gbps"] > 0
     assert "| commit |" in res.stdout
+
+
+def test_codec_bench_smoke(tmp_path):
+    out = tmp_path / "codec.json"
+    res = subprocess.run([sys.executable, "-m", "bench", "--codec", "--size-mib", "8", "--out", str(out)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = {(r["dtype"], r["coder"]): r for r in json.loads(out.read_text())}
+    ours = rows[("bf16", "mvc (planes + tuned zstd)")]
+    assert ours["ratio"] < rows[("bf16", "zstd level 1")]["ratio"] - 0.05
+    assert "| fp32 | mvc" in res.stdout

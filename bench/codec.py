@@ -1,0 +1,95 @@
+"""Codec micro-benchmark: mvc's chunk codec against ZipNN and zstd on the same bytes.
+
+    python -m bench --codec [--size-mib 256]
+
+Same weights (N(0, 0.02), seeded) for every coder; two threads for everyone (mvc:
+two worker threads over 4 MiB chunks, as commit uses them; ZipNN: threads=2;
+zstd: its own 2 worker threads). Ratio = compressed / raw; speeds in GB/s of raw data.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+
+def _data(dtype: str, size_mib: int) -> bytes:
+    rng = np.random.default_rng(0)
+    n = size_mib * 2**20 // (2 if dtype == "bf16" else 4)
+    x = rng.standard_normal(n, dtype=np.float32) * 0.02
+    if dtype == "bf16":
+        return (x.view(np.uint32) >> 16).astype("<u2").tobytes()
+    return x.astype("<f4").tobytes()
+
+
+def _time(fn, reps: int = 2):
+    best, out = float("inf"), None
+    for _ in range(reps):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def bench_mvc(data: bytes, k: int) -> tuple[float, float, float]:
+    from mvc.store import codec
+
+    chunk = 4 << 20
+    pieces = [data[i:i + chunk] for i in range(0, len(data), chunk)]
+    with ThreadPoolExecutor(2) as pool:
+        tc, enc = _time(lambda: list(pool.map(lambda p: codec.encode(0, p, k), pieces)))
+        td, dec = _time(lambda: list(pool.map(lambda e: codec.decode(e)[1], enc)))
+    assert b"".join(bytes(d) for d in dec) == data
+    return sum(map(len, enc)) / len(data), len(data) / tc / 1e9, len(data) / td / 1e9
+
+
+def bench_zipnn(data: bytes, dtype: str) -> tuple[float, float, float] | None:
+    try:
+        from zipnn import ZipNN
+    except ImportError:
+        return None
+    z = ZipNN(input_format="byte", bytearray_dtype="bfloat16" if dtype == "bf16" else "float32", threads=2)
+    tc, comp = _time(lambda: z.compress(bytearray(data)))  # ZipNN modifies its input: give it a copy
+    td, dec = _time(lambda: z.decompress(comp))
+    assert bytes(dec) == data
+    return len(comp) / len(data), len(data) / tc / 1e9, len(data) / td / 1e9
+
+
+def bench_zstd(data: bytes, level: int) -> tuple[float, float, float]:
+    import zstandard as zstd
+
+    c = zstd.ZstdCompressor(level=level, threads=2)
+    d = zstd.ZstdDecompressor()
+    tc, comp = _time(lambda: c.compress(data))
+    td, dec = _time(lambda: d.decompress(comp))
+    assert dec == data
+    return len(comp) / len(data), len(data) / tc / 1e9, len(data) / td / 1e9
+
+
+def run(size_mib: int) -> list[dict]:
+    rows = []
+    for dtype, k in (("bf16", 2), ("fp32", 4)):
+        data = _data(dtype, size_mib)
+        for name, res in (("mvc (planes + tuned zstd)", bench_mvc(data, k)),
+                          ("ZipNN", bench_zipnn(data, dtype)),
+                          ("zstd level 1", bench_zstd(data, 1)),
+                          ("zstd level 3", bench_zstd(data, 3))):
+            if res is None:
+                rows.append({"dtype": dtype, "coder": name, "missing": True})
+                continue
+            ratio, c, d = res
+            rows.append({"dtype": dtype, "coder": name, "ratio": ratio, "compress_gbps": c, "decompress_gbps": d})
+    return rows
+
+
+def report(rows: list[dict]) -> str:
+    out = ["| data | coder | ratio | compress GB/s | decompress GB/s |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("missing"):
+            out.append(f"| {r['dtype']} | {r['coder']} | not installed | | |")
+        else:
+            out.append(f"| {r['dtype']} | {r['coder']} | {r['ratio']:.4f} | {r['compress_gbps']:.2f} | "
+                       f"{r['decompress_gbps']:.2f} |")
+    return "\n".join(out)
