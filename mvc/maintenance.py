@@ -10,6 +10,14 @@ from .store.objects import parse_object
 from .store.odb import decode_verified
 
 
+class StoreView:
+    """The little of a Repo that walks and merges need, over a bare object store (Git's .git/mvc)."""
+
+    def __init__(self, odb, workers: int | None = None):
+        self.odb = odb
+        self.workers = workers
+
+
 @dataclass
 class FsckReport:
     objects: int = 0
@@ -49,6 +57,21 @@ def children(kind: str, obj) -> list[tuple[str, str]]:
     if kind == "tensor":
         return [(c, "chunk") for c in obj.chunks]
     return []
+
+
+def closure(get, roots, skip=None) -> dict[str, str]:
+    """Object id -> kind for everything reachable from *roots* [(id, kind)], reading metadata with
+    get(id, kind). An object for which skip(id) is true is left out, and so is what only it names."""
+    out: dict[str, str] = {}
+    stack = list(roots)
+    while stack:
+        oid, kind = stack.pop()
+        if oid in out or (skip is not None and skip(oid)):
+            continue
+        out[oid] = kind
+        if kind != "chunk":
+            stack.extend(children(kind, get(oid, kind)))
+    return out
 
 
 def reachable(repo, report: FsckReport | None = None, roots: dict[str, str] | None = None,

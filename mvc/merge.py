@@ -236,9 +236,8 @@ class Merger:
         view = _UINT[itemsize]
         chunks: list[str] = []
         conflicts = 0
-        read = self.mat.iter_chunks
         thresholds = self._ties_thresholds(b, o, t) if self.strategy == "ties" else None
-        streams = [(d for d, _ in read((c, None) for c in x.chunks)) for x in (b, o, t)]
+        streams = [self.mat.chunks(x.chunks) for x in (b, o, t)]
         for cb, co, ct in zip(*streams, strict=True):
             vb, vo, vt = (np.frombuffer(v, dtype=view) for v in (cb, co, ct))
             oc, tc = vo != vb, vt != vb
@@ -273,8 +272,7 @@ class Merger:
 
         def deltas(side: Tensor):
             def gen():
-                pairs = zip((d for d, _ in self.mat.iter_chunks((c, None) for c in b.chunks)),
-                            (d for d, _ in self.mat.iter_chunks((c, None) for c in side.chunks)), strict=True)
+                pairs = zip(self.mat.chunks(b.chunks), self.mat.chunks(side.chunks), strict=True)
                 for cb, cs in pairs:
                     yield np.nan_to_num(np.abs(to_float64(side.dtype, cs) - to_float64(b.dtype, cb)))
             return gen

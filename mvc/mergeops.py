@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import DirtyWorkTreeError, MvcError, UsageError
 from .merge import _UINT, Conflict, Merger, check_weights, merge_bases
+from .progress import NULL
 from .store.objects import DTYPES, Tree
 
 _KEY = b"merge"
@@ -54,16 +55,16 @@ def merge(repo, rev: str, message: str | None = None, strategy: str | None = Non
             return MergeOutcome("up-to-date", ours)
         if ours in repo.ancestors(theirs):
             tree = repo.odb.get(repo.commit_obj(theirs).tree, "tree")
-            repo._switch_tree(tree, False, progress or _null())
+            repo._switch_tree(tree, False, progress or NULL)
             repo.refs.move_head(theirs, ours, f"merge {rev}: fast-forward")
             return MergeOutcome("fast-forward", theirs)
         bases = merge_bases(repo, ours, theirs)
         base = bases[0] if bases else None
         base_tree = repo.odb.get(repo.commit_obj(base).tree, "tree") if base else Tree(())
-        res = Merger(repo, strategy, w, density, progress or _null()).merge_trees(base_tree, repo.head_tree(),
+        res = Merger(repo, strategy, w, density, progress or NULL).merge_trees(base_tree, repo.head_tree(),
                                                     repo.odb.get(repo.commit_obj(theirs).tree, "tree"))
         merged = Tree.build(res.entries)
-        repo._switch_tree(merged, False, progress or _null())
+        repo._switch_tree(merged, False, progress or NULL)
         msg = message or f"Merge {rev}"
         op = {"op": "merge", "strategy": strategy or "three-way", "base": base, "theirs": theirs,
               "params": ({"weights": list(w)} if strategy in ("average", "task-arithmetic", "ties") else {})
@@ -100,9 +101,9 @@ def pick(repo, rev: str, kind: str, message: str | None = None, strategy: str | 
                       else f"{first}\n\n(cherry picked from commit {oid})")
     op = {"op": kind, "of": oid, "strategy": strategy or "three-way"}
     with repo.lock():
-        res = Merger(repo, strategy, progress=progress or _null()).merge_trees(base, repo.head_tree(), theirs)
+        res = Merger(repo, strategy, progress=progress or NULL).merge_trees(base, repo.head_tree(), theirs)
         merged = Tree.build(res.entries)
-        repo._switch_tree(merged, False, progress or _null())
+        repo._switch_tree(merged, False, progress or NULL)
         if res.conflicts:
             parent = c.parents[0] if c.parents else None
             _save(repo, {"kind": kind, "ours": ours, "message": msg, "op": op,
@@ -121,7 +122,7 @@ def abort(repo) -> None:
     if st is None:
         raise UsageError("no merge in progress")
     with repo.lock():
-        repo._switch_tree(_tree(repo, st["ours"]), True, _null())
+        repo._switch_tree(_tree(repo, st["ours"]), True, NULL)
     _save(repo, None)
 
 
@@ -157,7 +158,7 @@ def _restore_whole(repo, rev: str | None, path: str, tensor: str | None) -> None
         if entry is None:
             repo.worktree.remove(path)
         else:
-            repo._write_entries([entry], _null())
+            repo._write_entries([entry], NULL)
         return
     raise UsageError(f"{path}:{tensor}: pick a whole-tensor conflict with `--ours` or edit the file",
                      hint="whole-tensor conflicts (a shape change or deletion) are resolved by committing a choice")
@@ -180,8 +181,7 @@ def _write_tensor_elements(repo, st: dict, path: str, name: str) -> None:
             raise MvcError(f"{path}:{name} no longer matches the merge; check it out again or abort")
         view = _UINT[DTYPES[entry.dtype][0]]
         with Materializer(repo.odb, workers=repo.workers) as mat:
-            streams = [(d for d, _ in mat.iter_chunks((c, None) for c in ids[k].chunks))
-                       for k in ("base", "ours", "theirs")]
+            streams = [mat.chunks(ids[k].chunks) for k in ("base", "ours", "theirs")]
             pos = header.header_size + entry.begin
             for cb, co, ct in zip(*streams, strict=True):
                 fh.seek(pos)
@@ -207,8 +207,3 @@ def continue_(repo, author: str | None = None) -> str:
     _save(repo, None)
     return oid
 
-
-def _null():
-    from .progress import NULL
-
-    return NULL

@@ -27,7 +27,8 @@ import blake3
 import numpy as np
 
 from .errors import MvcError, UsageError
-from .maintenance import children
+from .maintenance import closure
+from .progress import NULL
 from .store import codec
 from .store.ids import TYPE_CODE, TYPES
 from .store.objects import DTYPES, canonical_json
@@ -46,16 +47,7 @@ class PatchError(MvcError):
 
 def _walk(repo, tree_oid: str) -> dict[str, str]:
     """Every object id reachable from a tree -> its kind."""
-    seen: dict[str, str] = {}
-    stack = [(tree_oid, "tree")]
-    while stack:
-        oid, kind = stack.pop()
-        if oid in seen:
-            continue
-        seen[oid] = kind
-        if kind != "chunk":
-            stack.extend(children(kind, repo.odb.get(oid, kind)))
-    return seen
+    return closure(repo.odb.get, [(tree_oid, "tree")])
 
 
 def _xor_bases(repo, base_tree, target_tree) -> dict[str, tuple[str, int]]:
@@ -205,11 +197,6 @@ def apply_patch(repo, data: bytes, progress=None) -> dict:
             raise PatchError(f"the patch lacks chunk {oid[:12]} of its target")
     tree = repo.odb.get(target, "tree")
     with repo.lock():
-        repo._switch_tree(tree, False, progress or _null())
+        repo._switch_tree(tree, False, progress or NULL)
     return {"base": manifest["base"], "target": manifest["target"], "objects": len(new)}
 
-
-def _null():
-    from .progress import NULL
-
-    return NULL

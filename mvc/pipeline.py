@@ -105,10 +105,7 @@ class Ingestor:
         return oid.hex()
 
     def add_meta(self, obj) -> str:
-        """Store a metadata object after everything already added (write order is kept)."""
-        return self._meta(obj)
-
-    def _meta(self, obj) -> str:
+        """Store (or, hash-only, remember) a metadata object after everything already added."""
         oid, stored = self.odb.encode_meta(obj)
         if self.store:
             self._add(oid, stored)
@@ -169,7 +166,7 @@ class Ingestor:
         for _ in self._chunks(f, size, 0, pending, None):
             self._drain(pending, lambda _t, h: chunks.append(h), self.inflight, path)
         self._drain(pending, lambda _t, h: chunks.append(h), 0, path)
-        return self._meta(File("raw", size, tuple(chunks)))
+        return self.add_meta(File("raw", size, tuple(chunks)))
 
     def _safetensors(self, f, size: int, rel: str, path: str) -> str:
         raw_header, header = stf.read_header(f, size, rel)
@@ -192,7 +189,7 @@ class Ingestor:
                 if len(per_tensor[done[0]]) * CHUNK_SIZE < e.end - e.begin:
                     return
                 t = Tensor(e.dtype, e.shape, CHUNK_SIZE, tuple(per_tensor[done[0]]))
-                names.append((e.name, self._meta(t)))
+                names.append((e.name, self.add_meta(t)))
                 self.progress.advance(tensors=1)
                 done[0] += 1
 
@@ -209,7 +206,7 @@ class Ingestor:
             finish_ready()
         self._drain(pending, sink, 0, path)
         finish_ready()
-        return self._meta(File("safetensors", size, tuple(header_chunks), tuple(names)))
+        return self.add_meta(File("safetensors", size, tuple(header_chunks), tuple(names)))
 
 
 class Materializer:
@@ -271,6 +268,10 @@ class Materializer:
         while pending:
             fut, t = pending.popleft()
             yield fut.result(), t
+
+    def chunks(self, chunk_ids):
+        """The decoded, verified bytes of *chunk_ids*, in order."""
+        return (data for data, _ in self.iter_chunks((c, None) for c in chunk_ids))
 
     def write(self, file_oid: str, out) -> None:
         """Write the file's bytes to the binary stream *out*."""

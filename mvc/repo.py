@@ -5,8 +5,6 @@ Plumbing only: methods return data and raise MvcError subclasses; nothing prints
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import time
@@ -17,13 +15,13 @@ from . import revparse
 from .errors import (
     DirtyWorkTreeError,
     FormatVersionError,
-    LockedError,
     MvcError,
     NotARepositoryError,
     NothingToCommitError,
     UnknownRevisionError,
     UsageError,
 )
+from .locking import file_lock
 from .progress import NULL, Progress
 from .refs import HEADS, TAGS, Refs, check_ref_name
 from .store.backend import Backend
@@ -149,18 +147,10 @@ class Repo:
         self.close()
 
     # -- locking ---------------------------------------------------------------
-    @contextlib.contextmanager
     def lock(self):
         """One writer at a time for commands that change the work tree or delete objects."""
-        fd = os.open(os.path.join(self.root, REPO_DIR, "lock"), os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as e:
-                raise LockedError("another mvc process is working in this repository") from e
-            yield
-        finally:
-            os.close(fd)
+        return file_lock(os.path.join(self.root, REPO_DIR, "lock"),
+                         busy="another mvc process is working in this repository")
 
     # -- revisions -------------------------------------------------------------
     def resolve(self, rev: str) -> str:
@@ -248,7 +238,7 @@ class Repo:
             with _ingestor(self, True, progress) as ing:
                 entries.update(self._file_ids(files, ing, need_stored=True, progress=progress))
             tree = Tree.build(entries)
-            if head and not allow_empty and self.odb.encode_meta(tree)[0].hex() == self.commit_obj(head).tree:
+            if head and not allow_empty and tree == parent_tree:  # same entries: no need to hash it twice
                 raise NothingToCommitError("nothing to commit, working tree clean")
             parents = ((head,) if head else ()) + tuple(parents_extra)
             return self._record(tree, parents, message, author, op, when,
@@ -332,22 +322,10 @@ class Repo:
             new = Tree.build(ids)
         changes = diff_trees(self.lookup(scratch), old, new, prefixes)
         if stats:
-            self._add_stats(changes, locations)
+            from .tensordiff import fill_stats
+
+            fill_stats(self.odb, changes, locations, self.workers)
         return changes
-
-    def _add_stats(self, changes: list[FileChange], locations: dict) -> None:
-        from .pipeline import Materializer
-        from .tensordiff import tensor_stats
-
-        with Materializer(self.odb, workers=self.workers) as mat:
-            mat.locations = locations
-
-            def read(chunk_ids):
-                return (data for data, _ in mat.iter_chunks((c, None) for c in chunk_ids))
-
-            for fc in changes:
-                for tc in fc.tensors:
-                    tc.stats = tensor_stats(read, tc.old, tc.new)
 
     def diff_root(self, rev: str) -> list[FileChange]:
         """Everything a root commit added."""

@@ -118,3 +118,15 @@ def tensor_stats(read: ChunkReader, old: Tensor | None, new: Tensor | None) -> d
         "max_abs_delta": _finite(max_abs),
         "cosine": _finite(dot / (l2_a * l2_b)) if l2_a and l2_b else None,
     }
+
+
+def fill_stats(odb, changes, locations: dict | None = None, workers: int | None = None) -> None:
+    """Set ``stats`` on every tensor change of *changes* (FileChange list). Chunks listed in
+    *locations* are read from work-tree files, the rest from the store."""
+    from .pipeline import Materializer
+
+    with Materializer(odb, workers=workers) as mat:
+        mat.locations = locations or {}
+        for fc in changes:
+            for tc in fc.tensors:
+                tc.stats = tensor_stats(mat.chunks, tc.old, tc.new)

@@ -22,7 +22,7 @@ def tensor_bytes(mat: Materializer, t: Tensor) -> bytearray:
     buf = bytearray(t.nbytes)
     view = memoryview(buf)
     pos = 0
-    for data, _ in mat.iter_chunks((c, None) for c in t.chunks):
+    for data in mat.chunks(t.chunks):
         view[pos:pos + len(data)] = data
         pos += len(data)
     return buf

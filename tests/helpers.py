@@ -32,6 +32,12 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None, pad: bo
         f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
 
 
+def write_f32(path, tensors: dict, metadata: dict | None = None) -> None:
+    """A safetensors file of float32 numpy arrays (name -> array)."""
+    write_safetensors(path, {k: ("F32", v.shape, v.astype("<f4").tobytes()) for k, v in tensors.items()},
+                      metadata=metadata)
+
+
 def bf16(rng, shape, std=0.02) -> bytes:
     x = (rng.standard_normal(int(np.prod(shape)), dtype=np.float32) * std).view(np.uint32) >> 16
     return x.astype("<u2").tobytes()

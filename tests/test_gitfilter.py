@@ -206,7 +206,11 @@ def test_git_merge_through_the_tensor_merge(gitrepo, rng):
 
 
 def test_git_status_does_not_clean_again(gitrepo, rng, tmp_path):
+    import time
+
     write_safetensors(gitrepo / "m.safetensors", {"w": ("BF16", (64, 64), bf16(rng, (64, 64)))})
+    past = time.time() - 10  # older than the index: not "racily clean" to Git, which would re-check it
+    os.utime(gitrepo / "m.safetensors", (past, past))
     git(gitrepo, "add", ".")
     git(gitrepo, "commit", "-q", "-m", "one")
     git(gitrepo, "status")  # refreshes the index once

@@ -7,14 +7,13 @@ import pytest
 
 from mvc import Repo
 from mvc.errors import DirtyWorkTreeError
-from tests.helpers import mvc, mvc_proc, write_safetensors
+from tests.helpers import mvc, mvc_proc, write_f32
 
 N = 20_000
 
 
 def save(root, tensors):
-    write_safetensors(root / "m.safetensors", {k: ("F32", v.shape, v.astype("<f4").tobytes())
-                                               for k, v in tensors.items()}, metadata={"format": "pt"})
+    write_f32(root / "m.safetensors", tensors, metadata={"format": "pt"})
 
 
 def load(repo, rev="HEAD"):

@@ -4,14 +4,13 @@ import numpy as np
 import pytest
 
 from mvc import Repo
-from tests.helpers import mvc, mvc_proc, write_safetensors
+from tests.helpers import mvc, mvc_proc, write_f32
 
 N = 5000
 
 
 def save(root, tensors):
-    write_safetensors(root / "m.safetensors", {k: ("F32", v.shape, v.astype("<f4").tobytes())
-                                               for k, v in tensors.items()})
+    write_f32(root / "m.safetensors", tensors)
 
 
 @pytest.fixture

@@ -125,6 +125,13 @@ def track(c, patterns):
         f.write("\n".join(lines) + "\n")
 
 
+def _gitdir() -> str:
+    """The repository's .git directory: $GIT_DIR when Git set it (hooks, filters), else discovered."""
+    from ..hooks.gitfilter import git_dir
+
+    return os.path.abspath(os.environ.get("GIT_DIR") or git_dir("."))
+
+
 def _origin_store() -> str | None:
     """The mvc store of a local origin (a path or file:// URL), where missing objects can come from."""
     res = subprocess.run(["git", "config", "--get", "remote.origin.url"], capture_output=True, text=True)
@@ -143,10 +150,10 @@ def _origin_store() -> str | None:
 @git_group.command("filter-process")
 def filter_process():
     """Git's long-running filter (started by Git, speaks pkt-lines on stdin/stdout)."""
-    from ..hooks.gitfilter import Filter, git_dir, open_store, serve
+    from ..hooks.gitfilter import Filter, open_store, serve
     from ..hooks.githistory import store_lock
 
-    gd = os.path.abspath(os.environ.get("GIT_DIR") or git_dir("."))
+    gd = _gitdir()
     filt = Filter(open_store(gd), os.path.join(gd, "mvc", "tmp"), fallback_store=_origin_store())
 
     def log(msg: str) -> None:
@@ -158,9 +165,9 @@ def filter_process():
 
 
 def _store():
-    from ..hooks.gitfilter import git_dir, open_store
+    from ..hooks.gitfilter import open_store
 
-    return open_store(os.path.abspath(os.environ.get("GIT_DIR") or git_dir(".")))
+    return open_store(_gitdir())
 
 
 @git_group.command("diff-driver", context_settings={"ignore_unknown_options": True})
@@ -195,13 +202,14 @@ def textconv(path):
 @click.argument("name")
 def merge_driver(base, ours, theirs, name):
     """Git's merge driver: a three-way tensor merge of three pointers, the result written to OURS."""
-    from ..hooks.gitdrivers import StoreRepo, merge_pointers
+    from ..hooks.gitdrivers import merge_pointers
+    from ..maintenance import StoreView
 
     def read(p):
         with open(p, "rb") as f:
             return f.read()
 
-    merged, conflicts = merge_pointers(StoreRepo(_store()), name, read(base), read(ours), read(theirs))
+    merged, conflicts = merge_pointers(StoreView(_store()), name, read(base), read(ours), read(theirs))
     if merged is None:
         where = ", ".join(f"{c.tensor or c.path} ({c.elements} elements)" if c.elements else (c.tensor or c.path)
                           for c in conflicts[:5])
@@ -240,11 +248,10 @@ def pre_push(args):
 @click.option("--json", "as_json", is_flag=True)
 def git_fsck_cmd(as_json):
     """Check that every pointer reachable in Git's history has all its objects, intact."""
-    from ..hooks.gitfilter import git_dir
     from ..hooks.githistory import git_fsck
     from . import render
 
-    gd = os.path.abspath(os.environ.get("GIT_DIR") or git_dir("."))
+    gd = _gitdir()
     rep = git_fsck(_store(), gd)
     render.render_fsck(rep, "pointers", as_json)
     if not rep.ok:
@@ -255,10 +262,9 @@ def git_fsck_cmd(as_json):
 @click.option("-n", "--dry-run", is_flag=True)
 def git_gc_cmd(dry_run):
     """Delete mvc objects that no pointer in Git's history or index needs."""
-    from ..hooks.gitfilter import git_dir
     from ..hooks.githistory import git_gc
     from . import render
 
-    gd = os.path.abspath(os.environ.get("GIT_DIR") or git_dir("."))
+    gd = _gitdir()
     kept, removed, freed = git_gc(_store(), gd, dry_run)
     click.echo(f"{'would remove' if dry_run else 'removed'} {removed} objects ({render.human(freed)}), kept {kept}")

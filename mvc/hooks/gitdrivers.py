@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 
 from ..errors import MvcError
-from ..pipeline import Ingestor, Materializer
+from ..pipeline import Ingestor
 from ..store.objects import MODE_FILE, File, Tree
 from ..store.odb import ObjectDB
-from ..tensordiff import tensor_stats
+from ..tensordiff import fill_stats
 from ..treediff import FileChange, tensor_changes
 from .pointer import parse
 
@@ -53,14 +53,7 @@ def diff_files(odb: ObjectDB, name: str, old: str, new: str) -> FileChange:
     fc = FileChange(name, status, None, None, old_size=fa.size if fa else 0, new_size=fb.size if fb else 0)
     if (fa is None or fa.format == "safetensors") and (fb is None or fb.format == "safetensors"):
         fc.tensors = tensor_changes(view.get, fa, fb)
-        with Materializer(odb) as mat:
-            mat.locations = view.locations
-
-            def read(ids):
-                return (d for d, _ in mat.iter_chunks((c, None) for c in ids))
-
-            for tc in fc.tensors:
-                tc.stats = tensor_stats(read, tc.old, tc.new)
+        fill_stats(odb, [fc], view.locations)
     return fc
 
 
@@ -102,10 +95,3 @@ def merge_pointers(repo_like, name: str, base: bytes, ours: bytes, theirs: bytes
     size = repo_like.odb.get(entry[1], "file").size
     return Pointer(entry[1], size).encode(), []
 
-
-class StoreRepo:
-    """The little of a Repo that the merge engine needs, over a bare object store."""
-
-    def __init__(self, odb: ObjectDB):
-        self.odb = odb
-        self.workers = None

@@ -58,18 +58,10 @@ class Filter:
         src = self._fallback
         if not src.has(oid):
             return False
-        from ..maintenance import children
+        from ..maintenance import closure
         from ..store.odb import decode_verified
 
-        needed: dict[str, str] = {}
-        stack = [(oid, "file")]
-        while stack:
-            o, kind = stack.pop()
-            if o in needed or self.odb.has(o):
-                continue
-            needed[o] = kind
-            if kind != "chunk":
-                stack.extend(children(kind, src.get(o, kind)))
+        needed = closure(src.get, [(oid, "file")], self.odb.has)
         # write order: chunks, then tensors, then the file
         for group in ("chunk", "tensor", "file"):
             batch, size = [], 0

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 
-from ..errors import LockedError
-from ..maintenance import FsckReport, reachable
+from ..locking import file_lock
+from ..maintenance import FsckReport, StoreView, reachable
 from .pointer import MAX_SIZE, parse
 
 
@@ -57,40 +56,25 @@ def reachable_pointers(gitdir: str) -> dict[str, str]:
     return out
 
 
-@contextlib.contextmanager
 def store_lock(gitdir: str, exclusive: bool):
     """Filters share the store; gc excludes them (so it never deletes what a clean just wrote)."""
     os.makedirs(os.path.join(gitdir, "mvc"), exist_ok=True)
-    fd = os.open(os.path.join(gitdir, "mvc", "lock"), os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            raise LockedError("a git command is using the mvc store right now") from e
-        yield
-    finally:
-        os.close(fd)
-
-
-class _StoreView:
-    """What maintenance.reachable needs of a repository: an object database."""
-
-    def __init__(self, odb):
-        self.odb = odb
+    return file_lock(os.path.join(gitdir, "mvc", "lock"), exclusive,
+                     busy="a git command is using the mvc store right now")
 
 
 def git_fsck(odb, gitdir: str) -> FsckReport:
     rep = FsckReport()
     pointers = reachable_pointers(gitdir)
     rep.objects = len(pointers)
-    reachable(_StoreView(odb), rep, roots=pointers, root_kind="file")
+    reachable(StoreView(odb), rep, roots=pointers, root_kind="file")
     return rep
 
 
 def git_gc(odb, gitdir: str, dry_run: bool = False) -> tuple[int, int, int]:
     """(objects kept, objects removed, stored bytes freed)."""
     with store_lock(gitdir, exclusive=True):
-        keep = {bytes.fromhex(o) for o in reachable(_StoreView(odb), None, roots=reachable_pointers(gitdir),
+        keep = {bytes.fromhex(o) for o in reachable(StoreView(odb), None, roots=reachable_pointers(gitdir),
                                                      root_kind="file")}
         drop = [o for o in odb.backend.iter_oids() if o not in keep]
         if dry_run:

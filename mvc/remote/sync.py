@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import blake3
 
 from ..errors import CorruptObjectError, MvcError
-from ..maintenance import children
+from ..maintenance import children, closure
+from ..progress import NULL
 from ..refs import HEADS
 from ..store.ids import TYPE_CODE
 from ..store.objects import canonical_json
@@ -93,16 +94,7 @@ def _read_ref(remote: RemoteBackend, branch: str) -> tuple[bytes | None, str | N
 
 def _missing(repo, tip: str, have) -> dict[str, str]:
     """Objects reachable from *tip* that the remote lacks (stopping at commits it has)."""
-    want: dict[str, str] = {}
-    stack = [(tip, "commit")]
-    while stack:
-        oid, kind = stack.pop()
-        if oid in want or oid in have:
-            continue
-        want[oid] = kind
-        if kind != "chunk":
-            stack.extend(children(kind, repo.odb.get(oid, kind)))
-    return want
+    return closure(repo.odb.get, [(tip, "commit")], have.__contains__)
 
 
 def _upload_pack(remote: RemoteBackend, items: list[tuple[str, bytes]]) -> int:
@@ -344,7 +336,7 @@ def clone(url: str, dest: str, progress=None, endpoint_url: str | None = None, l
             repo.refs.set_ref(HEADS + branch, tips[branch], None, f"clone: from {url}")
             repo.refs.attach_head(branch, "clone", None, tips[branch])
             if not lazy:  # a lazy clone checks nothing out: tensors arrive when something reads them
-                repo.checkout(branch, force=True, progress=progress or _null())
+                repo.checkout(branch, force=True, progress=progress or NULL)
     except BaseException:
         import shutil
 
@@ -357,8 +349,3 @@ def clone(url: str, dest: str, progress=None, endpoint_url: str | None = None, l
         raise
     return repo
 
-
-def _null():
-    from ..progress import NULL
-
-    return NULL
