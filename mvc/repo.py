@@ -244,18 +244,30 @@ class Repo:
             return self._record(tree, parents, message, author, op, when,
                                 f"commit{' (initial)' if not head else ''}")
 
-    def _record(self, tree: Tree, parents: tuple[str, ...], message: str, author: str | None,
-                op: dict | None, when: int | None, what: str) -> str:
-        """Write tree and commit (one transaction), then move HEAD's branch by CAS from parents[0]."""
+    def write_commit(self, tree: Tree, parents: tuple[str, ...], message: str, author: str | None = None,
+                     op: dict | None = None, when: int | None = None) -> str:
+        """Store *tree* and a commit of it (one transaction); no ref moves."""
         tree_oid, tree_stored = self.odb.encode_meta(tree)
         now = int(time.time()) if when is None else when
         c = Commit(tree_oid.hex(), parents, author or DEFAULT_AUTHOR, now, _tz_minutes(now),
                    message if message.endswith("\n") else message + "\n", op)
         c_oid, c_stored = self.odb.encode_meta(c)
         self.backend.put_many([(tree_oid, tree_stored), (c_oid, c_stored)])
-        first = message.strip().splitlines()[0]
-        self.refs.move_head(c_oid.hex(), parents[0] if parents else None, f"{what}: {first}")
         return c_oid.hex()
+
+    def _record(self, tree: Tree, parents: tuple[str, ...], message: str, author: str | None,
+                op: dict | None, when: int | None, what: str) -> str:
+        """Write tree and commit, then move HEAD's branch by CAS from parents[0]."""
+        oid = self.write_commit(tree, parents, message, author, op, when)
+        first = message.strip().splitlines()[0]
+        self.refs.move_head(oid, parents[0] if parents else None, f"{what}: {first}")
+        return oid
+
+    def land(self, commit: str, expected: str, msg: str, progress: Progress = NULL) -> None:
+        """Make the work tree match *commit*, then move HEAD's branch to it by CAS from *expected*.
+        The caller holds the lock and has checked that the work tree is clean."""
+        self._switch_tree(self.odb.get(self.commit_obj(commit).tree, "tree"), False, progress)
+        self.refs.move_head(commit, expected, msg)
 
     # -- history ---------------------------------------------------------------
     def log(self, rev: str = "HEAD", n: int | None = None) -> list[LogEntry]:

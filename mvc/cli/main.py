@@ -48,12 +48,20 @@ def cli(ctx, directory, quiet):
 @cli.command()
 @click.argument("directory", default=".")
 @click.option("-b", "--initial-branch", default="main", show_default=True)
+@click.option("--demo", is_flag=True, help="Commit mvc's shipped demo model (a tiny Llama) as the first commit.")
 @pass_ctx
-def init(c, directory, initial_branch):
-    """Create an empty repository in DIRECTORY."""
+def init(c, directory, initial_branch, demo):
+    """Create an empty repository in DIRECTORY (with --demo: holding the demo model)."""
     from ..repo import Repo
 
     path = os.path.join(c.directory, directory)
+    if demo:
+        from ..compress.demofiles import init_demo
+
+        repo = init_demo(path, branch=initial_branch, author=default_author())
+        click.echo(f"Initialized mvc repository in {repo.root}/.mvc with the demo model "
+                   f"({repo.refs.head_commit()[:12]}); default evaluation: perplexity on eval.txt")
+        return
     os.makedirs(path, exist_ok=True)
     repo = Repo.init(path, branch=initial_branch)
     click.echo(f"Initialized empty mvc repository in {repo.root}/.mvc")
@@ -488,10 +496,11 @@ def apply(c, patch):
                "review with `mvc status`, then commit")
 
 
-from .git import git_group  # noqa: E402 - registered last, after the commands above
+from .compress import COMMANDS as COMPRESS  # noqa: E402 - registered last, after the commands above
+from .git import git_group  # noqa: E402
 from .history import COMMANDS as HISTORY  # noqa: E402
 from .hook import hook_group  # noqa: E402
 from .remote import COMMANDS as REMOTE  # noqa: E402
 
-for _cmd in (*HISTORY, *REMOTE, git_group, hook_group):
+for _cmd in (*HISTORY, *REMOTE, *COMPRESS, git_group, hook_group):
     cli.add_command(_cmd)

@@ -1,0 +1,259 @@
+"""`mvc eval` and `mvc compress score|shed|prune`: parse, call mvc.compress, render."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from ..errors import UsageError
+from . import render
+from .context import default_author, pass_ctx
+
+
+def parse_pct(text: str) -> float:
+    """'3%', '3' (percent) or '0.5%' -> a fraction; 'off' -> infinity."""
+    t = text.strip().lower()
+    if t in ("off", "none", "inf"):
+        return float("inf")
+    try:
+        v = float(t.rstrip("%"))
+    except ValueError:
+        raise UsageError(f"--max-drop {text!r} is not a percentage", hint="for example 3% (or off)") from None
+    if v < 0:
+        raise UsageError("--max-drop must not be negative")
+    return v / 100
+
+
+def _eval_options(f):
+    for opt in reversed([
+        click.option("--ppl", "ppl", metavar="TEXTFILE", default=None,
+                     help="Perplexity on this text (default: the repository's evaluation)."),
+        click.option("--cmd", "cmd", metavar="CMD", default=None,
+                     help="A command run in a checkout: exit 0 good, 1-124 bad, 125 skip."),
+        click.option("--tokens", type=int, default=None, help="Token budget of the evaluation text."),
+        click.option("--seq-len", type=int, default=None, help="Window length for perplexity."),
+        click.option("--model", "model_dir", default="", metavar="DIR", help="The model's directory in the tree."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _step_options(f):
+    for opt in reversed([
+        click.option("--max-drop", default="3%", show_default=True, metavar="PCT",
+                     help="Largest allowed metric drop against the start of the step ('off' to disable)."),
+        click.option("--waves", type=int, default=1, show_default=True, help="Split the step into N commits."),
+        click.option("--spike-z", type=float, default=3.0, show_default=True,
+                     help="Stop waves when a metric rise has this z-score against the earlier ones (0: off)."),
+        click.option("--calib", metavar="TEXTFILE", default=None,
+                     help="Calibration text (default: the repository's calib text)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--dry-run", is_flag=True, help="Print what would change; write nothing."),
+        click.option("-m", "--message", default=None, help="Commit message (default: describes the step)."),
+        click.option("--json", "as_json", is_flag=True),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _spec(c, repo, ppl, cmd, tokens, seq_len):
+    from ..compress.evaluate import make_spec
+
+    return make_spec(repo, ppl, cmd, tokens, seq_len)
+
+
+def _metric_text(spec, m: dict) -> str:
+    if spec.kind == "ppl":
+        return f"ppl {m['ppl']:.3f}"
+    return ("pass" if m.get("pass") else f"fail (exit {m.get('exit')})") + \
+        (f", score {m['score']:g}" if "score" in m else "")
+
+
+def _render_outcome(c, out, spec, as_json: bool) -> None:
+    repo = c.repo()
+    branch = repo.refs.current_branch() or "HEAD"
+    if as_json:
+        render.emit_json({"base": out.base, "head": out.head, "before": out.before, "attempt": out.attempt,
+                          "waves": [{"strength": w.strength, "commit": w.commit, "metrics": w.metrics,
+                                     "drop": w.drop, "accepted": w.accepted, "reason": w.reason or None}
+                                    for w in out.waves]})
+    else:
+        click.echo(f"before: {_metric_text(spec, out.before)}  ({spec.describe()})")
+        n = len(out.waves)
+        for i, w in enumerate(out.waves, 1):
+            changed = sum(ch for ch, _ in w.counts.values())
+            total = sum(t for _, t in w.counts.values())
+            state = "landed" if w.accepted else click.style(f"rejected: {w.reason}", fg="red")
+            wave = f"wave {i}/{n}  " if n > 1 else ""
+            click.echo(f"{wave}strength {w.strength:.1%}  {changed}/{total} elements  "
+                       f"{_metric_text(spec, w.metrics)} ({w.drop:+.1%})  "
+                       + click.style(w.commit[:12], fg="yellow") + f"  {state}")
+        if out.attempt:
+            click.echo(f"the rejected commit is kept as {out.attempt} (inspect with `mvc show {out.attempt}`)")
+        if out.head != out.base:
+            click.echo(f"{branch} is now at {out.head[:12]} ({len(out.landed)} commit(s))")
+        else:
+            click.echo(f"nothing landed: {branch} stays at {out.base[:12]}")
+    if out.attempt:
+        sys.exit(1)
+
+
+@click.command("eval")
+@click.argument("rev", default="HEAD")
+@_eval_options
+@click.option("--no-cache", is_flag=True, help="Evaluate again even if a result is cached.")
+@click.option("--set-default", is_flag=True, help="Make this evaluation the repository's default.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def eval_cmd(c, rev, ppl, cmd, tokens, seq_len, model_dir, no_cache, set_default, as_json):
+    """Evaluate REV: perplexity on a text, or a command (cached per tree and evaluation)."""
+    from ..compress.evaluate import evaluate, spec_config
+
+    repo = c.repo()
+    spec = _spec(c, repo, ppl, cmd, tokens, seq_len)
+    if set_default:
+        repo.update_config(lambda cfg: cfg.update(eval=spec_config(spec, repo.root)))
+    res = evaluate(repo, rev, spec, model_dir=model_dir, use_cache=not no_cache)
+    if as_json:
+        render.emit_json({"rev": repo.resolve(rev), "eval": spec.describe(), **res})
+        return
+    click.echo(f"{_metric_text(spec, res)}  ({spec.describe()}{', cached' if res.get('cached') else ''})")
+    if spec.kind == "cmd" and not res.get("pass"):
+        sys.exit(1)
+
+
+@click.group("compress")
+def compress_group():
+    """Compression steps, each a guarded commit with its op record."""
+
+
+@compress_group.command("score")
+@click.argument("rev", default="HEAD")
+@click.option("--method", type=click.Choice(["magnitude", "taylor", "fisher", "wanda"]), default="magnitude",
+              show_default=True)
+@click.option("--calib", metavar="TEXTFILE", default=None)
+@click.option("--scope", multiple=True, metavar="GLOB", help="Only these tensors (globs over names).")
+@click.option("--model", "model_dir", default="", metavar="DIR")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Write the report: .json or .csv (per structure).")
+@click.option("--elements", type=click.Path(dir_okay=False), default=None,
+              help="Also write every element's score as a .safetensors file.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def score_cmd(c, rev, method, calib, scope, model_dir, output, elements, as_json):
+    """Importance scores per element, MLP neuron and attention head, with a layer-wise summary."""
+    from ..compress import score as score_mod
+    from ..compress.steps import score
+
+    repo = c.repo()
+    report, scores = score(repo, rev, method, calib, list(scope) or None, model_dir)
+    if output:
+        with open(output, "w", encoding="utf-8") as f:
+            if output.endswith(".csv"):
+                f.write(score_mod.to_csv(report))
+            else:
+                json.dump(report, f, indent=1)
+                f.write("\n")
+    if elements:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in scores.items()}, elements, metadata={"method": method})
+    if as_json:
+        render.emit_json(report)
+        return
+    click.echo(f"{method} scores of {report['rev'][:12]}")
+    click.echo(f"{'layer':>5}  {'mean score':>12}  {'weakest neuron':>16}  {'weakest head':>14}")
+    for row in report["layers"]:
+        neu = row.get("neurons") or []
+        hd = row.get("heads") or []
+        wn = f"{min(range(len(neu)), key=neu.__getitem__)} ({min(neu):.3g})" if neu else "-"
+        wh = f"{min(range(len(hd)), key=hd.__getitem__)} ({min(hd):.3g})" if hd else "-"
+        click.echo(f"{row['layer']:>5}  {row['mean']:>12.4g}  {wn:>16}  {wh:>14}")
+    if output:
+        click.echo(f"wrote {output}")
+
+
+@compress_group.command("prune")
+@click.option("--method", type=click.Choice(["magnitude", "wanda", "sparsegpt"]), default="magnitude",
+              show_default=True)
+@click.option("--sparsity", type=float, default=None, help="Fraction of weights to zero, in [0, 1).")
+@click.option("--pattern", default=None, metavar="N:M", help="Semi-structured: keep N of every M (2:4, 4:8).")
+@click.option("--layer-sparsity", multiple=True, metavar="GLOB=S", help="Per-tensor sparsity (repeatable).")
+@click.option("--clusters", type=int, default=0, help="Cluster-adaptive thresholds: k-means over rows, K clusters.")
+@click.option("--scope", multiple=True, metavar="GLOB", help="Only these tensors (globs over names).")
+@click.option("--embeddings", is_flag=True, help="Also prune embeddings and the LM head (magnitude only).")
+@_eval_options
+@_step_options
+@pass_ctx
+def prune_cmd(c, method, sparsity, pattern, layer_sparsity, clusters, scope, embeddings, ppl, cmd, tokens,
+              seq_len, model_dir, max_drop, waves, spike_z, calib, seed, dry_run, message, as_json):
+    """Zero weights by magnitude, Wanda or SparseGPT; unstructured or N:M."""
+    from ..compress import steps
+
+    if sparsity is None and not pattern:
+        raise UsageError("pass --sparsity S (or --pattern N:M)")
+    repo = c.repo()
+    if dry_run:
+        rows = steps.prune_plan(repo, "HEAD", sparsity or 0.0, pattern, list(scope) or None, embeddings,
+                                layer_sparsity, model_dir)
+        _render_plan(rows, as_json)
+        return
+    spec = _spec(c, repo, ppl, cmd, tokens, seq_len)
+    out = steps.prune(repo, method, sparsity if sparsity is not None else 0.0, spec, pattern=pattern,
+                      scope=list(scope) or None, embeddings=embeddings, layer_sparsity=layer_sparsity,
+                      clusters=clusters, waves=waves, max_drop=parse_pct(max_drop), spike_z=spike_z,
+                      calib=calib, seed=seed, model_dir=model_dir, message=message, author=default_author(),
+                      progress=c.progress())
+    _render_outcome(c, out, spec, as_json)
+
+
+def _render_plan(rows, as_json: bool) -> None:
+    if as_json:
+        render.emit_json([{"tensor": r.tensor, "shape": list(r.shape), "elements": r.elements, "prune": r.change}
+                          for r in rows])
+        return
+    for r in rows:
+        click.echo(f"{r.tensor}  {list(r.shape)}  {r.change}/{r.elements} to zero")
+    tot, ch = sum(r.elements for r in rows), sum(r.change for r in rows)
+    click.echo(f"dry run: {len(rows)} tensors, {ch}/{tot} elements ({ch / max(1, tot):.1%}) would be zeroed; "
+               "nothing written")
+
+
+@compress_group.command("shed")
+@click.option("--neurons", type=float, default=0.0, help="Fraction of MLP neurons to remove per layer.")
+@click.option("--heads", type=float, default=0.0, help="Fraction of attention heads (KV groups) per layer.")
+@click.option("--score", "method", type=click.Choice(["magnitude", "taylor", "fisher", "wanda"]), default="wanda",
+              show_default=True, help="Importance that decides which units go.")
+@click.option("--min-keep", type=int, default=1, show_default=True, help="Units every layer keeps at least.")
+@_eval_options
+@_step_options
+@pass_ctx
+def shed_cmd(c, neurons, heads, method, min_keep, ppl, cmd, tokens, seq_len, model_dir, max_drop, waves,
+             spike_z, calib, seed, dry_run, message, as_json):
+    """Remove the least important MLP neurons and attention heads; shapes and config shrink."""
+    from ..compress import steps
+
+    repo = c.repo()
+    if dry_run:
+        plan = steps.shed_plan(repo, "HEAD", neurons, heads, min_keep, model_dir)
+        if as_json:
+            render.emit_json(plan)
+            return
+        for kind in ("neurons", "heads"):
+            if plan[kind]:
+                have, gone = plan[kind]
+                click.echo(f"{kind}: {have} per layer, {gone} removed from each of {plan['layers']} layers "
+                           f"-> {have - gone}")
+        click.echo("dry run: nothing written")
+        return
+    spec = _spec(c, repo, ppl, cmd, tokens, seq_len)
+    out = steps.shed(repo, spec, neurons=neurons, heads=heads, method=method, min_keep=min_keep, waves=waves,
+                     max_drop=parse_pct(max_drop), spike_z=spike_z, calib=calib, seed=seed, model_dir=model_dir,
+                     message=message, author=default_author(), progress=c.progress())
+    _render_outcome(c, out, spec, as_json)
+
+
+COMMANDS = (eval_cmd, compress_group)
+

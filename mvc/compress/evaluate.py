@@ -1,0 +1,221 @@
+"""Evaluation of a revision: perplexity on a text file, or a user command (bisect's contract).
+
+Results are cached in the store per (tree id, evaluation spec), so each version is evaluated
+once. A repository's default evaluation lives in its config under ``eval``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+
+from ..errors import MvcError, UsageError
+from ..pipeline import Materializer
+from ..store.ids import hash_object
+
+DEFAULT_TOKENS = 4096
+DEFAULT_SEQ_LEN = 256
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What to measure. ``text_id`` is the text's content hash: a changed text is a new spec."""
+
+    kind: str  # "ppl" | "cmd"
+    text: str | None = None  # absolute path of the text (ppl)
+    text_id: str | None = None
+    tokens: int = DEFAULT_TOKENS
+    seq_len: int = DEFAULT_SEQ_LEN
+    cmd: str | None = None
+    seed: int = 0
+
+    @property
+    def metric(self) -> str:
+        return "ppl" if self.kind == "ppl" else "pass"
+
+    def key(self) -> dict:
+        d = asdict(self)
+        d.pop("text")
+        return d
+
+    def describe(self) -> str:
+        if self.kind == "ppl":
+            name = os.path.basename(self.text or "?")
+            return f"perplexity on {name} ({self.tokens} tokens, windows of {self.seq_len})"
+        return f"command {self.cmd!r}"
+
+
+def read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise UsageError(f"evaluation text {path} does not exist", hint="pass --ppl TEXTFILE") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"evaluation text {path} cannot be read as UTF-8 text ({e})") from e
+
+
+def make_spec(repo, ppl: str | None = None, cmd: str | None = None, tokens: int | None = None,
+              seq_len: int | None = None, base_dir: str | None = None) -> EvalSpec:
+    """The evaluation asked for, else the repository's default (config ``eval``), else an error."""
+    if ppl and cmd:
+        raise UsageError("pass --ppl or --cmd, not both")
+    cfg = repo.config.get("eval") or {}
+    if not ppl and not cmd:
+        if not cfg:
+            raise UsageError("no evaluation given and the repository has no default",
+                             hint="pass --ppl TEXTFILE or --cmd CMD (`mvc eval --set-default` keeps one)")
+        ppl, cmd = cfg.get("ppl"), cfg.get("cmd")
+        base_dir = repo.root
+        tokens = tokens or cfg.get("tokens")
+        seq_len = seq_len or cfg.get("seq_len")
+    tokens = tokens or DEFAULT_TOKENS
+    seq_len = seq_len or DEFAULT_SEQ_LEN
+    if tokens < 2 or seq_len < 2:
+        raise UsageError("--tokens and --seq-len must be at least 2")
+    if cmd:
+        shlex.split(cmd)
+        return EvalSpec("cmd", cmd=cmd)
+    path = os.path.join(base_dir or repo.cwd or os.getcwd(), ppl)
+    text = read_text(path)
+    return EvalSpec("ppl", text=os.path.abspath(path), text_id=hash_object("chunk", text.encode()).hex(),
+                    tokens=tokens, seq_len=seq_len)
+
+
+def spec_config(spec: EvalSpec, root: str) -> dict:
+    """The config entry that makes *spec* the repository's default (paths relative to the root)."""
+    if spec.kind == "cmd":
+        return {"cmd": spec.cmd}
+    rel = os.path.relpath(spec.text, root)
+    return {"ppl": rel, "tokens": spec.tokens, "seq_len": spec.seq_len}
+
+
+def _cache_key(tree_id: str, spec: EvalSpec) -> bytes:
+    body = json.dumps(spec.key(), sort_keys=True).encode()
+    return b"eval/" + tree_id.encode() + b"/" + hash_object("chunk", body).hex()[:32].encode()
+
+
+def cached(repo, tree_id: str, spec: EvalSpec) -> dict | None:
+    raw = repo.backend.kv_get(_cache_key(tree_id, spec))
+    return json.loads(raw) if raw else None
+
+
+def remember(repo, tree_id: str, spec: EvalSpec, result: dict) -> None:
+    repo.backend.kv_put_many({_cache_key(tree_id, spec): json.dumps(result, sort_keys=True).encode()})
+
+
+def tokenizer_for(repo, src):
+    """The tokenizer of the model in *src* (its tokenizer.json, parsed by the tokenizers library)."""
+    from tokenizers import Tokenizer
+
+    entry = src.tree.as_dict().get(src.prefix + "tokenizer.json")
+    if entry is None:
+        raise UsageError(f"no {src.prefix}tokenizer.json beside the model: perplexity needs the tokenizer",
+                         hint="commit the model's tokenizer.json, or evaluate with --cmd")
+    with Materializer(repo.odb, workers=1) as mat:
+        raw = mat.read_bytes(entry.oid)
+    try:
+        return Tokenizer.from_str(raw.decode("utf-8"))
+    except Exception as e:  # the tokenizers library raises its own Exception subclasses
+        raise MvcError(f"{src.prefix}tokenizer.json cannot be parsed: {e}") from e
+
+
+def token_windows(tokenizer, spec: EvalSpec, max_len: int | None):
+    """The evaluation text's first spec.tokens tokens as (windows, seq_len) of token ids."""
+    import torch
+
+    ids = tokenizer.encode(read_text(spec.text)).ids[:spec.tokens]
+    seq = min(spec.seq_len, max_len or spec.seq_len)
+    n = len(ids) // seq
+    if n == 0:
+        raise UsageError(f"{spec.text} has {len(ids)} tokens, fewer than one window of {seq}",
+                         hint="use a longer text or a smaller --seq-len")
+    return torch.tensor(ids[:n * seq], dtype=torch.long).view(n, seq)
+
+
+def perplexity(model, windows, batch: int = 8) -> float:
+    """exp(mean next-token negative log-likelihood) over every window, deterministic."""
+    import torch
+
+    torch.manual_seed(0)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, windows.shape[0], batch):
+            x = windows[i:i + batch]
+            logits = model(input_ids=x).logits.float()
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+            total += nll.item()
+            count += x[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def run_command(repo, tree, spec: EvalSpec, rev: str) -> dict:
+    """Check the tree out into a scratch directory and run the command there (exit 0 = good)."""
+    from ..worktree import REPO_DIR
+
+    scratch = os.path.join(repo.root, REPO_DIR, "tmp")
+    os.makedirs(scratch, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch, prefix="eval-") as d, \
+            Materializer(repo.odb, workers=repo.workers) as mat:
+        for e in tree.entries:
+            full = os.path.join(d, e.path)
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            with open(full, "wb") as f:
+                mat.write(e.oid, f)
+        env = dict(os.environ, MVC_EVAL_REV=rev, MVC_EVAL_DIR=d)
+        try:
+            res = subprocess.run(shlex.split(spec.cmd), cwd=d, env=env, capture_output=True, text=True)
+        except OSError as e:
+            raise UsageError(f"cannot run evaluation command {spec.cmd!r}: {e.strerror}") from e
+    out: dict = {"pass": res.returncode == 0, "exit": res.returncode}
+    if res.returncode == 125:
+        out["skip"] = True
+    lines = res.stdout.strip().splitlines()
+    try:
+        out["score"] = float(lines[-1].split()[-1])
+    except (IndexError, ValueError):
+        pass
+    return out
+
+
+def evaluate(repo, rev: str, spec: EvalSpec, model_dir: str = "", use_cache: bool = True) -> dict:
+    """The metrics of *rev* under *spec*: {"ppl": ..., "tokens": ...} or {"pass": ..., "exit": ...}."""
+    commit = repo.resolve(rev)
+    return evaluate_tree(repo, repo.commit_obj(commit).tree, spec, commit, model_dir=model_dir,
+                         use_cache=use_cache)
+
+
+def evaluate_tree(repo, tree_id: str, spec: EvalSpec, commit: str | None, model=None, tree=None,
+                  model_dir: str = "", use_cache: bool = True) -> dict:
+    """Evaluate a stored tree (cached by tree id). *model* (a compress.model.Model holding exactly
+    this tree's tensors) saves loading it; *commit* names the tree for --cmd and for loading."""
+    from .model import Model, open_source
+
+    if use_cache and (hit := cached(repo, tree_id, spec)) is not None:
+        return dict(hit, cached=True)
+    if spec.kind == "cmd":
+        result = run_command(repo, tree or repo.odb.get(tree_id, "tree"), spec, commit or tree_id)
+    else:
+        src = model.src if model is not None else open_source(repo, commit, model_dir)
+        if not src.arch.causal:
+            raise UsageError(f"perplexity needs a causal language model; {src.arch.model_type} is an encoder",
+                             hint="evaluate it with --cmd CMD")
+        tok = tokenizer_for(repo, src)
+        m = model if model is not None else Model(repo, src)
+        windows = token_windows(tok, spec, src.config.get("max_position_embeddings") or src.config.get("n_positions"))
+        result = {"ppl": perplexity(m.model, windows), "tokens": int(windows.numel())}
+    remember(repo, tree_id, spec, result)
+    return dict(result, cached=False)
+
+
+def drop(spec: EvalSpec, before: dict, after: dict) -> float:
+    """How much worse *after* is than *before*, as a fraction (ppl: relative rise; cmd: 1 if it fails)."""
+    if spec.kind == "cmd":
+        return 0.0 if after.get("pass") else 1.0
+    return (after["ppl"] - before["ppl"]) / before["ppl"]

@@ -1,0 +1,151 @@
+"""Compression steps as commits: plan, apply in waves, evaluate, guard, record.
+
+A step runs on HEAD (a clean work tree). Each wave applies the operation at a growing strength
+to the model in memory, writes the changed tensors as a new tree, evaluates it, and records a
+commit whose ``op`` says what was done and what it cost. A wave that drops the metric by more
+than ``max_drop`` against the step's starting point, or whose rise is a spike against the
+earlier waves (z-score of log-metric increments), does not land: its commit is kept under
+``refs/attempts/<branch>/<n>`` and the branch stays at the last good wave. The work tree and
+the branch move once, at the end, so an interrupted step leaves the branch where it was.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from .. import __version__
+from ..errors import DirtyWorkTreeError, UsageError
+from ..progress import NULL, Progress
+from .evaluate import EvalSpec, drop, evaluate_tree
+from .model import Model, build_tree, open_source
+
+ATTEMPTS = "refs/attempts/"
+
+
+@dataclass
+class Wave:
+    strength: float
+    commit: str
+    metrics: dict
+    drop: float
+    accepted: bool
+    reason: str = ""
+    counts: dict = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    base: str
+    head: str  # where the branch is after the step (== base when nothing landed)
+    before: dict
+    waves: list[Wave] = field(default_factory=list)
+    attempt: str | None = None  # the side ref of a rejected wave
+
+    @property
+    def landed(self) -> list[Wave]:
+        return [w for w in self.waves if w.accepted]
+
+
+def spike(values: list[float], z_max: float) -> float | None:
+    """The z-score of the newest log-metric increment against the earlier ones (None: too few)."""
+    if z_max <= 0 or len(values) < 4 or min(values) <= 0:
+        return None
+    inc = [math.log(b) - math.log(a) for a, b in zip(values, values[1:])]
+    hist, last = inc[:-1], inc[-1]
+    mu = sum(hist) / len(hist)
+    sd = (sum((x - mu) ** 2 for x in hist) / len(hist)) ** 0.5
+    sd = max(sd, 0.25 * abs(mu), 1e-3)
+    return (last - mu) / sd
+
+
+def next_attempt_ref(repo) -> str:
+    branch = repo.refs.current_branch() or "detached"
+    taken = repo.backend.list_refs(ATTEMPTS + branch + "/")
+    n = 1 + max((int(k.rsplit("/", 1)[1]) for k in taken if k.rsplit("/", 1)[1].isdigit()), default=0)
+    return f"{ATTEMPTS}{branch}/{n}"
+
+
+def _value(spec: EvalSpec, metrics: dict) -> float:
+    return metrics["ppl"] if spec.kind == "ppl" else (0.0 if metrics.get("pass") else 1.0)
+
+
+def _clean_metrics(m: dict) -> dict:
+    return {k: v for k, v in m.items() if k != "cached"}
+
+
+def run(repo, *, op: str, method: str, params: dict, strengths: list[float], apply, spec: EvalSpec,
+        max_drop: float, spike_z: float = 3.0, scope: list | None = None, seed: int = 0,
+        model_dir: str = "", message: str | None = None, author: str | None = None,
+        progress: Progress = NULL) -> Outcome:
+    """Run one compression step. *apply(model, strength)* changes the model in place and returns
+    (extra params for the record, new config or None, {tensor: (changed, total)})."""
+    if max_drop < 0:
+        raise UsageError("--max-drop must not be negative")
+    with repo.lock():
+        base = repo.refs.head_commit()
+        if base is None:
+            raise UsageError("nothing committed yet", hint="commit a model first")
+        st = repo.status()
+        if not st.clean:
+            raise DirtyWorkTreeError("the work tree has uncommitted changes",
+                                     hint="commit or discard them first (`mvc status`)")
+        src = open_source(repo, base, model_dir)
+        model = Model(repo, src)
+        base_tree = repo.commit_obj(base).tree
+        before = _clean_metrics(evaluate_tree(repo, base_tree, spec, base, model=model))
+        out = Outcome(base, base, before)
+        values = [_value(spec, before)]
+        parent, parent_metrics, config = base, before, None
+        for k, strength in enumerate(strengths, 1):
+            t0 = time.time()
+            extra, new_config, counts = apply(model, strength)
+            if new_config is not None:
+                config = new_config
+                model.rebuild(config)
+            tree = build_tree(repo, src, model.state(), model.originals, config)
+            tree_oid = repo.odb.encode_meta(tree)
+            after = _clean_metrics(evaluate_tree(repo, tree_oid[0].hex(), spec, None, model=model, tree=tree))
+            values.append(_value(spec, after))
+            d = drop(spec, before, after)
+            z = spike(values, spike_z)
+            record = {"op": op, "method": method, "params": {**params, **extra, "strength": strength},
+                      "scope": scope or ["*"], "seed": seed,
+                      "metrics": {"before": parent_metrics, "after": after, "eval": spec.describe()},
+                      "elements": {"changed": sum(c for c, _ in counts.values()),
+                                   "total": sum(t for _, t in counts.values())},
+                      "wall_s": round(time.time() - t0, 3), "tool": f"mvc {__version__}"}
+            if len(strengths) > 1:
+                record["params"]["wave"] = [k, len(strengths)]
+            msg = message or _message(op, method, params, strength, k, len(strengths))
+            commit = repo.write_commit(tree, (parent,), msg, author, record)
+            reason = ""
+            if d > max_drop:
+                reason = (f"{spec.metric} dropped {d:.1%} (> --max-drop {max_drop:.1%})" if spec.kind == "ppl"
+                          else "the evaluation command failed")
+            elif z is not None and z > spike_z:
+                reason = f"loss spike: z-score {z:.1f} > {spike_z:g} against the earlier waves"
+            wave = Wave(strength, commit, after, d, not reason, reason, counts)
+            out.waves.append(wave)
+            if reason:
+                out.attempt = next_attempt_ref(repo)
+                repo.refs.set_ref(out.attempt, commit, None, f"attempt: {msg.splitlines()[0]} ({reason})")
+                break
+            parent, parent_metrics = commit, after
+        if parent != base:
+            repo.land(parent, base, f"{op}: {(message or _message(op, method, params, None, 0, 0)).splitlines()[0]}",
+                      progress)
+        out.head = parent
+        return out
+
+
+def _message(op: str, method: str, params: dict, strength, k: int, n: int) -> str:
+    what = f"{op}: {method}"
+    if strength is not None:
+        what += f" {strength:.0%}" if op == "prune" else f" {strength:.0%} of {params.get('kind', 'units')}s"
+    if params.get("pattern"):
+        what += f" {params['pattern']}"
+    if n > 1:
+        what += f" (wave {k}/{n})"
+    return what

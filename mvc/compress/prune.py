@@ -1,0 +1,190 @@
+"""Unstructured and N:M pruning: magnitude, Wanda and SparseGPT.
+
+Masks keep exact counts: a sparsity S over n candidates prunes floor(S*n) of them (per matrix
+for magnitude, per output row for Wanda, per block of columns for SparseGPT, per group of M for
+N:M). Calibration methods work one layer at a time, in order, so each layer sees the inputs
+that the already-pruned layers before it produce; memory stays near one layer's statistics.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import UsageError
+from .calib import collect_inputs, windows
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    n: int
+    m: int
+
+    @classmethod
+    def parse(cls, text: str | None) -> Pattern | None:
+        if not text:
+            return None
+        mt = re.fullmatch(r"(\d+):(\d+)", text.strip())
+        if not mt or not 0 < int(mt[1]) < int(mt[2]) <= 64:
+            raise UsageError(f"--pattern {text!r} is not N:M with 0 < N < M <= 64", hint="for example 2:4")
+        return cls(int(mt[1]), int(mt[2]))
+
+    @property
+    def sparsity(self) -> float:
+        return 1 - self.n / self.m
+
+
+def check_sparsity(s: float) -> float:
+    if not 0 <= s < 1:
+        raise UsageError(f"sparsity {s:g} is outside [0, 1)", hint="for example --sparsity 0.5 for 50 %")
+    return s
+
+
+def _smallest(scores, k: int, dim: int | None = None):
+    """A bool mask of the k smallest scores (over everything, or along *dim*), exactly k each."""
+    import torch
+
+    mask = torch.zeros(scores.shape, dtype=torch.bool)
+    if k <= 0:
+        return mask
+    if dim is None:
+        idx = torch.topk(scores.reshape(-1), k, largest=False, sorted=False).indices
+        mask.view(-1)[idx] = True
+    else:
+        idx = torch.topk(scores, k, dim=dim, largest=False, sorted=False).indices
+        mask.scatter_(dim, idx, True)
+    return mask
+
+
+def nm_mask(scores, pattern: Pattern):
+    """Prune the M-N smallest of every M consecutive inputs of each row."""
+    rows, cols = scores.shape
+    if cols % pattern.m:
+        raise UsageError(f"a matrix with {cols} inputs cannot take the {pattern.n}:{pattern.m} pattern "
+                         f"({cols} is not a multiple of {pattern.m})")
+    g = scores.reshape(rows, cols // pattern.m, pattern.m)
+    return _smallest(g, pattern.m - pattern.n, dim=2).reshape(rows, cols)
+
+
+def kmeans_rows(features, k: int, seed: int, iters: int = 25):
+    """Cluster rows of *features* (rows, f) into k groups; seeded, deterministic."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    x = (features - features.mean(0)) / features.std(0).clamp_min(1e-12)
+    k = min(k, x.shape[0])
+    centers = x[torch.randperm(x.shape[0], generator=gen)[:k]].clone()
+    labels = torch.zeros(x.shape[0], dtype=torch.long)
+    for _ in range(iters):
+        labels = torch.cdist(x, centers).argmin(1)
+        for c in range(k):
+            sel = labels == c
+            if sel.any():
+                centers[c] = x[sel].mean(0)
+    return labels
+
+
+def mask_for(scores, sparsity: float, per: str, pattern: Pattern | None = None, clusters: int = 0, seed: int = 0):
+    """Which elements to prune. *per*: "matrix" (one threshold) or "row" (one per output row);
+    *clusters* > 0 clusters the rows by their score statistics and uses one threshold per cluster."""
+    import torch
+
+    if pattern is not None:
+        return nm_mask(scores, pattern)
+    rows, cols = scores.shape
+    if clusters:
+        feats = torch.stack([scores.mean(1), scores.std(1), scores.amax(1)], 1).double()
+        labels = kmeans_rows(feats, clusters, seed)
+        mask = torch.zeros(scores.shape, dtype=torch.bool)
+        for c in labels.unique().tolist():
+            sel = labels == c
+            sub = scores[sel]
+            mask[sel] = _smallest(sub, int(sparsity * sub.numel()))
+        return mask
+    if per == "row":
+        return _smallest(scores, int(sparsity * cols), dim=1)
+    return _smallest(scores, int(sparsity * scores.numel()))
+
+
+def sparsegpt(weight, gram, n: int, sparsity: float, pattern: Pattern | None = None,
+              block: int = 128, damp: float = 0.01):
+    """Prune *weight* (out, in) in place by SparseGPT: OBS updates with the upper Cholesky factor of
+    the inverse calibration Hessian H = 2/n X^T X (+ damp * mean diag), block by block of columns."""
+    import torch
+
+    W = weight.float().contiguous().clone()
+    H = gram.double() * (2.0 / max(1, n))
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+    rows, cols = W.shape
+    mask_all = torch.zeros_like(W, dtype=torch.bool)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1 = W[:, i1:i2].clone()
+        Hi = Hinv[i1:i2, i1:i2]
+        d = torch.diag(Hi)
+        err = torch.zeros_like(W1)
+        if pattern is None:
+            mask1 = _smallest(W1 ** 2 / d[None, :] ** 2, int(sparsity * W1.numel()))
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if pattern is not None and i % pattern.m == 0:
+                cand = W1[:, i:i + pattern.m] ** 2 / d[None, i:i + pattern.m] ** 2
+                mask1[:, i:i + pattern.m] = _smallest(cand, pattern.m - pattern.n, dim=1)
+            w = W1[:, i]
+            q = w.clone()
+            q[mask1[:, i]] = 0
+            e = (w - q) / d[i]
+            W1[:, i:] -= e[:, None] * Hi[i, i:][None, :]
+            W1[:, i] = q
+            err[:, i] = e
+        W[:, i1:i2] = W1
+        W[:, i2:] -= err @ Hinv[i1:i2, i2:]
+        mask_all[:, i1:i2] = mask1
+    W[mask_all] = 0
+    weight.copy_(W.to(weight.dtype))
+    return mask_all
+
+
+def apply(repo, model, linears, method: str, sparsity_of, pattern: Pattern | None = None,
+          clusters: int = 0, seed: int = 0, calib=None, progress=None) -> dict:
+    """Prune *linears* in place; returns {name: (pruned, total)}. *sparsity_of(name)* gives each
+    matrix's target. Calibration methods go layer by layer, feeding pruned outputs forward."""
+    if method not in METHODS:
+        raise UsageError(f"unknown pruning method {method!r}", hint=f"choose one of {', '.join(METHODS)}")
+    counts = {}
+    if method == "magnitude":
+        groups = [linears]
+        batches = None
+    else:
+        if any(li.role == "embedding" for li in linears):
+            raise UsageError(f"embeddings can only be pruned by magnitude, not {method}")
+        batches = windows(repo, model, calib)
+        layers = sorted({li.layer for li in linears})
+        groups = [[li for li in linears if li.layer == layer] for layer in layers]
+    for group in groups:
+        stats = collect_inputs(model, group, batches, gram=method == "sparsegpt") if batches is not None else {}
+        for li in group:
+            w = li.weight()
+            s = sparsity_of(li.name)
+            if method == "sparsegpt":
+                st = stats[li.name]
+                mask = sparsegpt(w, st.gram, st.n, s, pattern)
+            else:
+                score = w.abs().float()
+                if method == "wanda":
+                    score = score * stats[li.name].sq.sqrt().float()[None, :]
+                mask = mask_for(score, s, "row" if method == "wanda" else "matrix", pattern, clusters, seed)
+                w[mask] = 0
+            model.round_to_stored(li)
+            counts[li.name] = (int(mask.sum()), w.numel())
+            if progress is not None:
+                progress.advance(tensors=1)
+    return counts

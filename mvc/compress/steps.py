@@ -1,0 +1,214 @@
+"""The library calls behind `mvc compress score|shed|prune`: plan (free, --dry-run) and run."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from ..errors import UsageError
+from ..progress import NULL, Progress
+from . import ops
+from . import prune as prune_mod
+from . import score as score_mod
+from . import shed as shed_mod
+from .calib import make_calib
+from .model import Model, linear_names, open_source
+
+
+@dataclass
+class PlanRow:
+    tensor: str
+    shape: tuple
+    elements: int
+    change: int  # elements pruned, or removed by shedding
+
+
+def parse_layer_sparsity(items: list[str]) -> list[tuple[str, float]]:
+    """--layer-sparsity GLOB=S, repeatable: per-tensor targets (the first match wins)."""
+    out = []
+    for item in items or []:
+        glob, sep, value = item.rpartition("=")
+        try:
+            s = float(value)
+        except ValueError:
+            s = None
+        if not sep or not glob or s is None:
+            raise UsageError(f"--layer-sparsity {item!r} is not GLOB=S", hint="for example 'model.layers.0.*=0.3'")
+        out.append((glob, prune_mod.check_sparsity(s)))
+    return out
+
+
+def _sparsity_of(default: float, overrides: list[tuple[str, float]], scale: float = 1.0):
+    def of(name: str) -> float:
+        for glob, s in overrides:
+            if fnmatchcase(name, glob):
+                return s * scale
+        return default * scale
+    return of
+
+
+def waves_of(target: float, waves: int) -> list[float]:
+    if waves < 1:
+        raise UsageError("--waves must be at least 1")
+    return [target * k / waves for k in range(1, waves + 1)]
+
+
+def prune_plan(repo, rev: str, sparsity: float, pattern: str | None, scope, embeddings: bool,
+               layer_sparsity=(), model_dir: str = "") -> list[PlanRow]:
+    pat = prune_mod.Pattern.parse(pattern)
+    prune_mod.check_sparsity(sparsity)
+    src = open_source(repo, rev, model_dir)
+    of = _sparsity_of(pat.sparsity if pat else sparsity, parse_layer_sparsity(list(layer_sparsity)))
+    rows = []
+    for name, _role, _layer in linear_names(src, scope, embeddings):
+        meta = src.tensor_meta(name)
+        n = math.prod(meta.shape)
+        if pat:
+            if meta.shape[-1 if not src.arch.conv1d else 0] % pat.m:
+                raise UsageError(f"{name} has {meta.shape} and cannot take the {pattern} pattern")
+            k = n // pat.m * (pat.m - pat.n)
+        else:
+            k = int(of(name) * n)
+        rows.append(PlanRow(name, tuple(meta.shape), n, k))
+    return rows
+
+
+def prune(repo, method: str, sparsity: float, spec, pattern: str | None = None, scope=None,
+          embeddings: bool = False, layer_sparsity=(), clusters: int = 0, waves: int = 1,
+          max_drop: float = 0.03, spike_z: float = 3.0, calib: str | None = None, seed: int = 0,
+          model_dir: str = "", message: str | None = None, author: str | None = None,
+          progress: Progress = NULL) -> ops.Outcome:
+    if method not in prune_mod.METHODS:
+        raise UsageError(f"unknown pruning method {method!r}", hint=f"choose one of {', '.join(prune_mod.METHODS)}")
+    pat = prune_mod.Pattern.parse(pattern)
+    prune_mod.check_sparsity(sparsity)
+    overrides = parse_layer_sparsity(list(layer_sparsity))
+    if pat and waves > 1:
+        raise UsageError("an N:M pattern is one step; it cannot be split into --waves")
+    if clusters < 0:
+        raise UsageError("--clusters must be 0 (off) or more")
+    cal = make_calib(repo, calib) if method != "magnitude" else None
+    prune_plan(repo, "HEAD", sparsity, pattern, scope, embeddings, layer_sparsity, model_dir)  # checks shapes
+    target = pat.sparsity if pat else sparsity
+    strengths = waves_of(target, waves)
+    params = {"sparsity": target, "pattern": pattern, "clusters": clusters or None,
+              "layer_sparsity": dict(overrides) or None, "calib": _calib_desc(cal)}
+    params = {k: v for k, v in params.items() if v is not None}
+
+    def apply(model: Model, strength: float):
+        lin = model.linears(scope, embeddings)
+        progress.start(f"pruning ({method})", 0)
+        counts = prune_mod.apply(repo, model, lin, method, _sparsity_of(strength, overrides, strength / target
+                                                                       if target else 0.0)
+                                 if overrides else _sparsity_of(strength, []),
+                                 pat, clusters, seed, cal, progress)
+        progress.finish()
+        return {}, None, counts
+
+    return ops.run(repo, op="prune", method=method, params=params, strengths=strengths, apply=apply, spec=spec,
+                   max_drop=max_drop, spike_z=spike_z, scope=scope, seed=seed, model_dir=model_dir,
+                   message=message, author=author, progress=progress)
+
+
+def _calib_desc(cal) -> dict | None:
+    if cal is None:
+        return None
+    import os
+
+    return {"text": os.path.basename(cal.text), "tokens": cal.tokens, "seq_len": cal.seq_len}
+
+
+def shed_plan(repo, rev: str, neurons: float, heads: float, min_keep: int, model_dir: str = "") -> dict:
+    """What shedding would remove, per layer, from the metadata alone (no weights read)."""
+    src = open_source(repo, rev, model_dir)
+    out = {"layers": 0, "neurons": None, "heads": None}
+    names = linear_names(src)
+    out["layers"] = max(layer for _n, _r, layer in names) + 1
+    if neurons:
+        shed_mod.check_fraction("neurons", neurons)
+        up = next(n for n, r, layer in names if r == "up" and layer == 0)
+        shape = src.tensor_meta(up).shape
+        width = shape[1] if src.arch.conv1d else shape[0]
+        out["neurons"] = _remove(width, neurons, min_keep)
+    if heads:
+        shed_mod.check_fraction("heads", heads)
+        if not src.arch.heads_sheddable:
+            raise UsageError(f"{src.arch.model_type} configs cannot express fewer heads; shed --neurons instead")
+        h, kv, _hd = score_mod.head_geometry(src.config)
+        have, remove = _remove(kv, heads, min_keep)
+        hidden = src.config.get("hidden_size")
+        group = h // kv
+        ok = remove
+        while ok > 0 and hidden % ((kv - ok) * group):  # transformers checks hidden % heads == 0
+            ok -= 1
+        if ok == 0 and remove > 0:
+            valid = [r for r in range(1, kv) if not hidden % ((kv - r) * group)]
+            raise UsageError(f"--heads {heads:g} would leave {(kv - remove) * group} heads, which a "
+                             f"{src.arch.model_type} config with hidden size {hidden} cannot express",
+                             hint=f"valid fractions: {', '.join(f'{r / kv:g}' for r in valid) or 'none'}")
+        out["heads"] = (have, ok)
+    return out
+
+
+def _remove(count: int, fraction: float, min_keep: int) -> tuple[int, int]:
+    remove = math.floor(fraction * count + 1e-9)
+    return count, max(0, min(remove, count - max(1, min_keep)))
+
+
+def shed(repo, spec, neurons: float = 0.0, heads: float = 0.0, method: str = "wanda", min_keep: int = 1,
+         waves: int = 1, max_drop: float = 0.03, spike_z: float = 3.0, calib: str | None = None,
+         seed: int = 0, model_dir: str = "", message: str | None = None, author: str | None = None,
+         progress: Progress = NULL) -> ops.Outcome:
+    if not neurons and not heads:
+        raise UsageError("nothing to shed", hint="pass --neurons FRACTION and/or --heads FRACTION")
+    if min_keep < 1:
+        raise UsageError("--min-keep must be at least 1: a layer never loses all its units")
+    plan = shed_plan(repo, "HEAD", neurons, heads, min_keep, model_dir)
+    cal = make_calib(repo, calib) if score_mod.needs_calib(method) else None
+    if method not in score_mod.METHODS:
+        raise UsageError(f"unknown scoring method {method!r}", hint=f"choose one of {', '.join(score_mod.METHODS)}")
+    done = {"neuron": 0, "head": 0}
+    total = {"neuron": plan["neurons"][1] if plan["neurons"] else 0,
+             "head": plan["heads"][1] if plan["heads"] else 0}
+    params = {"neurons": neurons or None, "heads": heads or None, "score": method, "min_keep": min_keep,
+              "calib": _calib_desc(cal)}
+    params = {k: v for k, v in params.items() if v is not None}
+
+    def apply(model: Model, strength: float):
+        extra, counts = {"removed": {}}, {}
+        for kind in ("neuron", "head"):
+            want = math.floor(total[kind] * strength + 1e-9)
+            remove = want - done[kind]
+            if remove <= 0:
+                continue
+            lin = model.linears()
+            before = {li.name: li.weight().numel() for li in lin}
+            scores = score_mod.element_scores(repo, model, lin, method, cal)
+            res = shed_mod.apply(model, kind, remove, scores)
+            model.src.config = res["config"]
+            extra["removed"][kind + "s"] = res["removed"]
+            done[kind] = want
+            for li in model.linears():
+                counts[li.name] = (before[li.name] - li.weight().numel() + counts.get(li.name, (0, 0))[0],
+                                   before[li.name])
+        return extra, dict(model.src.config), counts
+
+    strengths = [k / waves for k in range(1, waves + 1)] if waves >= 1 else waves_of(1, waves)
+    return ops.run(repo, op="shed", method=method, params=params, strengths=strengths, apply=apply, spec=spec,
+                   max_drop=max_drop, spike_z=spike_z, seed=seed, model_dir=model_dir, message=message,
+                   author=author, progress=progress)
+
+
+def score(repo, rev: str, method: str, calib: str | None = None, scope=None, model_dir: str = "") -> tuple:
+    """(report, element scores) for *rev* under *method* (nothing is written to the repository)."""
+    if method not in score_mod.METHODS:
+        raise UsageError(f"unknown scoring method {method!r}", hint=f"choose one of {', '.join(score_mod.METHODS)}")
+    cal = make_calib(repo, calib) if score_mod.needs_calib(method) else None
+    model = Model(repo, open_source(repo, rev, model_dir))
+    lin = model.linears(scope)
+    scores = score_mod.element_scores(repo, model, lin, method, cal)
+    report = score_mod.summarize(model, scores)
+    report["method"] = method
+    report["rev"] = model.src.commit
+    return report, scores
