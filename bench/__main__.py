@@ -230,7 +230,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--git", action="store_true", help="instead: `git add` through the mvc filter vs `mvc commit`")
     ap.add_argument("--remote", action="store_true", help="instead: push and clone against a local S3 server (moto)")
     ap.add_argument("--codec", action="store_true", help="instead: mvc's chunk codec against ZipNN and zstd")
+    ap.add_argument("--compression", action="store_true",
+                    help="instead: every compression method on the shipped demo model (perplexity table)")
     args = ap.parse_args(argv)
+    if args.compression:
+        from . import compression
+
+        rows = compression.run()
+        print(f"$ python -m bench {' '.join(argv if argv is not None else sys.argv[1:])}")
+        print(compression.report(rows))
+        print(f"machine: {machine()}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=2)
+        return
     if args.codec:
         from . import codec as codec_bench
 

@@ -169,8 +169,12 @@ def evaluate(repo, argv: list[str], env: dict, metric: bool, threshold: float | 
 
 
 def run(repo, argv: list[str], env: dict, metric: bool = False, threshold: float | None = None,
-        higher_is_better: bool = False, on_step=None) -> Step:
-    """Evaluate candidates until the first bad commit is known. *on_step(oid, verdict, detail)* reports."""
+        higher_is_better: bool = False, on_step=None, evaluator=None) -> Step:
+    """Evaluate candidates until the first bad commit is known. *on_step(oid, verdict, detail)* reports.
+
+    *evaluator(oid) -> (verdict, detail)*, when given, replaces running *argv* (the repository's
+    default evaluation, measured from the store).
+    """
     st = _require(repo)
     if metric and threshold is None:
         raise UsageError("--metric needs --threshold")
@@ -178,16 +182,20 @@ def run(repo, argv: list[str], env: dict, metric: bool = False, threshold: float
     if step.candidate is None and step.first_bad is None and not step.maybe:
         raise UsageError("bisect run needs a bad and at least one good commit",
                          hint="`mvc bisect bad REV` and `mvc bisect good REV` first")
-    exe = argv[0] if argv else ""
-    found = (os.access(os.path.join(repo.root, exe), os.X_OK) if "/" in exe
-             else shutil.which(exe, path=env.get("PATH")) is not None)
-    if not found:
-        raise UsageError(f"bisect run: command {exe!r} not found or not executable")
+    if evaluator is None:
+        exe = argv[0] if argv else ""
+        found = (os.access(os.path.join(repo.root, exe), os.X_OK) if "/" in exe
+                 else shutil.which(exe, path=env.get("PATH")) is not None)
+        if not found:
+            raise UsageError(f"bisect run: command {exe!r} not found or not executable")
     evaluations = 0
     while step.candidate is not None:
         oid = step.candidate
-        verdict, detail = evaluate(repo, argv, dict(env, MVC_BISECT_REV=oid), metric, threshold,
-                                   higher_is_better)
+        if evaluator is not None:
+            verdict, detail = evaluator(oid)
+        else:
+            verdict, detail = evaluate(repo, argv, dict(env, MVC_BISECT_REV=oid), metric, threshold,
+                                       higher_is_better)
         evaluations += 1
         if on_step:
             on_step(oid, verdict, detail)

@@ -46,8 +46,7 @@ def merge(repo, rev: str, message: str | None = None, strategy: str | None = Non
         raise UsageError("a merge is in progress", hint="finish it with `mvc merge --continue` or `--abort`")
     theirs = repo.resolve(rev)
     ours = repo.refs.head_commit()
-    if not repo.status().clean:
-        raise DirtyWorkTreeError("cannot merge with uncommitted changes")
+    _require_clean(repo, "merge")
     if ours is None:
         raise UsageError("cannot merge into a branch with no commits")
     with repo.lock():
@@ -91,8 +90,7 @@ def pick(repo, rev: str, kind: str, message: str | None = None, strategy: str | 
     ours = repo.refs.head_commit()
     if ours is None:
         raise UsageError(f"cannot {kind} onto a branch with no commits")
-    if not repo.status().clean:
-        raise DirtyWorkTreeError(f"cannot {kind} with uncommitted changes")
+    _require_clean(repo, kind)
     parent_tree = repo.odb.get(repo.commit_obj(c.parents[0]).tree, "tree") if c.parents else Tree(())
     own_tree = repo.odb.get(c.tree, "tree")
     base, theirs = (own_tree, parent_tree) if kind == "revert" else (parent_tree, own_tree)
@@ -115,6 +113,14 @@ def pick(repo, rev: str, kind: str, message: str | None = None, strategy: str | 
             return MergeOutcome("up-to-date", ours)
         new = repo._record(merged, (ours,), msg, author, op, None, kind)
         return MergeOutcome("merged", new)
+
+
+def _require_clean(repo, what: str) -> None:
+    """Tracked files must be unmodified; untracked files stay (as in Git: the result is built
+    from trees, and a checkout never overwrites an untracked file)."""
+    st = repo.status()
+    if st.modified or st.deleted:
+        raise DirtyWorkTreeError(f"cannot {what} with uncommitted changes")
 
 
 def abort(repo) -> None:

@@ -497,11 +497,15 @@ class Repo:
         return a in self.ancestors(b)
 
     # -- tensors ---------------------------------------------------------------
-    def load(self, rev: str = "HEAD", path: str | None = None, names: list[str] | None = None) -> dict:
-        """The tensors of *rev* (only *names*, if given) as ``{name: torch.Tensor}``; the work tree is untouched."""
+    def load(self, rev: str = "HEAD", path: str | None = None, names: list[str] | None = None,
+             dequantize: bool = False) -> dict:
+        """The tensors of *rev* (only *names*, if given) as ``{name: torch.Tensor}``; the work tree is untouched.
+
+        With *dequantize*, quantized weights (bitsandbytes 4-bit/8-bit, mvc's rtn) come back as
+        float tensors under their plain names (docs/compression.md)."""
         from .tensors import load_tree
 
-        return load_tree(self, self.tree_of(rev), path, names)
+        return load_tree(self, self.tree_of(rev), path, names, dequantize)
 
     def save(self, state_dict: dict, path: str, message: str, metadata: dict | None = None,
              author: str | None = None) -> str:

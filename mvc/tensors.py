@@ -40,7 +40,8 @@ def to_torch(t: Tensor, data: bytearray):
     return torch.frombuffer(data, dtype=dtype).reshape(t.shape)
 
 
-def load_tree(repo, tree: Tree, path: str | None, names: list[str] | None = None) -> dict:
+def load_tree(repo, tree: Tree, path: str | None, names: list[str] | None = None,
+              dequantize: bool = False) -> dict:
     entries = tree.entries
     if path is not None:
         entries = [e for e in entries if e.path == path]
@@ -51,9 +52,13 @@ def load_tree(repo, tree: Tree, path: str | None, names: list[str] | None = None
         for e in entries:
             f = repo.odb.get(e.oid, "file")
             if f.format == "safetensors":
-                wanted = [(n, tid) for n, tid in f.tensors if names is None or n in names]
+                wanted = [(n, tid) for n, tid in f.tensors if names is None or n in names or dequantize]
                 items = ((name, to_torch(t, tensor_bytes(mat, t)))
                          for name, t in ((n, repo.odb.get(tid, "tensor")) for n, tid in wanted))
+                if dequantize:
+                    from .formats.quantized import dequantize_state
+
+                    items = dequantize_state(dict(items), _metadata(mat, f)).items()
             elif e.path.endswith(torchfile.SUFFIXES):
                 items = _torch_file(mat.read_bytes(e.oid), e.path).items()
             else:
@@ -69,6 +74,15 @@ def load_tree(repo, tree: Tree, path: str | None, names: list[str] | None = None
     if names is not None and (missing := [n for n in names if n not in out]):
         raise UsageError(f"no tensor named {missing[0]!r} in that revision")
     return out
+
+
+def _metadata(mat: Materializer, f) -> dict | None:
+    """A stored safetensors file's ``__metadata__``, from its header chunks."""
+    import json
+
+    head = b"".join(mat.chunks(f.chunks))
+    n = int.from_bytes(head[:8], "little")
+    return json.loads(head[8:8 + n]).get("__metadata__")
 
 
 def _torch_file(data: bytes, path: str) -> dict:

@@ -30,7 +30,7 @@ def split_text(text: str) -> tuple[str, str, str]:
     cut = text.index("\n", cut) + 1
     train, held = text[:cut], text[cut:]
     start = text.index("\n", len(train) // 3) + 1
-    calib = train[start:text.index("\n", start + 16_000) + 1]
+    calib = train[start:text.index("\n", start + 64_000) + 1]
     evaluation = held[:text.index("\n", cut + 24_000) + 1 - cut]
     return train, calib, evaluation
 

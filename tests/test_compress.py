@@ -422,3 +422,20 @@ def test_math_sanity_of_sparsegpt_on_a_known_problem():
     err_plain = ((X @ (plain - W).t()) ** 2).sum()
     assert err_obs < err_plain
     assert math.isfinite(float(err_obs))
+
+
+def test_bisect_run_uses_the_default_evaluation(demo):
+    repo = _open(demo)
+    spec = make_spec(repo)
+    base = repo.refs.head_commit()
+    base_ppl = evaluate(repo, base, spec)["ppl"]
+    commits = []
+    for s in (0.1, 0.2, 0.8, 0.82):  # the planted regression: the jump to 80 %
+        commits.append(steps.prune(repo, "magnitude", s, spec, max_drop=INF).head)
+    repo.close()
+    mvc("bisect", "start", "HEAD", base, cwd=demo)
+    res = mvc("bisect", "run", "--threshold", f"{base_ppl * 1.5:.3f}", cwd=demo)
+    assert f"{commits[2]} is the first bad commit" in res.output
+    mvc("bisect", "reset", cwd=demo)
+    res = mvc("bisect", "run", cwd=demo, ok=False)
+    assert res.exit_code != 0

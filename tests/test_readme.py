@@ -20,3 +20,26 @@ def test_quick_start_commands_exist():
     assert "python3 dev.py demo" in text and "python3 dev.py test" in text
     ci = (README.parent / ".ci" / "run").read_text()
     assert "python3 dev.py test" in ci
+
+
+def test_compressing_example_runs(tmp_path):
+    """Each line of the README's compression example, run by a shell in order (as a user types it)."""
+    import os
+    import subprocess
+    import sys
+
+    block = README.read_text().split("## Compressing", 1)[1]
+    code = re.search(r"```sh\n(.*?)```", block, re.S).group(1)
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    cwd = tmp_path
+    for line in code.strip().splitlines():
+        cmd = line.split("#", 1)[0].strip()
+        res = subprocess.run(["bash", "-c", cmd + " && pwd"], cwd=cwd, env=env, capture_output=True, text=True)
+        stopped_by_guard = "--waves" in cmd and res.returncode == 1 and "rejected" in res.stdout
+        assert res.returncode == 0 or stopped_by_guard, (cmd, res.stdout, res.stderr)
+        if res.returncode == 0:
+            cwd = res.stdout.strip().splitlines()[-1]  # follows `cd`
+        assert "Traceback" not in res.stderr
+    log = subprocess.run(["mvc", "log", "--oneline"], cwd=cwd, env=env, capture_output=True, text=True).stdout
+    assert "[prune]" in log and "[shed]" in log and "Revert" in log
+    assert (Path(cwd) / "scores.csv").read_text().startswith("kind,layer,index,score")

@@ -80,3 +80,12 @@ def test_revert_refuses_dirty_tree(five):
     res = mvc_proc("revert", ids[2], cwd=root)
     assert res.returncode != 0 and "uncommitted changes" in res.stderr
     assert repo.resolve("HEAD") == ids[4]
+
+
+def test_revert_leaves_untracked_files_alone(five):
+    repo, root, snaps, ids = five
+    (root / "notes.csv").write_text("kind,score\n")
+    mvc_proc("revert", ids[4], cwd=root, check=True)
+    assert (root / "notes.csv").read_text() == "kind,score\n"
+    assert "notes.csv" not in repo.odb.get(repo.commit_obj(repo.resolve("HEAD")).tree, "tree").as_dict()
+    assert np.array_equal(tensors(repo)["a"], snaps[3]["a"])

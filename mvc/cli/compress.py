@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -61,7 +62,7 @@ def _step_options(f):
 def _spec(c, repo, ppl, cmd, tokens, seq_len):
     from ..compress.evaluate import make_spec
 
-    return make_spec(repo, ppl, cmd, tokens, seq_len)
+    return make_spec(repo, ppl, cmd, tokens, seq_len, env=dict(os.environ))
 
 
 def _metric_text(spec, m: dict) -> str:
@@ -76,12 +77,13 @@ def _render_outcome(c, out, spec, as_json: bool) -> None:
     branch = repo.refs.current_branch() or "HEAD"
     if as_json:
         render.emit_json({"base": out.base, "head": out.head, "before": out.before, "attempt": out.attempt,
+                          "planned_waves": out.planned,
                           "waves": [{"strength": w.strength, "commit": w.commit, "metrics": w.metrics,
                                      "drop": w.drop, "accepted": w.accepted, "reason": w.reason or None}
                                     for w in out.waves]})
     else:
         click.echo(f"before: {_metric_text(spec, out.before)}  ({spec.describe()})")
-        n = len(out.waves)
+        n = out.planned
         for i, w in enumerate(out.waves, 1):
             changed = sum(ch for ch, _ in w.counts.values())
             total = sum(t for _, t in w.counts.values())
@@ -105,9 +107,11 @@ def _render_outcome(c, out, spec, as_json: bool) -> None:
 @_eval_options
 @click.option("--no-cache", is_flag=True, help="Evaluate again even if a result is cached.")
 @click.option("--set-default", is_flag=True, help="Make this evaluation the repository's default.")
+@click.option("--value", "value_only", is_flag=True,
+              help="Print only the number (for scripts and `mvc bisect run --metric`).")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
-def eval_cmd(c, rev, ppl, cmd, tokens, seq_len, model_dir, no_cache, set_default, as_json):
+def eval_cmd(c, rev, ppl, cmd, tokens, seq_len, model_dir, no_cache, set_default, value_only, as_json):
     """Evaluate REV: perplexity on a text, or a command (cached per tree and evaluation)."""
     from ..compress.evaluate import evaluate, spec_config
 
@@ -118,6 +122,9 @@ def eval_cmd(c, rev, ppl, cmd, tokens, seq_len, model_dir, no_cache, set_default
     res = evaluate(repo, rev, spec, model_dir=model_dir, use_cache=not no_cache)
     if as_json:
         render.emit_json({"rev": repo.resolve(rev), "eval": spec.describe(), **res})
+        return
+    if value_only:
+        click.echo(f"{res['ppl']!r}" if spec.kind == "ppl" else str(res.get("score", int(bool(res.get("pass"))))))
         return
     click.echo(f"{_metric_text(spec, res)}  ({spec.describe()}{', cached' if res.get('cached') else ''})")
     if spec.kind == "cmd" and not res.get("pass"):
@@ -257,3 +264,137 @@ def shed_cmd(c, neurons, heads, method, min_keep, ppl, cmd, tokens, seq_len, mod
 
 COMMANDS = (eval_cmd, compress_group)
 
+
+
+def _parse_bits(items) -> dict | None:
+    out = {}
+    for item in items or ():
+        glob, sep, value = item.rpartition("=")
+        if not sep or not glob or value not in ("4", "8"):
+            raise UsageError(f"--bits {item!r} is not GLOB=4 or GLOB=8", hint="for example 'model.layers.0.*=8'")
+        out[glob] = int(value)
+    return out or None
+
+
+@compress_group.command("quantize")
+@click.option("--method", type=click.Choice(["nf4", "fp4", "int8", "rtn-int8", "rtn-int4", "fp16", "bf16"]),
+              required=True, help="bitsandbytes nf4/fp4/int8, mvc's round-to-nearest, or a cast.")
+@click.option("--group-size", type=int, default=0, help="rtn: one scale per G inputs (default: one per row).")
+@click.option("--double-quant", is_flag=True, help="nf4/fp4: quantize the block scales too.")
+@click.option("--scope", multiple=True, metavar="GLOB", help="Only these tensors (globs over names).")
+@click.option("--skip", multiple=True, metavar="GLOB", help="Keep these tensors in full precision.")
+@click.option("--bits", multiple=True, metavar="GLOB=4|8", help="rtn: per-tensor bit width (mixed precision).")
+@_eval_options
+@click.option("--max-drop", default="3%", show_default=True, metavar="PCT")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-m", "--message", default=None)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def quantize_cmd(c, method, group_size, double_quant, scope, skip, bits, ppl, cmd, tokens, seq_len, model_dir,
+                 max_drop, seed, message, as_json):
+    """Store the linear layers in low-bit form (packed integers + scales); loadable again."""
+    from ..compress import steps
+
+    repo = c.repo()
+    spec = _spec(c, repo, ppl, cmd, tokens, seq_len)
+    out = steps.quantize(repo, spec, method, group_size=group_size, double_quant=double_quant,
+                         scope=list(scope) or None, skip=tuple(skip), bits=_parse_bits(bits),
+                         max_drop=parse_pct(max_drop), seed=seed, model_dir=model_dir, message=message,
+                         author=default_author(), progress=c.progress())
+    _render_outcome(c, out, spec, as_json)
+
+
+@compress_group.command("heal")
+@click.option("--text", metavar="TEXTFILE", default=None, help="Training text (default: the repository's calib text).")
+@click.option("--steps", "steps_", type=int, default=50, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--rank", type=int, default=16, show_default=True, help="LoRA rank.")
+@click.option("--alpha", type=float, default=16.0, show_default=True, help="LoRA alpha (scale = alpha / rank).")
+@click.option("--rounds", type=int, default=2, show_default=True,
+              help="Train-and-merge rounds (later rounds learn within the sparsity mask).")
+@click.option("--targets", type=int, default=None, help="Heal only the K most damaged layers (default: all).")
+@click.option("--against", default=None, metavar="REV",
+              help="Damage is measured against this revision (default: the last one before prune/shed steps).")
+@_eval_options
+@click.option("--max-drop", default="3%", show_default=True, metavar="PCT")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-m", "--message", default=None)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def heal_cmd(c, text, steps_, lr, rank, alpha, rounds, targets, against, ppl, cmd, tokens, seq_len, model_dir,
+             max_drop, seed, message, as_json):
+    """LoRA-heal the most damaged layers (peft); pruned weights stay exactly zero."""
+    from ..compress import steps
+
+    repo = c.repo()
+    spec = _spec(c, repo, ppl, cmd, tokens, seq_len)
+    out = steps.heal(repo, spec, text=text, steps_=steps_, lr=lr, rank=rank, alpha=alpha, rounds=rounds,
+                     targets=targets, against=against, max_drop=parse_pct(max_drop), seed=seed,
+                     model_dir=model_dir, message=message, author=default_author(), progress=c.progress())
+    _render_outcome(c, out, spec, as_json)
+
+
+@compress_group.command("factorize")
+@click.option("--rank", type=int, default=None, help="Keep this many singular values.")
+@click.option("--energy", type=float, default=None, help="Keep the smallest rank carrying this share of σ².")
+@click.option("--whiten", is_flag=True, help="Activation-aware (ASVD-style scaling by calibration inputs).")
+@click.option("--scope", multiple=True, metavar="GLOB", help="Only these tensors (globs over names).")
+@click.option("--calib", metavar="TEXTFILE", default=None)
+@_eval_options
+@click.option("--max-drop", default="3%", show_default=True, metavar="PCT")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-m", "--message", default=None)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def factorize_cmd(c, rank, energy, whiten, scope, calib, ppl, cmd, tokens, seq_len, model_dir, max_drop, seed,
+                  message, as_json):
+    """Replace linear layers by two low-rank factors (truncated SVD)."""
+    from ..compress import steps
+
+    repo = c.repo()
+    spec = _spec(c, repo, ppl, cmd, tokens, seq_len)
+    out = steps.factorize(repo, spec, rank=rank, energy=energy, scope=list(scope) or None, whiten=whiten,
+                          calib=calib, max_drop=parse_pct(max_drop), seed=seed, model_dir=model_dir,
+                          message=message, author=default_author(), progress=c.progress())
+    _render_outcome(c, out, spec, as_json)
+
+
+@compress_group.command("run")
+@click.argument("recipe_path", metavar="RECIPE.yaml", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def run_cmd(c, recipe_path, as_json):
+    """Run a recipe: each step a guarded commit; a second run resumes after the finished steps."""
+    from ..compress import recipe as R
+    from .render import human
+
+    repo = c.repo()
+    rec = R.load(recipe_path)
+
+    def metric(m):
+        if not m:
+            return "-"
+        return f"{m['ppl']:.2f}" if "ppl" in m else ("pass" if m.get("pass") else "fail")
+
+    def on_row(r):
+        if not as_json:
+            click.echo(f"step {r.index + 1}/{len(rec.steps)} {r.kind:<9} {r.status:<8} "
+                       f"{(r.commit or '')[:12]:<12}  {metric(r.metrics):>8}  {r.detail}")
+
+    rows, finished = R.run(repo, rec, env=dict(os.environ), author=default_author(), on_row=on_row,
+                           progress=c.progress())
+    if as_json:
+        render.emit_json({"recipe": rec.name, "id": rec.id, "finished": finished,
+                          "steps": [vars(r) for r in rows]})
+    else:
+        click.echo("")
+        click.echo("| step | kind | status | commit | metric | weights | store added |")
+        click.echo("|---|---|---|---|---|---|---|")
+        for r in rows:
+            click.echo(f"| {r.index + 1} | {r.kind} | {r.status} | {(r.commit or '')[:12]} | {metric(r.metrics)} | "
+                       f"{human(r.size) if r.size is not None else '-'} | "
+                       f"{human(r.added) if r.added is not None else '-'} |")
+        click.echo(f"recipe {rec.name}: " + ("finished" if finished else "stopped by a guard (see above); "
+                                              "fix the recipe and run it again to go on"))
+    if not finished:
+        sys.exit(1)

@@ -93,19 +93,41 @@ def bisect_log(c):
 @click.option("--metric", is_flag=True, help="CMD prints a number; compare it with --threshold.")
 @click.option("--threshold", type=float, default=None)
 @click.option("--higher-is-better", is_flag=True, help="With --metric: values >= threshold are good.")
-@click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.argument("argv", nargs=-1, required=False, type=click.UNPROCESSED)
 @pass_ctx
 def bisect_run(c, metric, threshold, higher_is_better, argv):
-    """Run CMD on each candidate: exit 0 good, 125 skip, 1-127 bad, else abort. MVC_BISECT_REV names it."""
+    """Run CMD on each candidate: exit 0 good, 125 skip, 1-127 bad, else abort. MVC_BISECT_REV names it.
+
+    Without CMD, the repository's default evaluation decides (`mvc eval`): its command, or its
+    perplexity compared with --threshold (lower is better unless --higher-is-better).
+    """
+    import shlex
+
     from .. import bisect as B
 
     repo = c.repo()
+    evaluator = None
+    if not argv:
+        from ..compress.evaluate import evaluate, make_spec
+
+        spec = make_spec(repo, env=dict(os.environ))
+        if spec.kind == "cmd":
+            argv = tuple(shlex.split(spec.cmd))
+        else:
+            if threshold is None:
+                raise UsageError("bisect run with the default perplexity evaluation needs --threshold PPL")
+
+            def evaluator(oid):
+                ppl = evaluate(repo, oid, spec)["ppl"]
+                ok = ppl >= threshold if higher_is_better else ppl <= threshold
+                return ("good" if ok else "bad"), f"ppl {ppl:.3f} ({'>=' if higher_is_better else '<='} " \
+                    f"{threshold:g}: {ok})"
 
     def on_step(oid, verdict, detail):
         click.echo(f"{oid[:12]} {verdict:<5} ({detail}) {repo.commit_obj(oid).message.splitlines()[0]}")
 
     step = B.run(repo, list(argv), dict(os.environ), metric=metric, threshold=threshold,
-                 higher_is_better=higher_is_better, on_step=on_step)
+                 higher_is_better=higher_is_better, on_step=on_step, evaluator=evaluator)
     click.echo(f"{step.evaluations} evaluation(s)")
     _bisect_report(repo, step)
 

@@ -10,7 +10,7 @@ from ..errors import MvcError
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
 FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
          "tokenizer_config.json", "eval.txt", "calib.txt")
-EVAL = {"ppl": "eval.txt", "tokens": 4096, "seq_len": 256}
+EVAL = {"ppl": "eval.txt", "tokens": 8192, "seq_len": 256}
 CALIB = {"text": "calib.txt", "tokens": 2048}
 
 

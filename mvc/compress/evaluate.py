@@ -12,7 +12,7 @@ import os
 import shlex
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from ..errors import MvcError, UsageError
 from ..pipeline import Materializer
@@ -33,6 +33,7 @@ class EvalSpec:
     seq_len: int = DEFAULT_SEQ_LEN
     cmd: str | None = None
     seed: int = 0
+    env: dict | None = field(default=None, compare=False, hash=False)  # --cmd's environment (the CLI's)
 
     @property
     def metric(self) -> str:
@@ -41,6 +42,7 @@ class EvalSpec:
     def key(self) -> dict:
         d = asdict(self)
         d.pop("text")
+        d.pop("env")
         return d
 
     def describe(self) -> str:
@@ -61,7 +63,7 @@ def read_text(path: str) -> str:
 
 
 def make_spec(repo, ppl: str | None = None, cmd: str | None = None, tokens: int | None = None,
-              seq_len: int | None = None, base_dir: str | None = None) -> EvalSpec:
+              seq_len: int | None = None, base_dir: str | None = None, env: dict | None = None) -> EvalSpec:
     """The evaluation asked for, else the repository's default (config ``eval``), else an error."""
     if ppl and cmd:
         raise UsageError("pass --ppl or --cmd, not both")
@@ -80,7 +82,7 @@ def make_spec(repo, ppl: str | None = None, cmd: str | None = None, tokens: int 
         raise UsageError("--tokens and --seq-len must be at least 2")
     if cmd:
         shlex.split(cmd)
-        return EvalSpec("cmd", cmd=cmd)
+        return EvalSpec("cmd", cmd=cmd, env=env)
     path = os.path.join(base_dir or repo.cwd or os.getcwd(), ppl)
     text = read_text(path)
     return EvalSpec("ppl", text=os.path.abspath(path), text_id=hash_object("chunk", text.encode()).hex(),
@@ -168,7 +170,7 @@ def run_command(repo, tree, spec: EvalSpec, rev: str) -> dict:
             os.makedirs(os.path.dirname(full), exist_ok=True)
             with open(full, "wb") as f:
                 mat.write(e.oid, f)
-        env = dict(os.environ, MVC_EVAL_REV=rev, MVC_EVAL_DIR=d)
+        env = dict(spec.env, MVC_EVAL_REV=rev, MVC_EVAL_DIR=d) if spec.env is not None else None
         try:
             res = subprocess.run(shlex.split(spec.cmd), cwd=d, env=env, capture_output=True, text=True)
         except OSError as e:
@@ -202,7 +204,7 @@ def evaluate_tree(repo, tree_id: str, spec: EvalSpec, commit: str | None, model=
     if spec.kind == "cmd":
         result = run_command(repo, tree or repo.odb.get(tree_id, "tree"), spec, commit or tree_id)
     else:
-        src = model.src if model is not None else open_source(repo, commit, model_dir)
+        src = model.src if model is not None else open_source(repo, commit, model_dir, allow_quantized=True)
         if not src.arch.causal:
             raise UsageError(f"perplexity needs a causal language model; {src.arch.model_type} is an encoder",
                              hint="evaluate it with --cmd CMD")

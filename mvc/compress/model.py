@@ -74,6 +74,7 @@ class Source:
     arch: Arch
     files: dict  # path -> list of (tensor name, Tensor meta) in data order
     where: dict  # tensor name -> path
+    quantized: bool = False
 
     def tensor_meta(self, name):
         return dict(self.files[self.where[name]])[name]
@@ -84,8 +85,9 @@ def _read(repo, oid: str) -> bytes:
         return mat.read_bytes(oid)
 
 
-def open_source(repo, rev: str = "HEAD", model_dir: str = "") -> Source:
-    """Find the model in *rev*: config.json and the safetensors files beside it (metadata only)."""
+def open_source(repo, rev: str = "HEAD", model_dir: str = "", allow_quantized: bool = False) -> Source:
+    """Find the model in *rev*: config.json and the safetensors files beside it (metadata only).
+    A quantized model is refused unless *allow_quantized* (evaluation reads it dequantized)."""
     commit = repo.resolve(rev)
     tree = repo.odb.get(repo.commit_obj(commit).tree, "tree")
     prefix = model_dir.strip("/") + "/" if model_dir.strip("/") else ""
@@ -102,7 +104,7 @@ def open_source(repo, rev: str = "HEAD", model_dir: str = "") -> Source:
     if mtype not in ARCHS:
         raise UsageError(f"unknown architecture {mtype!r} in {prefix}config.json",
                          hint=f"supported: {', '.join(sorted(ARCHS))}")
-    if config.get("quantization_config"):
+    if config.get("quantization_config") and not allow_quantized:
         raise UsageError(f"the model in {rev} is already quantized "
                          f"({config['quantization_config'].get('quant_method', '?')})",
                          hint="compress the full-precision parent instead")
@@ -113,13 +115,15 @@ def open_source(repo, rev: str = "HEAD", model_dir: str = "") -> Source:
         f = repo.odb.get(e.oid, "file")
         files[path] = [(n, repo.odb.get(tid, "tensor")) for n, tid in f.tensors]
         for n, t in files[path]:
-            if t.dtype in _QUANT_DTYPES and n.endswith(".weight"):
+            if t.dtype in _QUANT_DTYPES and n.endswith(".weight") and not allow_quantized:
                 raise UsageError(f"the model in {rev} is already quantized ({n} is {t.dtype})",
                                  hint="compress the full-precision parent instead")
             where[n] = path
     if not files:
         raise UsageError(f"no .safetensors weights beside {prefix}config.json in {rev}")
-    return Source(rev, commit, tree, prefix, config, ARCHS[mtype], files, where)
+    src = Source(rev, commit, tree, prefix, config, ARCHS[mtype], files, where)
+    src.quantized = bool(config.get("quantization_config"))
+    return src
 
 
 def linear_names(src: Source, scope: list[str] | None = None, embeddings: bool = False) -> list[tuple[str, str, int]]:
@@ -160,15 +164,16 @@ class Model:
         import torch
         import transformers
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.repo = repo
         self.src = src
         self.originals = {}
         for path in src.files:
-            self.originals.update(repo.load(src.commit, path=path))
+            self.originals.update(repo.load(src.commit, path=path, dequantize=src.quantized))
+        self.cast = None  # a torch dtype every floating tensor is stored as (quantize --method fp16|bf16)
         cfg_cls = transformers.AutoConfig.for_model
         try:
-            self.hf_config = cfg_cls(**{k: v for k, v in src.config.items() if k != "transformers_version"})
+            self.hf_config = cfg_cls(**{k: v for k, v in src.config.items()
+                                        if k not in ("transformers_version", "quantization_config")})
         except _config_errors() as e:
             raise MvcError(f"config.json cannot be read by transformers: {e}") from e
         arch_names = src.config.get("architectures") or []
@@ -178,6 +183,9 @@ class Model:
                 type(self.hf_config)]
         torch.manual_seed(0)
         self.model = cls(self.hf_config).float().eval()
+        self.removed: set = set()  # stored tensors the step dropped (factorized weights)
+        self.added: dict = {}  # new tensor name -> the stored tensor it replaces (same file, dtype)
+        self._install_low_rank(src.config)
         state = {k: v.float() for k, v in self.originals.items()}
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         tied = set(getattr(self.model, "_tied_weights_keys", None) or [])
@@ -188,10 +196,20 @@ class Model:
                            f"{'missing' if missing else 'unexpected'} tensor {bad!r}")
         self.params = dict(self.model.named_parameters())
 
+    def _install_low_rank(self, config: dict) -> None:
+        from .factorize import CONFIG_KEY, install
+
+        if config.get(CONFIG_KEY):
+            install(self.model, config[CONFIG_KEY])
+
     def round_to_stored(self, li: Linear) -> None:
         """Round a changed weight to its stored dtype, so the model in memory is the one committed."""
         w = li.module.weight.data
-        w.copy_(w.to(self.originals[li.name].dtype).float())
+        w.copy_(w.to(self.stored_dtype(li.name)).float())
+
+    def stored_dtype(self, name: str):
+        orig = self.originals[self.added.get(name, name)].dtype
+        return self.cast if self.cast is not None and orig.is_floating_point else orig
 
     def rebuild(self, config: dict) -> None:
         """Re-create the transformers model for a changed config (after shedding), same tensors."""
@@ -205,6 +223,7 @@ class Model:
         except _config_errors() as e:  # transformers' own validation of the new shapes
             raise MvcError(f"transformers rejects the changed config: {e}") from e
         self.model = type(self.model)(self.hf_config).float().eval()
+        self._install_low_rank(config)
         self.model.load_state_dict(state, strict=False)
         self.params = dict(self.model.named_parameters())
 
@@ -223,8 +242,12 @@ class Model:
         sd = self.model.state_dict()
         out = {}
         for name, orig in self.originals.items():
+            if name in self.removed:
+                continue
             cur = sd.get(name)
-            out[name] = orig if cur is None else cur.to(orig.dtype)
+            out[name] = (orig if cur is None else cur).to(self.stored_dtype(name))
+        for name in self.added:
+            out[name] = sd[name].to(self.stored_dtype(name))
         return out
 
 
@@ -237,14 +260,14 @@ def _config_errors() -> tuple:
 
 def file_metadata(repo, file_oid: str) -> dict | None:
     """The ``__metadata__`` of a stored safetensors file (read from its header chunks only)."""
-    f = repo.odb.get(file_oid, "file")
+    from ..tensors import _metadata
+
     with Materializer(repo.odb, workers=1) as mat:
-        head = b"".join(mat.chunks(f.chunks))
-    n = int.from_bytes(head[:8], "little")
-    return json.loads(head[8:8 + n]).get("__metadata__")
+        return _metadata(mat, repo.odb.get(file_oid, "file"))
 
 
-def build_tree(repo, src: Source, tensors: dict, originals: dict, config: dict | None = None) -> Tree:
+def build_tree(repo, src: Source, tensors: dict, originals: dict, config: dict | None = None,
+               placed: dict | None = None) -> Tree:
     """A new tree: *src*'s tree with each safetensors file that holds a changed tensor rewritten.
 
     *tensors* maps every tensor name to its new value; files whose tensors all equal *originals*
@@ -263,9 +286,16 @@ def build_tree(repo, src: Source, tensors: dict, originals: dict, config: dict |
             new = {}
             changed = False
             for name, _meta in items:
-                t = tensors[name]
+                t = tensors.get(name)
+                if t is None:  # dropped (replaced by new tensors)
+                    changed = True
+                    continue
                 changed |= not same_tensor(t, originals[name])
                 new[name] = t.contiguous()
+            for name, beside in (placed or {}).items():  # new tensors go to the file of what they replace
+                if beside in dict(items):
+                    new[name] = tensors[name].contiguous()
+                    changed = True
             if not changed:
                 continue
             tmp = os.path.join(tmp_dir, f"compress-{os.getpid()}.safetensors")
@@ -297,3 +327,39 @@ def same_tensor(a, b) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+
+def tree_from_dir(repo, src: Source, out_dir: str) -> Tree:
+    """*src*'s tree with the model's weight files (and config.json) replaced by the safetensors
+    files, index and config.json that a writer (transformers' save_pretrained) left in *out_dir*."""
+    from ..pipeline import Ingestor
+
+    entries = {p: (e.mode, e.oid) for p, e in src.tree.as_dict().items()}
+    mode = entries[next(iter(src.files))][0]
+    for path in src.files:
+        entries.pop(path, None)
+    entries.pop(src.prefix + "model.safetensors.index.json", None)
+    with Ingestor(repo.odb, store=True, workers=repo.workers) as ing:
+        for name in sorted(os.listdir(out_dir)):
+            if name.endswith(".safetensors") or name in ("config.json", "model.safetensors.index.json"):
+                entries[src.prefix + name] = (mode, ing.ingest(os.path.join(out_dir, name), src.prefix + name))
+        ing.flush(wait=True)
+    return Tree.build(entries)
+
+
+def add_files(repo, tree: Tree, files: dict) -> Tree:
+    """*tree* plus (or with replaced) entries {tree path: local file}; the local files are removed."""
+    from ..pipeline import Ingestor
+    from ..store.objects import MODE_FILE, check_path
+
+    entries = {p: (e.mode, e.oid) for p, e in tree.as_dict().items()}
+    try:
+        with Ingestor(repo.odb, store=True, workers=repo.workers) as ing:
+            for path, local in sorted(files.items()):
+                entries[check_path(path)] = (MODE_FILE, ing.ingest(local, path))
+            ing.flush(wait=True)
+    finally:
+        for local in files.values():
+            if os.path.exists(local):
+                os.unlink(local)
+    return Tree.build(entries)

@@ -1,17 +1,19 @@
 """Compression steps as commits: plan, apply in waves, evaluate, guard, record.
 
-A step runs on HEAD (a clean work tree). Each wave applies the operation at a growing strength
-to the model in memory, writes the changed tensors as a new tree, evaluates it, and records a
-commit whose ``op`` says what was done and what it cost. A wave that drops the metric by more
-than ``max_drop`` against the step's starting point, or whose rise is a spike against the
-earlier waves (z-score of log-metric increments), does not land: its commit is kept under
-``refs/attempts/<branch>/<n>`` and the branch stays at the last good wave. The work tree and
-the branch move once, at the end, so an interrupted step leaves the branch where it was.
+A step runs on HEAD (the model's files unmodified in the work tree). Each wave applies the
+operation at a growing strength to the model in memory, writes the changed tensors as a new
+tree, evaluates it, and records a commit whose ``op`` says what was done and what it cost.
+A wave that drops the metric by more than ``max_drop`` against the step's starting point, or
+whose rise is a spike against the earlier waves (z-score of log-metric increments), does not
+land: its commit is kept under ``refs/attempts/<branch>/<n>`` and the branch stays at the last
+good wave. The work tree and the branch move once, at the end, so an interrupted step leaves
+the branch where it was.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -19,9 +21,21 @@ from .. import __version__
 from ..errors import DirtyWorkTreeError, UsageError
 from ..progress import NULL, Progress
 from .evaluate import EvalSpec, drop, evaluate_tree
-from .model import Model, build_tree, open_source
+from .model import Model, add_files, build_tree, open_source, tree_from_dir
+from .recipe import CURRENT as RECIPE
 
 ATTEMPTS = "refs/attempts/"
+
+
+@dataclass
+class Change:
+    """What one application of a step did to the model in memory."""
+
+    counts: dict  # tensor -> (elements changed, elements)
+    extra: dict = field(default_factory=dict)  # more params for the op record
+    config: dict | None = None  # a new config.json (shapes changed)
+    out_dir: str | None = None  # the step wrote the model's files here itself (quantization)
+    add_files: dict = field(default_factory=dict)  # tree path -> local file to add (an adapter)
 
 
 @dataclass
@@ -40,6 +54,7 @@ class Outcome:
     base: str
     head: str  # where the branch is after the step (== base when nothing landed)
     before: dict
+    planned: int = 1
     waves: list[Wave] = field(default_factory=list)
     attempt: str | None = None  # the side ref of a rejected wave
 
@@ -56,7 +71,7 @@ def spike(values: list[float], z_max: float) -> float | None:
     hist, last = inc[:-1], inc[-1]
     mu = sum(hist) / len(hist)
     sd = (sum((x - mu) ** 2 for x in hist) / len(hist)) ** 0.5
-    sd = max(sd, 0.25 * abs(mu), 1e-3)
+    sd = max(sd, abs(mu), 0.02)  # a steady, accelerating rise is not a spike; nor is noise under 2 %
     return (last - mu) / sd
 
 
@@ -79,32 +94,43 @@ def run(repo, *, op: str, method: str, params: dict, strengths: list[float], app
         max_drop: float, spike_z: float = 3.0, scope: list | None = None, seed: int = 0,
         model_dir: str = "", message: str | None = None, author: str | None = None,
         progress: Progress = NULL) -> Outcome:
-    """Run one compression step. *apply(model, strength)* changes the model in place and returns
-    (extra params for the record, new config or None, {tensor: (changed, total)})."""
+    """Run one compression step. *apply(model, strength)* changes the model in place and returns a
+    Change (with out_dir, the files there replace the model's, and the directory is removed)."""
     if max_drop < 0:
         raise UsageError("--max-drop must not be negative")
     with repo.lock():
         base = repo.refs.head_commit()
         if base is None:
             raise UsageError("nothing committed yet", hint="commit a model first")
-        st = repo.status()
-        if not st.clean:
-            raise DirtyWorkTreeError("the work tree has uncommitted changes",
-                                     hint="commit or discard them first (`mvc status`)")
         src = open_source(repo, base, model_dir)
+        st = repo.status()
+        touched = {*src.files, src.prefix + "config.json"}
+        dirty = sorted(p for p in (*st.modified, *st.deleted) if p in touched)
+        if dirty:  # the step rewrites these from HEAD: local edits would be lost
+            raise DirtyWorkTreeError(f"{dirty[0]} has uncommitted changes",
+                                     hint="commit or discard them first (`mvc status`)")
         model = Model(repo, src)
         base_tree = repo.commit_obj(base).tree
         before = _clean_metrics(evaluate_tree(repo, base_tree, spec, base, model=model))
-        out = Outcome(base, base, before)
+        out = Outcome(base, base, before, len(strengths))
         values = [_value(spec, before)]
         parent, parent_metrics, config = base, before, None
         for k, strength in enumerate(strengths, 1):
             t0 = time.time()
-            extra, new_config, counts = apply(model, strength)
-            if new_config is not None:
-                config = new_config
-                model.rebuild(config)
-            tree = build_tree(repo, src, model.state(), model.originals, config)
+            ch = apply(model, strength)
+            extra, counts = ch.extra, ch.counts
+            if ch.out_dir is not None:  # the step wrote the model's files itself (quantization)
+                try:
+                    tree = tree_from_dir(repo, src, ch.out_dir)
+                finally:
+                    shutil.rmtree(ch.out_dir, ignore_errors=True)
+            else:
+                if ch.config is not None:
+                    config = ch.config
+                    model.rebuild(config)
+                tree = build_tree(repo, src, model.state(), model.originals, config, model.added)
+            if ch.add_files:
+                tree = add_files(repo, tree, ch.add_files)
             tree_oid = repo.odb.encode_meta(tree)
             after = _clean_metrics(evaluate_tree(repo, tree_oid[0].hex(), spec, None, model=model, tree=tree))
             values.append(_value(spec, after))
@@ -118,6 +144,8 @@ def run(repo, *, op: str, method: str, params: dict, strengths: list[float], app
                       "wall_s": round(time.time() - t0, 3), "tool": f"mvc {__version__}"}
             if len(strengths) > 1:
                 record["params"]["wave"] = [k, len(strengths)]
+            if (tag := RECIPE.get()) is not None:
+                record["recipe"] = tag
             msg = message or _message(op, method, params, strength, k, len(strengths))
             commit = repo.write_commit(tree, (parent,), msg, author, record)
             reason = ""
@@ -142,8 +170,12 @@ def run(repo, *, op: str, method: str, params: dict, strengths: list[float], app
 
 def _message(op: str, method: str, params: dict, strength, k: int, n: int) -> str:
     what = f"{op}: {method}"
-    if strength is not None:
-        what += f" {strength:.0%}" if op == "prune" else f" {strength:.0%} of {params.get('kind', 'units')}s"
+    if strength is not None and op == "prune":
+        what += f" {strength:.0%}"
+    elif strength is not None and op == "shed":
+        parts = [f"{params[k] * strength:.1%} of {label}" for k, label in (("neurons", "MLP neurons"),
+                                                                             ("heads", "heads")) if params.get(k)]
+        what += " " + " and ".join(parts)
     if params.get("pattern"):
         what += f" {params['pattern']}"
     if n > 1:

@@ -104,7 +104,7 @@ def prune(repo, method: str, sparsity: float, spec, pattern: str | None = None, 
                                  if overrides else _sparsity_of(strength, []),
                                  pat, clusters, seed, cal, progress)
         progress.finish()
-        return {}, None, counts
+        return ops.Change(counts)
 
     return ops.run(repo, op="prune", method=method, params=params, strengths=strengths, apply=apply, spec=spec,
                    max_drop=max_drop, spike_z=spike_z, scope=scope, seed=seed, model_dir=model_dir,
@@ -192,7 +192,7 @@ def shed(repo, spec, neurons: float = 0.0, heads: float = 0.0, method: str = "wa
             for li in model.linears():
                 counts[li.name] = (before[li.name] - li.weight().numel() + counts.get(li.name, (0, 0))[0],
                                    before[li.name])
-        return extra, dict(model.src.config), counts
+        return ops.Change(counts, extra, dict(model.src.config))
 
     strengths = [k / waves for k in range(1, waves + 1)] if waves >= 1 else waves_of(1, waves)
     return ops.run(repo, op="shed", method=method, params=params, strengths=strengths, apply=apply, spec=spec,
@@ -212,3 +212,197 @@ def score(repo, rev: str, method: str, calib: str | None = None, scope=None, mod
     report["method"] = method
     report["rev"] = model.src.commit
     return report, scores
+
+
+def quantize(repo, spec, method: str, group_size: int = 0, double_quant: bool = False, scope=None,
+             skip=(), max_drop: float = 0.03, seed: int = 0, model_dir: str = "", message: str | None = None,
+             author: str | None = None, bits: dict | None = None, progress: Progress = NULL) -> ops.Outcome:
+    """Quantize the model's linear layers (or cast it, for fp16/bf16). *skip*: globs of tensors kept
+    in full precision; *bits*: {glob: 4|8} per-layer widths for the rtn methods."""
+    import os
+    import tempfile
+
+    from ..worktree import REPO_DIR
+    from . import quant
+
+    quant.check(method, group_size, double_quant)
+    if bits and method not in quant.RTN:
+        raise UsageError(f"--bits (per-layer widths) applies to rtn-int8/rtn-int4, not {method}")
+    src = open_source(repo, "HEAD", model_dir)
+    linear_names(src, scope)  # the scope matches something
+    params = {"group_size": group_size or None, "double_quant": double_quant or None,
+              "skip": list(skip) or None, "bits": bits or None}
+    params = {k: v for k, v in params.items() if v is not None}
+
+    def apply(model: Model, strength: float):
+        if method in quant.CASTS:
+            return ops.Change(quant.cast(model, method))
+        lin = [li for li in model.linears(scope) if not any(fnmatchcase(li.name, g) for g in skip)]
+        if not lin:
+            raise UsageError("every layer in scope is skipped: nothing to quantize")
+        scratch = os.path.join(repo.root, REPO_DIR, "tmp")
+        os.makedirs(scratch, exist_ok=True)
+        out_dir = tempfile.mkdtemp(dir=scratch, prefix="quant-")
+        try:
+            if method in quant.BNB:
+                chosen = {li.name for li in lin}
+                keep = sorted(li.name[:-len(".weight")] for li in model.linears() if li.name not in chosen)
+                # an explicit skip list replaces transformers' default one, which keeps the LM head
+                quant.bnb_quantize(model, method, double_quant, keep + ["lm_head"] if keep else [], out_dir)
+                counts = {li.name: (li.weight().numel(), li.weight().numel()) for li in lin}
+            else:
+                width = quant.RTN[method]
+
+                def bits_of(name: str) -> int:
+                    for glob, b in (bits or {}).items():
+                        if fnmatchcase(name, glob):
+                            return b
+                    return width
+                counts = quant.rtn_quantize_dir(model, method, group_size, lin, bits_of, out_dir)
+            quant.load_dequantized(model, out_dir)
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(out_dir, ignore_errors=True)
+            raise
+        return ops.Change(counts, out_dir=out_dir)
+
+    return ops.run(repo, op="quantize", method=method, params=params, strengths=[1.0], apply=apply, spec=spec,
+                   max_drop=max_drop, scope=scope, seed=seed, model_dir=model_dir, message=message,
+                   author=author, progress=progress)
+
+
+def default_against(repo) -> str:
+    """The newest first-parent ancestor of HEAD that no prune or shed step made: what healing
+    measures damage against (HEAD~1 when HEAD itself is not such a step)."""
+    head = repo.refs.head_commit()
+    oid = head
+    while oid:
+        c = repo.commit_obj(oid)
+        if (c.op or {}).get("op") not in ("prune", "shed") and oid != head:
+            return oid
+        if not c.parents:
+            break
+        oid = c.parents[0]
+    if oid == head:
+        raise UsageError("HEAD has no parent to measure damage against", hint="pass --against REV")
+    return oid
+
+
+def heal(repo, spec, text: str | None = None, steps_: int = 50, lr: float = 1e-3, rank: int = 16, rounds: int = 2,
+         alpha: float = 16.0, targets: int | None = None, against: str | None = None, tokens: int | None = None,
+         max_drop: float = 0.03, seed: int = 0, model_dir: str = "", message: str | None = None,
+         author: str | None = None, progress: Progress = NULL) -> ops.Outcome:
+    """LoRA-heal the layers that *against* → HEAD damaged most; merged under the sparsity mask."""
+    import os
+    import tempfile
+
+    from ..worktree import REPO_DIR
+    from . import heal as heal_mod
+    from .calib import windows
+
+    if steps_ < 1 or rank < 1 or lr <= 0 or rounds < 1:
+        raise UsageError("--steps, --rank and --rounds must be at least 1, --lr positive")
+    cal = make_calib(repo, text, tokens or 32768)  # healing trains on the whole text (up to 32k tokens)
+    src = open_source(repo, "HEAD", model_dir)
+    ref_commit = repo.resolve(against) if against else default_against(repo)
+    reference = {}
+    for path in open_source(repo, ref_commit, model_dir).files:
+        reference.update(repo.load(ref_commit, path=path))
+    params = {"steps": steps_, "lr": lr, "rank": rank, "alpha": alpha, "rounds": rounds, "against": ref_commit,
+              "text": _calib_desc(cal)}
+    del src
+
+    def apply(model: Model, strength: float):
+        lin = model.linears()
+        batches = windows(repo, model, cal)
+        dmg = heal_mod.damage(repo, model, lin, reference, batches)
+        chosen = heal_mod.choose_targets(dmg, targets)
+        scratch = os.path.join(repo.root, REPO_DIR, "tmp")
+        os.makedirs(scratch, exist_ok=True)
+        tag = f"heal-{ref_commit[:8]}"
+        files, counts = {}, {}
+        per_round = [steps_ // rounds + (1 if i < steps_ % rounds else 0) for i in range(rounds)]
+        for i, n in enumerate(x for x in per_round if x):
+            # each round trains on the model as merged so far, so later rounds learn to work
+            # within the sparsity mask that the merge enforces
+            adir = tempfile.mkdtemp(dir=scratch, prefix="adapter-")
+            deltas = heal_mod.train_lora(model, chosen, batches, n, lr, rank, alpha, seed + i, adir)
+            counts = heal_mod.merge_masked(model, deltas)
+            where = heal_mod.adapter_path(model, tag) + (f"/round-{i + 1}" if rounds > 1 else "")
+            for name in os.listdir(adir):
+                if name.endswith((".safetensors", ".json")):
+                    files[f"{where}/{name}"] = os.path.join(adir, name)
+        extra = {"targets": chosen, "damage": {n: round(dmg[n], 6) for n in chosen}, "adapter": tag}
+        return ops.Change(counts, extra, add_files=files)
+
+    return ops.run(repo, op="heal", method="lora", params=params, strengths=[1.0], apply=apply, spec=spec,
+                   max_drop=max_drop, seed=seed, model_dir=model_dir, message=message, author=author,
+                   progress=progress)
+
+
+def factorize(repo, spec, rank: int | None = None, energy: float | None = None, scope=None, whiten: bool = False,
+              calib: str | None = None, max_drop: float = 0.03, seed: int = 0, model_dir: str = "",
+              message: str | None = None, author: str | None = None, progress: Progress = NULL) -> ops.Outcome:
+    """Replace chosen linear layers by two thin ones (truncated SVD; --whiten: activation-aware)."""
+    from . import factorize as fz
+    from .calib import collect_inputs, windows
+
+    if (rank is None) == (energy is None):
+        raise UsageError("pass exactly one of --rank R or --energy E")
+    if rank is not None and rank < 1:
+        raise UsageError(f"--rank {rank} must be at least 1")
+    if energy is not None and not 0 < energy < 1:
+        raise UsageError(f"--energy {energy:g} is outside (0, 1)", hint="for example 0.9")
+    src = open_source(repo, "HEAD", model_dir)
+    if src.config.get(fz.CONFIG_KEY):
+        raise UsageError("this model is already factorized; factorize its parent instead")
+    linear_names(src, scope)
+    cal = make_calib(repo, calib) if whiten else None
+    params = {k: v for k, v in {"rank": rank, "energy": energy, "whiten": whiten or None,
+                                "calib": _calib_desc(cal)}.items() if v is not None}
+
+    def apply(model: Model, strength: float):
+        import torch
+
+        lin = [li for li in model.linears(scope) if li.role != "embedding"]
+        scales = {}
+        if whiten:
+            stats = collect_inputs(model, lin, windows(repo, model, cal))
+            scales = {n: (st.sq / max(1, st.n)).sqrt().float() for n, st in stats.items()}
+        ranks, counts, skipped = {}, {}, []
+        for li in lin:
+            w = li.weight().float()
+            out_f, in_f = w.shape
+            a, b, r = fz.factor(w, rank, energy, scales.get(li.name))
+            if r * (in_f + out_f) >= in_f * out_f:
+                skipped.append(li.name)
+                continue
+            mod_name = li.name[:-len(".weight")]
+            bias = getattr(li.module, "bias", None)
+            fz.install(model.model, {mod_name: r})
+            new = model.model.get_submodule(mod_name)
+            with torch.no_grad():
+                new.a.weight.copy_(a.to(model.stored_dtype(li.name)).float())
+                new.b.weight.copy_(b.to(model.stored_dtype(li.name)).float())
+                if bias is not None:
+                    new.b.bias.copy_(bias)
+            model.removed.add(li.name)
+            model.added[mod_name + ".a.weight"] = li.name
+            model.added[mod_name + ".b.weight"] = li.name
+            if bias is not None:
+                model.removed.add(mod_name + ".bias")
+                model.added[mod_name + ".b.bias"] = mod_name + ".bias"
+            ranks[mod_name] = r
+            counts[li.name] = (in_f * out_f - r * (in_f + out_f), in_f * out_f)
+        if not ranks:
+            raise UsageError("no layer gets smaller at that rank/energy (r·(in+out) must be < in·out)",
+                             hint="lower --rank or --energy, or choose larger layers with --scope")
+        cfg = dict(model.src.config)
+        cfg[fz.CONFIG_KEY] = ranks
+        model.src.config = cfg
+        return ops.Change(counts, {"ranks": ranks, "skipped": skipped or None}, cfg)
+
+    return ops.run(repo, op="factorize", method="svd-whitened" if whiten else "svd", params=params,
+                   strengths=[1.0], apply=apply, spec=spec, max_drop=max_drop, scope=scope, seed=seed,
+                   model_dir=model_dir, message=message, author=author, progress=progress)

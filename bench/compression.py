@@ -1,0 +1,83 @@
+"""The perplexity table of docs/compression.md: every method on the shipped demo model.
+
+    python -m bench --compression
+
+Each row is one real `mvc compress ...` step (through the library, guard off) on a fresh
+`mvc init --demo` repository, evaluated with the repository's default evaluation
+(perplexity on the held-out eval.txt); store bytes are the bytes the step added.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+
+ROWS = [
+    ("prune", "magnitude", {"sparsity": 0.5}),
+    ("prune", "wanda", {"sparsity": 0.5}),
+    ("prune", "sparsegpt", {"sparsity": 0.5}),
+    ("prune", "magnitude", {"sparsity": 0.5, "clusters": 4}),
+    ("prune", "magnitude", {"pattern": "2:4"}),
+    ("prune", "wanda", {"pattern": "2:4"}),
+    ("prune", "sparsegpt", {"pattern": "2:4"}),
+    ("prune", "magnitude", {"sparsity": 0.7}),
+    ("prune", "wanda", {"sparsity": 0.7}),
+    ("prune", "sparsegpt", {"sparsity": 0.7}),
+    ("shed", "magnitude", {"neurons": 0.25}),
+    ("shed", "taylor", {"neurons": 0.25}),
+    ("shed", "fisher", {"neurons": 0.25}),
+    ("shed", "wanda", {"neurons": 0.25}),
+    ("shed", "wanda", {"heads": 0.5}),
+]
+
+
+def _store_bytes(repo) -> int:
+    return repo.backend.stats().get("stored_bytes", 0)
+
+
+def run() -> list[dict]:
+    from mvc.compress import steps
+    from mvc.compress.demofiles import init_demo
+    from mvc.compress.evaluate import evaluate, make_spec
+
+    os.environ.setdefault("MVC_AUTHOR", "mvc bench <bench@localhost>")
+    work = tempfile.mkdtemp(prefix="mvc-bench-compress-")
+    try:
+        repo = init_demo(os.path.join(work, "repo"))
+        repo.cwd = repo.root
+        spec = make_spec(repo)
+        base = repo.refs.head_commit()
+        out = [{"step": "demo model (bf16)", "ppl": evaluate(repo, base, spec)["ppl"], "seconds": 0.0,
+                "added_bytes": _store_bytes(repo)}]
+        for op, method, params in ROWS:
+            before = _store_bytes(repo)
+            t = time.perf_counter()
+            if op == "prune":
+                res = steps.prune(repo, method, params.get("sparsity", 0.0), spec, pattern=params.get("pattern"),
+                                  clusters=params.get("clusters", 0), max_drop=float("inf"))
+            else:
+                res = steps.shed(repo, spec, neurons=params.get("neurons", 0.0), heads=params.get("heads", 0.0),
+                                 method=method, max_drop=float("inf"))
+            seconds = time.perf_counter() - t
+            desc = " ".join(f"--{k} {v}" for k, v in params.items())
+            out.append({"step": f"{op} {'--method' if op == 'prune' else '--score'} {method} {desc}",
+                        "ppl": res.waves[-1].metrics["ppl"], "seconds": seconds,
+                        "added_bytes": _store_bytes(repo) - before})
+            repo.reset(base, hard=True)
+        repo.close()
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def report(rows: list[dict]) -> str:
+    base = rows[0]["ppl"]
+    lines = ["| step (`mvc compress ...`) | perplexity | change | time | store bytes added |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        change = "" if r is rows[0] else f"{(r['ppl'] - base) / base:+.1%}"
+        lines.append(f"| {r['step']} | {r['ppl']:.2f} | {change} | {r['seconds']:.1f} s | "
+                     f"{r['added_bytes'] / 1024:.0f} KiB |")
+    return "\n".join(lines)

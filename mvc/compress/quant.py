@@ -1,0 +1,131 @@
+"""Quantization steps: bitsandbytes NF4/FP4/int8 (through transformers, so the files are the
+ones transformers writes and loads with BitsAndBytesConfig) and mvc's round-to-nearest
+int8/int4 with per-row or per-group scales. The commit stores the low-bit tensors themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+
+from ..errors import MvcError, UsageError
+from ..formats.quantized import RTN_META, dequantize_state, rtn_quantize
+
+BNB = ("nf4", "fp4", "int8")
+RTN = {"rtn-int8": 8, "rtn-int4": 4}
+METHODS = (*BNB, *RTN)
+CASTS = ("fp16", "bf16")
+
+
+def check(method: str, group_size: int, double_quant: bool) -> None:
+    if method not in METHODS + CASTS:
+        raise UsageError(f"unknown quantization method {method!r}", hint=f"choose one of {', '.join(METHODS + CASTS)}")
+    if group_size and method not in RTN:
+        raise UsageError(f"--group-size applies to rtn-int8/rtn-int4, not {method}",
+                         hint="bitsandbytes uses its own blocks of 64")
+    if group_size < 0 or (group_size and group_size % 2):
+        raise UsageError(f"--group-size {group_size} must be a positive even number (or 0 for one scale per row)")
+    if double_quant and method not in ("nf4", "fp4"):
+        raise UsageError("--double-quant applies to nf4 and fp4 only")
+
+
+def _write_model_dir(model, d: str) -> None:
+    from safetensors.torch import save_file
+
+    with open(os.path.join(d, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(model.src.config, f)
+    save_file({k: v.contiguous() for k, v in model.state().items()}, os.path.join(d, "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def bnb_quantize(model, method: str, double_quant: bool, skip: list[str], out_dir: str) -> None:
+    """Quantize with transformers + bitsandbytes and save_pretrained into *out_dir*."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # plumbing stays quiet; the CLI shows progress
+
+    if method == "int8":
+        qc = transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip or None)
+    else:
+        qc = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method,
+                                             bnb_4bit_use_double_quant=double_quant,
+                                             bnb_4bit_compute_dtype=torch.float32,
+                                             llm_int8_skip_modules=skip or None)
+    dtype = next(iter(model.originals.values())).dtype
+    with tempfile.TemporaryDirectory() as src_dir:
+        _write_model_dir(model, src_dir)
+        cls = type(model.model)
+        try:
+            q = cls.from_pretrained(src_dir, quantization_config=qc, device_map="cpu", dtype=dtype)
+        except (ImportError, ValueError, RuntimeError) as e:
+            raise MvcError(f"bitsandbytes could not quantize this model: {e}") from e
+        q.save_pretrained(out_dir, safe_serialization=True)
+
+
+def rtn_quantize_dir(model, method: str, group_size: int, linears, bits_of, out_dir: str) -> dict:
+    """mvc's round-to-nearest: each file of the model rewritten with qweight/scales; returns counts."""
+    from safetensors.torch import save_file
+
+    state = model.state()
+    targets = {li.name for li in linears}
+    counts = {}
+    for path, items in model.src.files.items():
+        tensors, info = {}, {}
+        for name, _meta in items:
+            t = state[name]
+            if name in targets:
+                bits = bits_of(name)
+                try:
+                    q, scales = rtn_quantize(t, bits, group_size)
+                except ValueError as e:
+                    raise UsageError(f"{name} {list(t.shape)}: {e}") from e
+                tensors[name + ".qweight"], tensors[name + ".scales"] = q, scales
+                info[name] = {"bits": bits, "group_size": group_size, "shape": list(t.shape),
+                              "dtype": {"torch.bfloat16": "BF16", "torch.float16": "F16"}.get(str(t.dtype), "F32")}
+                counts[name] = (t.numel(), t.numel())
+            else:
+                tensors[name] = t.contiguous()
+        meta = {"format": "pt"}
+        if info:
+            meta[RTN_META] = json.dumps(info, sort_keys=True)
+        save_file(tensors, os.path.join(out_dir, os.path.basename(path)), metadata=meta)
+    return counts
+
+
+def load_dequantized(model, out_dir: str) -> None:
+    """Put the dequantized weights of the files in *out_dir* into the float32 model in memory, so
+    that what is evaluated is exactly what `repo.load(..., dequantize=True)` gives."""
+    import torch
+    from safetensors import safe_open
+
+    state, meta = {}, {}
+    for f in sorted(os.listdir(out_dir)):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(out_dir, f), "pt") as sf:
+                meta.update(sf.metadata() or {})
+                for k in sf.keys():
+                    state[k] = sf.get_tensor(k)
+    deq = dequantize_state(state, meta, dtype=torch.float32)
+    own = model.model.state_dict()
+    with torch.no_grad():
+        for k, v in deq.items():
+            if k in own and own[k].shape == v.shape:
+                own[k].copy_(v.float())
+
+
+def cast(model, dtype_name: str) -> dict:
+    """fp16/bf16 casts of every floating tensor; returns counts."""
+    import torch
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+    model.cast = dtype
+    counts = {name: (t.numel(), t.numel()) for name, t in model.originals.items()
+              if t.is_floating_point() and t.dtype != dtype}
+    with torch.no_grad():
+        for p in model.model.parameters():
+            p.copy_(p.to(dtype).float())
+    return counts
