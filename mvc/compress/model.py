@@ -115,7 +115,8 @@ def open_source(repo, rev: str = "HEAD", model_dir: str = "", allow_quantized: b
         f = repo.odb.get(e.oid, "file")
         files[path] = [(n, repo.odb.get(tid, "tensor")) for n, tid in f.tensors]
         for n, t in files[path]:
-            if t.dtype in _QUANT_DTYPES and n.endswith(".weight") and not allow_quantized:
+            packed = n.endswith((".qweight", ".SCB")) or ".quant_state." in n
+            if (packed or (t.dtype in _QUANT_DTYPES and n.endswith(".weight"))) and not allow_quantized:
                 raise UsageError(f"the model in {rev} is already quantized ({n} is {t.dtype})",
                                  hint="compress the full-precision parent instead")
             where[n] = path

@@ -63,6 +63,10 @@ def bnb_quantize(model, method: str, double_quant: bool, skip: list[str], out_di
             q = cls.from_pretrained(src_dir, quantization_config=qc, device_map="cpu", dtype=dtype)
         except (ImportError, ValueError, RuntimeError) as e:
             raise MvcError(f"bitsandbytes could not quantize this model: {e}") from e
+        for m in q.modules():  # dequantize to float32 (not the source's bf16): computing in float32 is
+            qs = getattr(getattr(m, "weight", None), "quant_state", None)  # then exact where bf16 rounds
+            if qs is not None and hasattr(qs, "dtype"):
+                qs.dtype = torch.float32
         q.save_pretrained(out_dir, safe_serialization=True)
 
 
@@ -93,6 +97,13 @@ def rtn_quantize_dir(model, method: str, group_size: int, linears, bits_of, out_
         if info:
             meta[RTN_META] = json.dumps(info, sort_keys=True)
         save_file(tensors, os.path.join(out_dir, os.path.basename(path)), metadata=meta)
+    cfg = dict(model.src.config)
+    # transformers does not know this method and refuses to load the model; mvc dequantizes it
+    cfg["quantization_config"] = {"quant_method": "mvc-rtn", "bits": sorted({bits_of(n) for n in counts}),
+                                  "group_size": group_size}
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
     return counts
 
 

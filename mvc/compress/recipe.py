@@ -28,6 +28,10 @@ from ..store.ids import hash_object
 
 
 def _pct(v) -> float:
+    if isinstance(v, bool):  # YAML 1.1 reads a bare `off` as false
+        if v:
+            raise ValueError("a percentage, or off")
+        return float("inf")
     if isinstance(v, str):
         t = v.strip().lower()
         if t == "off":
