@@ -218,6 +218,16 @@ def report(res: dict) -> str:
     return "\n".join(f"| {k} | {v} |" for k, v in [("measure", "result"), ("---", "---"), *rows])
 
 
+def _print_table(rows, report, argv, out) -> None:
+    """The command, the markdown table, the machine; the rows as JSON to --out."""
+    print(f"$ python -m bench {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(report(rows))
+    print(f"machine: {machine()}")
+    if out:
+        with open(out, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=1024)
@@ -236,24 +246,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.compression:
         from . import compression
 
-        rows = compression.run()
-        print(f"$ python -m bench {' '.join(argv if argv is not None else sys.argv[1:])}")
-        print(compression.report(rows))
-        print(f"machine: {machine()}")
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(rows, f, indent=2)
+        _print_table(compression.run(), compression.report, argv, args.out)
         return
     if args.codec:
         from . import codec as codec_bench
 
-        rows = codec_bench.run(args.size_mib)
-        print(f"$ python -m bench {' '.join(argv if argv is not None else sys.argv[1:])}")
-        print(codec_bench.report(rows))
-        print(f"machine: {machine()}")
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(rows, f, indent=2)
+        _print_table(codec_bench.run(args.size_mib), codec_bench.report, argv, args.out)
         return
     workdir = args.workdir or tempfile.mkdtemp(prefix="mvc-bench-")
     try:

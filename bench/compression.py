@@ -30,6 +30,17 @@ ROWS = [
     ("shed", "fisher", {"neurons": 0.25}),
     ("shed", "wanda", {"neurons": 0.25}),
     ("shed", "wanda", {"heads": 0.5}),
+    ("quantize", "nf4", {}),
+    ("quantize", "nf4", {"double_quant": True}),
+    ("quantize", "fp4", {}),
+    ("quantize", "int8", {}),
+    ("quantize", "rtn-int8", {}),
+    ("quantize", "rtn-int4", {}),
+    ("quantize", "rtn-int4", {"group_size": 64}),
+    ("factorize", "svd", {"energy": 0.9, "scope": ["model.layers.*.mlp.*"]}),
+    ("factorize", "svd-whitened", {"energy": 0.9, "scope": ["model.layers.*.mlp.*"], "whiten": True}),
+    ("heal", "lora", {"after": "prune --method magnitude --sparsity 0.5"}),
+    ("heal", "lora", {"after": "prune --method sparsegpt --sparsity 0.5"}),
 ]
 
 
@@ -54,22 +65,58 @@ def run() -> list[dict]:
         for op, method, params in ROWS:
             before = _store_bytes(repo)
             t = time.perf_counter()
+            inf = float("inf")
             if op == "prune":
                 res = steps.prune(repo, method, params.get("sparsity", 0.0), spec, pattern=params.get("pattern"),
-                                  clusters=params.get("clusters", 0), max_drop=float("inf"))
-            else:
+                                  clusters=params.get("clusters", 0), max_drop=inf)
+            elif op == "shed":
                 res = steps.shed(repo, spec, neurons=params.get("neurons", 0.0), heads=params.get("heads", 0.0),
-                                 method=method, max_drop=float("inf"))
+                                 method=method, max_drop=inf)
+            elif op == "quantize":
+                res = steps.quantize(repo, spec, method, group_size=params.get("group_size", 0),
+                                     double_quant=params.get("double_quant", False), max_drop=inf)
+            elif op == "factorize":
+                res = steps.factorize(repo, spec, energy=params["energy"], scope=params["scope"],
+                                      whiten=params.get("whiten", False), max_drop=inf)
+            else:  # heal after a prune
+                pm = params["after"].split()[2]
+                steps.prune(repo, pm, 0.5, spec, max_drop=inf)
+                before = _store_bytes(repo)
+                t = time.perf_counter()
+                res = steps.heal(repo, spec, max_drop=inf)
             seconds = time.perf_counter() - t
-            desc = " ".join(f"--{k} {v}" for k, v in params.items())
-            out.append({"step": f"{op} {'--method' if op == 'prune' else '--score'} {method} {desc}",
-                        "ppl": res.waves[-1].metrics["ppl"], "seconds": seconds,
+            flag = {"prune": "--method", "shed": "--score", "quantize": "--method"}.get(op)
+            desc = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in params.items()
+                            if k not in ("scope", "after", "whiten", "double_quant"))
+            desc += " --double-quant" if params.get("double_quant") else ""
+            desc += " --whiten" if params.get("whiten") else ""
+            desc += " --scope 'model.layers.*.mlp.*'" if params.get("scope") else ""
+            name = f"{op} {flag} {method} {desc}" if flag else f"{op} {desc}"
+            if op == "heal":
+                name = f"heal (after {params['after']})"
+            out.append({"step": name.strip(), "ppl": res.waves[-1].metrics["ppl"], "seconds": seconds,
                         "added_bytes": _store_bytes(repo) - before})
             repo.reset(base, hard=True)
+        out.append(_bird_bone(repo, base))
         repo.close()
         return out
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _bird_bone(repo, base) -> dict:
+    """recipes/bird-bone.yaml end to end, as `mvc compress run` runs it."""
+    from mvc.compress import recipe
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "bird-bone.yaml")
+    before = _store_bytes(repo)
+    t = time.perf_counter()
+    rows, finished = recipe.run(repo, recipe.load(path))
+    seconds = time.perf_counter() - t
+    size = rows[-1].size
+    return {"step": f"recipe bird-bone ({'finished' if finished else 'stopped'}; weights "
+                    f"{size / 2**20:.2f} MiB)", "ppl": rows[-1].metrics["ppl"], "seconds": seconds,
+            "added_bytes": _store_bytes(repo) - before}
 
 
 def report(rows: list[dict]) -> str:

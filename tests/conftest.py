@@ -19,3 +19,22 @@ def repo(tmp_path):
     r = Repo.init(tmp_path / "work")
     yield r
     r.close()
+
+
+@pytest.fixture(scope="session")
+def demo_base(tmp_path_factory):
+    """A repository made by `mvc init --demo` once per session; tests get copies (`demo`)."""
+    from mvc.compress.demofiles import init_demo
+
+    path = tmp_path_factory.mktemp("demo") / "repo"
+    init_demo(str(path)).close()
+    return path
+
+
+@pytest.fixture
+def demo(demo_base, tmp_path):
+    import shutil
+
+    path = tmp_path / "repo"
+    shutil.copytree(demo_base, path)
+    return path

@@ -75,3 +75,12 @@ def mvc_proc(*args, cwd=None, check=False, env=None, **kw) -> subprocess.Complet
     cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "mvc"]
     return subprocess.run(cmd + [str(a) for a in args], cwd=cwd, capture_output=True, text=True,
                           check=check, env=env, **kw)
+
+
+def open_repo(path):
+    """Repo at *path*, with user paths relative to it (as `mvc -C path` has them)."""
+    from mvc import Repo
+
+    r = Repo(str(path))
+    r.cwd = str(path)
+    return r

@@ -10,33 +10,15 @@ import shutil
 import pytest
 import torch
 from helpers import mvc, sha256
+from helpers import open_repo as _open
 
 from mvc import Repo
 from mvc.compress import ops, steps
-from mvc.compress.demofiles import init_demo
 from mvc.compress.evaluate import evaluate, make_spec
 
 INF = float("inf")
 
 
-@pytest.fixture(scope="module")
-def demo_base(tmp_path_factory):
-    path = tmp_path_factory.mktemp("demo") / "repo"
-    init_demo(str(path)).close()
-    return path
-
-
-@pytest.fixture
-def demo(demo_base, tmp_path):
-    path = tmp_path / "repo"
-    shutil.copytree(demo_base, path)
-    return path
-
-
-def _open(path) -> Repo:
-    r = Repo(str(path))
-    r.cwd = str(path)
-    return r
 
 
 def _matrices(repo, rev):

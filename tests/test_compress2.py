@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import mvc, sha256
+from helpers import open_repo as _open
 
-from mvc import Repo
 from mvc.compress import steps
-from mvc.compress.demofiles import init_demo
 from mvc.compress.evaluate import evaluate, make_spec
 from mvc.maintenance import closure
 
@@ -25,24 +24,6 @@ INF = float("inf")
 BIRD_BONE = Path(__file__).resolve().parent.parent / "recipes" / "bird-bone.yaml"
 
 
-@pytest.fixture(scope="module")
-def demo_base(tmp_path_factory):
-    path = tmp_path_factory.mktemp("demo2") / "repo"
-    init_demo(str(path)).close()
-    return path
-
-
-@pytest.fixture
-def demo(demo_base, tmp_path):
-    path = tmp_path / "repo"
-    shutil.copytree(demo_base, path)
-    return path
-
-
-def _open(path) -> Repo:
-    r = Repo(str(path))
-    r.cwd = str(path)
-    return r
 
 
 def _stored_bytes(repo, commit: str) -> int:
@@ -291,3 +272,24 @@ def test_bad_recipes_name_the_line_and_commit_nothing(demo, tmp_path, body, need
     res = mvc("compress", "run", recipe, cwd=demo, ok=False)
     assert res.exit_code not in (0, 1) and needle in res.output and "Traceback" not in res.output, res.output
     assert _open(demo).refs.head_commit() == head
+
+
+def test_sensitivity_scan_gives_sensitive_layers_more_bits(demo):
+    repo = _open(demo)
+    spec = make_spec(repo)
+    base = repo.refs.head_commit()
+    uniform = steps.quantize(repo, spec, "rtn-int4", group_size=64, max_drop=INF)
+    repo.reset(base, hard=True)
+    mixed = steps.quantize(repo, spec, "rtn-int4", group_size=64, budget_bits=5.0, max_drop=INF)
+    params = repo.commit_obj(mixed.head).op["params"]
+    sizes = {k: v.numel() for k, v in repo.load(base, path="model.safetensors").items() if k in params["bits"]}
+    avg = sum(params["bits"][k] * n for k, n in sizes.items()) / sum(sizes.values())
+    assert 4 < avg <= 5.0
+    most = max(params["sensitivity"], key=params["sensitivity"].get)
+    assert params["bits"][most] == 8
+    assert mixed.waves[0].metrics["ppl"] < uniform.waves[0].metrics["ppl"]
+    stored = repo.load(mixed.head, path="model.safetensors")
+    assert stored[most + ".qweight"].dtype == torch.int8  # 8 bits: one value per byte
+    least = min(params["sensitivity"], key=params["sensitivity"].get)
+    if params["bits"][least] == 4:
+        assert stored[least + ".qweight"].shape[1] * 2 == sizes[least] // stored[least + ".qweight"].shape[0]

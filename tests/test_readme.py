@@ -28,12 +28,14 @@ def test_compressing_example_runs(tmp_path):
     import subprocess
     import sys
 
-    block = README.read_text().split("## Compressing", 1)[1]
-    code = re.search(r"```sh\n(.*?)```", block, re.S).group(1)
+    block = README.read_text().split("## Compressing", 1)[1].split("\n## ", 1)[0]
+    code = "\n".join(re.findall(r"```sh\n(.*?)```", block, re.S))
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     cwd = tmp_path
     for line in code.strip().splitlines():
         cmd = line.split("#", 1)[0].strip()
+        if not cmd:
+            continue
         res = subprocess.run(["bash", "-c", cmd + " && pwd"], cwd=cwd, env=env, capture_output=True, text=True)
         stopped_by_guard = "--waves" in cmd and res.returncode == 1 and "rejected" in res.stdout
         assert res.returncode == 0 or stopped_by_guard, (cmd, res.stdout, res.stderr)
@@ -42,4 +44,6 @@ def test_compressing_example_runs(tmp_path):
         assert "Traceback" not in res.stderr
     log = subprocess.run(["mvc", "log", "--oneline"], cwd=cwd, env=env, capture_output=True, text=True).stdout
     assert "[prune]" in log and "[shed]" in log and "Revert" in log
+    main = subprocess.run(["mvc", "log", "--oneline", "main"], cwd=cwd, env=env, capture_output=True, text=True).stdout
+    assert all(f"[{op}]" in main for op in ("shed", "prune", "heal", "quantize"))
     assert (Path(cwd) / "scores.csv").read_text().startswith("kind,layer,index,score")

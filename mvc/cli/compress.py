@@ -27,36 +27,43 @@ def parse_pct(text: str) -> float:
     return v / 100
 
 
-def _eval_options(f):
-    for opt in reversed([
-        click.option("--ppl", "ppl", metavar="TEXTFILE", default=None,
-                     help="Perplexity on this text (default: the repository's evaluation)."),
-        click.option("--cmd", "cmd", metavar="CMD", default=None,
-                     help="A command run in a checkout: exit 0 good, 1-124 bad, 125 skip."),
-        click.option("--tokens", type=int, default=None, help="Token budget of the evaluation text."),
-        click.option("--seq-len", type=int, default=None, help="Window length for perplexity."),
-        click.option("--model", "model_dir", default="", metavar="DIR", help="The model's directory in the tree."),
-    ]):
-        f = opt(f)
-    return f
+def _options(*opts):
+    """One decorator applying click options in the order written."""
+    def deco(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return deco
 
 
-def _step_options(f):
-    for opt in reversed([
-        click.option("--max-drop", default="3%", show_default=True, metavar="PCT",
-                     help="Largest allowed metric drop against the start of the step ('off' to disable)."),
-        click.option("--waves", type=int, default=1, show_default=True, help="Split the step into N commits."),
-        click.option("--spike-z", type=float, default=3.0, show_default=True,
-                     help="Stop waves when a metric rise has this z-score against the earlier ones (0: off)."),
-        click.option("--calib", metavar="TEXTFILE", default=None,
-                     help="Calibration text (default: the repository's calib text)."),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--dry-run", is_flag=True, help="Print what would change; write nothing."),
-        click.option("-m", "--message", default=None, help="Commit message (default: describes the step)."),
-        click.option("--json", "as_json", is_flag=True),
-    ]):
-        f = opt(f)
-    return f
+_MAX_DROP = click.option("--max-drop", default="3%", show_default=True, metavar="PCT",
+                         help="Largest allowed metric drop against the start of the step ('off' to disable).")
+_RECORD = (click.option("--seed", type=int, default=0, show_default=True),
+           click.option("-m", "--message", default=None, help="Commit message (default: describes the step)."),
+           click.option("--json", "as_json", is_flag=True))
+
+_eval_options = _options(
+    click.option("--ppl", "ppl", metavar="TEXTFILE", default=None,
+                 help="Perplexity on this text (default: the repository's evaluation)."),
+    click.option("--cmd", "cmd", metavar="CMD", default=None,
+                 help="A command run in a checkout: exit 0 good, 1-124 bad, 125 skip."),
+    click.option("--tokens", type=int, default=None, help="Token budget of the evaluation text."),
+    click.option("--seq-len", type=int, default=None, help="Window length for perplexity."),
+    click.option("--model", "model_dir", default="", metavar="DIR", help="The model's directory in the tree."))
+
+#: steps that can run in waves (prune, shed)
+_step_options = _options(
+    _MAX_DROP,
+    click.option("--waves", type=int, default=1, show_default=True, help="Split the step into N commits."),
+    click.option("--spike-z", type=float, default=3.0, show_default=True,
+                 help="Stop waves when a metric rise has this z-score against the earlier ones (0: off)."),
+    click.option("--calib", metavar="TEXTFILE", default=None,
+                 help="Calibration text (default: the repository's calib text)."),
+    click.option("--dry-run", is_flag=True, help="Print what would change; write nothing."),
+    *_RECORD)
+
+#: steps that are one commit (quantize, factorize, heal)
+_single_step_options = _options(_MAX_DROP, *_RECORD)
 
 
 def _spec(c, repo, ppl, cmd, tokens, seq_len):
@@ -284,14 +291,13 @@ def _parse_bits(items) -> dict | None:
 @click.option("--scope", multiple=True, metavar="GLOB", help="Only these tensors (globs over names).")
 @click.option("--skip", multiple=True, metavar="GLOB", help="Keep these tensors in full precision.")
 @click.option("--bits", multiple=True, metavar="GLOB=4|8", help="rtn: per-tensor bit width (mixed precision).")
+@click.option("--budget-bits", type=float, default=None, metavar="B",
+              help="rtn: choose 4 or 8 bits per layer by a sensitivity scan, averaging at most B bits.")
 @_eval_options
-@click.option("--max-drop", default="3%", show_default=True, metavar="PCT")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("-m", "--message", default=None)
-@click.option("--json", "as_json", is_flag=True)
+@_single_step_options
 @pass_ctx
-def quantize_cmd(c, method, group_size, double_quant, scope, skip, bits, ppl, cmd, tokens, seq_len, model_dir,
-                 max_drop, seed, message, as_json):
+def quantize_cmd(c, method, group_size, double_quant, scope, skip, bits, budget_bits, ppl, cmd, tokens, seq_len,
+                 model_dir, max_drop, seed, message, as_json):
     """Store the linear layers in low-bit form (packed integers + scales); loadable again."""
     from ..compress import steps
 
@@ -299,6 +305,7 @@ def quantize_cmd(c, method, group_size, double_quant, scope, skip, bits, ppl, cm
     spec = _spec(c, repo, ppl, cmd, tokens, seq_len)
     out = steps.quantize(repo, spec, method, group_size=group_size, double_quant=double_quant,
                          scope=list(scope) or None, skip=tuple(skip), bits=_parse_bits(bits),
+                         budget_bits=budget_bits,
                          max_drop=parse_pct(max_drop), seed=seed, model_dir=model_dir, message=message,
                          author=default_author(), progress=c.progress())
     _render_outcome(c, out, spec, as_json)
@@ -316,10 +323,7 @@ def quantize_cmd(c, method, group_size, double_quant, scope, skip, bits, ppl, cm
 @click.option("--against", default=None, metavar="REV",
               help="Damage is measured against this revision (default: the last one before prune/shed steps).")
 @_eval_options
-@click.option("--max-drop", default="3%", show_default=True, metavar="PCT")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("-m", "--message", default=None)
-@click.option("--json", "as_json", is_flag=True)
+@_single_step_options
 @pass_ctx
 def heal_cmd(c, text, steps_, lr, rank, alpha, rounds, targets, against, ppl, cmd, tokens, seq_len, model_dir,
              max_drop, seed, message, as_json):
@@ -341,10 +345,7 @@ def heal_cmd(c, text, steps_, lr, rank, alpha, rounds, targets, against, ppl, cm
 @click.option("--scope", multiple=True, metavar="GLOB", help="Only these tensors (globs over names).")
 @click.option("--calib", metavar="TEXTFILE", default=None)
 @_eval_options
-@click.option("--max-drop", default="3%", show_default=True, metavar="PCT")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("-m", "--message", default=None)
-@click.option("--json", "as_json", is_flag=True)
+@_single_step_options
 @pass_ctx
 def factorize_cmd(c, rank, energy, whiten, scope, calib, ppl, cmd, tokens, seq_len, model_dir, max_drop, seed,
                   message, as_json):

@@ -58,7 +58,7 @@ KINDS = {
     "heal": {"text": str, "steps": int, "lr": float, "rank": int, "alpha": float, "rounds": int, "targets": int,
              "against": str, "tokens": int, **_COMMON},
     "quantize": {"method": str, "group_size": int, "double_quant": bool, "scope": _globs, "skip": _globs,
-                 "bits": dict, **_COMMON},
+                 "bits": dict, "budget_bits": float, **_COMMON},
     "factorize": {"rank": int, "energy": _frac, "whiten": bool, "scope": _globs, "calib": str, **_COMMON},
     "eval": {},
 }
@@ -90,15 +90,27 @@ def _err(path: str, line: int, msg: str, hint: str | None = None) -> UsageError:
     return UsageError(f"{path}:{line + 1}: {msg}", hint=hint)
 
 
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
+
+
+def shipped() -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(SHIPPED) if f.endswith(".yaml"))
+
+
 def load(path: str) -> Recipe:
-    """Parse and validate a recipe (yaml.safe_load semantics: data only, nothing is executed)."""
+    """Parse and validate a recipe (yaml.safe_load semantics: data only, nothing is executed).
+    A bare name (``bird-bone``) that is not a file names a recipe shipped with mvc."""
     import yaml
+
+    if not os.path.exists(path) and os.sep not in path and path.removesuffix(".yaml") in shipped():
+        path = os.path.join(SHIPPED, path.removesuffix(".yaml") + ".yaml")
 
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
-        raise UsageError(f"cannot read recipe {path}: {e.strerror}") from e
+        raise UsageError(f"cannot read recipe {path}: {e.strerror}",
+                         hint=f"shipped recipes: {', '.join(shipped())}") from e
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)

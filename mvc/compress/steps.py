@@ -214,11 +214,50 @@ def score(repo, rev: str, method: str, calib: str | None = None, scope=None, mod
     return report, scores
 
 
+def sensitivity_bits(repo, model: Model, lin, spec, group_size: int, budget: float) -> tuple[dict, dict]:
+    """Mixed precision from a sensitivity scan: quantize one layer at a time to int4, measure the
+    metric, then give 8 bits to the layers whose int4 costs most per weight while the average
+    width stays within *budget* bits. Returns ({tensor: bits}, {tensor: metric rise})."""
+    import torch
+
+    from ..formats.quantized import rtn_dequantize, rtn_quantize
+    from .evaluate import perplexity, token_windows, tokenizer_for
+
+    if spec.kind != "ppl":
+        raise UsageError("--budget-bits needs a perplexity evaluation (--ppl or the default)")
+    if not 4 <= budget <= 8:
+        raise UsageError(f"--budget-bits {budget:g} is outside [4, 8]")
+    tok = tokenizer_for(repo, model.src)
+    cfg = model.src.config
+    win = token_windows(tok, spec, cfg.get("max_position_embeddings") or cfg.get("n_positions"))
+    base = perplexity(model.model, win)
+    rise = {}
+    for li in lin:
+        w = li.weight()
+        keep = w.clone()
+        q, sc = rtn_quantize(w, 4, group_size)
+        with torch.no_grad():
+            w.copy_(rtn_dequantize(q, sc, {"bits": 4, "group_size": group_size, "shape": list(w.shape)}))
+            rise[li.name] = perplexity(model.model, win) - base
+            w.copy_(keep)
+    sizes = {li.name: li.weight().numel() for li in lin}
+    total = sum(sizes.values())
+    bits = {n: 4 for n in sizes}
+    used = 4 * total
+    for name in sorted(sizes, key=lambda n: -rise[n] / sizes[n]):
+        if used + 4 * sizes[name] <= budget * total:
+            bits[name] = 8
+            used += 4 * sizes[name]
+    return bits, rise
+
+
 def quantize(repo, spec, method: str, group_size: int = 0, double_quant: bool = False, scope=None,
              skip=(), max_drop: float = 0.03, seed: int = 0, model_dir: str = "", message: str | None = None,
-             author: str | None = None, bits: dict | None = None, progress: Progress = NULL) -> ops.Outcome:
+             author: str | None = None, bits: dict | None = None, budget_bits: float | None = None,
+             progress: Progress = NULL) -> ops.Outcome:
     """Quantize the model's linear layers (or cast it, for fp16/bf16). *skip*: globs of tensors kept
-    in full precision; *bits*: {glob: 4|8} per-layer widths for the rtn methods."""
+    in full precision; *bits*: {glob: 4|8} per-layer widths for the rtn methods; *budget_bits*:
+    choose those widths by a sensitivity scan, within this average width."""
     import os
     import tempfile
 
@@ -226,12 +265,14 @@ def quantize(repo, spec, method: str, group_size: int = 0, double_quant: bool = 
     from . import quant
 
     quant.check(method, group_size, double_quant)
-    if bits and method not in quant.RTN:
-        raise UsageError(f"--bits (per-layer widths) applies to rtn-int8/rtn-int4, not {method}")
+    if (bits or budget_bits is not None) and method not in quant.RTN:
+        raise UsageError(f"--bits and --budget-bits (per-layer widths) apply to rtn-int8/rtn-int4, not {method}")
+    if bits and budget_bits is not None:
+        raise UsageError("pass --bits or --budget-bits, not both")
     src = open_source(repo, "HEAD", model_dir)
     linear_names(src, scope)  # the scope matches something
     params = {"group_size": group_size or None, "double_quant": double_quant or None,
-              "skip": list(skip) or None, "bits": bits or None}
+              "skip": list(skip) or None, "bits": bits or None, "budget_bits": budget_bits}
     params = {k: v for k, v in params.items() if v is not None}
 
     def apply(model: Model, strength: float):
@@ -240,6 +281,7 @@ def quantize(repo, spec, method: str, group_size: int = 0, double_quant: bool = 
         lin = [li for li in model.linears(scope) if not any(fnmatchcase(li.name, g) for g in skip)]
         if not lin:
             raise UsageError("every layer in scope is skipped: nothing to quantize")
+        extra: dict = {}
         scratch = os.path.join(repo.root, REPO_DIR, "tmp")
         os.makedirs(scratch, exist_ok=True)
         out_dir = tempfile.mkdtemp(dir=scratch, prefix="quant-")
@@ -252,9 +294,15 @@ def quantize(repo, spec, method: str, group_size: int = 0, double_quant: bool = 
                 counts = {li.name: (li.weight().numel(), li.weight().numel()) for li in lin}
             else:
                 width = quant.RTN[method]
+                chosen_bits = bits
+                if budget_bits is not None:
+                    per, rise = sensitivity_bits(repo, model, lin, spec, group_size, budget_bits)
+                    chosen_bits = {n: b for n, b in per.items()}
+                    extra["bits"] = chosen_bits
+                    extra["sensitivity"] = {n: round(r, 4) for n, r in rise.items()}
 
                 def bits_of(name: str) -> int:
-                    for glob, b in (bits or {}).items():
+                    for glob, b in (chosen_bits or {}).items():
                         if fnmatchcase(name, glob):
                             return b
                     return width
@@ -265,7 +313,7 @@ def quantize(repo, spec, method: str, group_size: int = 0, double_quant: bool = 
 
             shutil.rmtree(out_dir, ignore_errors=True)
             raise
-        return ops.Change(counts, out_dir=out_dir)
+        return ops.Change(counts, extra, out_dir=out_dir)
 
     return ops.run(repo, op="quantize", method=method, params=params, strengths=[1.0], apply=apply, spec=spec,
                    max_drop=max_drop, scope=scope, seed=seed, model_dir=model_dir, message=message,
