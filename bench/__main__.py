@@ -1,6 +1,9 @@
-"""Commit and checkout throughput, store ratio, no-op status time and peak RSS on a generated model.
+"""Benchmarks. The default: mvc side by side with Git LFS, DVC, git-theta, ZipNN and zstd
+(bench/peers.py). `--store`: commit and checkout throughput, store ratio, no-op status time and
+peak RSS on a generated model:
 
-    python -m bench [--size-mib 1024] [--largest-mib N] [--shards K] [--out results.json]
+    python -m bench [--size-mib 512] [--systems mvc,git-lfs,dvc,git-theta,zipnn,zstd] [--out DIR]
+    python -m bench --store [--size-mib 1024] [--largest-mib N] [--shards K] [--out results.json]
 
 Each mvc command runs as its own process (the real console command); its peak RSS comes
 from wait4(), so every number is what a user's shell would see.
@@ -21,6 +24,8 @@ import time
 
 from mvc.filehash import sha256_file as sha256
 from mvc.synth import write_model
+
+from . import peers as peers_mod
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -218,6 +223,34 @@ def report(res: dict) -> str:
     return "\n".join(f"| {k} | {v} |" for k, v in [("measure", "result"), ("---", "---"), *rows])
 
 
+def _peers(args, argv) -> None:
+    systems = [x.strip() for x in args.systems.split(",") if x.strip()]
+    unknown = [x for x in systems if x not in peers_mod.ALL]
+    if unknown:
+        raise SystemExit(f"unknown system {unknown[0]!r}; choose from {', '.join(peers_mod.ALL)}")
+    size = args.size_mib or 512
+    workdir = args.workdir or tempfile.mkdtemp(prefix="mvc-bench-peers-")
+    t = time.perf_counter()
+    try:
+        res = peers_mod.run_all(size, systems, args.dataset, workdir, args.budget_s)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    res["machine"] = machine()
+    res["seconds"] = time.perf_counter() - t
+    text = (f"$ python -m bench {' '.join(argv if argv is not None else sys.argv[1:])}\n\n"
+            + peers_mod.report(res) + f"machine: {res['machine']}; whole run {res['seconds']:.0f} s\n")
+    print(text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(res, f, indent=2)
+        with open(os.path.join(args.out, "tables.md"), "w") as f:
+            f.write(text)
+        for p in peers_mod.charts(res, args.out):
+            print(f"wrote {p}")
+
+
 def _print_table(rows, report, argv, out) -> None:
     """The command, the markdown table, the machine; the rows as JSON to --out."""
     print(f"$ python -m bench {' '.join(argv if argv is not None else sys.argv[1:])}")
@@ -230,7 +263,14 @@ def _print_table(rows, report, argv, out) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--size-mib", type=int, default=None, help="model size (default 512 side by side, else 1024)")
+    ap.add_argument("--systems", default=",".join(peers_mod.ALL), help="side by side: which systems, comma-separated")
+    ap.add_argument("--dataset", choices=["llama", "minilm", "both"], default="both",
+                    help="side by side: the generated Llama history, the real MiniLM one, or both")
+    ap.add_argument("--budget-s", type=float, default=300,
+                    help="side by side: seconds each system gets per dataset before it is stopped (and reported)")
+    ap.add_argument("--install-peers", action="store_true", help="install git-lfs, dvc, git-theta, zipnn, matplotlib")
+    ap.add_argument("--store", action="store_true", help="instead: mvc's own commit/checkout/status benchmark")
     ap.add_argument("--largest-mib", type=int, default=None, help="add an embedding of this size")
     ap.add_argument("--shards", type=int, default=1)
     ap.add_argument("--out", help="also write the results as JSON here")
@@ -243,6 +283,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compression", action="store_true",
                     help="instead: every compression method on the shipped demo model (perplexity table)")
     args = ap.parse_args(argv)
+    if args.install_peers:
+        peers_mod.install()
+        return
+    side_by_side = not (args.store or args.merge or args.git or args.remote or args.codec or args.compression)
+    if side_by_side:
+        _peers(args, argv)
+        return
+    args.size_mib = args.size_mib or 1024
     if args.compression:
         from . import compression
 

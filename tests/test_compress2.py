@@ -112,7 +112,7 @@ def test_quantize_bad_bit_widths(demo):
     for args, needle in ((["--method", "rtn-int4", "--bits", "model.*=3"], "GLOB=4 or GLOB=8"),
                          (["--method", "nf4", "--group-size", "64"], "--group-size applies to rtn"),
                          (["--method", "rtn-int8", "--group-size", "3"], "positive even number"),
-                         (["--method", "nf4", "--bits", "model.*=8"], "--bits (per-layer widths) applies"),
+                         (["--method", "nf4", "--bits", "model.*=8"], "apply to rtn-int8/rtn-int4, not nf4"),
                          (["--method", "int8", "--double-quant"], "--double-quant applies to nf4 and fp4")):
         res = mvc("compress", "quantize", *args, cwd=demo, ok=False)
         assert res.exit_code not in (0, 1) and needle in res.output and "Traceback" not in res.output, args

@@ -15,7 +15,7 @@ def test_demo_runs_and_verifies(tmp_path):
 
 def test_bench_smoke(tmp_path):
     out = tmp_path / "r.json"
-    res = subprocess.run([sys.executable, "-m", "bench", "--size-mib", "16", "--out", str(out)],
+    res = subprocess.run([sys.executable, "-m", "bench", "--store", "--size-mib", "16", "--out", str(out)],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
     r = json.loads(out.read_text())
@@ -34,3 +34,18 @@ def test_codec_bench_smoke(tmp_path):
     ours = rows[("bf16", "mvc (planes + tuned zstd)")]
     assert ours["ratio"] < rows[("bf16", "zstd level 1")]["ratio"] - 0.05
     assert "| fp32 | mvc" in res.stdout
+
+
+def test_side_by_side_smoke(tmp_path):
+    """`python -m bench --size-mib 16 --systems mvc`: the peer benchmark's smoke mode."""
+    out = tmp_path / "peers"
+    res = subprocess.run([sys.executable, "-m", "bench", "--size-mib", "16", "--systems", "mvc", "--dataset", "llama",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    data = json.loads((out / "results.json").read_text())
+    (row,) = data["datasets"]["llama"]["rows"]
+    assert row["system"] == "mvc" and row["error"] is None and row["bit_exact"] is True
+    assert len(row["store"]) == 7 and row["store"] == sorted(row["store"])
+    edit = row["store"][5] - row["store"][4]
+    assert edit <= 1.05 * data["datasets"]["llama"]["edited_layer_bytes"]  # one layer changed, one layer stored
+    assert "| mvc |" in (out / "tables.md").read_text()
