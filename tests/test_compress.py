@@ -421,3 +421,26 @@ def test_bisect_run_uses_the_default_evaluation(demo):
     mvc("bisect", "reset", cwd=demo)
     res = mvc("bisect", "run", cwd=demo, ok=False)
     assert res.exit_code != 0
+
+
+def test_old_checkpoint_buffers_are_kept(tmp_path):
+    """Checkpoints saved by older transformers hold BERT's `position_ids` buffer (all-MiniLM-L6-v2
+    does): loading ignores it as transformers does, and the compressed file keeps it unchanged."""
+    import transformers as T
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = T.BertModel(T.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64))
+    work = tmp_path / "bert"
+    work.mkdir()
+    model.save_pretrained(str(work), safe_serialization=True)
+    state = load_file(str(work / "model.safetensors"))
+    state["embeddings.position_ids"] = torch.arange(512).unsqueeze(0)
+    save_file(state, str(work / "model.safetensors"), metadata={"format": "pt"})
+    mvc("init", work)
+    mvc("commit", "-m", "old bert", cwd=work)
+    mvc("compress", "prune", "--sparsity", "0.5", "--cmd", "true", "--max-drop", "off", cwd=work)
+    after = load_file(str(work / "model.safetensors"))
+    assert torch.equal(after["embeddings.position_ids"], state["embeddings.position_ids"])
+    assert float((after["encoder.layer.0.intermediate.dense.weight"] == 0).float().mean()) == 0.5

@@ -191,6 +191,12 @@ class Model:
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         tied = set(getattr(self.model, "_tied_weights_keys", None) or [])
         missing = [m for m in missing if m not in tied and not m.endswith("lm_head.weight")]
+        # what transformers itself ignores when loading: non-persistent buffers that old checkpoints
+        # saved (BERT's `position_ids`) and its own ignore patterns; such tensors are written back as
+        # they were
+        ignored = getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or []
+        buffers = {n for n, _ in self.model.named_buffers()}
+        unexpected = [u for u in unexpected if u not in buffers and not any(re.search(p, u) for p in ignored)]
         if missing or unexpected:
             bad = (missing or unexpected)[0]
             raise MvcError(f"the weights do not fit {cls.__name__}: "
