@@ -233,13 +233,21 @@ def _peers(args, argv) -> None:
     t = time.perf_counter()
     try:
         res = peers_mod.run_all(size, systems, args.dataset, workdir, args.budget_s)
+        if "zipnn" in systems and "mvc" in systems:  # the codec targets, on the same machine in the same run
+            from . import codec as codec_bench
+
+            res["codec"] = codec_bench.run(min(size, 256))
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     res["machine"] = machine()
     res["seconds"] = time.perf_counter() - t
-    text = (f"$ python -m bench {' '.join(argv if argv is not None else sys.argv[1:])}\n\n"
-            + peers_mod.report(res) + f"machine: {res['machine']}; whole run {res['seconds']:.0f} s\n")
+    text = f"$ python -m bench {' '.join(argv if argv is not None else sys.argv[1:])}\n\n" + peers_mod.report(res)
+    if res.get("codec"):
+        from . import codec as codec_bench
+
+        text += "\n### chunk codec on the same machine (2 threads)\n\n" + codec_bench.report(res["codec"]) + "\n\n"
+    text += f"machine: {res['machine']}; whole run {res['seconds']:.0f} s\n"
     print(text)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
