@@ -225,24 +225,38 @@ class Repo:
         with self.lock():
             head = self.refs.head_commit()
             parent_tree = self.head_tree()
-            prefixes = self._prefixes(paths)
-            files = self.worktree.scan(prefixes)
-            entries = {e.path: (e.mode, e.oid) for e in parent_tree.entries}
-            if prefixes:
-                for p in prefixes:
-                    if not any(_under(x, [p]) for x in (*files, *entries)):
-                        raise UsageError(f"pathspec {p!r} did not match any file")
-                entries = {k: v for k, v in entries.items() if not _under(k, prefixes)}
-            else:
-                entries = {}
-            with _ingestor(self, True, progress) as ing:
-                entries.update(self._file_ids(files, ing, need_stored=True, progress=progress))
-            tree = Tree.build(entries)
+            tree = self._snapshot(parent_tree, paths, progress)
             if head and not allow_empty and tree == parent_tree:  # same entries: no need to hash it twice
                 raise NothingToCommitError("nothing to commit, working tree clean")
             parents = ((head,) if head else ()) + tuple(parents_extra)
             return self._record(tree, parents, message, author, op, when,
                                 f"commit{' (initial)' if not head else ''}")
+
+    def _snapshot(self, parent_tree: Tree, paths: list[str] | None, progress: Progress) -> Tree:
+        """The work tree (or *paths* of it, the rest from *parent_tree*) as a tree; its files are stored."""
+        prefixes = self._prefixes(paths)
+        files = self.worktree.scan(prefixes)
+        entries = {e.path: (e.mode, e.oid) for e in parent_tree.entries}
+        if prefixes:
+            for p in prefixes:
+                if not any(_under(x, [p]) for x in (*files, *entries)):
+                    raise UsageError(f"pathspec {p!r} did not match any file")
+            entries = {k: v for k, v in entries.items() if not _under(k, prefixes)}
+        else:
+            entries = {}
+        with _ingestor(self, True, progress) as ing:
+            entries.update(self._file_ids(files, ing, need_stored=True, progress=progress))
+        return Tree.build(entries)
+
+    def snapshot(self, message: str = "work tree", progress: Progress = NULL) -> str:
+        """A commit of the work tree on top of HEAD that no ref names (as `git stash create`):
+        for reading the work tree as a revision (evaluation). Nothing moves; gc may drop it."""
+        with self.lock():
+            head = self.refs.head_commit()
+            tree = self._snapshot(self.head_tree(), None, progress)
+            if head and tree == self.head_tree():
+                return head
+            return self.write_commit(tree, (head,) if head else (), message)
 
     def write_commit(self, tree: Tree, parents: tuple[str, ...], message: str, author: str | None = None,
                      op: dict | None = None, when: int | None = None) -> str:

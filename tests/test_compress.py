@@ -444,3 +444,23 @@ def test_old_checkpoint_buffers_are_kept(tmp_path):
     after = load_file(str(work / "model.safetensors"))
     assert torch.equal(after["embeddings.position_ids"], state["embeddings.position_ids"])
     assert float((after["encoder.layer.0.intermediate.dense.weight"] == 0).float().mean()) == 0.5
+
+
+def test_eval_of_the_work_tree(demo):
+    from safetensors.torch import load_file, save_file
+
+    head_ppl = json.loads(mvc("eval", "--json", cwd=demo).output)["ppl"]
+    clean = json.loads(mvc("eval", "--work-tree", "--json", cwd=demo).output)
+    assert clean["ppl"] == head_ppl and clean["cached"] is True  # an unchanged work tree is HEAD's tree
+    t = load_file(str(demo / "model.safetensors"))
+    t["model.layers.0.mlp.up_proj.weight"][:] = 0
+    save_file(t, str(demo / "model.safetensors"), metadata={"format": "pt"})
+    repo = _open(demo)
+    refs = dict(repo.backend.list_refs(""))
+    repo.close()
+    dirty = json.loads(mvc("eval", "--work-tree", "--json", cwd=demo).output)
+    assert dirty["ppl"] > head_ppl * 1.5 and dirty["rev"] != clean["rev"]
+    repo = _open(demo)
+    assert dict(repo.backend.list_refs("")) == refs  # nothing moved; the snapshot is unreferenced
+    assert repo.commit_obj(dirty["rev"]).parents == (repo.refs.head_commit(),)
+    assert "model.safetensors" in mvc("status", "--short", cwd=demo).output

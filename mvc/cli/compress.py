@@ -96,7 +96,8 @@ def _render_outcome(c, out, spec, as_json: bool) -> None:
             total = sum(t for _, t in w.counts.values())
             state = "landed" if w.accepted else click.style(f"rejected: {w.reason}", fg="red")
             wave = f"wave {i}/{n}  " if n > 1 else ""
-            click.echo(f"{wave}strength {w.strength:.1%}  {changed}/{total} elements  "
+            strength = f"sparsity {w.strength:.1%}  " if out.op == "prune" else ""
+            click.echo(f"{wave}{strength}{changed}/{total} elements  "
                        f"{_metric_text(spec, w.metrics)} ({w.drop:+.1%})  "
                        + click.style(w.commit[:12], fg="yellow") + f"  {state}")
         if out.attempt:
@@ -112,18 +113,23 @@ def _render_outcome(c, out, spec, as_json: bool) -> None:
 @click.command("eval")
 @click.argument("rev", default="HEAD")
 @_eval_options
+@click.option("--work-tree", is_flag=True, help="Evaluate the work tree as it is (uncommitted changes too).")
 @click.option("--no-cache", is_flag=True, help="Evaluate again even if a result is cached.")
 @click.option("--set-default", is_flag=True, help="Make this evaluation the repository's default.")
 @click.option("--value", "value_only", is_flag=True,
               help="Print only the number (for scripts and `mvc bisect run --metric`).")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
-def eval_cmd(c, rev, ppl, cmd, tokens, seq_len, model_dir, no_cache, set_default, value_only, as_json):
+def eval_cmd(c, rev, ppl, cmd, tokens, seq_len, model_dir, work_tree, no_cache, set_default, value_only, as_json):
     """Evaluate REV: perplexity on a text, or a command (cached per tree and evaluation)."""
     from ..compress.evaluate import evaluate, spec_config
 
     repo = c.repo()
     spec = _spec(c, repo, ppl, cmd, tokens, seq_len)
+    if work_tree:
+        if rev != "HEAD":
+            raise UsageError("pass REV or --work-tree, not both")
+        rev = repo.snapshot(progress=c.progress())
     if set_default:
         repo.update_config(lambda cfg: cfg.update(eval=spec_config(spec, repo.root)))
     res = evaluate(repo, rev, spec, model_dir=model_dir, use_cache=not no_cache)

@@ -55,6 +55,7 @@ class Outcome:
     head: str  # where the branch is after the step (== base when nothing landed)
     before: dict
     planned: int = 1
+    op: str = ""
     waves: list[Wave] = field(default_factory=list)
     attempt: str | None = None  # the side ref of a rejected wave
 
@@ -112,7 +113,7 @@ def run(repo, *, op: str, method: str, params: dict, strengths: list[float], app
         model = Model(repo, src)
         base_tree = repo.commit_obj(base).tree
         before = _clean_metrics(evaluate_tree(repo, base_tree, spec, base, model=model))
-        out = Outcome(base, base, before, len(strengths))
+        out = Outcome(base, base, before, len(strengths), op)
         values = [_value(spec, before)]
         parent, parent_metrics, config = base, before, None
         for k, strength in enumerate(strengths, 1):

@@ -186,5 +186,5 @@ def apply(repo, model, linears, method: str, sparsity_of, pattern: Pattern | Non
             model.round_to_stored(li)
             counts[li.name] = (int(mask.sum()), w.numel())
             if progress is not None:
-                progress.advance(tensors=1)
+                progress.advance(nbytes=w.numel() * 4, tensors=1)  # float32 in memory
     return counts

@@ -98,7 +98,7 @@ def prune(repo, method: str, sparsity: float, spec, pattern: str | None = None, 
 
     def apply(model: Model, strength: float):
         lin = model.linears(scope, embeddings)
-        progress.start(f"pruning ({method})", 0)
+        progress.start(f"pruning ({method})", sum(li.weight().numel() * 4 for li in lin), len(lin))
         counts = prune_mod.apply(repo, model, lin, method, _sparsity_of(strength, overrides, strength / target
                                                                        if target else 0.0)
                                  if overrides else _sparsity_of(strength, []),
