@@ -143,19 +143,24 @@ class Mvc(System):
         return f"{_bin('mvc')} -q checkout -f {rev}"
 
 
-class GitLfs(System):
-    name = "git-lfs"
-    store_dir = ".git"
+class GitFilter(System):
+    """Plain git, with a clean/smudge filter that the subclass installs."""
 
-    def setup(self):
-        run("git init -q . && git lfs install --local >/dev/null && git lfs track '*.safetensors' >/dev/null && "
-            "git add .gitattributes && git commit -qm attrs", self.work, self.env)
+    store_dir = ".git"
 
     def commit_cmd(self, i):
         return f"git add model.safetensors && git commit -qm v{i}"
 
     def checkout_cmd(self, rev):
         return f"git checkout -q -f {rev}"
+
+
+class GitLfs(GitFilter):
+    name = "git-lfs"
+
+    def setup(self):
+        run("git init -q . && git lfs install --local >/dev/null && git lfs track '*.safetensors' >/dev/null && "
+            "git add .gitattributes && git commit -qm attrs", self.work, self.env)
 
 
 class Dvc(System):
@@ -176,20 +181,13 @@ class Dvc(System):
         return disk_bytes(os.path.join(self.work, ".dvc", "cache")) + disk_bytes(os.path.join(self.work, ".git"))
 
 
-class GitTheta(System):
+class GitTheta(GitFilter):
     name = "git-theta"
-    store_dir = ".git"
 
     def setup(self):
         run(f"git init -q . && {_bin('git-theta')} install >/dev/null && "
             f"{_bin('git-theta')} track model.safetensors >/dev/null && git add .gitattributes && "
             "git commit -qm attrs", self.work, self.env)
-
-    def commit_cmd(self, i):
-        return f"git add model.safetensors && git commit -qm v{i}"
-
-    def checkout_cmd(self, rev):
-        return f"git checkout -q -f {rev}"
 
 
 class FileCodec(System):
