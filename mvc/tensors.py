@@ -58,7 +58,7 @@ def load_tree(repo, tree: Tree, path: str | None, names: list[str] | None = None
                 if dequantize:
                     from .formats.quantized import dequantize_state
 
-                    items = dequantize_state(dict(items), _metadata(mat, f)).items()
+                    items = dequantize_state(dict(items), safetensors_metadata(mat, f)).items()
             elif e.path.endswith(torchfile.SUFFIXES):
                 items = _torch_file(mat.read_bytes(e.oid), e.path).items()
             else:
@@ -76,7 +76,7 @@ def load_tree(repo, tree: Tree, path: str | None, names: list[str] | None = None
     return out
 
 
-def _metadata(mat: Materializer, f) -> dict | None:
+def safetensors_metadata(mat: Materializer, f) -> dict | None:
     """A stored safetensors file's ``__metadata__``, from its header chunks."""
     import json
 

@@ -138,12 +138,17 @@ def test_invalid_safetensors_refused_by_clean(gitrepo):
     assert res.returncode != 0 and "truncated" in res.stderr
 
 
-def test_clone_of_local_repository_fetches_from_origin_store(gitrepo, rng, tmp_path):
+def commit_model(gitrepo, rng, side: int, count: int) -> str:
+    """Commit a bf16 model.safetensors of *count* (side × side) tensors; its SHA-256."""
     model = gitrepo / "model.safetensors"
-    write_safetensors(model, {f"w{i}": ("BF16", (128, 128), bf16(rng, (128, 128))) for i in range(3)})
-    want = sha256(model)
+    write_safetensors(model, {f"w{i}": ("BF16", (side, side), bf16(rng, (side, side))) for i in range(count)})
     git(gitrepo, "add", ".")
     git(gitrepo, "commit", "-q", "-m", "one")
+    return sha256(model)
+
+
+def test_clone_of_local_repository_fetches_from_origin_store(gitrepo, rng, tmp_path):
+    want = commit_model(gitrepo, rng, 128, 3)
     clone = tmp_path / "clone"
     git(tmp_path, "clone", "-q", "--no-checkout", str(gitrepo), str(clone))
     mvc(clone, "git", "install")
@@ -265,11 +270,7 @@ def test_streamed_clean_validates_sizes(gitrepo, rng, damage):
 
 
 def test_plain_clone_then_install_gives_bit_exact_files(gitrepo, rng, tmp_path):
-    model = gitrepo / "model.safetensors"
-    write_safetensors(model, {f"w{i}": ("BF16", (96, 96), bf16(rng, (96, 96))) for i in range(2)})
-    want = sha256(model)
-    git(gitrepo, "add", ".")
-    git(gitrepo, "commit", "-q", "-m", "one")
+    want = commit_model(gitrepo, rng, 96, 2)
     clone = tmp_path / "plain"
     git(tmp_path, "clone", "-q", str(gitrepo), str(clone))
     assert parse((clone / "model.safetensors").read_bytes()) is not None  # no filter yet: a pointer

@@ -84,12 +84,18 @@ def run(cwd, *args, env=None):
     return res
 
 
-def test_push_clone_bit_exact(s3_server, bucket, env, tmp_path, rng):
+def pushed_repo(tmp_path, rng, url, s3_server, env):
+    """A repository at tmp_path/a with one commit, pushed to *url* through the CLI."""
     a = tmp_path / "a"
     make_repo(a, rng)
-    url = f"s3://{bucket}/models/x"
     run(a, "remote", "add", "origin", url, "--endpoint-url", s3_server, env=env)
     run(a, "push", env=env)
+    return a
+
+
+def test_push_clone_bit_exact(s3_server, bucket, env, tmp_path, rng):
+    url = f"s3://{bucket}/models/x"
+    a = pushed_repo(tmp_path, rng, url, s3_server, env)
     run(tmp_path, "clone", url, "b", "--endpoint-url", s3_server, env=env)
     assert tree_hashes(tmp_path / "b") == tree_hashes(a)
     logs = [json.loads(run(d, "log", "--json", env=env).stdout) for d in (a, tmp_path / "b")]
@@ -144,11 +150,8 @@ def test_concurrent_diverging_pushes_exactly_one_wins(s3_server, bucket, env, tm
 def test_corrupt_object_on_remote_refused(s3_server, bucket, env, tmp_path, rng):
     import boto3
 
-    a = tmp_path / "a"
-    make_repo(a, rng)
     url = f"s3://{bucket}/k"
-    run(a, "remote", "add", "origin", url, "--endpoint-url", s3_server, env=env)
-    run(a, "push", env=env)
+    pushed_repo(tmp_path, rng, url, s3_server, env)
     s3 = boto3.client("s3", endpoint_url=s3_server)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"] if o["Key"].endswith(".pack")]
     big = max(keys, key=lambda k: s3.head_object(Bucket=bucket, Key=k)["ContentLength"])

@@ -8,23 +8,10 @@ import sys
 
 import click
 
+from ..compress.ops import parse_pct
 from ..errors import UsageError
 from . import render
 from .context import default_author, pass_ctx
-
-
-def parse_pct(text: str) -> float:
-    """'3%', '3' (percent) or '0.5%' -> a fraction; 'off' -> infinity."""
-    t = text.strip().lower()
-    if t in ("off", "none", "inf"):
-        return float("inf")
-    try:
-        v = float(t.rstrip("%"))
-    except ValueError:
-        raise UsageError(f"--max-drop {text!r} is not a percentage", hint="for example 3% (or off)") from None
-    if v < 0:
-        raise UsageError("--max-drop must not be negative")
-    return v / 100
 
 
 def _options(*opts):
@@ -279,16 +266,6 @@ COMMANDS = (eval_cmd, compress_group)
 
 
 
-def _parse_bits(items) -> dict | None:
-    out = {}
-    for item in items or ():
-        glob, sep, value = item.rpartition("=")
-        if not sep or not glob or value not in ("4", "8"):
-            raise UsageError(f"--bits {item!r} is not GLOB=4 or GLOB=8", hint="for example 'model.layers.0.*=8'")
-        out[glob] = int(value)
-    return out or None
-
-
 @compress_group.command("quantize")
 @click.option("--method", type=click.Choice(["nf4", "fp4", "int8", "rtn-int8", "rtn-int4", "fp16", "bf16"]),
               required=True, help="bitsandbytes nf4/fp4/int8, mvc's round-to-nearest, or a cast.")
@@ -310,7 +287,8 @@ def quantize_cmd(c, method, group_size, double_quant, scope, skip, bits, budget_
     repo = c.repo()
     spec = _spec(c, repo, ppl, cmd, tokens, seq_len)
     out = steps.quantize(repo, spec, method, group_size=group_size, double_quant=double_quant,
-                         scope=list(scope) or None, skip=tuple(skip), bits=_parse_bits(bits),
+                         scope=list(scope) or None, skip=tuple(skip),
+                         bits=dict(steps.parse_assignments(bits, "--bits", int, "model.layers.0.*=8")) or None,
                          budget_bits=budget_bits,
                          max_drop=parse_pct(max_drop), seed=seed, model_dir=model_dir, message=message,
                          author=default_author(), progress=c.progress())

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import UsageError
-from .evaluate import read_text, tokenizer_for
+from .evaluate import read_text, text_windows
 
 DEFAULT_CALIB_TOKENS = 2048
 DEFAULT_CALIB_SEQ = 128
@@ -35,14 +35,7 @@ def make_calib(repo, path: str | None, tokens: int | None = None) -> Calib:
 
 
 def windows(repo, model, calib: Calib):
-    import torch
-
-    tok = tokenizer_for(repo, model.src)
-    ids = tok.encode(read_text(calib.text)).ids[:calib.tokens]
-    n = len(ids) // calib.seq_len
-    if n == 0:
-        raise UsageError(f"{calib.text} has {len(ids)} tokens, fewer than one window of {calib.seq_len}")
-    return torch.tensor(ids[:n * calib.seq_len], dtype=torch.long).view(n, calib.seq_len)
+    return text_windows(repo, model.src, calib.text, calib.tokens, calib.seq_len)
 
 
 class InputStats:
@@ -100,7 +93,7 @@ def collect_grads(model, linears, batches, batch: int = 4) -> tuple[dict, dict]:
             loss.backward()
             for li in linears:
                 g = li.module.weight.grad
-                g = g.t() if type(li.module).__name__ == "Conv1D" else g
+                g = g.t() if li.conv1d else g
                 grad_sum[li.name] += g
                 grad_sq[li.name] += g * g
     finally:

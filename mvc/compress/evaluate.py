@@ -111,33 +111,53 @@ def remember(repo, tree_id: str, spec: EvalSpec, result: dict) -> None:
     repo.backend.kv_put_many({_cache_key(tree_id, spec): json.dumps(result, sort_keys=True).encode()})
 
 
-def tokenizer_for(repo, src):
-    """The tokenizer of the model in *src* (its tokenizer.json, parsed by the tokenizers library)."""
-    from tokenizers import Tokenizer
-
+def _tokenizer_entry(src):
     entry = src.tree.as_dict().get(src.prefix + "tokenizer.json")
     if entry is None:
         raise UsageError(f"no {src.prefix}tokenizer.json beside the model: perplexity needs the tokenizer",
                          hint="commit the model's tokenizer.json, or evaluate with --cmd")
-    with Materializer(repo.odb, workers=1) as mat:
-        raw = mat.read_bytes(entry.oid)
+    return entry
+
+
+def tokenizer_for(repo, src):
+    """The tokenizer of the model in *src* (its tokenizer.json, parsed by the tokenizers library)."""
+    from tokenizers import Tokenizer
+
+    from .model import read_file
+
+    raw = read_file(repo, _tokenizer_entry(src).oid)
     try:
         return Tokenizer.from_str(raw.decode("utf-8"))
     except Exception as e:  # the tokenizers library raises its own Exception subclasses
         raise MvcError(f"{src.prefix}tokenizer.json cannot be parsed: {e}") from e
 
 
-def token_windows(tokenizer, spec: EvalSpec, max_len: int | None):
-    """The evaluation text's first spec.tokens tokens as (windows, seq_len) of token ids."""
+_WINDOWS: dict = {}  # (tokenizer id, text file state, tokens, seq_len) -> token windows; waves reuse them
+
+
+def text_windows(repo, src, path: str, tokens: int, seq_len: int):
+    """The first *tokens* tokens of the text at *path* (tokenized by the model's own tokenizer) as
+    (windows, seq_len) token ids; seq_len is capped at the model's context length."""
     import torch
 
-    ids = tokenizer.encode(read_text(spec.text)).ids[:spec.tokens]
-    seq = min(spec.seq_len, max_len or spec.seq_len)
+    max_len = src.config.get("max_position_embeddings") or src.config.get("n_positions")
+    seq = min(seq_len, max_len or seq_len)
+    try:
+        st = os.stat(path)
+    except OSError:
+        st = None
+    key = (_tokenizer_entry(src).oid, path, st and (st.st_mtime_ns, st.st_size), tokens, seq)
+    if key in _WINDOWS:
+        return _WINDOWS[key]
+    ids = tokenizer_for(repo, src).encode(read_text(path)).ids[:tokens]
     n = len(ids) // seq
     if n == 0:
-        raise UsageError(f"{spec.text} has {len(ids)} tokens, fewer than one window of {seq}",
+        raise UsageError(f"{path} has {len(ids)} tokens, fewer than one window of {seq}",
                          hint="use a longer text or a smaller --seq-len")
-    return torch.tensor(ids[:n * seq], dtype=torch.long).view(n, seq)
+    if len(_WINDOWS) >= 8:
+        _WINDOWS.clear()
+    _WINDOWS[key] = torch.tensor(ids[:n * seq], dtype=torch.long).view(n, seq)
+    return _WINDOWS[key]
 
 
 def perplexity(model, windows, batch: int = 8) -> float:
@@ -208,9 +228,8 @@ def evaluate_tree(repo, tree_id: str, spec: EvalSpec, commit: str | None, model=
         if not src.arch.causal:
             raise UsageError(f"perplexity needs a causal language model; {src.arch.model_type} is an encoder",
                              hint="evaluate it with --cmd CMD")
-        tok = tokenizer_for(repo, src)
+        windows = text_windows(repo, src, spec.text, spec.tokens, spec.seq_len)
         m = model if model is not None else Model(repo, src)
-        windows = token_windows(tok, spec, src.config.get("max_position_embeddings") or src.config.get("n_positions"))
         result = {"ppl": perplexity(m.model, windows), "tokens": int(windows.numel())}
     remember(repo, tree_id, spec, result)
     return dict(result, cached=False)

@@ -33,12 +33,14 @@ def low_rank_module(in_f: int, out_f: int, rank: int, bias: bool):
 
 def install(model_module, ranks: dict) -> None:
     """Replace each named Linear of *model_module* by a LowRankLinear of the recorded rank."""
+    from .model import is_conv1d
+
     for name, rank in ranks.items():
         parent_name, _, child = name.rpartition(".")
         parent = model_module.get_submodule(parent_name) if parent_name else model_module
         old = getattr(parent, child)
         w = old.weight
-        out_f, in_f = (w.shape[1], w.shape[0]) if type(old).__name__ == "Conv1D" else tuple(w.shape)
+        out_f, in_f = (w.shape[1], w.shape[0]) if is_conv1d(old) else tuple(w.shape)
         new = low_rank_module(in_f, out_f, int(rank), getattr(old, "bias", None) is not None)
         setattr(parent, child, new.to(w.dtype))
 

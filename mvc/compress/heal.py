@@ -18,28 +18,23 @@ from ..errors import UsageError
 from .calib import collect_inputs
 
 
-def damage(repo, model, linears, reference: dict, batches) -> dict:
+def damage(model, linears, reference: dict, batches) -> dict:
     """{tensor name: damage} for *linears* against the reference tensors."""
     stats = collect_inputs(model, linears, batches, gram=True)
     out = {}
     for li in linears:
         ref = reference.get(li.name)
         w = li.weight()
-        if ref is None or tuple(ref.shape) != tuple(w.shape if not _conv1d(li) else w.t().shape):
+        ref = None if ref is None else (ref.t() if li.conv1d else ref).float()  # as (out, in)
+        if ref is None or ref.shape != w.shape:
             out[li.name] = 1.0
             continue
-        ref = ref.float()
-        ref = ref.t() if _conv1d(li) else ref
         g = stats[li.name].gram
         d = w - ref
         num = float(((d @ g) * d).sum())
         den = float(((ref @ g) * ref).sum()) or 1.0
         out[li.name] = math.sqrt(max(num, 0.0) / den)
     return out
-
-
-def _conv1d(li) -> bool:
-    return type(li.module).__name__ == "Conv1D"
 
 
 def choose_targets(dmg: dict, targets: int | None) -> list[str]:

@@ -56,10 +56,15 @@ class Linear:
     layer: int
     module: object = field(repr=False, default=None)
 
+    @property
+    def conv1d(self) -> bool:
+        """GPT-2's Conv1D stores its weight transposed, (in, out)."""
+        return is_conv1d(self.module)
+
     def weight(self):
-        """The weight as (out, in), a view into the module (GPT-2's Conv1D is stored transposed)."""
+        """The weight as (out, in), a view into the module."""
         w = self.module.weight.data
-        return w.t() if type(self.module).__name__ == "Conv1D" else w
+        return w.t() if self.conv1d else w
 
 
 @dataclass
@@ -80,7 +85,12 @@ class Source:
         return dict(self.files[self.where[name]])[name]
 
 
-def _read(repo, oid: str) -> bytes:
+def is_conv1d(module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+def read_file(repo, oid: str) -> bytes:
+    """The bytes of a stored (small) file, verified."""
     with Materializer(repo.odb, workers=1) as mat:
         return mat.read_bytes(oid)
 
@@ -97,7 +107,7 @@ def open_source(repo, rev: str = "HEAD", model_dir: str = "", allow_quantized: b
         raise UsageError(f"no {prefix}config.json in {rev}",
                          hint="compression needs a transformers model directory; pass --model DIR")
     try:
-        config = json.loads(_read(repo, cfg_entry.oid))
+        config = json.loads(read_file(repo, cfg_entry.oid))
     except ValueError as e:
         raise MvcError(f"{prefix}config.json in {rev} is not valid JSON ({e})") from e
     mtype = config.get("model_type") if isinstance(config, dict) else None
@@ -267,64 +277,56 @@ def _config_errors() -> tuple:
 
 def file_metadata(repo, file_oid: str) -> dict | None:
     """The ``__metadata__`` of a stored safetensors file (read from its header chunks only)."""
-    from ..tensors import _metadata
+    from ..tensors import safetensors_metadata
 
     with Materializer(repo.odb, workers=1) as mat:
-        return _metadata(mat, repo.odb.get(file_oid, "file"))
+        return safetensors_metadata(mat, repo.odb.get(file_oid, "file"))
 
 
-def build_tree(repo, src: Source, tensors: dict, originals: dict, config: dict | None = None,
+def with_files(repo, tree: Tree, files: dict, drop=()) -> Tree:
+    """*tree* without the paths in *drop*, plus {tree path: local file} ingested into the store
+    (a replaced entry keeps its mode)."""
+    from ..pipeline import Ingestor
+    from ..store.objects import MODE_FILE, check_path
+
+    entries = {p: (e.mode, e.oid) for p, e in tree.as_dict().items() if p not in drop}
+    with Ingestor(repo.odb, store=True, workers=repo.workers) as ing:
+        for path, local in sorted(files.items()):
+            mode = entries.get(path, (MODE_FILE, None))[0]
+            entries[check_path(path)] = (mode, ing.ingest(local, path))
+        ing.flush(wait=True)
+    return Tree.build(entries)
+
+
+def build_tree(repo, src: Source, tensors: dict, originals: dict, scratch: str, config: dict | None = None,
                placed: dict | None = None) -> Tree:
-    """A new tree: *src*'s tree with each safetensors file that holds a changed tensor rewritten.
+    """A new tree: *src*'s tree with each safetensors file that holds a changed tensor rewritten
+    (written into the directory *scratch* first).
 
     *tensors* maps every tensor name to its new value; files whose tensors all equal *originals*
-    bit for bit keep their entries. Unchanged tensors dedupe in the store.
+    bit for bit keep their entries. Unchanged tensors dedupe in the store. *placed*: new tensor
+    name -> the stored tensor whose file it goes into.
     """
     from safetensors.torch import save_file
 
-    from ..pipeline import Ingestor
-    from ..worktree import REPO_DIR
-
-    entries = {p: (e.mode, e.oid) for p, e in src.tree.as_dict().items()}
-    tmp_dir = os.path.join(repo.root, REPO_DIR, "tmp")
-    os.makedirs(tmp_dir, exist_ok=True)
-    with Ingestor(repo.odb, store=True, workers=repo.workers) as ing:
-        for path, items in src.files.items():
-            new = {}
-            changed = False
-            for name, _meta in items:
-                t = tensors.get(name)
-                if t is None:  # dropped (replaced by new tensors)
-                    changed = True
-                    continue
-                changed |= not same_tensor(t, originals[name])
-                new[name] = t.contiguous()
-            for name, beside in (placed or {}).items():  # new tensors go to the file of what they replace
-                if beside in dict(items):
-                    new[name] = tensors[name].contiguous()
-                    changed = True
-            if not changed:
-                continue
-            tmp = os.path.join(tmp_dir, f"compress-{os.getpid()}.safetensors")
-            try:
-                save_file(new, tmp, metadata=file_metadata(repo, entries[path][1]))
-                entries[path] = (entries[path][0], ing.ingest(tmp, path))
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        if config is not None:
-            tmp = os.path.join(tmp_dir, f"compress-{os.getpid()}.json")
-            try:
-                with open(tmp, "w", encoding="utf-8") as f:
-                    json.dump(config, f, indent=2, sort_keys=True)
-                    f.write("\n")
-                path = src.prefix + "config.json"
-                entries[path] = (entries[path][0], ing.ingest(tmp, path))
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        ing.flush(wait=True)
-    return Tree.build(entries)
+    entries = src.tree.as_dict()
+    files = {}
+    for n, (path, items) in enumerate(src.files.items()):
+        names = {name for name, _meta in items}
+        new = {name: tensors[name].contiguous() for name in names if name in tensors}
+        new.update({name: tensors[name].contiguous() for name, beside in (placed or {}).items() if beside in names})
+        if new.keys() == names and all(same_tensor(new[k], originals[k]) for k in names):
+            continue
+        local = os.path.join(scratch, f"{n}.safetensors")
+        save_file(new, local, metadata=file_metadata(repo, entries[path].oid))
+        files[path] = local
+    if config is not None:
+        local = os.path.join(scratch, "config.json")
+        with open(local, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+        files[src.prefix + "config.json"] = local
+    return with_files(repo, src.tree, files)
 
 
 def same_tensor(a, b) -> bool:
@@ -339,34 +341,7 @@ def same_tensor(a, b) -> bool:
 def tree_from_dir(repo, src: Source, out_dir: str) -> Tree:
     """*src*'s tree with the model's weight files (and config.json) replaced by the safetensors
     files, index and config.json that a writer (transformers' save_pretrained) left in *out_dir*."""
-    from ..pipeline import Ingestor
-
-    entries = {p: (e.mode, e.oid) for p, e in src.tree.as_dict().items()}
-    mode = entries[next(iter(src.files))][0]
-    for path in src.files:
-        entries.pop(path, None)
-    entries.pop(src.prefix + "model.safetensors.index.json", None)
-    with Ingestor(repo.odb, store=True, workers=repo.workers) as ing:
-        for name in sorted(os.listdir(out_dir)):
-            if name.endswith(".safetensors") or name in ("config.json", "model.safetensors.index.json"):
-                entries[src.prefix + name] = (mode, ing.ingest(os.path.join(out_dir, name), src.prefix + name))
-        ing.flush(wait=True)
-    return Tree.build(entries)
-
-
-def add_files(repo, tree: Tree, files: dict) -> Tree:
-    """*tree* plus (or with replaced) entries {tree path: local file}; the local files are removed."""
-    from ..pipeline import Ingestor
-    from ..store.objects import MODE_FILE, check_path
-
-    entries = {p: (e.mode, e.oid) for p, e in tree.as_dict().items()}
-    try:
-        with Ingestor(repo.odb, store=True, workers=repo.workers) as ing:
-            for path, local in sorted(files.items()):
-                entries[check_path(path)] = (MODE_FILE, ing.ingest(local, path))
-            ing.flush(wait=True)
-    finally:
-        for local in files.values():
-            if os.path.exists(local):
-                os.unlink(local)
-    return Tree.build(entries)
+    files = {src.prefix + name: os.path.join(out_dir, name) for name in os.listdir(out_dir)
+             if name.endswith(".safetensors") or name in ("config.json", "model.safetensors.index.json")}
+    drop = {*src.files, src.prefix + "model.safetensors.index.json"}
+    return with_files(repo, src.tree, files, drop)

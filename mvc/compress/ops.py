@@ -12,8 +12,11 @@ the branch where it was.
 
 from __future__ import annotations
 
+import contextvars
 import math
+import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -21,10 +24,11 @@ from .. import __version__
 from ..errors import DirtyWorkTreeError, UsageError
 from ..progress import NULL, Progress
 from .evaluate import EvalSpec, drop, evaluate_tree
-from .model import Model, add_files, build_tree, open_source, tree_from_dir
-from .recipe import CURRENT as RECIPE
+from .model import Model, build_tree, open_source, tree_from_dir, with_files
 
 ATTEMPTS = "refs/attempts/"
+#: set while a recipe runs ({id, name, step}): run() copies it into every op record
+RECIPE = contextvars.ContextVar("mvc_recipe", default=None)
 
 
 @dataclass
@@ -36,6 +40,15 @@ class Change:
     config: dict | None = None  # a new config.json (shapes changed)
     out_dir: str | None = None  # the step wrote the model's files here itself (quantization)
     add_files: dict = field(default_factory=dict)  # tree path -> local file to add (an adapter)
+
+
+def scratch_dir(repo) -> str:
+    """A fresh directory under .mvc/tmp for the files one wave writes (removed after the wave)."""
+    from ..worktree import REPO_DIR
+
+    base = os.path.join(repo.root, REPO_DIR, "tmp")
+    os.makedirs(base, exist_ok=True)
+    return tempfile.mkdtemp(dir=base, prefix="wave-")
 
 
 @dataclass
@@ -62,6 +75,21 @@ class Outcome:
     @property
     def landed(self) -> list[Wave]:
         return [w for w in self.waves if w.accepted]
+
+
+def parse_pct(value, option: str = "--max-drop") -> float:
+    """'3%', '3' or 3 (percent) -> 0.03; 'off' (or YAML's false) -> no limit."""
+    if value is False or (isinstance(value, str) and value.strip().lower() in ("off", "none", "inf")):
+        return float("inf")
+    try:
+        v = float(value.strip().rstrip("%") if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        v = None
+    if v is None or value is True:
+        raise UsageError(f"{option} {value!r} is not a percentage", hint="for example 3% (or off)")
+    if v < 0:
+        raise UsageError(f"{option} must not be negative")
+    return v / 100
 
 
 def spike(values: list[float], z_max: float) -> float | None:
@@ -95,8 +123,8 @@ def run(repo, *, op: str, method: str, params: dict, strengths: list[float], app
         max_drop: float, spike_z: float = 3.0, scope: list | None = None, seed: int = 0,
         model_dir: str = "", message: str | None = None, author: str | None = None,
         progress: Progress = NULL) -> Outcome:
-    """Run one compression step. *apply(model, strength)* changes the model in place and returns a
-    Change (with out_dir, the files there replace the model's, and the directory is removed)."""
+    """Run one compression step. *apply(model, strength, scratch)* changes the model in place and
+    returns a Change; files it writes go into the directory *scratch*, removed after the wave."""
     if max_drop < 0:
         raise UsageError("--max-drop must not be negative")
     with repo.lock():
@@ -118,20 +146,21 @@ def run(repo, *, op: str, method: str, params: dict, strengths: list[float], app
         parent, parent_metrics, config = base, before, None
         for k, strength in enumerate(strengths, 1):
             t0 = time.time()
-            ch = apply(model, strength)
-            extra, counts = ch.extra, ch.counts
-            if ch.out_dir is not None:  # the step wrote the model's files itself (quantization)
-                try:
+            scratch = scratch_dir(repo)
+            try:
+                ch = apply(model, strength, scratch)
+                if ch.out_dir is not None:  # the step wrote the model's files itself (quantization)
                     tree = tree_from_dir(repo, src, ch.out_dir)
-                finally:
-                    shutil.rmtree(ch.out_dir, ignore_errors=True)
-            else:
-                if ch.config is not None:
-                    config = ch.config
-                    model.rebuild(config)
-                tree = build_tree(repo, src, model.state(), model.originals, config, model.added)
-            if ch.add_files:
-                tree = add_files(repo, tree, ch.add_files)
+                else:
+                    if ch.config is not None:
+                        config = ch.config
+                        model.rebuild(config)
+                    tree = build_tree(repo, src, model.state(), model.originals, scratch, config, model.added)
+                if ch.add_files:
+                    tree = with_files(repo, tree, ch.add_files)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+            extra, counts = ch.extra, ch.counts
             tree_oid = repo.odb.encode_meta(tree)
             after = _clean_metrics(evaluate_tree(repo, tree_oid[0].hex(), spec, None, model=model, tree=tree))
             values.append(_value(spec, after))

@@ -18,26 +18,14 @@ the repository root. Every error names the recipe line it comes from.
 
 from __future__ import annotations
 
-import contextvars
 import json
 import os
 from dataclasses import dataclass, field
 
 from ..errors import UsageError
 from ..store.ids import hash_object
-
-
-def _pct(v) -> float:
-    if isinstance(v, bool):  # YAML 1.1 reads a bare `off` as false
-        if v:
-            raise ValueError("a percentage, or off")
-        return float("inf")
-    if isinstance(v, str):
-        t = v.strip().lower()
-        if t == "off":
-            return float("inf")
-        return float(t.rstrip("%")) / 100
-    return float(v) / 100
+from .ops import RECIPE as CURRENT
+from .ops import parse_pct
 
 
 def _frac(v) -> float:
@@ -48,7 +36,7 @@ def _globs(v) -> list:
     return [v] if isinstance(v, str) else [str(x) for x in v]
 
 
-_COMMON = {"max_drop": _pct, "message": str, "seed": int}
+_COMMON = {"max_drop": parse_pct, "message": str, "seed": int}
 KINDS = {
     "score": {"method": str, "output": str, "calib": str, "scope": _globs},
     "shed": {"neurons": _frac, "heads": _frac, "score": str, "min_keep": int, "waves": int, "spike_z": float,
@@ -65,8 +53,6 @@ KINDS = {
 TOP = {"name", "description", "eval", "max_drop", "steps"}
 EVAL_KEYS = {"ppl", "cmd", "tokens", "seq_len"}
 
-#: set while a recipe runs: ops.run copies it into every op record
-CURRENT = contextvars.ContextVar("mvc_recipe", default=None)
 
 
 @dataclass
@@ -154,27 +140,30 @@ def load(path: str) -> Recipe:
                            hint=f"known: {', '.join(sorted(KINDS[kind])) or 'none'}")
             try:
                 typed[key] = conv(value) if conv is not dict else dict(value)
-            except (TypeError, ValueError) as e:
+            except (TypeError, ValueError, UsageError) as e:
                 raise _err(path, plines.get(key, line), f"{kind}.{key}: {value!r} is not valid ({e})") from e
         steps.append(Step(kind, typed, line))
     canonical = json.dumps({"steps": [[s.kind, s.params] for s in steps], "eval": ev},
                            sort_keys=True, default=str).encode()
     rid = hash_object("chunk", canonical).hex()[:16]
-    md = _pct(data["max_drop"]) if "max_drop" in data else None
+    md = parse_pct(data["max_drop"], "max_drop") if "max_drop" in data else None
     return Recipe(path, str(data.get("name") or os.path.splitext(os.path.basename(path))[0]), rid, steps, ev, md)
 
 
-def done_steps(repo, recipe: Recipe) -> dict[int, list[str]]:
-    """{step index: [commit ids]} of this recipe's steps already in HEAD's first-parent history."""
+def done_steps(repo, recipe: Recipe) -> tuple[dict[int, list[str]], str | None]:
+    """({step index: [commit ids]} of this recipe's steps in HEAD's first-parent history, the
+    commit the recipe started from (the parent of its oldest commit; None if it has none))."""
     out: dict[int, list[str]] = {}
-    oid = repo.refs.head_commit()
+    oid, start = repo.refs.head_commit(), None
     while oid:
         c = repo.commit_obj(oid)
+        parent = c.parents[0] if c.parents else None
         tag = (c.op or {}).get("recipe") or {}
         if tag.get("id") == recipe.id:
             out.setdefault(int(tag["step"]), []).append(oid)
-        oid = c.parents[0] if c.parents else None
-    return out
+            start = parent
+        oid = parent
+    return out, start
 
 
 @dataclass
@@ -225,11 +214,8 @@ def run(repo, recipe: Recipe, env: dict | None = None, author: str | None = None
                          base_dir=repo.root, env=env)
     except UsageError as e:
         raise UsageError(f"{recipe.path}: eval: {e}", hint=e.hint) from e
-    done = done_steps(repo, recipe)
-    start = repo.refs.head_commit()
-    if done:  # the commit the recipe started from: the parent of its oldest commit
-        first = _oldest(repo, [o for ids in done.values() for o in ids])
-        start = repo.commit_obj(first).parents[0]
+    done, start = done_steps(repo, recipe)
+    start = start or repo.refs.head_commit()
     rows = []
     for i, step in enumerate(recipe.steps):
         def emit(row):
@@ -281,14 +267,3 @@ def run(repo, recipe: Recipe, env: dict | None = None, author: str | None = None
         if out.attempt:
             return rows, False
     return rows, True
-
-
-def _oldest(repo, oids: list[str]) -> str:
-    """The one of *oids* that the others descend from (first-parent order: the last one seen)."""
-    order = []
-    oid = repo.refs.head_commit()
-    while oid:
-        order.append(oid)
-        c = repo.commit_obj(oid)
-        oid = c.parents[0] if c.parents else None
-    return max(oids, key=order.index)

@@ -99,10 +99,10 @@ def summarize(model, scores: dict, kinds=("neuron", "head")) -> dict:
                                "p10": q[0].item() if q is not None else None,
                                "median": q[1].item() if q is not None else None,
                                "p90": q[2].item() if q is not None else None})
-    layers = sorted({li.layer for li in model.linears() if li.layer >= 0})
-    for layer in layers:
+    linears = model.linears()
+    for layer in sorted({li.layer for li in linears if li.layer >= 0}):
         row: dict = {"layer": layer}
-        names = [li.name for li in model.linears() if li.layer == layer and li.name in scores]
+        names = [li.name for li in linears if li.layer == layer and li.name in scores]
         row["mean"] = sum(scores[n].double().mean().item() for n in names) / max(1, len(names))
         for kind in kinds:
             try:

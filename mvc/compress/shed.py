@@ -21,16 +21,11 @@ def check_fraction(what: str, f: float) -> float:
     return f
 
 
-def plan(model, kind: str, fraction: float, min_keep: int = 1) -> tuple[int, int]:
-    """(units per layer now, units to remove per layer) for shedding *fraction* of them."""
-    if kind == "head" and not model.src.arch.heads_sheddable:
-        raise UsageError(f"{model.src.arch.model_type} configs cannot express fewer heads; shed --neurons instead")
-    count = layer_units(model, 0, kind).count
+def removable(count: int, fraction: float, min_keep: int) -> tuple[int, int]:
+    """(units per layer, units to remove per layer) for shedding *fraction* of *count*, keeping
+    at least max(1, min_keep)."""
     remove = math.floor(fraction * count + 1e-9)
-    keep = max(1, min_keep)
-    if count - remove < keep:
-        remove = max(0, count - keep)
-    return count, remove
+    return count, max(0, min(remove, count - max(1, min_keep)))
 
 
 def _slice_param(module, attr: str, axis: int, index) -> None:
@@ -45,8 +40,7 @@ def _slice_param(module, attr: str, axis: int, index) -> None:
 
 def _shrink(li, axis_out: int, index) -> None:
     """Keep *index* along the (out, in) axis *axis_out* of li's weight (and bias, for rows)."""
-    conv1d = type(li.module).__name__ == "Conv1D"
-    axis = (1 - axis_out) if conv1d else axis_out
+    axis = (1 - axis_out) if li.conv1d else axis_out
     _slice_param(li.module, "weight", axis, index)
     if axis_out == 0:
         _slice_param(li.module, "bias", 0, index)

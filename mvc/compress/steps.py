@@ -24,19 +24,25 @@ class PlanRow:
     change: int  # elements pruned, or removed by shedding
 
 
-def parse_layer_sparsity(items: list[str]) -> list[tuple[str, float]]:
-    """--layer-sparsity GLOB=S, repeatable: per-tensor targets (the first match wins)."""
+def parse_assignments(items, option: str, convert, example: str) -> list[tuple[str, object]]:
+    """Repeatable GLOB=VALUE options (the first matching glob wins)."""
     out = []
     for item in items or []:
         glob, sep, value = item.rpartition("=")
         try:
-            s = float(value)
+            v = convert(value)
         except ValueError:
-            s = None
-        if not sep or not glob or s is None:
-            raise UsageError(f"--layer-sparsity {item!r} is not GLOB=S", hint="for example 'model.layers.0.*=0.3'")
-        out.append((glob, prune_mod.check_sparsity(s)))
+            v = None
+        if not sep or not glob or v is None:
+            raise UsageError(f"{option} {item!r} is not GLOB=VALUE", hint=f"for example {example!r}")
+        out.append((glob, v))
     return out
+
+
+def parse_layer_sparsity(items) -> list[tuple[str, float]]:
+    """--layer-sparsity GLOB=S: per-tensor targets."""
+    return [(g, prune_mod.check_sparsity(s))
+            for g, s in parse_assignments(items, "--layer-sparsity", float, "model.layers.0.*=0.3")]
 
 
 def _sparsity_of(default: float, overrides: list[tuple[str, float]], scale: float = 1.0):
@@ -96,7 +102,7 @@ def prune(repo, method: str, sparsity: float, spec, pattern: str | None = None, 
               "layer_sparsity": dict(overrides) or None, "calib": _calib_desc(cal)}
     params = {k: v for k, v in params.items() if v is not None}
 
-    def apply(model: Model, strength: float):
+    def apply(model: Model, strength: float, scratch: str):
         lin = model.linears(scope, embeddings)
         progress.start(f"pruning ({method})", sum(li.weight().numel() * 4 for li in lin), len(lin))
         counts = prune_mod.apply(repo, model, lin, method, _sparsity_of(strength, overrides, strength / target
@@ -130,13 +136,13 @@ def shed_plan(repo, rev: str, neurons: float, heads: float, min_keep: int, model
         up = next(n for n, r, layer in names if r == "up" and layer == 0)
         shape = src.tensor_meta(up).shape
         width = shape[1] if src.arch.conv1d else shape[0]
-        out["neurons"] = _remove(width, neurons, min_keep)
+        out["neurons"] = shed_mod.removable(width, neurons, min_keep)
     if heads:
         shed_mod.check_fraction("heads", heads)
         if not src.arch.heads_sheddable:
             raise UsageError(f"{src.arch.model_type} configs cannot express fewer heads; shed --neurons instead")
         h, kv, _hd = score_mod.head_geometry(src.config)
-        have, remove = _remove(kv, heads, min_keep)
+        have, remove = shed_mod.removable(kv, heads, min_keep)
         hidden = src.config.get("hidden_size")
         group = h // kv
         ok = remove
@@ -150,10 +156,6 @@ def shed_plan(repo, rev: str, neurons: float, heads: float, min_keep: int, model
         out["heads"] = (have, ok)
     return out
 
-
-def _remove(count: int, fraction: float, min_keep: int) -> tuple[int, int]:
-    remove = math.floor(fraction * count + 1e-9)
-    return count, max(0, min(remove, count - max(1, min_keep)))
 
 
 def shed(repo, spec, neurons: float = 0.0, heads: float = 0.0, method: str = "wanda", min_keep: int = 1,
@@ -175,7 +177,7 @@ def shed(repo, spec, neurons: float = 0.0, heads: float = 0.0, method: str = "wa
               "calib": _calib_desc(cal)}
     params = {k: v for k, v in params.items() if v is not None}
 
-    def apply(model: Model, strength: float):
+    def apply(model: Model, strength: float, scratch: str):
         extra, counts = {"removed": {}}, {}
         for kind in ("neuron", "head"):
             want = math.floor(total[kind] * strength + 1e-9)
@@ -194,7 +196,7 @@ def shed(repo, spec, neurons: float = 0.0, heads: float = 0.0, method: str = "wa
                                    before[li.name])
         return ops.Change(counts, extra, dict(model.src.config))
 
-    strengths = [k / waves for k in range(1, waves + 1)] if waves >= 1 else waves_of(1, waves)
+    strengths = waves_of(1.0, waves)
     return ops.run(repo, op="shed", method=method, params=params, strengths=strengths, apply=apply, spec=spec,
                    max_drop=max_drop, spike_z=spike_z, seed=seed, model_dir=model_dir, message=message,
                    author=author, progress=progress)
@@ -221,15 +223,13 @@ def sensitivity_bits(repo, model: Model, lin, spec, group_size: int, budget: flo
     import torch
 
     from ..formats.quantized import rtn_dequantize, rtn_quantize
-    from .evaluate import perplexity, token_windows, tokenizer_for
+    from .evaluate import perplexity, text_windows
 
     if spec.kind != "ppl":
         raise UsageError("--budget-bits needs a perplexity evaluation (--ppl or the default)")
     if not 4 <= budget <= 8:
         raise UsageError(f"--budget-bits {budget:g} is outside [4, 8]")
-    tok = tokenizer_for(repo, model.src)
-    cfg = model.src.config
-    win = token_windows(tok, spec, cfg.get("max_position_embeddings") or cfg.get("n_positions"))
+    win = text_windows(repo, model.src, spec.text, spec.tokens, spec.seq_len)
     base = perplexity(model.model, win)
     rise = {}
     for li in lin:
@@ -259,9 +259,7 @@ def quantize(repo, spec, method: str, group_size: int = 0, double_quant: bool = 
     in full precision; *bits*: {glob: 4|8} per-layer widths for the rtn methods; *budget_bits*:
     choose those widths by a sensitivity scan, within this average width."""
     import os
-    import tempfile
 
-    from ..worktree import REPO_DIR
     from . import quant
 
     quant.check(method, group_size, double_quant)
@@ -269,50 +267,45 @@ def quantize(repo, spec, method: str, group_size: int = 0, double_quant: bool = 
         raise UsageError(f"--bits and --budget-bits (per-layer widths) apply to rtn-int8/rtn-int4, not {method}")
     if bits and budget_bits is not None:
         raise UsageError("pass --bits or --budget-bits, not both")
+    if bad := [f"{g}={b}" for g, b in (bits or {}).items() if b not in (4, 8)]:
+        raise UsageError(f"--bits {bad[0]!r} is not GLOB=4 or GLOB=8 (rtn stores 4 or 8 bits per weight)",
+                         hint="for example 'model.layers.0.*=8'")
     src = open_source(repo, "HEAD", model_dir)
     linear_names(src, scope)  # the scope matches something
     params = {"group_size": group_size or None, "double_quant": double_quant or None,
               "skip": list(skip) or None, "bits": bits or None, "budget_bits": budget_bits}
     params = {k: v for k, v in params.items() if v is not None}
 
-    def apply(model: Model, strength: float):
+    def apply(model: Model, strength: float, scratch: str):
         if method in quant.CASTS:
             return ops.Change(quant.cast(model, method))
         lin = [li for li in model.linears(scope) if not any(fnmatchcase(li.name, g) for g in skip)]
         if not lin:
             raise UsageError("every layer in scope is skipped: nothing to quantize")
         extra: dict = {}
-        scratch = os.path.join(repo.root, REPO_DIR, "tmp")
-        os.makedirs(scratch, exist_ok=True)
-        out_dir = tempfile.mkdtemp(dir=scratch, prefix="quant-")
-        try:
-            if method in quant.BNB:
-                chosen = {li.name for li in lin}
-                keep = sorted(li.name[:-len(".weight")] for li in model.linears() if li.name not in chosen)
-                # an explicit skip list replaces transformers' default one, which keeps the LM head
-                quant.bnb_quantize(model, method, double_quant, keep + ["lm_head"] if keep else [], out_dir)
-                counts = {li.name: (li.weight().numel(), li.weight().numel()) for li in lin}
-            else:
-                width = quant.RTN[method]
-                chosen_bits = bits
-                if budget_bits is not None:
-                    per, rise = sensitivity_bits(repo, model, lin, spec, group_size, budget_bits)
-                    chosen_bits = {n: b for n, b in per.items()}
-                    extra["bits"] = chosen_bits
-                    extra["sensitivity"] = {n: round(r, 4) for n, r in rise.items()}
+        out_dir = os.path.join(scratch, "model")
+        os.makedirs(out_dir)
+        if method in quant.BNB:
+            chosen = {li.name for li in lin}
+            keep = sorted(li.name[:-len(".weight")] for li in model.linears() if li.name not in chosen)
+            # an explicit skip list replaces transformers' default one, which keeps the LM head
+            quant.bnb_quantize(model, method, double_quant, keep + ["lm_head"] if keep else [], out_dir)
+            counts = {li.name: (li.weight().numel(), li.weight().numel()) for li in lin}
+        else:
+            width = quant.RTN[method]
+            chosen_bits = bits
+            if budget_bits is not None:
+                chosen_bits, rise = sensitivity_bits(repo, model, lin, spec, group_size, budget_bits)
+                extra["bits"] = chosen_bits
+                extra["sensitivity"] = {n: round(r, 4) for n, r in rise.items()}
 
-                def bits_of(name: str) -> int:
-                    for glob, b in (chosen_bits or {}).items():
-                        if fnmatchcase(name, glob):
-                            return b
-                    return width
-                counts = quant.rtn_quantize_dir(model, method, group_size, lin, bits_of, out_dir)
-            quant.load_dequantized(model, out_dir)
-        except BaseException:
-            import shutil
-
-            shutil.rmtree(out_dir, ignore_errors=True)
-            raise
+            def bits_of(name: str) -> int:
+                for glob, b in (chosen_bits or {}).items():
+                    if fnmatchcase(name, glob):
+                        return b
+                return width
+            counts = quant.rtn_quantize_dir(model, method, group_size, lin, bits_of, out_dir)
+        quant.load_dequantized(model, out_dir)
         return ops.Change(counts, extra, out_dir=out_dir)
 
     return ops.run(repo, op="quantize", method=method, params=params, strengths=[1.0], apply=apply, spec=spec,
@@ -343,9 +336,7 @@ def heal(repo, spec, text: str | None = None, steps_: int = 50, lr: float = 1e-3
          author: str | None = None, progress: Progress = NULL) -> ops.Outcome:
     """LoRA-heal the layers that *against* → HEAD damaged most; merged under the sparsity mask."""
     import os
-    import tempfile
 
-    from ..worktree import REPO_DIR
     from . import heal as heal_mod
     from .calib import windows
 
@@ -361,20 +352,18 @@ def heal(repo, spec, text: str | None = None, steps_: int = 50, lr: float = 1e-3
               "text": _calib_desc(cal)}
     del src
 
-    def apply(model: Model, strength: float):
+    def apply(model: Model, strength: float, scratch: str):
         lin = model.linears()
         batches = windows(repo, model, cal)
-        dmg = heal_mod.damage(repo, model, lin, reference, batches)
+        dmg = heal_mod.damage(model, lin, reference, batches)
         chosen = heal_mod.choose_targets(dmg, targets)
-        scratch = os.path.join(repo.root, REPO_DIR, "tmp")
-        os.makedirs(scratch, exist_ok=True)
         tag = f"heal-{ref_commit[:8]}"
         files, counts = {}, {}
         per_round = [steps_ // rounds + (1 if i < steps_ % rounds else 0) for i in range(rounds)]
         for i, n in enumerate(x for x in per_round if x):
             # each round trains on the model as merged so far, so later rounds learn to work
             # within the sparsity mask that the merge enforces
-            adir = tempfile.mkdtemp(dir=scratch, prefix="adapter-")
+            adir = os.path.join(scratch, f"adapter-{i + 1}")
             deltas = heal_mod.train_lora(model, chosen, batches, n, lr, rank, alpha, seed + i, adir)
             counts = heal_mod.merge_masked(model, deltas)
             where = heal_mod.adapter_path(model, tag) + (f"/round-{i + 1}" if rounds > 1 else "")
@@ -410,7 +399,7 @@ def factorize(repo, spec, rank: int | None = None, energy: float | None = None, 
     params = {k: v for k, v in {"rank": rank, "energy": energy, "whiten": whiten or None,
                                 "calib": _calib_desc(cal)}.items() if v is not None}
 
-    def apply(model: Model, strength: float):
+    def apply(model: Model, strength: float, scratch: str):
         import torch
 
         lin = [li for li in model.linears(scope) if li.role != "embedding"]

@@ -25,11 +25,6 @@ _PARTS4 = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
 RTN_META = "mvc.quant"
 
 
-def is_quantized(state: dict, metadata: dict | None = None) -> bool:
-    return any(_BNB4 in k or k.endswith(".SCB") or k.endswith(".qweight") for k in state) or \
-        bool(metadata and RTN_META in metadata)
-
-
 def dequantize_state(state: dict, metadata: dict | None = None, dtype=None) -> dict:
     """A state dict with every quantized weight replaced by its dequantized tensor (in *dtype*,
     default the original dtype where recorded, else float32); other tensors pass through."""
