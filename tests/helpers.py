@@ -69,11 +69,15 @@ def mvc(*args, cwd=None, ok=True):
     return res
 
 
+def mvc_cmd() -> list[str]:
+    """The real `mvc` console command of this environment, as an argv prefix."""
+    exe = os.path.join(os.path.dirname(sys.executable), "mvc")
+    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "mvc"]
+
+
 def mvc_proc(*args, cwd=None, check=False, env=None, **kw) -> subprocess.CompletedProcess:
     """Run the real `mvc` console command in a subprocess."""
-    exe = os.path.join(os.path.dirname(sys.executable), "mvc")
-    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "mvc"]
-    return subprocess.run(cmd + [str(a) for a in args], cwd=cwd, capture_output=True, text=True,
+    return subprocess.run(mvc_cmd() + [str(a) for a in args], cwd=cwd, capture_output=True, text=True,
                           check=check, env=env, **kw)
 
 

@@ -1,10 +1,8 @@
 """SIGKILL `mvc commit` at random moments: every time fsck passes and HEAD is the old or the new commit."""
 
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,7 +10,7 @@ import numpy as np
 import pytest
 
 from mvc import Repo
-from tests.helpers import bf16, mvc_proc, write_safetensors
+from tests.helpers import bf16, mvc_cmd, mvc_proc, write_safetensors
 
 KILLS = 24
 
@@ -21,11 +19,6 @@ def write_model(root: Path, rng) -> None:
     write_safetensors(root / "model.safetensors",
                       {f"layer{i}": ("BF16", (1024, 1024), bf16(rng, (1024, 1024))) for i in range(12)})
     (root / "config.json").write_text(f'{{"v": {rng.integers(1 << 30)}}}')
-
-
-def mvc_exe():
-    exe = os.path.join(os.path.dirname(sys.executable), "mvc")
-    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "mvc"]
 
 
 @pytest.mark.slow
@@ -45,7 +38,7 @@ def test_sigkill_during_commit(tmp_path):
     for i in range(KILLS):
         old = mvc_proc("rev-parse", "HEAD", cwd=root, check=True).stdout.strip()
         write_model(root, rng)
-        proc = subprocess.Popen(mvc_exe() + ["-q", "commit", "-m", f"attempt {i}"], cwd=root,
+        proc = subprocess.Popen(mvc_cmd() + ["-q", "commit", "-m", f"attempt {i}"], cwd=root,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(random.uniform(0.0, full * 1.4))
         proc.send_signal(signal.SIGKILL)

@@ -3,13 +3,12 @@
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-from mvc.hooks import pktline
-from mvc.hooks.pointer import Pointer, parse
-from tests.helpers import bf16, sha256, write_safetensors
+from mvc.hooks.git import pktline
+from mvc.hooks.git.pointer import Pointer, parse
+from tests.helpers import bf16, mvc_cmd, sha256, write_safetensors
 
 pytestmark = pytest.mark.skipif(subprocess.run(["git", "--version"], capture_output=True).returncode != 0,
                                 reason="git is not installed")
@@ -22,13 +21,8 @@ def git(cwd, *args, env=None, check=True):
     return res
 
 
-def mvc_bin():
-    exe = os.path.join(os.path.dirname(sys.executable), "mvc")
-    return [exe] if os.path.exists(exe) else [sys.executable, "-m", "mvc"]
-
-
 def mvc(cwd, *args):
-    res = subprocess.run(mvc_bin() + list(args), cwd=cwd, capture_output=True, text=True)
+    res = subprocess.run(mvc_cmd() + list(args), cwd=cwd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     return res.stdout
 
@@ -233,7 +227,7 @@ def test_git_fsck_and_gc_follow_git_history(gitrepo, rng):
     git(gitrepo, "add", ".")  # staged only: the index keeps it alive
     write_safetensors(model, {"w": ("BF16", (64, 64), bf16(rng, (64, 64)))})
     git(gitrepo, "add", ".")  # replaces the staged version: that one is now garbage
-    assert "checked 2 pointers: ok" in subprocess.run(mvc_bin() + ["git", "fsck"], cwd=gitrepo,
+    assert "checked 2 pointers: ok" in subprocess.run(mvc_cmd() + ["git", "fsck"], cwd=gitrepo,
                                                       capture_output=True, text=True).stderr
     out = mvc(gitrepo, "git", "gc")
     assert out.startswith("removed 3 objects")  # the dropped version's chunk, tensor and file
@@ -242,7 +236,7 @@ def test_git_fsck_and_gc_follow_git_history(gitrepo, rng):
     git(gitrepo, "checkout", "--", "model.safetensors")
     git(gitrepo, "checkout", "-q", "HEAD~1", "--", "model.safetensors")
     assert git(gitrepo, "status", "--porcelain").stdout.strip().startswith("M")
-    res = subprocess.run(mvc_bin() + ["git", "fsck", "--json"], cwd=gitrepo, capture_output=True, text=True)
+    res = subprocess.run(mvc_cmd() + ["git", "fsck", "--json"], cwd=gitrepo, capture_output=True, text=True)
     assert json.loads(res.stdout)["ok"] is True
 
 

@@ -10,14 +10,14 @@ import pytest
 import yaml
 
 from mvc.hooks import weighthash as W
-from tests.helpers import bf16, sha256, write_safetensors
+from tests.helpers import bf16, mvc_cmd, sha256, write_safetensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def mvc_exe():
-    exe = os.path.join(os.path.dirname(sys.executable), "mvc")
-    return exe if os.path.exists(exe) else f"{sys.executable} -m mvc"
+def mvc_exe() -> str:
+    """The mvc command as one shell word list, for pre-commit's `entry:`."""
+    return " ".join(mvc_cmd())
 
 
 def run(cwd, *args, env=None, check=True):
