@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Set up and run mvc with only Python >= 3.11 and git on the machine.
 
-    python3 dev.py demo [ARGS]   create .venv if needed, then run the main job on a bundled default
+    python3 dev.py demo [ARGS]   create .venv if needed, then the main job on bundled defaults (versioning,
+                                 then the bird-bone compression recipe on the demo model)
     python3 dev.py test [ARGS]   create .venv if needed, then lint and run the test suite
     python3 dev.py bench [ARGS]  create .venv if needed, then run the benchmarks
 
@@ -46,7 +47,7 @@ def ensure_venv() -> None:
             sys.exit(f"could not create {VENV} ({e}); on Debian/Ubuntu: apt-get install python3-venv")
     print("installing mvc and its dependencies (torch pinned to the CPU build)", flush=True)
     pip = [PY, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-    subprocess.run(pip + ["-c", "constraints.txt", "torch==2.13.0", "-e", ".[dev]"], cwd=ROOT, check=True)
+    subprocess.run(pip + ["-c", "constraints.txt", "torch==2.13.0", "-e", ".[compress,dev]"], cwd=ROOT, check=True)
     with open(STAMP, "w") as f:
         f.write(want)
 
@@ -58,7 +59,7 @@ def main() -> None:
     ensure_venv()
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     if cmd == "demo":
-        run = [[PY, "-m", "mvc.demo", *args]]
+        run = [[PY, "-m", "mvc.cli.demo", *args]]
     elif cmd == "bench":
         run = [[PY, "-m", "bench", *args]]
     else:

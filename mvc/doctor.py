@@ -20,8 +20,10 @@ class Check:
     fix: str = ""
 
 
-REQUIRED = ["safetensors", "numpy", "zstandard", "xxhash", "blake3", "click", "lmdb", "pathspec",
-            "tqdm", "pygit2", "torch", "transformers", "bitsandbytes"]
+REQUIRED = ["safetensors", "numpy", "zstandard", "blake3", "click", "lmdb", "pathspec", "tqdm", "pygit2",
+            "boto3"]
+#: the `compress` extra: only compression and evaluation need it
+COMPRESS = ["torch", "transformers", "bitsandbytes", "accelerate", "peft", "pyyaml"]
 
 
 def _tool_version(cmd: list[str]) -> str | None:
@@ -38,13 +40,16 @@ def environment_checks(check_cuda: bool = True) -> list[Check]:
     v = sys.version_info
     out.append(Check("python", "ok" if v >= (3, 11) else "fail", sys.version.split()[0],
                      "" if v >= (3, 11) else "install Python 3.11 or newer"))
-    for pkg in REQUIRED:
+    for pkg in REQUIRED + COMPRESS:
         try:
             out.append(Check(pkg, "ok", md.version(pkg)))
         except md.PackageNotFoundError:
-            fix = ("pip install torch==2.13.0  (pin it: unpinned installs pull a CUDA build)"
-                   if pkg == "torch" else f"pip install -c constraints.txt {pkg}")
-            out.append(Check(pkg, "fail", "not installed", fix))
+            if pkg in COMPRESS:
+                out.append(Check(f"{pkg} (compress extra)", "warn", "not installed: versioning works, "
+                                 "compression and evaluation do not",
+                                 "pip install -c constraints.txt 'mvc[compress]'  (torch pinned to the CPU build)"))
+            else:
+                out.append(Check(pkg, "fail", "not installed", f"pip install -c constraints.txt {pkg}"))
     git = _tool_version(["git", "--version"])
     out.append(Check("git", "ok" if git else "fail", git or "not found",
                      "" if git else "install git (apt-get install git)"))
@@ -64,31 +69,33 @@ def environment_checks(check_cuda: bool = True) -> list[Check]:
 
 
 def repository_checks(path: str) -> list[Check]:
-    from . import maintenance
+    from .graph import reachable
+    from .maintenance import FsckReport
     from .repo import Repo
+    from .state import CFG_FORMAT, REPO_DIR, TMP_SUFFIX
 
     try:
         repo = Repo(path)
     except MvcError as e:
         return [Check("repository", "warn" if "not an mvc repository" in str(e) else "fail", str(e),
                       e.hint or "")]
-    out = [Check("repository", "ok", f"{repo.root} (format {repo.config['format']})")]
+    out = [Check("repository", "ok", f"{repo.root} (format {repo.config[CFG_FORMAT]})")]
     stats = repo.backend.stats()
     out.append(Check("store", "ok", f"{stats['objects']} objects, {stats['stored_bytes']} bytes stored"))
     head = repo.refs.head_commit()
     where = head[:12] if head else "(no commits)"
     out.append(Check("HEAD", "ok", f"{repo.refs.current_branch() or 'detached'} at {where}"))
-    rep = maintenance.FsckReport()
+    rep = FsckReport()
     try:
-        maintenance.reachable(repo, rep)
+        reachable(repo, rep)
     except MvcError as e:
         rep.corrupt["?"] = str(e)
     bad = len(rep.missing) + len(rep.corrupt)
     out.append(Check("connectivity", "ok" if not bad else "fail",
                      "every ref reaches complete history" if not bad else f"{bad} objects missing or damaged",
                      "" if not bad else "run `mvc fsck` for the list"))
-    tmp = [os.path.join(d, f) for d, _, fs in os.walk(repo.root) if ".mvc" not in d
-           for f in fs if f.endswith(".mvc-tmp")]
+    tmp = [os.path.join(d, f) for d, _, fs in os.walk(repo.root) if REPO_DIR not in d
+           for f in fs if f.endswith(TMP_SUFFIX)]
     if tmp:
         out.append(Check("leftovers", "warn", f"{len(tmp)} temporary files from an interrupted checkout",
                          "delete the *.mvc-tmp files"))

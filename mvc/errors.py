@@ -9,30 +9,36 @@ class MvcError(Exception):
     #: a hint on how to fix it, appended by the CLI
     hint: str | None = None
 
+    def __init_subclass__(cls, hint: str | None = None, **kw):
+        """``class X(MvcError, hint="..."):`` gives every X that hint unless one is passed."""
+        super().__init_subclass__(**kw)
+        if hint is not None:
+            cls.hint = hint
+
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)
         if hint is not None:
             self.hint = hint
 
 
-class NotARepositoryError(MvcError):
-    hint = "run `mvc init` first, or pass -C DIR"
+class NotARepositoryError(MvcError, hint="run `mvc init` first, or pass -C DIR"):
+    """No .mvc directory here or above, or its config is missing."""
 
 
-class FormatVersionError(MvcError):
-    hint = "upgrade mvc (pip install -U mvc)"
+class FormatVersionError(MvcError, hint="upgrade mvc (pip install -U mvc)"):
+    """The repository's format is newer than this mvc understands (docs/format.md §9)."""
 
 
 class UnknownRevisionError(MvcError):
-    pass
+    """A revision names no commit."""
 
 
 class AmbiguousRevisionError(MvcError):
-    pass
+    """A short id matches more than one object."""
 
 
 class InvalidRefNameError(MvcError):
-    pass
+    """A branch or tag name breaks Git's check-ref-format rules."""
 
 
 class RefConflictError(MvcError):
@@ -66,20 +72,28 @@ class UnsafePickleError(InvalidFileError):
 
 
 class UnsafePathError(MvcError):
-    pass
+    """A path would escape the work tree or name a repository directory."""
 
 
-class DirtyWorkTreeError(MvcError):
-    hint = "commit your changes, or pass --force to discard them"
+class DirtyWorkTreeError(MvcError, hint="commit your changes, or pass --force to discard them"):
+    """The command would overwrite uncommitted changes."""
 
 
-class NothingToCommitError(MvcError):
-    hint = "use --allow-empty to record a commit anyway"
+class NothingToCommitError(MvcError, hint="use --allow-empty to record a commit anyway"):
+    """The work tree equals HEAD."""
 
 
-class LockedError(MvcError):
-    hint = "wait for the other mvc process to finish"
+class LockedError(MvcError, hint="wait for the other mvc process to finish"):
+    """Another mvc process holds the repository lock."""
 
 
 class UsageError(MvcError):
-    pass
+    """Bad arguments or options (exit code 2)."""
+
+
+class MissingExtraError(MvcError):
+    """A command needs an optional part of mvc that is not installed (``pip install 'mvc[compress]'``)."""
+
+    def __init__(self, what: str, module: str, extra: str = "compress"):
+        super().__init__(f"{what} needs the '{extra}' extra ({module} is not installed)",
+                         hint=f"pip install 'mvc[{extra}]' (with -c constraints.txt to keep the CPU build of torch)")
