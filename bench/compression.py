@@ -47,7 +47,7 @@ ROWS = [
 
 def _reach(repo, commit: str) -> dict:
     """{object id: stored bytes} of everything *commit* reaches."""
-    from mvc.maintenance import closure
+    from mvc.graph import closure
 
     return {oid: len(repo.backend.get(bytes.fromhex(oid))) for oid in closure(repo.odb.get, [(commit, "commit")])}
 
@@ -60,9 +60,10 @@ def _added(repo, base: str, head: str) -> int:
 
 
 def run() -> list[dict]:
-    from mvc.compress import steps
-    from mvc.compress.demofiles import init_demo
+    from mvc.compress import factorize, heal, prune, quantize, shed
+    from mvc.compress.demo_model import init_demo
     from mvc.compress.evaluate import evaluate, make_spec
+    from mvc.compress.runner import StepOptions
 
     os.environ.setdefault("MVC_AUTHOR", "mvc bench <bench@localhost>")
     work = tempfile.mkdtemp(prefix="mvc-bench-compress-")
@@ -76,24 +77,24 @@ def run() -> list[dict]:
         for op, method, params in ROWS:
             start = base
             t = time.perf_counter()
-            inf = float("inf")
+            opts = StepOptions(spec, max_drop=float("inf"))
             if op == "prune":
-                res = steps.prune(repo, method, params.get("sparsity", 0.0), spec, pattern=params.get("pattern"),
-                                  clusters=params.get("clusters", 0), max_drop=inf)
+                res = prune.run(repo, opts, method, params.get("sparsity", 0.0), pattern=params.get("pattern"),
+                                clusters=params.get("clusters", 0))
             elif op == "shed":
-                res = steps.shed(repo, spec, neurons=params.get("neurons", 0.0), heads=params.get("heads", 0.0),
-                                 method=method, max_drop=inf)
+                res = shed.run(repo, opts, neurons=params.get("neurons", 0.0), heads=params.get("heads", 0.0),
+                               method=method)
             elif op == "quantize":
-                res = steps.quantize(repo, spec, method, group_size=params.get("group_size", 0),
-                                     double_quant=params.get("double_quant", False), max_drop=inf)
+                res = quantize.run(repo, opts, method, group_size=params.get("group_size", 0),
+                                   double_quant=params.get("double_quant", False))
             elif op == "factorize":
-                res = steps.factorize(repo, spec, energy=params["energy"], scope=params["scope"],
-                                      whiten=params.get("whiten", False), max_drop=inf)
+                res = factorize.run(repo, opts, energy=params["energy"], scope=params["scope"],
+                                    whiten=params.get("whiten", False))
             else:  # heal after a prune
                 pm = params["after"].split()[2]
-                start = steps.prune(repo, pm, 0.5, spec, max_drop=inf).head
+                start = prune.run(repo, opts, pm, 0.5).head
                 t = time.perf_counter()
-                res = steps.heal(repo, spec, max_drop=inf)
+                res = heal.run(repo, opts)
             seconds = time.perf_counter() - t
             flag = {"prune": "--method", "shed": "--score", "quantize": "--method"}.get(op)
             desc = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in params.items()
@@ -115,7 +116,7 @@ def run() -> list[dict]:
 
 
 def _bird_bone(repo, base) -> dict:
-    """recipes/bird-bone.yaml end to end, as `mvc compress run` runs it."""
+    """mvc/compress/recipes/bird-bone.yaml end to end, as `mvc compress run` runs it."""
     from mvc.compress import recipe
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "bird-bone.yaml")

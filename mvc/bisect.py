@@ -16,8 +16,7 @@ import subprocess
 from dataclasses import dataclass, field
 
 from .errors import MvcError, UsageError
-
-_KEY = b"bisect"
+from .state import KV_BISECT
 
 
 @dataclass
@@ -42,12 +41,12 @@ class Step:
 
 
 def load_state(repo) -> BisectState | None:
-    raw = repo.backend.kv_get(_KEY)
+    raw = repo.backend.kv_get(KV_BISECT)
     return BisectState(**json.loads(raw)) if raw else None
 
 
 def _save(repo, st: BisectState | None) -> None:
-    repo.backend.kv_put_many({_KEY: json.dumps(vars(st)).encode() if st else None})
+    repo.backend.kv_put_many({KV_BISECT: json.dumps(vars(st)).encode() if st else None})
 
 
 def _require(repo) -> BisectState:

@@ -5,17 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import MvcError, UnsafePathError
-from .refs import HEAD
+from .graph import reachable
 from .store.objects import parse_object
 from .store.odb import decode_verified
-
-
-class StoreView:
-    """The little of a Repo that walks and merges need, over a bare object store (Git's .git/mvc)."""
-
-    def __init__(self, odb, workers: int | None = None):
-        self.odb = odb
-        self.workers = workers
 
 
 @dataclass
@@ -29,85 +21,6 @@ class FsckReport:
     @property
     def ok(self) -> bool:
         return not (self.corrupt or self.missing or self.bad_refs)
-
-
-def ref_roots(repo) -> dict[str, str]:
-    """Commit ids named by refs, HEAD and reflogs: what must stay reachable."""
-    roots = {}
-    for name, value in repo.backend.list_refs("").items():
-        if not value.startswith("ref: "):
-            roots.setdefault(value, name)
-        for entry in repo.backend.reflog(name):
-            for k in ("old", "new"):
-                if entry.get(k):
-                    roots.setdefault(entry[k], f"reflog of {name}")
-    head = repo.backend.get_ref(HEAD)
-    if head and not head.startswith("ref: "):
-        roots.setdefault(head, HEAD)
-    return roots
-
-
-def children(kind: str, obj) -> list[tuple[str, str]]:
-    if kind == "commit":
-        return [(obj.tree, "tree")] + [(p, "commit") for p in obj.parents]
-    if kind == "tree":
-        return [(e.oid, "file") for e in obj.entries]
-    if kind == "file":
-        return [(c, "chunk") for c in obj.chunks] + [(t, "tensor") for _n, t in obj.tensors]
-    if kind == "tensor":
-        return [(c, "chunk") for c in obj.chunks]
-    return []
-
-
-def closure(get, roots, skip=None) -> dict[str, str]:
-    """Object id -> kind for everything reachable from *roots* [(id, kind)], reading metadata with
-    get(id, kind). An object for which skip(id) is true is left out, and so is what only it names."""
-    out: dict[str, str] = {}
-    stack = list(roots)
-    while stack:
-        oid, kind = stack.pop()
-        if oid in out or (skip is not None and skip(oid)):
-            continue
-        out[oid] = kind
-        if kind != "chunk":
-            stack.extend(children(kind, get(oid, kind)))
-    return out
-
-
-def reachable(repo, report: FsckReport | None = None, roots: dict[str, str] | None = None,
-              root_kind: str = "commit") -> set[str]:
-    """Ids reachable from the roots (commits, or *root_kind* objects). Missing or damaged objects
-    are noted in *report* (or raise)."""
-    seen: set[str] = set()
-    stack = [(oid, root_kind, who) for oid, who in (ref_roots(repo) if roots is None else roots).items()]
-    while stack:
-        oid, kind, who = stack.pop()
-        if oid in seen:
-            continue
-        seen.add(oid)
-        if kind == "chunk":
-            if not repo.odb.has(oid):
-                if getattr(repo.odb, "fetcher", None) is not None:
-                    if report is not None:
-                        report.not_fetched += 1  # a lazy clone: it stays on the remote until needed
-                    continue
-                if report is None:
-                    raise MvcError(f"chunk {oid} (named by {who}) is missing")
-                report.missing[oid] = who
-            continue
-        try:
-            obj = repo.odb.get(oid, kind)
-        except MvcError as e:
-            if report is None:
-                raise
-            if repo.odb.has(oid):
-                report.corrupt[oid] = str(e)
-            else:
-                report.missing[oid] = f"{kind} named by {who}"
-            continue
-        for child, ckind in children(kind, obj):
-            stack.append((child, ckind, f"{kind} {oid[:12]}"))
-    return seen
 
 
 def fsck(repo, progress=None) -> FsckReport:

@@ -6,11 +6,9 @@ import re
 import time
 
 from .errors import InvalidRefNameError
+from .state import HEAD, HEADS, TAGS
 from .store.backend import Backend
 
-HEAD = "HEAD"
-HEADS = "refs/heads/"
-TAGS = "refs/tags/"
 _SYM = "ref: "
 _BAD = re.compile(r"(^|/)\.|\.\.|[\x00-\x20\x7f~^:?*\[\\]|@\{|\.lock(/|$)|/$|^/|//|^@$|\.$")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,19 +24,29 @@ from .errors import (
 )
 from .locking import file_lock
 from .progress import NULL, Progress
-from .refs import HEADS, TAGS, Refs, check_ref_name
+from .refs import Refs, check_ref_name
+from .state import (
+    CFG_FORMAT,
+    CFG_LAZY,
+    CONFIG_FILE,
+    HEADS,
+    LOCK_FILE,
+    REPO_DIR,
+    STORE_DIR,
+    TAGS,
+    TMP_DIR,
+)
 from .store.backend import Backend
 from .store.lmdb_backend import LmdbBackend
 
 if TYPE_CHECKING:  # imported where used: `mvc status` on a clean tree needs neither
+    from .diff.trees import FileChange
     from .pipeline import Ingestor
-    from .treediff import FileChange
 from .store.objects import Commit, Tree, TreeEntry
 from .store.odb import ObjectDB
-from .worktree import REPO_DIR, FileStat, WorkTree
+from .worktree import FileStat, WorkTree
 
 FORMAT_VERSION = 1
-CONFIG = "config.json"
 DEFAULT_AUTHOR = "mvc user <mvc@localhost>"
 
 
@@ -72,16 +83,16 @@ def find_root(start: str) -> str:
 
 
 def read_config(root: str) -> dict:
-    path = os.path.join(root, REPO_DIR, CONFIG)
+    path = os.path.join(root, REPO_DIR, CONFIG_FILE)
     try:
         with open(path, encoding="utf-8") as f:
             cfg = json.load(f)
     except FileNotFoundError as e:
-        raise NotARepositoryError(f"{root}: {REPO_DIR}/{CONFIG} is missing",
+        raise NotARepositoryError(f"{root}: {REPO_DIR}/{CONFIG_FILE} is missing",
                                   hint="the repository is damaged; run `mvc doctor`") from e
     except ValueError as e:
         raise MvcError(f"{path}: not valid JSON ({e})") from e
-    fmt = cfg.get("format")
+    fmt = cfg.get(CFG_FORMAT)
     if not isinstance(fmt, int):
         raise MvcError(f"{path}: no format version")
     if fmt > FORMAT_VERSION:
@@ -93,18 +104,22 @@ def read_config(root: str) -> dict:
 class Repo:
     """``Repo(path)`` opens the repository containing *path*; ``Repo.init(path)`` creates one."""
 
+    #: (repo, remote name) -> a fetcher of missing chunks, for lazy clones. The remote layer provides
+    #: it (mvc/__init__.py wires it in), so the core never imports mvc.remote.
+    lazy_fetcher_factory: Callable[[Repo, str], Callable[[str], bytes | None]] | None = None
+
     def __init__(self, path: str = ".", backend: Backend | None = None, workers: int | None = None):
         self.root = find_root(path)
         self.config = read_config(self.root)
-        self.backend = backend or LmdbBackend(os.path.join(self.root, REPO_DIR, "store"))
+        self.backend = backend or LmdbBackend(os.path.join(self.root, REPO_DIR, STORE_DIR))
         self.odb = ObjectDB(self.backend)
         self.refs = Refs(self.backend)
         self.worktree = WorkTree(self.root, self.backend)
         self.workers = workers
-        if self.config.get("lazy"):  # a lazy clone: missing chunks come from that remote on demand
-            from .remote.sync import lazy_fetcher
-
-            self.odb.fetcher = lazy_fetcher(self, self.config["lazy"])
+        if self.config.get(CFG_LAZY):  # a lazy clone: missing chunks come from that remote on demand
+            if self.lazy_fetcher_factory is None:
+                raise MvcError(f"{self.root} is a lazy clone, and no remote layer is loaded to fetch from")
+            self.odb.fetcher = self.lazy_fetcher_factory(self, self.config[CFG_LAZY])
         #: the directory user paths are relative to (the CLI's -C DIR); None means the process's cwd
         self.cwd: str | None = None
 
@@ -113,24 +128,24 @@ class Repo:
         root = os.path.realpath(path)
         check_ref_name(branch)
         mvc_dir = os.path.join(root, REPO_DIR)
-        if os.path.exists(os.path.join(mvc_dir, CONFIG)):
+        if os.path.exists(os.path.join(mvc_dir, CONFIG_FILE)):
             raise MvcError(f"{root} is already an mvc repository")
         os.makedirs(mvc_dir, exist_ok=True)
-        be = backend or LmdbBackend(os.path.join(mvc_dir, "store"), create=True)
+        be = backend or LmdbBackend(os.path.join(mvc_dir, STORE_DIR), create=True)
         Refs(be).init(branch)
         # the config is written last: a half-made .mvc is not taken for a repository
-        tmp = os.path.join(mvc_dir, CONFIG + ".tmp")
+        tmp = os.path.join(mvc_dir, CONFIG_FILE + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"format": FORMAT_VERSION}, f, indent=2)
+            json.dump({CFG_FORMAT: FORMAT_VERSION}, f, indent=2)
             f.write("\n")
-        os.replace(tmp, os.path.join(mvc_dir, CONFIG))
+        os.replace(tmp, os.path.join(mvc_dir, CONFIG_FILE))
         return cls(root, backend=be)
 
     def update_config(self, change) -> None:
         """Apply change(config dict) and write .mvc/config.json atomically."""
         cfg = read_config(self.root)
         change(cfg)
-        path = os.path.join(self.root, REPO_DIR, CONFIG)
+        path = os.path.join(self.root, REPO_DIR, CONFIG_FILE)
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
             f.write("\n")
@@ -146,10 +161,16 @@ class Repo:
     def __exit__(self, *exc):
         self.close()
 
+    def tmp_dir(self) -> str:
+        """.mvc/tmp, created on first use: scratch space on the repository's file system."""
+        path = os.path.join(self.root, REPO_DIR, TMP_DIR)
+        os.makedirs(path, exist_ok=True)
+        return path
+
     # -- locking ---------------------------------------------------------------
     def lock(self):
         """One writer at a time for commands that change the work tree or delete objects."""
-        return file_lock(os.path.join(self.root, REPO_DIR, "lock"),
+        return file_lock(os.path.join(self.root, REPO_DIR, LOCK_FILE),
                          busy="another mvc process is working in this repository")
 
     # -- revisions -------------------------------------------------------------
@@ -229,7 +250,7 @@ class Repo:
             if head and not allow_empty and tree == parent_tree:  # same entries: no need to hash it twice
                 raise NothingToCommitError("nothing to commit, working tree clean")
             parents = ((head,) if head else ()) + tuple(parents_extra)
-            return self._record(tree, parents, message, author, op, when,
+            return self.record(tree, parents, message, author, op, when,
                                 f"commit{' (initial)' if not head else ''}")
 
     def _snapshot(self, parent_tree: Tree, paths: list[str] | None, progress: Progress) -> Tree:
@@ -269,7 +290,7 @@ class Repo:
         self.backend.put_many([(tree_oid, tree_stored), (c_oid, c_stored)])
         return c_oid.hex()
 
-    def _record(self, tree: Tree, parents: tuple[str, ...], message: str, author: str | None,
+    def record(self, tree: Tree, parents: tuple[str, ...], message: str, author: str | None,
                 op: dict | None, when: int | None, what: str) -> str:
         """Write tree and commit, then move HEAD's branch by CAS from parents[0]."""
         oid = self.write_commit(tree, parents, message, author, op, when)
@@ -280,7 +301,7 @@ class Repo:
     def land(self, commit: str, expected: str, msg: str, progress: Progress = NULL) -> None:
         """Make the work tree match *commit*, then move HEAD's branch to it by CAS from *expected*.
         The caller holds the lock and has checked that the work tree is clean."""
-        self._switch_tree(self.odb.get(self.commit_obj(commit).tree, "tree"), False, progress)
+        self.switch_tree(self.odb.get(self.commit_obj(commit).tree, "tree"), False, progress)
         self.refs.move_head(commit, expected, msg)
 
     # -- history ---------------------------------------------------------------
@@ -324,7 +345,7 @@ class Repo:
         With *stats*, every changed tensor gets its statistics (tensordiff.tensor_stats); only
         tensors whose ids differ are read.
         """
-        from .treediff import diff_trees
+        from .diff.trees import diff_trees
 
         prefixes = self._prefixes(paths)
         old = self.tree_of(a) if a is not None else self.head_tree()
@@ -348,19 +369,19 @@ class Repo:
             new = Tree.build(ids)
         changes = diff_trees(self.lookup(scratch), old, new, prefixes)
         if stats:
-            from .tensordiff import fill_stats
+            from .diff.stats import fill_stats
 
             fill_stats(self.odb, changes, locations, self.workers)
         return changes
 
     def diff_root(self, rev: str) -> list[FileChange]:
         """Everything a root commit added."""
-        from .treediff import diff_trees
+        from .diff.trees import diff_trees
 
         return diff_trees(self.lookup(), Tree(()), self.tree_of(rev))
 
     # -- checkout --------------------------------------------------------------
-    def _write_entries(self, entries: list[TreeEntry], progress: Progress) -> None:
+    def write_entries(self, entries: list[TreeEntry], progress: Progress) -> None:
         total = 0
         files = {}
         for e in entries:
@@ -395,9 +416,9 @@ class Repo:
                 entries = [e for e in tree.entries if _under(e.path, prefixes)]
                 for e in entries:
                     self.worktree.check_writable(e.path)
-                self._write_entries(entries, progress)
+                self.write_entries(entries, progress)
                 return target
-            self._switch_tree(tree, force, progress)
+            self.switch_tree(tree, force, progress)
             old = self.refs.head_commit()
             if rev in ("HEAD", "@"):  # stays as it is: attached or detached
                 return target
@@ -408,7 +429,7 @@ class Repo:
                 self.refs.detach_head(target, f"checkout: moving to {rev}", old)
             return target
 
-    def _switch_tree(self, tree: Tree, force: bool, progress: Progress) -> None:
+    def switch_tree(self, tree: Tree, force: bool, progress: Progress) -> None:
         """Make the work tree match *tree*, refusing to lose uncommitted work unless forced."""
         st = self.status()
         head = self.head_tree().as_dict()
@@ -434,7 +455,7 @@ class Repo:
         for p in to_remove:  # first, so that a file can become a directory
             self.worktree.remove(p)
         self.worktree.remember({}, forget=to_remove)
-        self._write_entries(to_write, progress)
+        self.write_entries(to_write, progress)
 
     def switch(self, branch: str, create: bool = False, start: str | None = None,
                force: bool = False, progress: Progress = NULL) -> str | None:
@@ -456,7 +477,7 @@ class Repo:
         target = self.resolve(rev)
         with self.lock():
             if hard:
-                self._switch_tree(self.odb.get(self.commit_obj(target).tree, "tree"), True, progress)
+                self.switch_tree(self.odb.get(self.commit_obj(target).tree, "tree"), True, progress)
             self.refs.move_head(target, self.refs.head_commit(), f"reset: moving to {rev}")
         return target
 
@@ -517,7 +538,7 @@ class Repo:
 
         With *dequantize*, quantized weights (bitsandbytes 4-bit/8-bit, mvc's rtn) come back as
         float tensors under their plain names (docs/compression.md)."""
-        from .tensors import load_tree
+        from .load import load_tree
 
         return load_tree(self, self.tree_of(rev), path, names, dequantize)
 

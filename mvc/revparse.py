@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 
 from .errors import AmbiguousRevisionError, UnknownRevisionError
-from .refs import HEADS, TAGS, Refs
+from .refs import Refs
+from .state import HEADS, REMOTES, TAGS
 from .store.odb import ObjectDB
 
 _SUFFIX = re.compile(r"(~\d*|\^\d*)$")
@@ -18,7 +19,7 @@ def resolve_base(refs: Refs, odb: ObjectDB, name: str) -> str:
         if oid is None:
             raise UnknownRevisionError("HEAD has no commits yet")
         return oid
-    for full in (name, TAGS + name, HEADS + name, "refs/remotes/" + name):
+    for full in (name, TAGS + name, HEADS + name, REMOTES + name):
         if full.startswith("refs/"):
             oid = refs.get(full)
             if oid is not None:

@@ -18,15 +18,12 @@ from dataclasses import dataclass
 import pathspec
 
 from .errors import MvcError, UnsafePathError
+from .state import IGNORE_FILE, KV_STAT, TMP_SUFFIX
 from .store.backend import Backend
 from .store.objects import MODE_EXEC, MODE_FILE, check_path
 
-REPO_DIR = ".mvc"
-IGNORE_FILE = ".mvcignore"
-TMP_SUFFIX = ".mvc-tmp"
 _ALWAYS_IGNORED = (".mvc/", ".git/", f"*{TMP_SUFFIX}")
 _RACY_NS = 100_000_000  # > the coarse kernel clock tick that stamps mtimes (1-10 ms)
-_STAT_PREFIX = b"stat:"
 
 
 @dataclass(frozen=True)
@@ -107,7 +104,7 @@ class WorkTree:
 
     # -- stat cache ------------------------------------------------------------
     def cached_oid(self, rel: str, fs: FileStat) -> str | None:
-        raw = self.backend.kv_get(_STAT_PREFIX + rel.encode())
+        raw = self.backend.kv_get(KV_STAT + rel.encode())
         if raw is None:
             return None
         d = json.loads(raw)
@@ -121,12 +118,12 @@ class WorkTree:
         items: dict[bytes, bytes | None] = {}
         for rel, (fs, oid) in entries.items():
             if fs.mtime_ns >= now - _RACY_NS:
-                items[_STAT_PREFIX + rel.encode()] = None
+                items[KV_STAT + rel.encode()] = None
                 continue
-            items[_STAT_PREFIX + rel.encode()] = json.dumps(
+            items[KV_STAT + rel.encode()] = json.dumps(
                 {"size": fs.size, "mtime_ns": fs.mtime_ns, "ino": fs.ino, "mode": fs.mode, "oid": oid}).encode()
         for rel in forget:
-            items[_STAT_PREFIX + rel.encode()] = None
+            items[KV_STAT + rel.encode()] = None
         if items:
             self.backend.kv_put_many(items)
 

@@ -24,7 +24,7 @@ def repo(tmp_path):
 @pytest.fixture(scope="session")
 def demo_base(tmp_path_factory):
     """A repository made by `mvc init --demo` once per session; tests get copies (`demo`)."""
-    from mvc.compress.demofiles import init_demo
+    from mvc.compress.demo_model import init_demo
 
     path = tmp_path_factory.mktemp("demo") / "repo"
     init_demo(str(path)).close()

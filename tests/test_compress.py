@@ -9,12 +9,14 @@ import shutil
 
 import pytest
 import torch
-from helpers import mvc, sha256
-from helpers import open_repo as _open
 
 from mvc import Repo
-from mvc.compress import ops, steps
+from mvc.compress import prune, shed
+from mvc.compress import runner as ops
 from mvc.compress.evaluate import evaluate, make_spec
+from mvc.compress.runner import StepOptions
+from tests.helpers import mvc, sha256
+from tests.helpers import open_repo as _open
 
 INF = float("inf")
 
@@ -55,7 +57,7 @@ def test_wanda_and_sparsegpt_beat_magnitude_at_half_sparsity(demo):
     base = repo.refs.head_commit()
     ppl = {}
     for method in ("magnitude", "wanda", "sparsegpt"):
-        out = steps.prune(repo, method, 0.5, spec, max_drop=INF)
+        out = prune.run(repo, StepOptions(spec, max_drop=INF), method, 0.5)
         (wave,) = out.waves
         assert wave.accepted and out.head == wave.commit
         ppl[method] = wave.metrics["ppl"]
@@ -84,8 +86,8 @@ def test_2_of_4_masks_are_exact(demo, method):
 def test_layer_sparsity_and_clusters(demo):
     repo = _open(demo)
     spec = make_spec(repo)
-    out = steps.prune(repo, "magnitude", 0.5, spec, layer_sparsity=["model.layers.0.*=0.25"], clusters=3,
-                      max_drop=INF)
+    out = prune.run(repo, StepOptions(spec, max_drop=INF), "magnitude", 0.5, layer_sparsity=["model.layers.0.*=0.25"],
+                    clusters=3)
     assert out.waves[0].accepted
     for name, w in _matrices(repo, "HEAD").items():
         frac = float((w == 0).sum()) / w.numel()
@@ -163,7 +165,7 @@ def test_spike_stops_waves_and_branch_stays_at_last_good_wave(demo, monkeypatch)
     repo = _open(demo)
     spec = make_spec(repo)
     monkeypatch.setattr(ops, "spike", lambda values, z: 99.0 if len(values) == 4 else None)
-    out = steps.prune(repo, "magnitude", 0.3, spec, waves=4, max_drop=INF)
+    out = prune.run(repo, StepOptions(spec, waves=4, max_drop=INF), "magnitude", 0.3)
     assert [w.accepted for w in out.waves] == [True, True, False]
     assert repo.refs.head_commit() == out.waves[1].commit
     assert "spike" in out.waves[2].reason and out.attempt
@@ -203,7 +205,7 @@ def test_shed_heads_keeps_config_valid(demo):
 
 def test_min_keep_protects_every_layer(demo):
     repo = _open(demo)
-    plan = steps.shed_plan(repo, "HEAD", 0.99, 0.0, min_keep=100)
+    plan = shed.plan(repo, "HEAD", 0.99, 0.0, min_keep=100)
     assert plan["neurons"] == (384, 284)
 
 
@@ -337,7 +339,7 @@ def _save_model(path, model, tokenizer_from=None):
 def test_other_architectures_prune_and_shed(tmp_path, kind):
     import transformers as T
 
-    from mvc.compress.demofiles import DEMO_DIR
+    from mvc.compress.demo_model import DEMO_DIR
 
     torch.manual_seed(0)
     if kind == "gpt2":
@@ -413,7 +415,7 @@ def test_bisect_run_uses_the_default_evaluation(demo):
     base_ppl = evaluate(repo, base, spec)["ppl"]
     commits = []
     for s in (0.1, 0.2, 0.8, 0.82):  # the planted regression: the jump to 80 %
-        commits.append(steps.prune(repo, "magnitude", s, spec, max_drop=INF).head)
+        commits.append(prune.run(repo, StepOptions(spec, max_drop=INF), "magnitude", s).head)
     repo.close()
     mvc("bisect", "start", "HEAD", base, cwd=demo)
     res = mvc("bisect", "run", "--threshold", f"{base_ppl * 1.5:.3f}", cwd=demo)

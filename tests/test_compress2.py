@@ -7,21 +7,21 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import mvc, sha256
-from helpers import open_repo as _open
 
-from mvc.compress import steps
+from mvc.compress import factorize, heal, prune, quantize
 from mvc.compress.evaluate import evaluate, make_spec
-from mvc.maintenance import closure
+from mvc.compress.runner import StepOptions
+from mvc.graph import closure
+from tests.helpers import mvc, mvc_cmd, sha256
+from tests.helpers import open_repo as _open
 
 INF = float("inf")
-BIRD_BONE = Path(__file__).resolve().parent.parent / "recipes" / "bird-bone.yaml"
+BIRD_BONE = Path(__file__).resolve().parent.parent / "mvc" / "compress" / "recipes" / "bird-bone.yaml"
 
 
 
@@ -41,7 +41,7 @@ def test_nf4_and_int8_store_the_low_bit_form(demo):
     limits = {"nf4": 0.35, "int8": 0.60}
     for method, limit in limits.items():
         before = repo.backend.stats()["stored_bytes"]
-        out = steps.quantize(repo, spec, method, max_drop=INF)
+        out = quantize.run(repo, StepOptions(spec, max_drop=INF), method)
         added = repo.backend.stats()["stored_bytes"] - before
         assert added <= limit * parent, (method, added, parent)
         op = repo.commit_obj(out.head).op
@@ -91,7 +91,7 @@ def test_rtn_int4_groups_and_mixed_bits(demo):
     repo = _open(demo)
     spec = make_spec(repo)
     orig = repo.load("HEAD", path="model.safetensors")
-    out = steps.quantize(repo, spec, "rtn-int4", group_size=64, bits={"model.layers.0.*": 8}, max_drop=INF)
+    out = quantize.run(repo, StepOptions(spec, max_drop=INF), "rtn-int4", group_size=64, bits={"model.layers.0.*": 8})
     raw = repo.load(out.head, path="model.safetensors")
     assert raw["model.layers.1.mlp.up_proj.weight.qweight"].shape == (384, 64)  # two int4 per byte
     assert raw["model.layers.0.mlp.up_proj.weight.qweight"].dtype == torch.int8
@@ -130,7 +130,7 @@ def test_factorize_energy_lowers_parameters_and_runs(demo):
     repo = _open(demo)
     spec = make_spec(repo)
     before = repo.load("HEAD", path="model.safetensors")
-    out = steps.factorize(repo, spec, energy=0.9, scope=["model.layers.*.mlp.*"], max_drop=INF)
+    out = factorize.run(repo, StepOptions(spec, max_drop=INF), energy=0.9, scope=["model.layers.*.mlp.*"])
     after = repo.load(out.head, path="model.safetensors")
     ranks = repo.commit_obj(out.head).op["params"]["ranks"]
     assert ranks and all(k.split(".")[-2] == "mlp" for k in ranks)
@@ -159,10 +159,10 @@ def test_heal_recovers_half_the_loss_and_keeps_zeros(demo):
     repo = _open(demo)
     spec = make_spec(repo)
     base_ppl = evaluate(repo, "HEAD", spec)["ppl"]
-    pruned = steps.prune(repo, "magnitude", 0.5, spec, max_drop=INF)
+    pruned = prune.run(repo, StepOptions(spec, max_drop=INF), "magnitude", 0.5)
     pruned_ppl = pruned.waves[0].metrics["ppl"]
     zeros = {k: v == 0 for k, v in repo.load("HEAD", path="model.safetensors").items() if ".layers." in k}
-    healed = steps.heal(repo, spec)
+    healed = heal.run(repo, StepOptions(spec))
     assert healed.waves[0].accepted
     healed_ppl = healed.waves[0].metrics["ppl"]
     assert (pruned_ppl - healed_ppl) >= 0.5 * (pruned_ppl - base_ppl), (base_ppl, pruned_ppl, healed_ppl)
@@ -187,7 +187,7 @@ def test_heal_recovers_half_the_loss_and_keeps_zeros(demo):
 
 
 def test_heal_without_text(tmp_path):
-    from mvc.compress.demofiles import DEMO_DIR
+    from mvc.compress.demo_model import DEMO_DIR
 
     work = tmp_path / "w"
     work.mkdir()
@@ -204,8 +204,7 @@ def test_heal_without_text(tmp_path):
 
 # -- recipes ---------------------------------------------------------------------------------------
 def test_bird_bone_runs_and_resumes_after_a_kill(demo):
-    exe = os.path.join(os.path.dirname(sys.executable), "mvc")
-    proc = subprocess.Popen([exe, "compress", "run", str(BIRD_BONE)], cwd=demo, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(mvc_cmd() + ["compress", "run", str(BIRD_BONE)], cwd=demo, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     first = None
     deadline = time.time() + 300
@@ -217,7 +216,7 @@ def test_bird_bone_runs_and_resumes_after_a_kill(demo):
             break
     proc.wait()
     assert first is not None
-    res = subprocess.run([exe, "compress", "run", str(BIRD_BONE)], cwd=demo, capture_output=True, text=True)
+    res = subprocess.run(mvc_cmd() + ["compress", "run", str(BIRD_BONE)], cwd=demo, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "step 1/5 shed      skipped" in res.stdout and first in res.stdout
     assert "recipe bird-bone: finished" in res.stdout
@@ -227,8 +226,8 @@ def test_bird_bone_runs_and_resumes_after_a_kill(demo):
     assert 1 <= ops.count("prune") <= 4
     assert repo.log()[-2].oid.startswith(first)
     assert json.loads((demo / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
-    assert mvc("fsck", cwd=demo).exit_code == 0
-    again = subprocess.run([exe, "compress", "run", str(BIRD_BONE)], cwd=demo, capture_output=True, text=True)
+    assert json.loads(mvc("fsck", "--json", cwd=demo).output)["ok"] is True
+    again = subprocess.run(mvc_cmd() + ["compress", "run", str(BIRD_BONE)], cwd=demo, capture_output=True, text=True)
     progress_lines = [ln for ln in again.stdout.splitlines() if ln.startswith("step ")]
     assert again.returncode == 0 and sum("skipped" in ln for ln in progress_lines) == 4  # nothing redone
 
@@ -250,8 +249,8 @@ def test_bisect_metric_finds_the_planted_regression(demo, tmp_path):
     planted = next(e.oid for e in repo.log() if (e.commit.op or {}).get("recipe", {}).get("step") == 2)
     repo.close()
     mvc("bisect", "start", "HEAD", base, cwd=demo)
-    exe = os.path.join(os.path.dirname(sys.executable), "mvc")
-    res = mvc("bisect", "run", "--metric", "--threshold", f"{base_ppl * 2:.2f}", exe, "eval", "--value", cwd=demo)
+    res = mvc("bisect", "run", "--metric", "--threshold", f"{base_ppl * 2:.2f}", *mvc_cmd(), "eval", "--value",
+              cwd=demo)
     assert f"{planted} is the first bad commit" in res.output
 
 
@@ -278,9 +277,9 @@ def test_sensitivity_scan_gives_sensitive_layers_more_bits(demo):
     repo = _open(demo)
     spec = make_spec(repo)
     base = repo.refs.head_commit()
-    uniform = steps.quantize(repo, spec, "rtn-int4", group_size=64, max_drop=INF)
+    uniform = quantize.run(repo, StepOptions(spec, max_drop=INF), "rtn-int4", group_size=64)
     repo.reset(base, hard=True)
-    mixed = steps.quantize(repo, spec, "rtn-int4", group_size=64, budget_bits=5.0, max_drop=INF)
+    mixed = quantize.run(repo, StepOptions(spec, max_drop=INF), "rtn-int4", group_size=64, budget_bits=5.0)
     params = repo.commit_obj(mixed.head).op["params"]
     sizes = {k: v.numel() for k, v in repo.load(base, path="model.safetensors").items() if k in params["bits"]}
     avg = sum(params["bits"][k] * n for k, n in sizes.items()) / sum(sizes.values())

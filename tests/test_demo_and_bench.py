@@ -5,12 +5,16 @@ import subprocess
 import sys
 
 
-def test_demo_runs_and_verifies(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "mvc.demo", str(tmp_path / "d"), "--size-mib", "16"],
+def test_demo_runs_both_parts_of_the_main_job(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "mvc.cli.demo", str(tmp_path / "d"), "--size-mib", "16"],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "matches the first version" in res.stdout
     assert "1 tensor(s) changed" in res.stdout
+    # then the bird-bone recipe on the demo model, with its table
+    assert "recipe bird-bone: finished" in res.stdout
+    table = [ln for ln in res.stdout.splitlines() if ln.startswith("| ") and "landed" in ln]
+    assert [ln.split("|")[2].strip() for ln in table] == ["shed", "prune", "heal", "quantize"]
 
 
 def test_bench_smoke(tmp_path):

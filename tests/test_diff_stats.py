@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mvc import Repo
+from mvc.diff.stats import to_float64
 from mvc.store.backend import MemoryBackend
-from mvc.tensordiff import to_float64
 from tests.helpers import mvc, write_safetensors
 
 FLOATS = ["BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2"]

@@ -144,7 +144,7 @@ def test_merge_refuses_dirty_tree_and_changes_nothing(forked):
     res = mvc_proc("merge", "side", cwd=root)
     assert res.returncode != 0 and "uncommitted changes" in res.stderr and "Traceback" not in res.stderr
     assert (root / "m.safetensors").read_bytes() == content and repo.resolve("HEAD") == head
-    from mvc import mergeops
+    from mvc.merge import session as mergeops
 
     with pytest.raises(DirtyWorkTreeError):
         mergeops.merge(repo, "side")
@@ -194,7 +194,7 @@ def test_ties_matches_numpy_reference(forked):
 
 
 def test_kth_largest_is_exact():
-    from mvc.merge import kth_largest
+    from mvc.merge.engine import kth_largest
 
     rng = np.random.default_rng(5)
     x = np.abs(rng.standard_normal(50_000))

@@ -1,4 +1,4 @@
-"""`mvc eval` and `mvc compress score|shed|prune`: parse, call mvc.compress, render."""
+"""`mvc eval` and `mvc compress score|prune|shed|quantize|heal|factorize|run`: parse, call mvc.compress, render."""
 
 from __future__ import annotations
 
@@ -8,20 +8,10 @@ import sys
 
 import click
 
-from ..compress.ops import parse_pct
+from ..compress.runner import parse_pct
 from ..errors import UsageError
 from . import render
-from .context import default_author, pass_ctx
-
-
-def _options(*opts):
-    """One decorator applying click options in the order written."""
-    def deco(f):
-        for opt in reversed(opts):
-            f = opt(f)
-        return f
-    return deco
-
+from .context import default_author, options, pass_ctx
 
 _MAX_DROP = click.option("--max-drop", default="3%", show_default=True, metavar="PCT",
                          help="Largest allowed metric drop against the start of the step ('off' to disable).")
@@ -29,7 +19,7 @@ _RECORD = (click.option("--seed", type=int, default=0, show_default=True),
            click.option("-m", "--message", default=None, help="Commit message (default: describes the step)."),
            click.option("--json", "as_json", is_flag=True))
 
-_eval_options = _options(
+_eval_options = options(
     click.option("--ppl", "ppl", metavar="TEXTFILE", default=None,
                  help="Perplexity on this text (default: the repository's evaluation)."),
     click.option("--cmd", "cmd", metavar="CMD", default=None,
@@ -39,7 +29,7 @@ _eval_options = _options(
     click.option("--model", "model_dir", default="", metavar="DIR", help="The model's directory in the tree."))
 
 #: steps that can run in waves (prune, shed)
-_step_options = _options(
+_wave_step_options = options(
     _MAX_DROP,
     click.option("--waves", type=int, default=1, show_default=True, help="Split the step into N commits."),
     click.option("--spike-z", type=float, default=3.0, show_default=True,
@@ -50,13 +40,24 @@ _step_options = _options(
     *_RECORD)
 
 #: steps that are one commit (quantize, factorize, heal)
-_single_step_options = _options(_MAX_DROP, *_RECORD)
+_single_step_options = options(_MAX_DROP, *_RECORD)
 
 
 def _spec(c, repo, ppl, cmd, tokens, seq_len):
     from ..compress.evaluate import make_spec
 
     return make_spec(repo, ppl, cmd, tokens, seq_len, env=dict(os.environ))
+
+
+def _stepoptions(c, repo, common: dict):
+    """The one place a step's shared options (evaluation, guard, waves, calibration, record) are built."""
+    from ..compress.runner import StepOptions
+
+    spec = _spec(c, repo, common["ppl"], common["cmd"], common["tokens"], common["seq_len"])
+    return StepOptions(spec, max_drop=parse_pct(common["max_drop"]), waves=common.get("waves", 1),
+                       spike_z=common.get("spike_z", 3.0), calib=common.get("calib"), seed=common["seed"],
+                       model_dir=common["model_dir"], message=common["message"], author=default_author(),
+                       progress=c.progress())
 
 
 def _metric_text(spec, m: dict) -> str:
@@ -66,7 +67,8 @@ def _metric_text(spec, m: dict) -> str:
         (f", score {m['score']:g}" if "score" in m else "")
 
 
-def _render_outcome(c, out, spec, as_json: bool) -> None:
+def _render_outcome(c, out, opts, as_json: bool) -> None:
+    spec = opts.spec
     repo = c.repo()
     branch = repo.refs.current_branch() or "HEAD"
     if as_json:
@@ -109,6 +111,9 @@ def _render_outcome(c, out, spec, as_json: bool) -> None:
 @pass_ctx
 def eval_cmd(c, rev, ppl, cmd, tokens, seq_len, model_dir, work_tree, no_cache, set_default, value_only, as_json):
     """Evaluate REV: perplexity on a text, or a command (cached per tree and evaluation)."""
+    from ..compress import require
+
+    require("mvc eval")
     from ..compress.evaluate import evaluate, spec_config
 
     repo = c.repo()
@@ -134,6 +139,9 @@ def eval_cmd(c, rev, ppl, cmd, tokens, seq_len, model_dir, work_tree, no_cache, 
 @click.group("compress")
 def compress_group():
     """Compression steps, each a guarded commit with its op record."""
+    from ..compress import require
+
+    require("mvc compress")
 
 
 @compress_group.command("score")
@@ -152,10 +160,9 @@ def compress_group():
 def score_cmd(c, rev, method, calib, scope, model_dir, output, elements, as_json):
     """Importance scores per element, MLP neuron and attention head, with a layer-wise summary."""
     from ..compress import score as score_mod
-    from ..compress.steps import score
 
     repo = c.repo()
-    report, scores = score(repo, rev, method, calib, list(scope) or None, model_dir)
+    report, scores = score_mod.run(repo, rev, method, calib, list(scope) or None, model_dir)
     if output:
         with open(output, "w", encoding="utf-8") as f:
             if output.endswith(".csv"):
@@ -192,28 +199,26 @@ def score_cmd(c, rev, method, calib, scope, model_dir, output, elements, as_json
 @click.option("--scope", multiple=True, metavar="GLOB", help="Only these tensors (globs over names).")
 @click.option("--embeddings", is_flag=True, help="Also prune embeddings and the LM head (magnitude only).")
 @_eval_options
-@_step_options
+@_wave_step_options
 @pass_ctx
-def prune_cmd(c, method, sparsity, pattern, layer_sparsity, clusters, scope, embeddings, ppl, cmd, tokens,
-              seq_len, model_dir, max_drop, waves, spike_z, calib, seed, dry_run, message, as_json):
+def prune_cmd(c, method, sparsity, pattern, layer_sparsity, clusters, scope, embeddings, dry_run, as_json,
+              **common):
     """Zero weights by magnitude, Wanda or SparseGPT; unstructured or N:M."""
-    from ..compress import steps
+    from ..compress import prune
 
     if sparsity is None and not pattern:
         raise UsageError("pass --sparsity S (or --pattern N:M)")
     repo = c.repo()
     if dry_run:
-        rows = steps.prune_plan(repo, "HEAD", sparsity or 0.0, pattern, list(scope) or None, embeddings,
-                                layer_sparsity, model_dir)
+        rows = prune.plan(repo, "HEAD", sparsity or 0.0, pattern, list(scope) or None, embeddings,
+                          layer_sparsity, common["model_dir"])
         _render_plan(rows, as_json)
         return
-    spec = _spec(c, repo, ppl, cmd, tokens, seq_len)
-    out = steps.prune(repo, method, sparsity if sparsity is not None else 0.0, spec, pattern=pattern,
-                      scope=list(scope) or None, embeddings=embeddings, layer_sparsity=layer_sparsity,
-                      clusters=clusters, waves=waves, max_drop=parse_pct(max_drop), spike_z=spike_z,
-                      calib=calib, seed=seed, model_dir=model_dir, message=message, author=default_author(),
-                      progress=c.progress())
-    _render_outcome(c, out, spec, as_json)
+    opts = _stepoptions(c, repo, common)
+    out = prune.run(repo, opts, method, sparsity if sparsity is not None else 0.0, pattern=pattern,
+                    scope=list(scope) or None, embeddings=embeddings, layer_sparsity=layer_sparsity,
+                    clusters=clusters)
+    _render_outcome(c, out, opts, as_json)
 
 
 def _render_plan(rows, as_json: bool) -> None:
@@ -235,16 +240,15 @@ def _render_plan(rows, as_json: bool) -> None:
               show_default=True, help="Importance that decides which units go.")
 @click.option("--min-keep", type=int, default=1, show_default=True, help="Units every layer keeps at least.")
 @_eval_options
-@_step_options
+@_wave_step_options
 @pass_ctx
-def shed_cmd(c, neurons, heads, method, min_keep, ppl, cmd, tokens, seq_len, model_dir, max_drop, waves,
-             spike_z, calib, seed, dry_run, message, as_json):
+def shed_cmd(c, neurons, heads, method, min_keep, dry_run, as_json, **common):
     """Remove the least important MLP neurons and attention heads; shapes and config shrink."""
-    from ..compress import steps
+    from ..compress import shed
 
     repo = c.repo()
     if dry_run:
-        plan = steps.shed_plan(repo, "HEAD", neurons, heads, min_keep, model_dir)
+        plan = shed.plan(repo, "HEAD", neurons, heads, min_keep, common["model_dir"])
         if as_json:
             render.emit_json(plan)
             return
@@ -255,11 +259,9 @@ def shed_cmd(c, neurons, heads, method, min_keep, ppl, cmd, tokens, seq_len, mod
                            f"-> {have - gone}")
         click.echo("dry run: nothing written")
         return
-    spec = _spec(c, repo, ppl, cmd, tokens, seq_len)
-    out = steps.shed(repo, spec, neurons=neurons, heads=heads, method=method, min_keep=min_keep, waves=waves,
-                     max_drop=parse_pct(max_drop), spike_z=spike_z, calib=calib, seed=seed, model_dir=model_dir,
-                     message=message, author=default_author(), progress=c.progress())
-    _render_outcome(c, out, spec, as_json)
+    opts = _stepoptions(c, repo, common)
+    out = shed.run(repo, opts, neurons=neurons, heads=heads, method=method, min_keep=min_keep)
+    _render_outcome(c, out, opts, as_json)
 
 
 COMMANDS = (eval_cmd, compress_group)
@@ -279,20 +281,18 @@ COMMANDS = (eval_cmd, compress_group)
 @_eval_options
 @_single_step_options
 @pass_ctx
-def quantize_cmd(c, method, group_size, double_quant, scope, skip, bits, budget_bits, ppl, cmd, tokens, seq_len,
-                 model_dir, max_drop, seed, message, as_json):
+def quantize_cmd(c, method, group_size, double_quant, scope, skip, bits, budget_bits, as_json, **common):
     """Store the linear layers in low-bit form (packed integers + scales); loadable again."""
-    from ..compress import steps
+    from ..compress import quantize
+    from ..compress.runner import parse_assignments
 
     repo = c.repo()
-    spec = _spec(c, repo, ppl, cmd, tokens, seq_len)
-    out = steps.quantize(repo, spec, method, group_size=group_size, double_quant=double_quant,
-                         scope=list(scope) or None, skip=tuple(skip),
-                         bits=dict(steps.parse_assignments(bits, "--bits", int, "model.layers.0.*=8")) or None,
-                         budget_bits=budget_bits,
-                         max_drop=parse_pct(max_drop), seed=seed, model_dir=model_dir, message=message,
-                         author=default_author(), progress=c.progress())
-    _render_outcome(c, out, spec, as_json)
+    opts = _stepoptions(c, repo, common)
+    out = quantize.run(repo, opts, method, group_size=group_size, double_quant=double_quant,
+                       scope=list(scope) or None, skip=tuple(skip),
+                       bits=dict(parse_assignments(bits, "--bits", int, "model.layers.0.*=8")) or None,
+                       budget_bits=budget_bits)
+    _render_outcome(c, out, opts, as_json)
 
 
 @compress_group.command("heal")
@@ -309,17 +309,15 @@ def quantize_cmd(c, method, group_size, double_quant, scope, skip, bits, budget_
 @_eval_options
 @_single_step_options
 @pass_ctx
-def heal_cmd(c, text, steps_, lr, rank, alpha, rounds, targets, against, ppl, cmd, tokens, seq_len, model_dir,
-             max_drop, seed, message, as_json):
+def heal_cmd(c, text, steps_, lr, rank, alpha, rounds, targets, against, as_json, **common):
     """LoRA-heal the most damaged layers (peft); pruned weights stay exactly zero."""
-    from ..compress import steps
+    from ..compress import heal
 
     repo = c.repo()
-    spec = _spec(c, repo, ppl, cmd, tokens, seq_len)
-    out = steps.heal(repo, spec, text=text, steps_=steps_, lr=lr, rank=rank, alpha=alpha, rounds=rounds,
-                     targets=targets, against=against, max_drop=parse_pct(max_drop), seed=seed,
-                     model_dir=model_dir, message=message, author=default_author(), progress=c.progress())
-    _render_outcome(c, out, spec, as_json)
+    opts = _stepoptions(c, repo, common)
+    out = heal.run(repo, opts, text=text, steps_=steps_, lr=lr, rank=rank, alpha=alpha, rounds=rounds,
+                   targets=targets, against=against)
+    _render_outcome(c, out, opts, as_json)
 
 
 @compress_group.command("factorize")
@@ -331,17 +329,14 @@ def heal_cmd(c, text, steps_, lr, rank, alpha, rounds, targets, against, ppl, cm
 @_eval_options
 @_single_step_options
 @pass_ctx
-def factorize_cmd(c, rank, energy, whiten, scope, calib, ppl, cmd, tokens, seq_len, model_dir, max_drop, seed,
-                  message, as_json):
+def factorize_cmd(c, rank, energy, whiten, scope, as_json, **common):
     """Replace linear layers by two low-rank factors (truncated SVD)."""
-    from ..compress import steps
+    from ..compress import factorize
 
     repo = c.repo()
-    spec = _spec(c, repo, ppl, cmd, tokens, seq_len)
-    out = steps.factorize(repo, spec, rank=rank, energy=energy, scope=list(scope) or None, whiten=whiten,
-                          calib=calib, max_drop=parse_pct(max_drop), seed=seed, model_dir=model_dir,
-                          message=message, author=default_author(), progress=c.progress())
-    _render_outcome(c, out, spec, as_json)
+    opts = _stepoptions(c, repo, common)
+    out = factorize.run(repo, opts, rank=rank, energy=energy, scope=list(scope) or None, whiten=whiten)
+    _render_outcome(c, out, opts, as_json)
 
 
 @compress_group.command("run")

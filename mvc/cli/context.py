@@ -43,6 +43,15 @@ class PathsCommand(click.Command):
         return super().parse_args(ctx, args)
 
 
+def options(*opts):
+    """One decorator applying click options in the order written."""
+    def deco(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return deco
+
+
 def default_author() -> str:
     """--author default: MVC_AUTHOR, then Git's author variables and config."""
     if os.environ.get("MVC_AUTHOR"):

@@ -44,7 +44,7 @@ def git_group():
 @click.pass_obj
 def install(c, scope):
     """Configure the mvc filter for Git (filter.mvc.process, required)."""
-    from ..hooks.gitfilter import git_dir, open_store
+    from ..hooks.git.filter import git_dir, open_store
 
     cwd = c.directory
     cmd = _mvc_command()
@@ -67,7 +67,7 @@ def install(c, scope):
 
 def _smudge_pointer_files(cwd: str) -> int:
     """Files a clone wrote as pointers before the filter was configured: check them out again."""
-    from ..hooks.pointer import MAX_SIZE, parse
+    from ..hooks.git.pointer import MAX_SIZE, parse
 
     top = _git("rev-parse", "--show-toplevel", cwd=cwd).strip()
     res = subprocess.run(["git", "ls-files", "-z"], cwd=top, capture_output=True)
@@ -127,7 +127,7 @@ def track(c, patterns):
 
 def _gitdir() -> str:
     """The repository's .git directory: $GIT_DIR when Git set it (hooks, filters), else discovered."""
-    from ..hooks.gitfilter import git_dir
+    from ..hooks.git.filter import git_dir
 
     return os.path.abspath(os.environ.get("GIT_DIR") or git_dir("."))
 
@@ -150,8 +150,8 @@ def _origin_store() -> str | None:
 @git_group.command("filter-process")
 def filter_process():
     """Git's long-running filter (started by Git, speaks pkt-lines on stdin/stdout)."""
-    from ..hooks.gitfilter import Filter, open_store, serve
-    from ..hooks.githistory import store_lock
+    from ..hooks.git.filter import Filter, open_store, serve
+    from ..hooks.git.history import store_lock
 
     gd = _gitdir()
     filt = Filter(open_store(gd), os.path.join(gd, "mvc", "tmp"), fallback_store=_origin_store())
@@ -165,7 +165,7 @@ def filter_process():
 
 
 def _store():
-    from ..hooks.gitfilter import open_store
+    from ..hooks.git.filter import open_store
 
     return open_store(_gitdir())
 
@@ -174,7 +174,7 @@ def _store():
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def diff_driver(args):
     """Git's external diff for tracked models: PATH OLD OLD-HEX OLD-MODE NEW NEW-HEX NEW-MODE."""
-    from ..hooks.gitdrivers import diff_files
+    from ..hooks.git.drivers import diff_files
     from . import render
 
     if len(args) < 7:
@@ -189,7 +189,7 @@ def diff_driver(args):
 @click.argument("path")
 def textconv(path):
     """Git's textconv for tracked models: one line per tensor (for `git log -p`)."""
-    from ..hooks.gitdrivers import textconv_lines
+    from ..hooks.git.drivers import textconv_lines
 
     for line in textconv_lines(_store(), path, path):
         click.echo(line)
@@ -202,8 +202,8 @@ def textconv(path):
 @click.argument("name")
 def merge_driver(base, ours, theirs, name):
     """Git's merge driver: a three-way tensor merge of three pointers, the result written to OURS."""
-    from ..hooks.gitdrivers import merge_pointers
-    from ..maintenance import StoreView
+    from ..graph import StoreView
+    from ..hooks.git.drivers import merge_pointers
 
     def read(p):
         with open(p, "rb") as f:
@@ -248,7 +248,7 @@ def pre_push(args):
 @click.option("--json", "as_json", is_flag=True)
 def git_fsck_cmd(as_json):
     """Check that every pointer reachable in Git's history has all its objects, intact."""
-    from ..hooks.githistory import git_fsck
+    from ..hooks.git.history import git_fsck
     from . import render
 
     gd = _gitdir()
@@ -262,7 +262,7 @@ def git_fsck_cmd(as_json):
 @click.option("-n", "--dry-run", is_flag=True)
 def git_gc_cmd(dry_run):
     """Delete mvc objects that no pointer in Git's history or index needs."""
-    from ..hooks.githistory import git_gc
+    from ..hooks.git.history import git_gc
     from . import render
 
     gd = _gitdir()

@@ -157,7 +157,7 @@ def _weights(text):
 @pass_ctx
 def merge(c, rev, message, strategy, weights, density, cont, abort, author):
     """Merge REV into the current branch: tensor by tensor, element by element."""
-    from .. import mergeops
+    from ..merge import session as mergeops
 
     repo = c.repo()
     if _continue_or_abort(repo, "merge", rev, cont, abort, author):
@@ -176,7 +176,7 @@ def merge(c, rev, message, strategy, weights, density, cont, abort, author):
 
 def _continue_or_abort(repo, kind: str, rev, cont: bool, abort: bool, author) -> bool:
     """Handle --continue / --abort of a merge, revert or cherry-pick; True when one was given."""
-    from .. import mergeops
+    from ..merge import session as mergeops
 
     if abort:
         mergeops.abort(repo)
@@ -210,7 +210,7 @@ def _pick_command(kind: str, doc: str):
     @click.option("--author", default=None)
     @pass_ctx
     def cmd(c, rev, message, strategy, cont, abort, author):
-        from .. import mergeops
+        from ..merge import session as mergeops
 
         repo = c.repo()
         if _continue_or_abort(repo, kind, rev, cont, abort, author):

@@ -24,6 +24,14 @@ class MvcGroup(click.Group):
             hint = f" (hint: {e.hint})" if e.hint else ""
             click.secho(f"error: {e}{hint}", fg="red", err=True)
             sys.exit(exit_code(e))
+        except ModuleNotFoundError as e:  # a heavy import deep inside a command: the extra is missing
+            from ..compress import EXTRA
+
+            if (e.name or "").split(".")[0] not in EXTRA:
+                raise
+            click.secho(f"error: this command needs the 'compress' extra ({e.name} is not installed) "
+                        "(hint: pip install 'mvc[compress]')", fg="red", err=True)
+            sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
@@ -56,7 +64,7 @@ def init(c, directory, initial_branch, demo):
 
     path = os.path.join(c.directory, directory)
     if demo:
-        from ..compress.demofiles import init_demo
+        from ..compress.demo_model import init_demo
 
         repo = init_demo(path, branch=initial_branch, author=default_author())
         click.echo(f"Initialized mvc repository in {repo.root}/.mvc with the demo model "
@@ -124,7 +132,7 @@ def status(c, as_json, short, paths):
     repo = c.repo()
     st = repo.status(list(paths) or None, progress=c.progress())
     if as_json:
-        from .. import mergeops
+        from ..merge import session as mergeops
 
         ms = mergeops.state(repo)
         render.emit_json({"branch": st.branch, "head": st.head, "modified": st.modified,
@@ -139,7 +147,7 @@ def status(c, as_json, short, paths):
     click.echo(f"On branch {st.branch}" if st.branch else f"HEAD detached at {st.head[:12] if st.head else '?'}")
     if st.head is None:
         click.echo("No commits yet")
-    from .. import mergeops
+    from ..merge import session as mergeops
 
     ms = mergeops.state(repo)
     if ms is not None:
@@ -227,7 +235,7 @@ def diff(c, revs, stat, name_only, as_json, binary, output):
     if len(revs) > 2:
         raise UsageError("diff takes at most two revisions")
     if binary:
-        from ..patch import write_patch
+        from ..diff.patch import write_patch
 
         if len(revs) != 2 or not output:
             raise UsageError("usage: mvc diff --binary A B -o PATCH")
@@ -273,7 +281,7 @@ def checkout(c, args, force, side):
     args = list(args)
     paths = click.get_current_context().meta["paths"]
     if side:
-        from .. import mergeops
+        from ..merge import session as mergeops
 
         for spec in (paths or []) + args:
             mergeops.resolve(repo, spec, side)
@@ -304,57 +312,59 @@ def switch(c, branch, start, create, force):
     click.echo(f"Switched to {'a new ' if create else ''}branch {branch!r}", err=True)
 
 
-@cli.command()
-@click.argument("name", required=False)
-@click.argument("start", required=False, default="HEAD")
-@click.option("-d", "--delete", is_flag=True)
-@click.option("-D", "force_delete", is_flag=True)
-@click.option("--json", "as_json", is_flag=True)
-@pass_ctx
-def branch(c, name, start, delete, force_delete, as_json):
-    """List, create (branch NAME [START]) or delete (-d NAME) branches."""
-    repo = c.repo()
-    if delete or force_delete:
-        if not name:
-            raise UsageError("branch -d needs a NAME")
-        oid = repo.delete_branch(name, force=force_delete)
-        click.echo(f"Deleted branch {name} (was {oid[:12]})")
-    elif name:
-        repo.create_branch(name, start)
-    else:
-        cur = repo.refs.current_branch()
-        branches = repo.refs.branches()
-        if as_json:
-            render.emit_json({"current": cur, "branches": branches})
-            return
-        for b, oid in branches.items():
-            click.echo(("* " if b == cur else "  ") + f"{b}  {oid[:12]}")
+def _ref_command(kind: str, rev: str, force: click.Option, create, delete, listing, doc: str):
+    """`mvc branch` and `mvc tag`: list (optionally --json), create NAME [REV], delete -d NAME."""
+
+    @cli.command(kind, help=doc)
+    @click.argument("name", required=False)
+    @click.argument(rev, required=False, default="HEAD")
+    @click.option("-d", "--delete", "delete_", is_flag=True)
+    @force
+    @click.option("--json", "as_json", is_flag=True)
+    @pass_ctx
+    def command(c, name, delete_, as_json, force, **kw):
+        repo = c.repo()
+        if delete_ or (force and kind == "branch"):
+            if not name:
+                raise UsageError(f"{kind} -d needs a NAME")
+            click.echo(f"Deleted {kind} {name} (was {delete(repo, name, force)[:12]})")
+        elif name:
+            create(repo, name, kw[rev], force)
+        else:
+            listing(repo, as_json)
+
+    return command
 
 
-@cli.command()
-@click.argument("name", required=False)
-@click.argument("rev", required=False, default="HEAD")
-@click.option("-d", "--delete", is_flag=True)
-@click.option("-f", "--force", is_flag=True)
-@click.option("--json", "as_json", is_flag=True)
-@pass_ctx
-def tag(c, name, rev, delete, force, as_json):
-    """List, create (tag NAME [REV]) or delete (-d NAME) tags."""
-    repo = c.repo()
-    if delete:
-        if not name:
-            raise UsageError("tag -d needs a NAME")
-        oid = repo.delete_tag(name)
-        click.echo(f"Deleted tag {name} (was {oid[:12]})")
-    elif name:
-        repo.create_tag(name, rev, force=force)
-    else:
-        tags = repo.refs.tags()
-        if as_json:
-            render.emit_json(tags)
-            return
-        for t in tags:
-            click.echo(t)
+def _list_branches(repo, as_json: bool) -> None:
+    cur = repo.refs.current_branch()
+    branches = repo.refs.branches()
+    if as_json:
+        render.emit_json({"current": cur, "branches": branches})
+        return
+    for b, oid in branches.items():
+        click.echo(("* " if b == cur else "  ") + f"{b}  {oid[:12]}")
+
+
+def _list_tags(repo, as_json: bool) -> None:
+    tags = repo.refs.tags()
+    if as_json:
+        render.emit_json(tags)
+        return
+    for t in tags:
+        click.echo(t)
+
+
+branch = _ref_command(
+    "branch", "start", click.option("-D", "force", is_flag=True, help="Delete even if not merged into HEAD."),
+    create=lambda repo, name, start, _f: repo.create_branch(name, start),
+    delete=lambda repo, name, force: repo.delete_branch(name, force=force),
+    listing=_list_branches, doc="List, create (branch NAME [START]) or delete (-d NAME, -D unmerged) branches.")
+tag = _ref_command(
+    "tag", "rev", click.option("-f", "--force", is_flag=True, help="Move an existing tag."),
+    create=lambda repo, name, rev, force: repo.create_tag(name, rev, force=force),
+    delete=lambda repo, name, _f: repo.delete_tag(name),
+    listing=_list_tags, doc="List, create (tag NAME [REV]) or delete (-d NAME) tags.")
 
 
 @cli.command()
@@ -487,7 +497,7 @@ def main() -> None:
 @pass_ctx
 def apply(c, patch):
     """Apply a binary patch (from `mvc diff --binary`) to a work tree at its base commit."""
-    from ..patch import apply_patch
+    from ..diff.patch import apply_patch
 
     with open(patch, "rb") as f:
         data = f.read()

@@ -95,8 +95,8 @@ def fetch(c, name):
 @pass_ctx
 def pull(c, name, branch):
     """fetch, then fast-forward or merge NAME/BRANCH into the current branch."""
-    from .. import mergeops
     from ..errors import UsageError
+    from ..merge import session as mergeops
     from ..remote.sync import fetch as do_fetch
     from ..remote.sync import open_named
 

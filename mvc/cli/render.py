@@ -7,8 +7,8 @@ import time
 
 import click
 
+from ..diff.trees import FileChange
 from ..store.objects import Commit
-from ..treediff import FileChange
 
 
 def human(n: float) -> str:

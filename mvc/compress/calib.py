@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import UsageError
+from ..state import CFG_CALIB
 from .evaluate import read_text, text_windows
 
 DEFAULT_CALIB_TOKENS = 2048
@@ -24,7 +25,7 @@ def make_calib(repo, path: str | None, tokens: int | None = None) -> Calib:
     """--calib FILE, else the repository's config ``calib``; an error names both when neither is set."""
     if path:
         full = os.path.join(repo.cwd or os.getcwd(), path)
-    elif (cfg := repo.config.get("calib")):
+    elif (cfg := repo.config.get(CFG_CALIB)):
         full = os.path.join(repo.root, cfg["text"])
         tokens = tokens or cfg.get("tokens")
     else:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import MvcError, UsageError
 from ..pipeline import Materializer
+from ..state import CFG_EVAL, KV_EVAL
 from ..store.ids import hash_object
 
 DEFAULT_TOKENS = 4096
@@ -67,7 +68,7 @@ def make_spec(repo, ppl: str | None = None, cmd: str | None = None, tokens: int 
     """The evaluation asked for, else the repository's default (config ``eval``), else an error."""
     if ppl and cmd:
         raise UsageError("pass --ppl or --cmd, not both")
-    cfg = repo.config.get("eval") or {}
+    cfg = repo.config.get(CFG_EVAL) or {}
     if not ppl and not cmd:
         if not cfg:
             raise UsageError("no evaluation given and the repository has no default",
@@ -99,7 +100,7 @@ def spec_config(spec: EvalSpec, root: str) -> dict:
 
 def _cache_key(tree_id: str, spec: EvalSpec) -> bytes:
     body = json.dumps(spec.key(), sort_keys=True).encode()
-    return b"eval/" + tree_id.encode() + b"/" + hash_object("chunk", body).hex()[:32].encode()
+    return KV_EVAL + tree_id.encode() + b"/" + hash_object("chunk", body).hex()[:32].encode()
 
 
 def cached(repo, tree_id: str, spec: EvalSpec) -> dict | None:
@@ -179,11 +180,7 @@ def perplexity(model, windows, batch: int = 8) -> float:
 
 def run_command(repo, tree, spec: EvalSpec, rev: str) -> dict:
     """Check the tree out into a scratch directory and run the command there (exit 0 = good)."""
-    from ..worktree import REPO_DIR
-
-    scratch = os.path.join(repo.root, REPO_DIR, "tmp")
-    os.makedirs(scratch, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=scratch, prefix="eval-") as d, \
+    with tempfile.TemporaryDirectory(dir=repo.tmp_dir(), prefix="eval-") as d, \
             Materializer(repo.odb, workers=repo.workers) as mat:
         for e in tree.entries:
             full = os.path.join(d, e.path)

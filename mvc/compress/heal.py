@@ -15,7 +15,10 @@ import math
 import os
 
 from ..errors import UsageError
-from .calib import collect_inputs
+from .calib import collect_inputs, make_calib, windows
+from .model import Model, open_source
+from .runner import Change, Outcome, StepOptions, calib_desc
+from .runner import run as run_step
 
 
 def damage(model, linears, reference: dict, batches) -> dict:
@@ -102,3 +105,58 @@ def merge_masked(model, deltas: dict) -> dict:
 
 def adapter_path(model, tag: str) -> str:
     return os.path.join(model.src.prefix, "adapters", tag).lstrip("/")
+
+
+def default_against(repo) -> str:
+    """The newest first-parent ancestor of HEAD that no prune or shed step made: what healing
+    measures damage against (HEAD~1 when HEAD itself is not such a step)."""
+    head = repo.refs.head_commit()
+    oid = head
+    while oid:
+        c = repo.commit_obj(oid)
+        if (c.op or {}).get("op") not in ("prune", "shed") and oid != head:
+            return oid
+        if not c.parents:
+            break
+        oid = c.parents[0]
+    if oid == head:
+        raise UsageError("HEAD has no parent to measure damage against", hint="pass --against REV")
+    return oid
+
+
+def run(repo, opts: StepOptions, text: str | None = None, steps_: int = 50, lr: float = 1e-3, rank: int = 16,
+        rounds: int = 2, alpha: float = 16.0, targets: int | None = None, against: str | None = None,
+        tokens: int | None = None) -> Outcome:
+    """LoRA-heal the layers that *against* → HEAD damaged most; merged under the sparsity mask."""
+    if steps_ < 1 or rank < 1 or lr <= 0 or rounds < 1:
+        raise UsageError("--steps, --rank and --rounds must be at least 1, --lr positive")
+    cal = make_calib(repo, text, tokens or 32768)  # healing trains on the whole text (up to 32k tokens)
+    ref_commit = repo.resolve(against) if against else default_against(repo)
+    reference = {}
+    for path in open_source(repo, ref_commit, opts.model_dir).files:
+        reference.update(repo.load(ref_commit, path=path))
+    params = {"steps": steps_, "lr": lr, "rank": rank, "alpha": alpha, "rounds": rounds, "against": ref_commit,
+              "text": calib_desc(cal)}
+
+    def apply(model: Model, strength: float, scratch: str):
+        lin = model.linears()
+        batches = windows(repo, model, cal)
+        dmg = damage(model, lin, reference, batches)
+        chosen = choose_targets(dmg, targets)
+        tag = f"heal-{ref_commit[:8]}"
+        files, counts = {}, {}
+        per_round = [steps_ // rounds + (1 if i < steps_ % rounds else 0) for i in range(rounds)]
+        for i, n in enumerate(x for x in per_round if x):
+            # each round trains on the model as merged so far, so later rounds learn to work
+            # within the sparsity mask that the merge enforces
+            adir = os.path.join(scratch, f"adapter-{i + 1}")
+            deltas = train_lora(model, chosen, batches, n, lr, rank, alpha, opts.seed + i, adir)
+            counts = merge_masked(model, deltas)
+            where = adapter_path(model, tag) + (f"/round-{i + 1}" if rounds > 1 else "")
+            for name in os.listdir(adir):
+                if name.endswith((".safetensors", ".json")):
+                    files[f"{where}/{name}"] = os.path.join(adir, name)
+        extra = {"targets": chosen, "damage": {n: round(dmg[n], 6) for n in chosen}, "adapter": tag}
+        return Change(counts, extra, add_files=files)
+
+    return run_step(repo, opts, op="heal", method="lora", params=params, strengths=[1.0], apply=apply)

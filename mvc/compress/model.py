@@ -277,7 +277,7 @@ def _config_errors() -> tuple:
 
 def file_metadata(repo, file_oid: str) -> dict | None:
     """The ``__metadata__`` of a stored safetensors file (read from its header chunks only)."""
-    from ..tensors import safetensors_metadata
+    from ..load import safetensors_metadata
 
     with Materializer(repo.odb, workers=1) as mat:
         return safetensors_metadata(mat, repo.odb.get(file_oid, "file"))

@@ -8,11 +8,16 @@ that the already-pruned layers before it produce; memory stays near one layer's 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 from ..errors import UsageError
-from .calib import collect_inputs, windows
+from .calib import collect_inputs, make_calib, windows
+from .model import Model, linear_names, open_source
+from .runner import Change, Outcome, StepOptions, calib_desc, parse_assignments, waves_of
+from .runner import run as run_step
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -153,7 +158,7 @@ def sparsegpt(weight, gram, n: int, sparsity: float, pattern: Pattern | None = N
     return mask_all
 
 
-def apply(repo, model, linears, method: str, sparsity_of, pattern: Pattern | None = None,
+def apply_masks(repo, model, linears, method: str, sparsity_of, pattern: Pattern | None = None,
           clusters: int = 0, seed: int = 0, calib=None, progress=None) -> dict:
     """Prune *linears* in place; returns {name: (pruned, total)}. *sparsity_of(name)* gives each
     matrix's target. Calibration methods go layer by layer, feeding pruned outputs forward."""
@@ -188,3 +193,80 @@ def apply(repo, model, linears, method: str, sparsity_of, pattern: Pattern | Non
             if progress is not None:
                 progress.advance(nbytes=w.numel() * 4, tensors=1)  # float32 in memory
     return counts
+
+
+@dataclass
+class PlanRow:
+    tensor: str
+    shape: tuple
+    elements: int
+    change: int  # elements pruned, or removed by shedding
+
+
+def parse_layer_sparsity(items) -> list[tuple[str, float]]:
+    """--layer-sparsity GLOB=S: per-tensor targets."""
+    return [(g, check_sparsity(s))
+            for g, s in parse_assignments(items, "--layer-sparsity", float, "model.layers.0.*=0.3")]
+
+
+def _sparsity_of(default: float, overrides: list[tuple[str, float]], scale: float = 1.0):
+    def of(name: str) -> float:
+        for glob, s in overrides:
+            if fnmatchcase(name, glob):
+                return s * scale
+        return default * scale
+    return of
+
+
+def plan(repo, rev: str, sparsity: float, pattern: str | None, scope, embeddings: bool,
+               layer_sparsity=(), model_dir: str = "") -> list[PlanRow]:
+    pat = Pattern.parse(pattern)
+    check_sparsity(sparsity)
+    src = open_source(repo, rev, model_dir)
+    of = _sparsity_of(pat.sparsity if pat else sparsity, parse_layer_sparsity(list(layer_sparsity)))
+    rows = []
+    for name, _role, _layer in linear_names(src, scope, embeddings):
+        meta = src.tensor_meta(name)
+        n = math.prod(meta.shape)
+        if pat:
+            if meta.shape[-1 if not src.arch.conv1d else 0] % pat.m:
+                raise UsageError(f"{name} has {meta.shape} and cannot take the {pattern} pattern")
+            k = n // pat.m * (pat.m - pat.n)
+        else:
+            k = int(of(name) * n)
+        rows.append(PlanRow(name, tuple(meta.shape), n, k))
+    return rows
+
+
+def run(repo, opts: StepOptions, method: str, sparsity: float, pattern: str | None = None, scope=None,
+        embeddings: bool = False, layer_sparsity=(), clusters: int = 0) -> Outcome:
+    """Zero weights by *method* (magnitude, wanda, sparsegpt) to *sparsity*, or to an N:M *pattern*."""
+    if method not in METHODS:
+        raise UsageError(f"unknown pruning method {method!r}", hint=f"choose one of {', '.join(METHODS)}")
+    pat = Pattern.parse(pattern)
+    check_sparsity(sparsity)
+    overrides = parse_layer_sparsity(list(layer_sparsity))
+    if pat and opts.waves > 1:
+        raise UsageError("an N:M pattern is one step; it cannot be split into --waves")
+    if clusters < 0:
+        raise UsageError("--clusters must be 0 (off) or more")
+    cal = make_calib(repo, opts.calib) if method != "magnitude" else None
+    plan(repo, "HEAD", sparsity, pattern, scope, embeddings, layer_sparsity, opts.model_dir)  # checks shapes
+    target = pat.sparsity if pat else sparsity
+    strengths = waves_of(target, opts.waves)
+    params = {"sparsity": target, "pattern": pattern, "clusters": clusters or None,
+              "layer_sparsity": dict(overrides) or None, "calib": calib_desc(cal)}
+    params = {k: v for k, v in params.items() if v is not None}
+
+    def apply(model: Model, strength: float, scratch: str):
+        lin = model.linears(scope, embeddings)
+        opts.progress.start(f"pruning ({method})", sum(li.weight().numel() * 4 for li in lin), len(lin))
+        counts = apply_masks(repo, model, lin, method, _sparsity_of(strength, overrides, strength / target
+                                                                       if target else 0.0)
+                                 if overrides else _sparsity_of(strength, []),
+                                 pat, clusters, opts.seed, cal, opts.progress)
+        opts.progress.finish()
+        return Change(counts)
+
+    return run_step(repo, opts, op="prune", method=method, params=params, strengths=strengths, apply=apply,
+                    scope=scope)

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 from ..errors import UsageError
 from ..store.ids import hash_object
-from .ops import RECIPE as CURRENT
-from .ops import parse_pct
+from .runner import RECIPE as CURRENT
+from .runner import parse_pct
 
 
 def _frac(v) -> float:
@@ -185,6 +185,10 @@ def _model_bytes(repo, commit: str, model_dir: str = "") -> int:
                if e.path.startswith(prefix) and "/" not in e.path[len(prefix):] and e.path.endswith(".safetensors"))
 
 
+#: step parameters that belong to the shared StepOptions rather than to the operation
+_SHARED = ("max_drop", "waves", "spike_z", "calib", "seed", "message")
+
+
 def _kwargs(step: Step, recipe: Recipe) -> dict:
     p = dict(step.params)
     if "max_drop" not in p and recipe.max_drop is not None:
@@ -204,8 +208,9 @@ def run(repo, recipe: Recipe, env: dict | None = None, author: str | None = None
         progress=None) -> tuple[list[Row], bool]:
     """Run the recipe's remaining steps on HEAD; (rows, finished). Stops at the first guard stop."""
     from ..progress import NULL
-    from . import steps as S
+    from . import factorize, heal, prune, quantize, score, shed
     from .evaluate import evaluate, make_spec
+    from .runner import StepOptions
 
     progress = progress or NULL
     ev = recipe.eval
@@ -236,7 +241,7 @@ def run(repo, recipe: Recipe, env: dict | None = None, author: str | None = None
         p = _kwargs(step, recipe)
         try:
             if step.kind == "score":
-                report, _scores = S.score(repo, "HEAD", p.get("method", "magnitude"), p.get("calib"), p.get("scope"))
+                report, _scores = score.run(repo, "HEAD", p.get("method", "magnitude"), p.get("calib"), p.get("scope"))
                 if p.get("output"):
                     with open(os.path.join(repo.root, p["output"]), "w", encoding="utf-8") as f:
                         json.dump(report, f, indent=1)
@@ -247,13 +252,14 @@ def run(repo, recipe: Recipe, env: dict | None = None, author: str | None = None
             before = repo.backend.stats().get("stored_bytes", 0)
             token = CURRENT.set({"id": recipe.id, "name": recipe.name, "step": i})
             try:
-                fn = {"shed": S.shed, "prune": S.prune, "heal": S.heal, "quantize": S.quantize,
-                      "factorize": S.factorize}[step.kind]
+                module = {"shed": shed, "prune": prune, "heal": heal, "quantize": quantize,
+                          "factorize": factorize}[step.kind]
+                opts = StepOptions(spec, author=author, progress=progress,
+                                   **{k: p.pop(k) for k in _SHARED if k in p})
                 if step.kind == "prune":
-                    out = fn(repo, p.pop("method", "magnitude"), p.pop("sparsity", 0.0), spec, author=author,
-                             progress=progress, **p)
+                    out = module.run(repo, opts, p.pop("method", "magnitude"), p.pop("sparsity", 0.0), **p)
                 else:
-                    out = fn(repo, spec, author=author, progress=progress, **p)
+                    out = module.run(repo, opts, **p)
             finally:
                 CURRENT.reset(token)
         except UsageError as e:

@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import UsageError
-from .calib import collect_grads, collect_inputs, windows
+from .calib import collect_grads, collect_inputs, make_calib, windows
+from .model import Model, open_source
 
 METHODS = ("magnitude", "taylor", "fisher", "wanda")
 
@@ -124,3 +125,17 @@ def to_csv(report: dict) -> str:
             for i, v in enumerate(row.get(kind + "s", [])):
                 lines.append(f"{kind},{row['layer']},{i},{v!r}")
     return "\n".join(lines) + "\n"
+
+
+def run(repo, rev: str, method: str, calib: str | None = None, scope=None, model_dir: str = "") -> tuple:
+    """(report, element scores) for *rev* under *method* (nothing is written to the repository)."""
+    if method not in METHODS:
+        raise UsageError(f"unknown scoring method {method!r}", hint=f"choose one of {', '.join(METHODS)}")
+    cal = make_calib(repo, calib) if needs_calib(method) else None
+    model = Model(repo, open_source(repo, rev, model_dir))
+    lin = model.linears(scope)
+    scores = element_scores(repo, model, lin, method, cal)
+    report = summarize(model, scores)
+    report["method"] = method
+    report["rev"] = model.src.commit
+    return report, scores

@@ -1,4 +1,2 @@
-"""Git integration (clean/smudge filter, diff and merge drivers) and the pre-commit hook.
-
-Not built yet: protocol code and hook logic will live here, above the core and below the CLI.
-"""
+"""Hooks into other tools: Git (``git/``: pointer, pkt-line, clean/smudge filter, diff and merge drivers,
+Git-history walks) and the pre-commit weight-hash manifest (``weighthash``)."""

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import blake3
 
 from ..errors import CorruptObjectError, MvcError
-from ..maintenance import children, closure
+from ..graph import children, closure
 from ..progress import NULL
-from ..refs import HEADS
+from ..state import CFG_LAZY, CFG_REMOTES, HEADS, KV_REMOTE_INDEX, REMOTES
 from ..store.ids import TYPE_CODE
 from ..store.objects import canonical_json
 from ..store.odb import decode_verified
@@ -34,8 +34,6 @@ from .backends import RemoteBackend, RemoteError
 
 FORMAT = 1
 PACK_TARGET = 64 << 20
-REMOTES = "refs/remotes/"
-_IDX_CACHE = b"remote-idx:"
 
 
 @dataclass
@@ -70,7 +68,7 @@ def remote_index(repo, remote: RemoteBackend, name: str) -> dict[str, tuple[str,
     for key in remote.list("packs/"):
         if not key.endswith(".idx"):
             continue
-        cache_key = _IDX_CACHE + name.encode() + b":" + key.encode()
+        cache_key = KV_REMOTE_INDEX + name.encode() + b":" + key.encode()
         raw = repo.backend.kv_get(cache_key)
         if raw is None:
             raw = remote.get(key)
@@ -252,7 +250,7 @@ def fetch(repo, remote: RemoteBackend, name: str, progress=None, lazy: bool = Fa
 
 # -- remote configuration (in .mvc/config.json; never any secret) ----------------------------
 def remotes(repo) -> dict[str, dict]:
-    return dict(repo.config.get("remotes", {}))
+    return dict(repo.config.get(CFG_REMOTES, {}))
 
 
 def add_remote(repo, name: str, url: str, endpoint_url: str | None = None) -> None:
@@ -264,16 +262,16 @@ def add_remote(repo, name: str, url: str, endpoint_url: str | None = None) -> No
     if name in remotes(repo):
         raise RemoteError(f"remote {name!r} already exists")
     entry = {"url": url} | ({"endpoint_url": check_url(endpoint_url)} if endpoint_url else {})
-    repo.update_config(lambda cfg: cfg.setdefault("remotes", {}).__setitem__(name, entry))
+    repo.update_config(lambda cfg: cfg.setdefault(CFG_REMOTES, {}).__setitem__(name, entry))
 
 
 def remove_remote(repo, name: str) -> None:
     if name not in remotes(repo):
         raise RemoteError(f"no remote named {name!r}", hint="`mvc remote list` shows them")
     def drop(cfg):
-        cfg["remotes"].pop(name)
-        if not cfg["remotes"]:
-            del cfg["remotes"]
+        cfg[CFG_REMOTES].pop(name)
+        if not cfg[CFG_REMOTES]:
+            del cfg[CFG_REMOTES]
 
     repo.update_config(drop)
     for ref, oid in repo.backend.list_refs(f"{REMOTES}{name}/").items():
@@ -328,7 +326,7 @@ def clone(url: str, dest: str, progress=None, endpoint_url: str | None = None, l
         repo = Repo.init(dest)
         add_remote(repo, "origin", url, endpoint_url)
         if lazy:
-            repo.update_config(lambda cfg: cfg.__setitem__("lazy", "origin"))
+            repo.update_config(lambda cfg: cfg.__setitem__(CFG_LAZY, "origin"))
             repo.odb.fetcher = lazy_fetcher(repo, "origin")
         tips = fetch(repo, remote, "origin", progress, lazy=lazy)
         if tips:

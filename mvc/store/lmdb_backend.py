@@ -16,10 +16,10 @@ import threading
 import lmdb
 
 from ..errors import MvcError, RefConflictError
+from ..state import KV_STATS
 from .backend import Backend
 
 _MIN_MAP = 256 << 20
-_COUNT_KEY = b"\x00stats"
 _envs: dict[str, tuple[int, lmdb.Environment, _RWLock]] = {}
 _envs_lock = threading.Lock()
 
@@ -120,7 +120,7 @@ class LmdbBackend(Backend):
         return self._txn(fn, write=True)
 
     def _counts(self, txn) -> tuple[int, int]:
-        raw = txn.get(_COUNT_KEY, db=self._kv)
+        raw = txn.get(KV_STATS, db=self._kv)
         return struct.unpack("<QQ", raw) if raw else (0, 0)
 
     # -- objects ---------------------------------------------------------------
@@ -140,7 +140,7 @@ class LmdbBackend(Backend):
                 if txn.put(oid, value, db=self._objects, overwrite=False):
                     added += len(value)
                     n += 1
-            txn.put(_COUNT_KEY, struct.pack("<QQ", n, size + added), db=self._kv)
+            txn.put(KV_STATS, struct.pack("<QQ", n, size + added), db=self._kv)
             return added
 
         return self._write(fn)
@@ -156,7 +156,7 @@ class LmdbBackend(Backend):
                 if v is not None:
                     freed += len(v)
                     n -= 1
-            txn.put(_COUNT_KEY, struct.pack("<QQ", n, size - freed), db=self._kv)
+            txn.put(KV_STATS, struct.pack("<QQ", n, size - freed), db=self._kv)
             return freed
 
         return self._write(fn)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 
-from ..errors import MvcError
-from ..pipeline import Ingestor
-from ..store.objects import MODE_FILE, File, Tree
-from ..store.odb import ObjectDB
-from ..tensordiff import fill_stats
-from ..treediff import FileChange, tensor_changes
+from ...diff.stats import fill_stats
+from ...diff.trees import FileChange, tensor_changes
+from ...errors import MvcError
+from ...pipeline import Ingestor
+from ...store.objects import MODE_FILE, File, Tree
+from ...store.odb import ObjectDB
 from .pointer import parse
 
 
@@ -75,7 +75,7 @@ def textconv_lines(odb: ObjectDB, path: str, name: str) -> list[str]:
 def merge_pointers(repo_like, name: str, base: bytes, ours: bytes, theirs: bytes,
                    strategy: str | None = None) -> tuple[bytes | None, list]:
     """Three-way merge of three pointers; (merged pointer or None on conflict, conflicts)."""
-    from ..merge import Merger
+    from ...merge.engine import Merger
     from .pointer import Pointer
 
     def tree(data: bytes) -> Tree:

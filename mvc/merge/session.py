@@ -13,12 +13,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .errors import DirtyWorkTreeError, MvcError, UsageError
-from .merge import _UINT, Conflict, Merger, check_weights, merge_bases
-from .progress import NULL
-from .store.objects import DTYPES, Tree
-
-_KEY = b"merge"
+from ..errors import DirtyWorkTreeError, MvcError, UsageError
+from ..progress import NULL
+from ..state import KV_MERGE
+from ..store.objects import DTYPES, Tree
+from .engine import _UINT, Conflict, Merger, check_weights, merge_bases
 
 
 @dataclass
@@ -30,12 +29,12 @@ class MergeOutcome:
 
 
 def state(repo) -> dict | None:
-    raw = repo.backend.kv_get(_KEY)
+    raw = repo.backend.kv_get(KV_MERGE)
     return json.loads(raw) if raw else None
 
 
 def _save(repo, st: dict | None) -> None:
-    repo.backend.kv_put_many({_KEY: json.dumps(st).encode() if st else None})
+    repo.backend.kv_put_many({KV_MERGE: json.dumps(st).encode() if st else None})
 
 
 def merge(repo, rev: str, message: str | None = None, strategy: str | None = None,
@@ -54,7 +53,7 @@ def merge(repo, rev: str, message: str | None = None, strategy: str | None = Non
             return MergeOutcome("up-to-date", ours)
         if ours in repo.ancestors(theirs):
             tree = repo.odb.get(repo.commit_obj(theirs).tree, "tree")
-            repo._switch_tree(tree, False, progress or NULL)
+            repo.switch_tree(tree, False, progress or NULL)
             repo.refs.move_head(theirs, ours, f"merge {rev}: fast-forward")
             return MergeOutcome("fast-forward", theirs)
         bases = merge_bases(repo, ours, theirs)
@@ -63,7 +62,7 @@ def merge(repo, rev: str, message: str | None = None, strategy: str | None = Non
         res = Merger(repo, strategy, w, density, progress or NULL).merge_trees(base_tree, repo.head_tree(),
                                                     repo.odb.get(repo.commit_obj(theirs).tree, "tree"))
         merged = Tree.build(res.entries)
-        repo._switch_tree(merged, False, progress or NULL)
+        repo.switch_tree(merged, False, progress or NULL)
         msg = message or f"Merge {rev}"
         op = {"op": "merge", "strategy": strategy or "three-way", "base": base, "theirs": theirs,
               "params": ({"weights": list(w)} if strategy in ("average", "task-arithmetic", "ties") else {})
@@ -73,7 +72,7 @@ def merge(repo, rev: str, message: str | None = None, strategy: str | None = Non
             _save(repo, {"ours": ours, "theirs": theirs, "base": base, "message": msg, "op": op,
                          "conflicts": [asdict(c) for c in res.conflicts]})
             return MergeOutcome("conflicts", None, res.conflicts, base)
-        oid = repo._record(merged, (ours, theirs), msg, author, op, None, "merge")
+        oid = repo.record(merged, (ours, theirs), msg, author, op, None, "merge")
         return MergeOutcome("merged", oid, [], base)
 
 
@@ -101,7 +100,7 @@ def pick(repo, rev: str, kind: str, message: str | None = None, strategy: str | 
     with repo.lock():
         res = Merger(repo, strategy, progress=progress or NULL).merge_trees(base, repo.head_tree(), theirs)
         merged = Tree.build(res.entries)
-        repo._switch_tree(merged, False, progress or NULL)
+        repo.switch_tree(merged, False, progress or NULL)
         if res.conflicts:
             parent = c.parents[0] if c.parents else None
             _save(repo, {"kind": kind, "ours": ours, "message": msg, "op": op,
@@ -111,7 +110,7 @@ def pick(repo, rev: str, kind: str, message: str | None = None, strategy: str | 
             return MergeOutcome("conflicts", None, res.conflicts)
         if merged.as_dict() == repo.head_tree().as_dict():
             return MergeOutcome("up-to-date", ours)
-        new = repo._record(merged, (ours,), msg, author, op, None, kind)
+        new = repo.record(merged, (ours,), msg, author, op, None, kind)
         return MergeOutcome("merged", new)
 
 
@@ -128,7 +127,7 @@ def abort(repo) -> None:
     if st is None:
         raise UsageError("no merge in progress")
     with repo.lock():
-        repo._switch_tree(_tree(repo, st["ours"]), True, NULL)
+        repo.switch_tree(_tree(repo, st["ours"]), True, NULL)
     _save(repo, None)
 
 
@@ -164,7 +163,7 @@ def _restore_whole(repo, rev: str | None, path: str, tensor: str | None) -> None
         if entry is None:
             repo.worktree.remove(path)
         else:
-            repo._write_entries([entry], NULL)
+            repo.write_entries([entry], NULL)
         return
     raise UsageError(f"{path}:{tensor}: pick a whole-tensor conflict with `--ours` or edit the file",
                      hint="whole-tensor conflicts (a shape change or deletion) are resolved by committing a choice")
@@ -172,8 +171,8 @@ def _restore_whole(repo, rev: str | None, path: str, tensor: str | None) -> None
 
 def _write_tensor_elements(repo, st: dict, path: str, name: str) -> None:
     """Overwrite the conflicting elements of one tensor in the work-tree file with theirs' values."""
-    from .formats import safetensors as stf
-    from .pipeline import Materializer
+    from ..formats import safetensors as stf
+    from ..pipeline import Materializer
 
     ids = {}
     for key in ("base", "ours", "theirs"):

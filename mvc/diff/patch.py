@@ -26,13 +26,13 @@ import struct
 import blake3
 import numpy as np
 
-from .errors import MvcError, UsageError
-from .maintenance import closure
-from .progress import NULL
-from .store import codec
-from .store.ids import TYPE_CODE, TYPES
-from .store.objects import DTYPES, canonical_json
-from .store.odb import decode_verified, encode_chunk
+from ..errors import MvcError, UsageError
+from ..graph import closure
+from ..progress import NULL
+from ..store import codec
+from ..store.ids import TYPE_CODE, TYPES
+from ..store.objects import DTYPES, canonical_json
+from ..store.odb import decode_verified, encode_chunk
 
 MAGIC = b"MVCPATCH"
 VERSION = 1
@@ -197,6 +197,6 @@ def apply_patch(repo, data: bytes, progress=None) -> dict:
             raise PatchError(f"the patch lacks chunk {oid[:12]} of its target")
     tree = repo.odb.get(target, "tree")
     with repo.lock():
-        repo._switch_tree(tree, False, progress or NULL)
+        repo.switch_tree(tree, False, progress or NULL)
     return {"base": manifest["base"], "target": manifest["target"], "objects": len(new)}
 

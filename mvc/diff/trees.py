@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .store.objects import File, Tensor, Tree, TreeEntry
+from ..store.objects import File, Tensor, Tree, TreeEntry
 
 Lookup = Callable[[str, str], object]  # (oid, kind) -> object
 

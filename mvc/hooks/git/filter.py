@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import tempfile
 
-from ..errors import InvalidFileError, MvcError
-from ..formats import safetensors as stf
-from ..pipeline import Ingestor, Materializer
-from ..store.lmdb_backend import LmdbBackend
-from ..store.odb import ObjectDB
+from ...errors import InvalidFileError, MvcError
+from ...formats import safetensors as stf
+from ...pipeline import Ingestor, Materializer
+from ...store.lmdb_backend import LmdbBackend
+from ...store.odb import ObjectDB
 from . import pktline as P
 from .pointer import Pointer, parse
 
@@ -58,8 +58,8 @@ class Filter:
         src = self._fallback
         if not src.has(oid):
             return False
-        from ..maintenance import closure
-        from ..store.odb import decode_verified
+        from ...graph import closure
+        from ...store.odb import decode_verified
 
         needed = closure(src.get, [(oid, "file")], self.odb.has)
         # write order: chunks, then tensors, then the file

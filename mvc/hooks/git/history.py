@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 
-from ..locking import file_lock
-from ..maintenance import FsckReport, StoreView, reachable
+from ...graph import StoreView, reachable
+from ...locking import file_lock
+from ...maintenance import FsckReport
 from .pointer import MAX_SIZE, parse
 
 

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import MvcError, UsageError
-from .pipeline import CHUNK_SIZE, Ingestor, Materializer
-from .progress import NULL, Progress
-from .store.objects import DTYPES, File, Tensor, Tree, TreeEntry
-from .tensordiff import to_float64
+from ..diff.stats import to_float64
+from ..errors import MvcError, UsageError
+from ..pipeline import CHUNK_SIZE, Ingestor, Materializer
+from ..progress import NULL, Progress
+from ..store.objects import DTYPES, File, Tensor, Tree, TreeEntry
 
 STRATEGIES = ("ours", "theirs", "average", "task-arithmetic", "ties")
 _UINT = {1: "u1", 2: "<u2", 4: "<u4", 8: "<u8"}

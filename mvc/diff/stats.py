@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .store.objects import DTYPES, Tensor
+from ..store.objects import DTYPES, Tensor
 
 ChunkReader = Callable[[Iterable[str]], Iterator[bytes]]
 
@@ -123,7 +123,7 @@ def tensor_stats(read: ChunkReader, old: Tensor | None, new: Tensor | None) -> d
 def fill_stats(odb, changes, locations: dict | None = None, workers: int | None = None) -> None:
     """Set ``stats`` on every tensor change of *changes* (FileChange list). Chunks listed in
     *locations* are read from work-tree files, the rest from the store."""
-    from .pipeline import Materializer
+    from ..pipeline import Materializer
 
     with Materializer(odb, workers=workers) as mat:
         mat.locations = locations or {}

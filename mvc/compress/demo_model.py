@@ -6,6 +6,7 @@ import os
 import shutil
 
 from ..errors import MvcError
+from ..state import CFG_CALIB, CFG_EVAL
 
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
 FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -30,6 +31,6 @@ def init_demo(path: str, branch: str = "main", author: str | None = None):
     repo = Repo.init(path, branch=branch)
     for f in FILES:
         shutil.copyfile(os.path.join(DEMO_DIR, f), os.path.join(repo.root, f))
-    repo.update_config(lambda c: c.update(eval=dict(EVAL), calib=dict(CALIB)))
+    repo.update_config(lambda c: c.update({CFG_EVAL: dict(EVAL), CFG_CALIB: dict(CALIB)}))
     repo.commit("demo model: a tiny Llama trained on Paradise Lost", author=author)
     return repo

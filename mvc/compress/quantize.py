@@ -9,9 +9,13 @@ import json
 import logging
 import os
 import tempfile
+from fnmatch import fnmatchcase
 
 from ..errors import MvcError, UsageError
 from ..formats.quantized import RTN_META, dequantize_state, rtn_quantize
+from .model import Model, linear_names, open_source
+from .runner import Change, Outcome, StepOptions
+from .runner import run as run_step
 
 BNB = ("nf4", "fp4", "int8")
 RTN = {"rtn-int8": 8, "rtn-int4": 4}
@@ -140,3 +144,93 @@ def cast(model, dtype_name: str) -> dict:
         for p in model.model.parameters():
             p.copy_(p.to(dtype).float())
     return counts
+
+
+def sensitivity_bits(repo, model: Model, lin, spec, group_size: int, budget: float) -> tuple[dict, dict]:
+    """Mixed precision from a sensitivity scan: quantize one layer at a time to int4, measure the
+    metric, then give 8 bits to the layers whose int4 costs most per weight while the average
+    width stays within *budget* bits. Returns ({tensor: bits}, {tensor: metric rise})."""
+    import torch
+
+    from ..formats.quantized import rtn_dequantize, rtn_quantize
+    from .evaluate import perplexity, text_windows
+
+    if spec.kind != "ppl":
+        raise UsageError("--budget-bits needs a perplexity evaluation (--ppl or the default)")
+    if not 4 <= budget <= 8:
+        raise UsageError(f"--budget-bits {budget:g} is outside [4, 8]")
+    win = text_windows(repo, model.src, spec.text, spec.tokens, spec.seq_len)
+    base = perplexity(model.model, win)
+    rise = {}
+    for li in lin:
+        w = li.weight()
+        keep = w.clone()
+        q, sc = rtn_quantize(w, 4, group_size)
+        with torch.no_grad():
+            w.copy_(rtn_dequantize(q, sc, {"bits": 4, "group_size": group_size, "shape": list(w.shape)}))
+            rise[li.name] = perplexity(model.model, win) - base
+            w.copy_(keep)
+    sizes = {li.name: li.weight().numel() for li in lin}
+    total = sum(sizes.values())
+    bits = {n: 4 for n in sizes}
+    used = 4 * total
+    for name in sorted(sizes, key=lambda n: -rise[n] / sizes[n]):
+        if used + 4 * sizes[name] <= budget * total:
+            bits[name] = 8
+            used += 4 * sizes[name]
+    return bits, rise
+
+
+def run(repo, opts: StepOptions, method: str, group_size: int = 0, double_quant: bool = False, scope=None,
+        skip=(), bits: dict | None = None, budget_bits: float | None = None) -> Outcome:
+    """Quantize the model's linear layers (or cast it, for fp16/bf16). *skip*: globs of tensors kept
+    in full precision; *bits*: {glob: 4|8} per-layer widths for the rtn methods; *budget_bits*:
+    choose those widths by a sensitivity scan, within this average width."""
+    check(method, group_size, double_quant)
+    if (bits or budget_bits is not None) and method not in RTN:
+        raise UsageError(f"--bits and --budget-bits (per-layer widths) apply to rtn-int8/rtn-int4, not {method}")
+    if bits and budget_bits is not None:
+        raise UsageError("pass --bits or --budget-bits, not both")
+    if bad := [f"{g}={b}" for g, b in (bits or {}).items() if b not in (4, 8)]:
+        raise UsageError(f"--bits {bad[0]!r} is not GLOB=4 or GLOB=8 (rtn stores 4 or 8 bits per weight)",
+                         hint="for example 'model.layers.0.*=8'")
+    src = open_source(repo, "HEAD", opts.model_dir)
+    linear_names(src, scope)  # the scope matches something
+    params = {"group_size": group_size or None, "double_quant": double_quant or None,
+              "skip": list(skip) or None, "bits": bits or None, "budget_bits": budget_bits}
+    params = {k: v for k, v in params.items() if v is not None}
+
+    def apply(model: Model, strength: float, scratch: str):
+        if method in CASTS:
+            return Change(cast(model, method))
+        lin = [li for li in model.linears(scope) if not any(fnmatchcase(li.name, g) for g in skip)]
+        if not lin:
+            raise UsageError("every layer in scope is skipped: nothing to quantize")
+        extra: dict = {}
+        out_dir = os.path.join(scratch, "model")
+        os.makedirs(out_dir)
+        if method in BNB:
+            chosen = {li.name for li in lin}
+            keep = sorted(li.name[:-len(".weight")] for li in model.linears() if li.name not in chosen)
+            # an explicit skip list replaces transformers' default one, which keeps the LM head
+            bnb_quantize(model, method, double_quant, keep + ["lm_head"] if keep else [], out_dir)
+            counts = {li.name: (li.weight().numel(), li.weight().numel()) for li in lin}
+        else:
+            width = RTN[method]
+            chosen_bits = bits
+            if budget_bits is not None:
+                chosen_bits, rise = sensitivity_bits(repo, model, lin, opts.spec, group_size, budget_bits)
+                extra["bits"] = chosen_bits
+                extra["sensitivity"] = {n: round(r, 4) for n, r in rise.items()}
+
+            def bits_of(name: str) -> int:
+                for glob, b in (chosen_bits or {}).items():
+                    if fnmatchcase(name, glob):
+                        return b
+                return width
+            counts = rtn_quantize_dir(model, method, group_size, lin, bits_of, out_dir)
+        load_dequantized(model, out_dir)
+        return Change(counts, extra, out_dir=out_dir)
+
+    return run_step(repo, opts, op="quantize", method=method, params=params, strengths=[1.0], apply=apply,
+                    scope=scope)

@@ -23,12 +23,28 @@ from dataclasses import dataclass, field
 from .. import __version__
 from ..errors import DirtyWorkTreeError, UsageError
 from ..progress import NULL, Progress
+from ..state import ATTEMPTS
 from .evaluate import EvalSpec, drop, evaluate_tree
 from .model import Model, build_tree, open_source, tree_from_dir, with_files
 
-ATTEMPTS = "refs/attempts/"
 #: set while a recipe runs ({id, name, step}): run() copies it into every op record
 RECIPE = contextvars.ContextVar("mvc_recipe", default=None)
+
+
+@dataclass
+class StepOptions:
+    """What every compression step shares; the CLI (and a recipe) builds one per step."""
+
+    spec: EvalSpec  # how the model is evaluated before and after
+    max_drop: float = 0.03  # the guard: largest metric drop against the step's start (inf: off)
+    waves: int = 1  # split the step into this many guarded commits (prune, shed)
+    spike_z: float = 3.0  # stop waves on a metric rise with this z-score (0: off)
+    calib: str | None = None  # calibration text (default: the repository's)
+    seed: int = 0
+    model_dir: str = ""  # the model's directory in the tree
+    message: str | None = None  # commit message (default: describes the step)
+    author: str | None = None
+    progress: Progress = NULL
 
 
 @dataclass
@@ -44,11 +60,7 @@ class Change:
 
 def scratch_dir(repo) -> str:
     """A fresh directory under .mvc/tmp for the files one wave writes (removed after the wave)."""
-    from ..worktree import REPO_DIR
-
-    base = os.path.join(repo.root, REPO_DIR, "tmp")
-    os.makedirs(base, exist_ok=True)
-    return tempfile.mkdtemp(dir=base, prefix="wave-")
+    return tempfile.mkdtemp(dir=repo.tmp_dir(), prefix="wave-")
 
 
 @dataclass
@@ -119,12 +131,12 @@ def _clean_metrics(m: dict) -> dict:
     return {k: v for k, v in m.items() if k != "cached"}
 
 
-def run(repo, *, op: str, method: str, params: dict, strengths: list[float], apply, spec: EvalSpec,
-        max_drop: float, spike_z: float = 3.0, scope: list | None = None, seed: int = 0,
-        model_dir: str = "", message: str | None = None, author: str | None = None,
-        progress: Progress = NULL) -> Outcome:
+def run(repo, opts: StepOptions, *, op: str, method: str, params: dict, strengths: list[float], apply,
+        scope: list | None = None) -> Outcome:
     """Run one compression step. *apply(model, strength, scratch)* changes the model in place and
     returns a Change; files it writes go into the directory *scratch*, removed after the wave."""
+    spec, max_drop, spike_z, seed = opts.spec, opts.max_drop, opts.spike_z, opts.seed
+    model_dir, message, author, progress = opts.model_dir, opts.message, opts.author, opts.progress
     if max_drop < 0:
         raise UsageError("--max-drop must not be negative")
     with repo.lock():
@@ -211,3 +223,31 @@ def _message(op: str, method: str, params: dict, strength, k: int, n: int) -> st
     if n > 1:
         what += f" (wave {k}/{n})"
     return what
+
+
+def parse_assignments(items, option: str, convert, example: str) -> list[tuple[str, object]]:
+    """Repeatable GLOB=VALUE options (the first matching glob wins)."""
+    out = []
+    for item in items or []:
+        glob, sep, value = item.rpartition("=")
+        try:
+            v = convert(value)
+        except ValueError:
+            v = None
+        if not sep or not glob or v is None:
+            raise UsageError(f"{option} {item!r} is not GLOB=VALUE", hint=f"for example {example!r}")
+        out.append((glob, v))
+    return out
+
+
+def waves_of(target: float, waves: int) -> list[float]:
+    if waves < 1:
+        raise UsageError("--waves must be at least 1")
+    return [target * k / waves for k in range(1, waves + 1)]
+
+
+def calib_desc(cal) -> dict | None:
+    if cal is None:
+        return None
+
+    return {"text": os.path.basename(cal.text), "tokens": cal.tokens, "seq_len": cal.seq_len}

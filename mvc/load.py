@@ -1,4 +1,5 @@
-"""Stored tensors as torch tensors (the only core module that imports torch, lazily)."""
+"""Stored tensors as torch tensors: ``repo.load`` (torch is imported inside the functions, so only
+callers that load tensors need the compress extra)."""
 
 from __future__ import annotations
 
