@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-ALL = ["mvc", "git-lfs", "dvc", "git-theta", "zipnn", "zstd"]
+ALL = ["mvc", "mvc-full", "git-lfs", "dvc", "git-theta", "zipnn", "zstd"]
 GIT_ENV = {"GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost", "GIT_COMMITTER_NAME": "bench",
            "GIT_COMMITTER_EMAIL": "bench@localhost", "GIT_CONFIG_NOSYSTEM": "1"}
 
@@ -143,6 +143,21 @@ class Mvc(System):
         return f"{_bin('mvc')} -q checkout -f {rev}"
 
 
+class MvcFull(Mvc):
+    """mvc with delta coding off (config delta.max_depth 0): every new chunk stored in full."""
+
+    name = "mvc-full"
+
+    def setup(self):
+        super().setup()
+        path = os.path.join(self.work, ".mvc", "config.json")
+        with open(path) as f:
+            cfg = json.load(f)
+        cfg["delta"] = {"max_depth": 0}
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+
+
 class GitFilter(System):
     """Plain git, with a clean/smudge filter that the subclass installs."""
 
@@ -220,7 +235,8 @@ class Zstd(FileCodec):
     name = "zstd"
 
 
-SYSTEMS = {"mvc": Mvc, "git-lfs": GitLfs, "dvc": Dvc, "git-theta": GitTheta, "zipnn": Zipnn, "zstd": Zstd}
+SYSTEMS = {"mvc": Mvc, "mvc-full": MvcFull, "git-lfs": GitLfs, "dvc": Dvc, "git-theta": GitTheta, "zipnn": Zipnn,
+           "zstd": Zstd}
 
 
 def measure(cls, label: str, versions: list[str], work: str, env: dict, budget_s: float | None = None) -> dict:
@@ -411,6 +427,22 @@ def report(res: dict) -> str:
                 x = edit / info["edited_layer_bytes"]
                 lines.append(f"| one-layer edit adds ≤ 1.05 × the layer's compressed size | {x:.3f} × "
                              f"({_gb(edit)} for {_gb(info['edited_layer_bytes'])}) | {mark(x <= 1.05)} |")
+            if ds == "llama":
+                for i, label, limit in ((1, "fine-tune", 0.50), (2, "50 % prune", 0.08), (3, "heal", 0.35),
+                                        (6, "merge", 0.50)):
+                    if len(mvc["store"]) > i:
+                        x = (mvc["store"][i] - mvc["store"][i - 1]) / mvc["raw_bytes"][i]
+                        lines.append(f"| {label} adds ≤ {limit:.2f} of its raw size | {x:.3f} | {mark(x <= limit)} |")
+            first = mvc["raw_bytes"][0] / mvc["checkout_first_s"]
+            last = mvc["raw_bytes"][-1] / mvc["checkout_last_s"]
+            lines.append(f"| checkout of the last version ≥ 0.75 × the first's throughput | {last / first:.2f} × "
+                         f"({last / 1e9:.2f} vs {first / 1e9:.2f} GB/s) | {mark(last >= 0.75 * first)} |")
+            full = next((r for r in rows if r["system"] == "mvc-full" and not r["error"]), None)
+            if full:
+                a = sum(mvc["raw_bytes"]) / sum(mvc["commit_s"])
+                b = sum(full["raw_bytes"]) / sum(full["commit_s"])
+                lines.append(f"| commit with deltas ≥ commit with deltas off (mvc-full) | {a / 1e9:.2f} vs "
+                             f"{b / 1e9:.2f} GB/s | {mark(a >= b)} |")
             commit = sum(mvc["raw_bytes"]) / sum(mvc["commit_s"]) / 1e9
             ck = max(mvc["raw_bytes"][0] / mvc["checkout_first_s"], mvc["raw_bytes"][-1] / mvc["checkout_last_s"]) / 1e9
             lines.append(f"| commit ≥ 1.0 GB/s | {commit:.2f} GB/s | {mark(commit >= 1.0)} |")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from .errors import MvcError
 from .refs import HEAD
+from .store.codec import delta_base
 
 
 class StoreView:
@@ -13,6 +14,19 @@ class StoreView:
     def __init__(self, odb, workers: int | None = None):
         self.odb = odb
         self.workers = workers
+
+
+def with_delta_bases(backend, keep: set[bytes]) -> set[bytes]:
+    """*keep* and every chunk that a kept delta is stored against, transitively: gc never drops a base."""
+    out = set(keep)
+    stack = list(keep)
+    while stack:
+        stored = backend.get(stack.pop())
+        link = delta_base(stored) if stored is not None else None
+        if link is not None and link[0] not in out:
+            out.add(link[0])
+            stack.append(link[0])
+    return out
 
 
 def ref_roots(repo) -> dict[str, str]:
@@ -92,3 +106,51 @@ def reachable(repo, report=None, roots: dict[str, str] | None = None,
         for child, ckind in children(kind, obj):
             stack.append((child, ckind, f"{kind} {oid[:12]}"))
     return seen
+
+
+def commits_oldest_first(repo, roots) -> list[str]:
+    """Every commit reachable from *roots*, parents before children."""
+    out: list[str] = []
+    done: set[str] = set()
+    for root in roots:
+        stack = [(root, False)]
+        while stack:
+            oid, expanded = stack.pop()
+            if oid in done:
+                continue
+            if expanded:
+                done.add(oid)
+                out.append(oid)
+                continue
+            stack.append((oid, True))
+            stack.extend((p, False) for p in repo.commit_obj(oid).parents if p not in done)
+    return out
+
+
+def added_by(repo, commit: str) -> dict:
+    """What a commit added to the store over its parents: objects, their stored bytes and the raw
+    bytes of its new chunks (stored / raw shows what compression and delta coding saved)."""
+    from .store.codec import NAMES
+
+    c = repo.commit_obj(commit)
+    seen: set[str] = set()
+    for p in c.parents:
+        seen.update(closure(repo.odb.get, [(repo.commit_obj(p).tree, "tree")]))
+    mine = closure(repo.odb.get, [(c.tree, "tree")], skip=seen.__contains__)
+    out = {"objects": len(mine), "stored": 0, "raw": 0, "encodings": {}}
+    sizes = {}
+    for oid, kind in mine.items():
+        if kind == "tensor":
+            t = repo.odb.get(oid, "tensor")
+            for i, ch in enumerate(t.chunks):
+                sizes[ch] = min(t.chunk_size, t.nbytes - i * t.chunk_size)
+    for oid, kind in mine.items():
+        stored = repo.backend.get(bytes.fromhex(oid))
+        if stored is None:
+            continue
+        out["stored"] += len(stored)
+        if kind == "chunk":
+            out["raw"] += sizes.get(oid, 0)
+            name = NAMES.get(stored[1], "?")
+            out["encodings"][name] = out["encodings"].get(name, 0) + 1
+    return out

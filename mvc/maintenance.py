@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import MvcError, UnsafePathError
-from .graph import reachable
+from .graph import reachable, with_delta_bases
 from .store.objects import parse_object
-from .store.odb import decode_verified
 
 
 @dataclass
@@ -31,7 +30,7 @@ def fsck(repo, progress=None) -> FsckReport:
         if stored is None:
             continue
         try:
-            kind, content = decode_verified(oid, stored)
+            kind, content = repo.odb.decode(oid, stored)
             if kind != "chunk":
                 parse_object(kind, bytes(content), oid.hex())
         except (MvcError, UnsafePathError) as e:
@@ -57,7 +56,7 @@ class GcReport:
 def gc(repo, dry_run: bool = False) -> GcReport:
     with repo.lock():
         keep = reachable(repo)
-        keep_bytes = {bytes.fromhex(o) for o in keep}
+        keep_bytes = with_delta_bases(repo.backend, {bytes.fromhex(o) for o in keep})
         drop = [o for o in repo.backend.iter_oids() if o not in keep_bytes]
         freed = 0
         if not dry_run:
@@ -66,3 +65,66 @@ def gc(repo, dry_run: bool = False) -> GcReport:
         else:
             freed = sum(len(repo.backend.get(o) or b"") for o in drop)
         return GcReport(repo.backend.stats()["objects"] - (len(drop) if dry_run else 0), len(drop), freed)
+
+
+@dataclass
+class RepackReport:
+    chunks: int = 0  # chunks of tensors examined
+    rewritten: int = 0  # stored with a new encoding
+    before: int = 0  # stored bytes of the examined chunks, before and after
+    after: int = 0
+
+
+def repack(repo, max_depth: int | None = None, progress=None) -> RepackReport:
+    """Choose bases and encodings anew for every chunk of every tensor reachable from the refs.
+
+    Commits are visited oldest first, and a chunk may only be stored against a chunk visited before
+    it, so no chain ever loops and every transaction leaves a store in which each value decodes:
+    a repack killed at any moment loses nothing. Chains stay within *max_depth* (default: the
+    repository's delta.max_depth)."""
+    from .delta import DeltaBases, with_ancestors
+    from .graph import commits_oldest_first, ref_roots
+    from .pipeline import CHUNK_SIZE, encode_with_bases
+    from .store.objects import DTYPES
+
+    rep = RepackReport()
+    with repo.lock():
+        cfg = repo.delta_bases([])
+        depth = max_depth if max_depth is not None else (cfg.max_depth if cfg is not None else 0)
+        visited: set[str] = set()
+        batch, size = [], 0
+        for commit in commits_oldest_first(repo, list(ref_roots(repo))):
+            c = repo.commit_obj(commit)
+            bases = DeltaBases(repo.odb, with_ancestors(repo.odb, list(c.parents)), depth)
+            for entry in repo.odb.get(c.tree, "tree").entries:
+                f = repo.odb.get(entry.oid, "file")
+                for name, tid in f.tensors:
+                    t = repo.odb.get(tid, "tensor")
+                    fsize, is_float = DTYPES[t.dtype]
+                    fs = fsize if is_float and fsize > 1 else 0
+                    cands = bases.chunks_for(entry.path, name, t.dtype, t.shape, CHUNK_SIZE) if depth else []
+                    for i, ch in enumerate(t.chunks):
+                        if ch in visited:
+                            continue
+                        visited.add(ch)
+                        mine = [cc[i] for cc in cands if i < len(cc) and cc[i] in visited and cc[i] != ch]
+                        old = repo.backend.get(bytes.fromhex(ch))
+                        if old is None:
+                            continue  # a lazy clone's unfetched chunk
+                        old = bytes(old)
+                        _, data = repo.odb.decode(bytes.fromhex(ch), old, "chunk")
+                        new = encode_with_bases(repo.odb, data, fs, list(dict.fromkeys(mine)), depth)
+                        rep.chunks += 1
+                        rep.before += len(old)
+                        rep.after += len(new)
+                        if new != old:  # also when the old value's base comes later: it must not stay
+                            batch.append((bytes.fromhex(ch), new))
+                            size += len(new)
+                            rep.rewritten += 1
+                        if progress is not None:
+                            progress.advance(nbytes=len(data))
+                        if size >= 64 << 20:
+                            repo.backend.replace_many(batch)
+                            batch, size = [], 0
+        repo.backend.replace_many(batch)
+    return rep

@@ -12,14 +12,16 @@ import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
+from .delta import DeltaBases
 from .errors import InvalidFileError
 from .formats import safetensors as stf
 from .formats import torchfile
 from .progress import NULL, Progress
+from .store import codec
 from .store.backend import Backend
 from .store.ids import hash_object
 from .store.objects import DTYPES, File, Tensor
-from .store.odb import ObjectDB, decode_verified, encode_chunk
+from .store.odb import CHUNK, ObjectDB, encode_chunk
 
 CHUNK_SIZE = 4 * 1024 * 1024  # a multiple of every element size
 _BATCH_BYTES = 64 * 1024 * 1024
@@ -34,8 +36,10 @@ class Ingestor:
     """Turns files into stored objects (``store=True``) or only computes their ids (status)."""
 
     def __init__(self, odb: ObjectDB, store: bool = True, workers: int | None = None,
-                 progress: Progress = NULL, batch_bytes: int = _BATCH_BYTES):
+                 progress: Progress = NULL, batch_bytes: int = _BATCH_BYTES, bases: DeltaBases | None = None):
         self.odb = odb
+        #: where new chunks may find a base to be stored as a delta against (None: store them in full)
+        self.bases = bases if store else None
         self.backend: Backend = odb.backend
         self.store = store
         self.progress = progress
@@ -97,11 +101,15 @@ class Ingestor:
         if wait:
             self._wait_write()
 
-    def add_chunk(self, data, float_size: int = 0) -> str:
-        """Encode and store one chunk made in memory (merges); returns its id."""
+    def add_chunk(self, data, float_size: int = 0, bases: list[str] = ()) -> str:
+        """Encode and store one chunk made in memory (merges), as a delta against one of *bases*
+        (chunk ids) where that is smaller; returns its id."""
         oid = hash_object("chunk", data)
         if oid not in self._seen and not self.backend.has(oid):
-            self._add(*encode_chunk(data, float_size))
+            if self.bases is None:  # delta coding is off here (or the store's format predates it)
+                self._add(*encode_chunk(data, float_size))
+            else:
+                self._add(oid, encode_with_bases(self.odb, data, float_size, bases, self.bases.max_depth))
         return oid.hex()
 
     def add_meta(self, obj) -> str:
@@ -114,17 +122,20 @@ class Ingestor:
         return oid.hex()
 
     # -- workers -----------------------------------------------------------------
-    def _work(self, data: bytes, float_size: int):
+    def _work(self, data: bytes, float_size: int, bases: list[str]):
         if not self.store:
             return hash_object("chunk", data), None
         oid = hash_object("chunk", data)
         if self.backend.has(oid):
             return oid, None
-        return encode_chunk(data, float_size)
+        if not bases:
+            return encode_chunk(data, float_size)
+        return oid, encode_with_bases(self.odb, data, float_size, bases, self.bases.max_depth)
 
-    def _chunks(self, f, nbytes: int, float_size: int, pending: deque, tag):
-        """Read *nbytes* from *f* in chunks and queue them; yields control to drain the queue."""
-        left = nbytes
+    def _chunks(self, f, nbytes: int, float_size: int, pending: deque, tag, bases=()):
+        """Read *nbytes* from *f* in chunks and queue them; yields control to drain the queue.
+        *bases*: per candidate base tensor, its chunk ids (chunk i is tried against their chunk i)."""
+        left, i = nbytes, 0
         while left > 0:
             n = min(CHUNK_SIZE, left)
             offset = f.tell()
@@ -132,7 +143,9 @@ class Ingestor:
             if len(data) != n:
                 raise InvalidFileError(getattr(f, "name", "?"), "file changed or shrank while being read")
             left -= n
-            pending.append((tag, (n, offset), self.pool.submit(self._work, data, float_size)))
+            mine = list(dict.fromkeys(b[i] for b in bases if i < len(b)))
+            pending.append((tag, (n, offset), self.pool.submit(self._work, data, float_size, mine)))
+            i += 1
             yield
 
     def ingest_safetensors_stream(self, f, size: int, rel: str) -> str:
@@ -200,7 +213,8 @@ class Ingestor:
         for idx, e in enumerate(header.entries):
             size_, is_float = DTYPES[e.dtype]
             fs = size_ if is_float and size_ > 1 else 0
-            for _ in self._chunks(f, e.end - e.begin, fs, pending, idx):
+            bases = self.bases.chunks_for(rel, e.name, e.dtype, e.shape, CHUNK_SIZE) if self.bases else ()
+            for _ in self._chunks(f, e.end - e.begin, fs, pending, idx, bases):
                 self._drain(pending, sink, self.inflight, path)
                 finish_ready()
             finish_ready()
@@ -261,7 +275,7 @@ class Materializer:
                 if self._since_release >= _RELEASE_BYTES:
                     backend.release_pages()
                     self._since_release = 0
-                pending.append((self.pool.submit(decode_chunk, bytes.fromhex(cid), stored), tag))
+                pending.append((self.pool.submit(decode_chunk, self.odb, bytes.fromhex(cid), stored), tag))
             while len(pending) > self.inflight:
                 fut, t = pending.popleft()
                 yield fut.result(), t
@@ -288,8 +302,41 @@ class Materializer:
         return buf.getvalue()
 
 
-def decode_chunk(oid: bytes, stored):
-    return decode_verified(oid, stored, "chunk")[1]
+def encode_with_bases(odb: ObjectDB, data, float_size: int, bases: list[str], max_depth: int) -> bytes:
+    """The smallest stored value of a chunk among its full encoding and deltas against *bases*
+    (tried in order, nearest first; a delta under a quarter of the raw size ends the search; the
+full encoding is tried when no delta is under 0.6 of the raw size).
+    A base whose chain is already *max_depth* long is skipped, so reads stay fast."""
+    k = float_size or 1
+    is_float = float_size > 1
+    new = codec.elements(data, k)
+    best = None
+    for b in bases[:3]:
+        base = bytes.fromhex(b)
+        stored = odb.backend.get(base)
+        if stored is None:
+            continue
+        depth = codec.depth(stored) + 1
+        if depth > max_depth:
+            continue
+        old = odb.chunk_elements(base, k, stored)
+        if old.shape != new.shape:
+            continue
+        for cand in (codec.encode_diff(CHUNK, new, old, k, is_float, base, depth),
+                     codec.encode_sparse(CHUNK, new, old, k, is_float, base, depth)):
+            if cand is not None and (best is None or len(cand) < len(best)):
+                best = cand
+        if len(best) < len(data) // 4:
+            break
+    if best is None or len(best) > 0.6 * len(data):  # trained weights code to >= 0.6 in full
+        full = codec.encode(CHUNK, data, float_size)
+        if best is None or len(full) <= len(best):
+            best = full
+    return best
+
+
+def decode_chunk(odb: ObjectDB, oid: bytes, stored):
+    return odb.decode(oid, stored, "chunk")[1]
 
 
 def _read_located(cid: str, path: str, offset: int, length: int) -> bytes:

@@ -26,6 +26,7 @@ from .locking import file_lock
 from .progress import NULL, Progress
 from .refs import Refs, check_ref_name
 from .state import (
+    CFG_DELTA,
     CFG_FORMAT,
     CFG_LAZY,
     CONFIG_FILE,
@@ -40,13 +41,16 @@ from .store.backend import Backend
 from .store.lmdb_backend import LmdbBackend
 
 if TYPE_CHECKING:  # imported where used: `mvc status` on a clean tree needs neither
+    from .delta import DeltaBases
     from .diff.trees import FileChange
     from .pipeline import Ingestor
 from .store.objects import Commit, Tree, TreeEntry
 from .store.odb import ObjectDB
 from .worktree import FileStat, WorkTree
 
-FORMAT_VERSION = 1
+#: 1: full encodings only; 2: chunks may be delta-coded (docs/format.md §5.1). A repository is
+#: raised to 2 before its first delta is written, so an older mvc refuses it instead of misreading it.
+FORMAT_VERSION = 2
 DEFAULT_AUTHOR = "mvc user <mvc@localhost>"
 
 
@@ -240,20 +244,25 @@ class Repo:
     # -- commit ----------------------------------------------------------------
     def commit(self, message: str, paths: list[str] | None = None, author: str | None = None,
                allow_empty: bool = False, op: dict | None = None, progress: Progress = NULL,
-               when: int | None = None, parents_extra: tuple[str, ...] = ()) -> str:
+               when: int | None = None, parents_extra: tuple[str, ...] = (), delta_base: str | None = None) -> str:
+        """Snapshot the work tree (or *paths*) as a commit on HEAD. New chunks are stored as deltas
+        against the same tensors in *delta_base* (a revision), the parents and recent ancestors."""
         if not message.strip():
             raise UsageError("empty commit message", hint="pass -m MESSAGE")
         with self.lock():
             head = self.refs.head_commit()
             parent_tree = self.head_tree()
-            tree = self._snapshot(parent_tree, paths, progress)
+            first = [self.resolve(delta_base)] if delta_base else []
+            bases = self.delta_bases([*first, head, *parents_extra])
+            tree = self._snapshot(parent_tree, paths, progress, bases)
             if head and not allow_empty and tree == parent_tree:  # same entries: no need to hash it twice
                 raise NothingToCommitError("nothing to commit, working tree clean")
             parents = ((head,) if head else ()) + tuple(parents_extra)
             return self.record(tree, parents, message, author, op, when,
                                 f"commit{' (initial)' if not head else ''}")
 
-    def _snapshot(self, parent_tree: Tree, paths: list[str] | None, progress: Progress) -> Tree:
+    def _snapshot(self, parent_tree: Tree, paths: list[str] | None, progress: Progress,
+                  bases: DeltaBases | None = None) -> Tree:
         """The work tree (or *paths* of it, the rest from *parent_tree*) as a tree; its files are stored."""
         prefixes = self._prefixes(paths)
         files = self.worktree.scan(prefixes)
@@ -265,16 +274,30 @@ class Repo:
             entries = {k: v for k, v in entries.items() if not _under(k, prefixes)}
         else:
             entries = {}
-        with _ingestor(self, True, progress) as ing:
+        with _ingestor(self, True, progress, bases) as ing:
             entries.update(self._file_ids(files, ing, need_stored=True, progress=progress))
         return Tree.build(entries)
+
+    def delta_bases(self, commits: list[str | None]) -> DeltaBases | None:
+        """Where new chunks look for delta bases: *commits* (nearest first) and the first-parent
+        ancestors of the first; None when delta coding is off (config ``delta.max_depth`` 0)."""
+        from .delta import DEFAULT_MAX_DEPTH, DeltaBases, with_ancestors
+
+        depth = (self.config.get(CFG_DELTA) or {}).get("max_depth", DEFAULT_MAX_DEPTH)
+        if not isinstance(depth, int) or isinstance(depth, bool) or not 0 <= depth <= 255:
+            raise MvcError(f"config {CFG_DELTA}.max_depth must be an integer in [0, 255], not {depth!r}")
+        if depth == 0:
+            return None
+        if self.config.get(CFG_FORMAT, 1) < 2:  # before the first delta: older mvc must refuse the repository
+            self.update_config(lambda cfg: cfg.__setitem__(CFG_FORMAT, 2))
+        return DeltaBases(self.odb, with_ancestors(self.odb, [c for c in commits if c]), depth)
 
     def snapshot(self, message: str = "work tree", progress: Progress = NULL) -> str:
         """A commit of the work tree on top of HEAD that no ref names (as `git stash create`):
         for reading the work tree as a revision (evaluation). Nothing moves; gc may drop it."""
         with self.lock():
             head = self.refs.head_commit()
-            tree = self._snapshot(self.head_tree(), None, progress)
+            tree = self._snapshot(self.head_tree(), None, progress, self.delta_bases([head]))
             if head and tree == self.head_tree():
                 return head
             return self.write_commit(tree, (head,) if head else (), message)
@@ -553,10 +576,10 @@ class Repo:
         return self.commit(message, paths=[full], author=author)
 
 
-def _ingestor(repo: Repo, store: bool, progress: Progress) -> Ingestor:
+def _ingestor(repo: Repo, store: bool, progress: Progress, bases: DeltaBases | None = None) -> Ingestor:
     from .pipeline import Ingestor
 
-    return Ingestor(repo.odb, store=store, workers=repo.workers, progress=progress)
+    return Ingestor(repo.odb, store=store, workers=repo.workers, progress=progress, bases=bases)
 
 
 def _under(path: str, prefixes: list[str]) -> bool:

@@ -30,6 +30,7 @@ CFG_REMOTES = "remotes"  # {name: {"url": ..., "endpoint_url": ...}}
 CFG_LAZY = "lazy"  # name of the remote a lazy clone fetches missing chunks from
 CFG_EVAL = "eval"  # the default evaluation ({"ppl": TEXT, "tokens": N, ...} or {"cmd": ...})
 CFG_CALIB = "calib"  # the default calibration text ({"text": TEXT, "tokens": N})
+CFG_DELTA = "delta"  # delta coding of new chunks: {"max_depth": N} (0: store every chunk in full)
 
 # -- ref namespaces ---------------------------------------------------------------------------
 HEAD = "HEAD"  # a commit id (detached) or "ref: refs/heads/<branch>"

@@ -29,6 +29,13 @@ def test_put_get_dedup_and_counts(backend):
     assert backend.stats() == {"objects": 2, "stored_bytes": 4}
 
 
+def test_replace_keeps_ids_and_counts(backend):
+    backend.put_many([(oid(1), b"abcdef"), (oid(2), b"xy")])
+    assert backend.replace_many([(oid(1), b"ab"), (oid(9), b"zzz")]) == -4  # 9 is absent: skipped
+    assert backend.get(oid(1)) == b"ab" and not backend.has(oid(9))
+    assert backend.stats() == {"objects": 2, "stored_bytes": 4}
+
+
 def test_iter_with_prefix(backend):
     keys = [bytes([0xAB, i]) + bytes(30) for i in range(5)] + [bytes([0xAC]) + bytes(31)]
     backend.put_many([(k, b"x") for k in keys])

@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from mvc import Repo
@@ -292,3 +293,45 @@ def test_lazy_clone_fetches_only_what_is_read(tmp_path):
     # a full checkout then fetches the rest, bit-exact
     repo.checkout("main", force=True)
     assert sha256(dst / "model.safetensors") == sha256(src / "model.safetensors")
+
+
+def test_delta_coded_history_travels(target, tmp_path, rng):
+    """Packs carry delta-coded values; every pushed delta's base is on the remote or in the push
+    (else it travels in full); fetch stores a base before what is stored against it."""
+    from mvc.graph import added_by
+
+    a = tmp_path / "a"
+    Repo.init(a).close()
+    w = (0.02 * rng.standard_normal(1 << 19)).astype(np.float32)
+    hashes = []
+    for i in range(3):
+        w = (w + 1e-4 * rng.standard_normal(w.size)).astype(np.float32)
+        write_safetensors(a / "m.safetensors", {"w": ("F32", (w.size,), w.tobytes())})
+        run(a, "commit", "-m", f"v{i}")
+        hashes.append(sha256(a / "m.safetensors"))
+    # a delta against a commit that is never pushed: it must travel in full
+    with Repo(a) as r:
+        side = r.snapshot("side")
+        r.refs.set_ref("refs/heads/side", side, None, "test")
+    write_safetensors(a / "m.safetensors", {"w": ("F32", (w.size,), (w * 2).astype(np.float32).tobytes())})
+    run(a, "commit", "-m", "doubled")
+    with Repo(a) as r:
+        assert "diff" in added_by(r, r.refs.head_commit())["encodings"]
+    write_safetensors(a / "m.safetensors", {"w": ("F32", (w.size,), (w * 3).astype(np.float32).tobytes())})
+    run(a, "commit", "-m", "tripled", "--delta-base", "side")
+    hashes.append(sha256(a / "m.safetensors"))
+    run(a, "remote", "add", "origin", target.url, *target.args, env=target.env)
+    run(a, "push", env=target.env)
+    run(tmp_path, "clone", target.url, "b", *target.args, env=target.env)
+    b = tmp_path / "b"
+    assert sha256(b / "m.safetensors") == hashes[-1]
+    assert json.loads(run(b, "fsck", "--json", env=target.env).stdout)["ok"] is True
+    with Repo(b) as r:
+        assert "diff" in added_by(r, r.resolve("HEAD~2"))["encodings"]  # deltas arrived as deltas
+    for i, h in enumerate(hashes[:3]):
+        run(b, "checkout", "-f", f"main~{4 - i}", env=target.env)
+        assert sha256(b / "m.safetensors") == h
+    # a lazy clone resolves bases on demand
+    run(tmp_path, "clone", "--filter=lazy", target.url, "c", *target.args, env=target.env)
+    run(tmp_path / "c", "checkout", "-f", "main~3", env=target.env)
+    assert sha256(tmp_path / "c" / "m.safetensors") == hashes[1]

@@ -102,15 +102,17 @@ def doctor(c, as_json, no_repo):
 @click.option("-m", "--message", required=True)
 @click.option("--author", default=None, help='"Name <email>"')
 @click.option("--allow-empty", is_flag=True, help="Record a commit even if nothing changed.")
+@click.option("--delta-base", metavar="REV", default=None,
+              help="Store changed tensors as deltas against REV's first (default: the parent and its ancestors).")
 @click.option("--json", "as_json", is_flag=True)
 @click.argument("paths", nargs=-1, type=click.Path())
 @pass_ctx
-def commit(c, message, author, allow_empty, as_json, paths):
+def commit(c, message, author, allow_empty, delta_base, as_json, paths):
     """Record a snapshot of the work tree (or only PATHS)."""
     repo = c.repo()
     before = repo.backend.stats()
     oid = repo.commit(message, paths=list(paths) or None, author=author or default_author(),
-                      allow_empty=allow_empty, progress=c.progress())
+                      allow_empty=allow_empty, progress=c.progress(), delta_base=delta_base)
     after = repo.backend.stats()
     added = after["stored_bytes"] - before["stored_bytes"]
     if as_json:
@@ -172,15 +174,19 @@ def status(c, as_json, short, paths):
 @click.option("--oneline", is_flag=True)
 @click.option("--graph", is_flag=True, help="Draw the history as a graph (one line per commit).")
 @click.option("-n", "--max-count", type=int, default=None)
+@click.option("--stat", is_flag=True, help="With each commit, what it added to the store.")
 @click.option("--json", "as_json", is_flag=True)
 @click.argument("rev", default="HEAD")
 @pass_ctx
-def log(c, oneline, graph, max_count, as_json, rev):
+def log(c, oneline, graph, max_count, stat, as_json, rev):
     """Show commit history."""
+    from ..graph import added_by
+
     repo = c.repo()
     entries = repo.log(rev, max_count)
     if as_json:
-        render.emit_json([render.commit_json(e.oid, e.commit) for e in entries])
+        render.emit_json([render.commit_json(e.oid, e.commit) | ({"store": added_by(repo, e.oid)} if stat else {})
+                          for e in entries])
         return
     deco = render.decorations(repo)
     if graph:
@@ -200,6 +206,8 @@ def log(c, oneline, graph, max_count, as_json, rev):
             click.echo(click.style(e.oid[:12], fg="yellow") + d + op + " " + e.commit.message.splitlines()[0])
         else:
             render.render_commit(e.oid, e.commit, deco.get(e.oid))
+        if stat:
+            click.echo(render.store_line(added_by(repo, e.oid)) + ("" if oneline else "\n"))
 
 
 @cli.command()
@@ -208,16 +216,20 @@ def log(c, oneline, graph, max_count, as_json, rev):
 @pass_ctx
 def show(c, as_json, rev):
     """Show a commit: metadata, op record and what it changed."""
+    from ..graph import added_by
+
     repo = c.repo()
     oid = repo.resolve(rev)
     cm = repo.commit_obj(oid)
     changes = repo.diff(cm.parents[0], oid, stats=True) if cm.parents else \
         repo.diff_root(oid)
+    store = added_by(repo, oid)
     if as_json:
-        render.emit_json({**render.commit_json(oid, cm), "changes": render.changes_json(changes)})
+        render.emit_json({**render.commit_json(oid, cm), "changes": render.changes_json(changes), "store": store})
         return
     render.render_commit(oid, cm, render.decorations(repo).get(oid))
     render.render_stat(changes)
+    click.echo(render.store_line(store))
 
 
 @cli.command(cls=PathsCommand)
@@ -421,21 +433,33 @@ def ls_tree(c, rev, tensors, as_json):
 @cli.command("cat-object")
 @click.argument("oid")
 @click.option("-t", "show_type", is_flag=True, help="Print the object's type.")
-@click.option("-s", "show_size", is_flag=True, help="Print the object's decoded size.")
+@click.option("-s", "show_size", is_flag=True,
+              help="Print its size, stored size and encoding: SIZE STORED ENCODING [BASE DEPTH].")
+@click.option("--json", "as_json", is_flag=True, help="Type, sizes and encoding as JSON.")
 @pass_ctx
-def cat_object(c, oid, show_type, show_size):
+def cat_object(c, oid, show_type, show_size, as_json):
     """Print an object: pretty JSON for metadata, raw bytes for chunks."""
     import json
+
+    from ..store import codec
 
     repo = c.repo()
     matches = repo.odb.resolve_prefix(oid) if len(oid) >= 4 else []
     if len(matches) != 1:
         raise UsageError(f"{oid}: {'no' if not matches else 'more than one'} object matches")
     kind, content = repo.odb.read(matches[0])
-    if show_type:
+    stored = repo.odb.stored(matches[0])
+    link = codec.delta_base(stored)
+    info = {"id": matches[0], "type": kind, "size": len(content), "stored_size": len(stored),
+            "encoding": codec.NAMES.get(stored[1], "?"), "base": link[0].hex() if link else None,
+            "depth": link[1] if link else 0}
+    if as_json:
+        render.emit_json(info)
+    elif show_type:
         click.echo(kind)
     elif show_size:
-        click.echo(len(content))
+        click.echo(f"{info['size']} {info['stored_size']} {info['encoding']}"
+                   + (f" {info['base']} {info['depth']}" if link else ""))
     elif kind == "chunk":
         sys.stdout.buffer.write(bytes(content))
     else:
@@ -457,6 +481,27 @@ def fsck(c, as_json):
     render.render_fsck(rep, "objects", as_json)
     if not rep.ok:
         sys.exit(1)
+
+
+@cli.command()
+@click.option("--max-depth", type=click.IntRange(0, 255), default=None,
+              help="Longest delta chain (default: the repository's delta.max_depth, 10).")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def repack(c, max_depth, as_json):
+    """Choose delta bases and encodings anew for every reachable chunk (crash-safe)."""
+    from ..maintenance import repack as run_repack
+
+    repo = c.repo()
+    prog = c.progress()
+    prog.start("repacking", repo.backend.stats()["stored_bytes"])
+    rep = run_repack(repo, max_depth, prog)
+    prog.finish()
+    if as_json:
+        render.emit_json(vars(rep))
+    else:
+        click.echo(f"repacked {rep.chunks} chunks ({rep.rewritten} re-encoded): "
+                   f"{render.human(rep.before)} -> {render.human(rep.after)}")
 
 
 @cli.command()

@@ -283,14 +283,14 @@ def file_metadata(repo, file_oid: str) -> dict | None:
         return safetensors_metadata(mat, repo.odb.get(file_oid, "file"))
 
 
-def with_files(repo, tree: Tree, files: dict, drop=()) -> Tree:
+def with_files(repo, tree: Tree, files: dict, drop=(), base_commits=()) -> Tree:
     """*tree* without the paths in *drop*, plus {tree path: local file} ingested into the store
-    (a replaced entry keeps its mode)."""
+    (a replaced entry keeps its mode); new chunks may be deltas against *base_commits*' tensors."""
     from ..pipeline import Ingestor
     from ..store.objects import MODE_FILE, check_path
 
     entries = {p: (e.mode, e.oid) for p, e in tree.as_dict().items() if p not in drop}
-    with Ingestor(repo.odb, store=True, workers=repo.workers) as ing:
+    with Ingestor(repo.odb, store=True, workers=repo.workers, bases=repo.delta_bases(list(base_commits))) as ing:
         for path, local in sorted(files.items()):
             mode = entries.get(path, (MODE_FILE, None))[0]
             entries[check_path(path)] = (mode, ing.ingest(local, path))
@@ -326,7 +326,7 @@ def build_tree(repo, src: Source, tensors: dict, originals: dict, scratch: str, 
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
         files[src.prefix + "config.json"] = local
-    return with_files(repo, src.tree, files)
+    return with_files(repo, src.tree, files, base_commits=(src.commit,))
 
 
 def same_tensor(a, b) -> bool:
@@ -344,4 +344,4 @@ def tree_from_dir(repo, src: Source, out_dir: str) -> Tree:
     files = {src.prefix + name: os.path.join(out_dir, name) for name in os.listdir(out_dir)
              if name.endswith(".safetensors") or name in ("config.json", "model.safetensors.index.json")}
     drop = {*src.files, src.prefix + "model.safetensors.index.json"}
-    return with_files(repo, src.tree, files, drop)
+    return with_files(repo, src.tree, files, drop, base_commits=(src.commit,))

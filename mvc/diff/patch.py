@@ -95,8 +95,7 @@ def write_patch(repo, a: str, b: str, out) -> dict:
     # chunks first, then tensors, files, the tree: the order a store must write them in
     order = sorted(want, key=lambda o: (TYPE_CODE[want[o]], o))
     for oid in order:
-        stored = repo.odb.stored(oid)
-        kind, payload = STORED, bytes(stored)
+        kind, payload = STORED, repo.odb.standalone(oid)  # the receiver may lack a delta's base
         if oid in bases:
             base_id, fs = bases[oid]
             new = repo.odb.read(oid, "chunk")[1]

@@ -161,7 +161,8 @@ class Merger:
         # progress counts the tensor bytes of files changed on both sides: the ones merged tensor by tensor
         both = [p for p in o if p in t and o[p] != t[p] and (p not in b or (b[p] != o[p] and b[p] != t[p]))]
         self.progress.start("merging", sum(self.odb.get(o[p].oid, "file").size for p in both))
-        with Ingestor(self.odb, store=True, workers=self.repo.workers, batch_bytes=32 << 20) as ing, \
+        bases = self.repo.delta_bases([]) if hasattr(self.repo, "delta_bases") else None
+        with Ingestor(self.odb, store=True, workers=self.repo.workers, batch_bytes=32 << 20, bases=bases) as ing, \
                 Materializer(self.odb, workers=self.repo.workers) as mat:
             mat.inflight = 2  # three streams (base, ours, theirs) read at once: keep each short
             self.ing, self.mat = ing, mat
@@ -238,7 +239,7 @@ class Merger:
         conflicts = 0
         thresholds = self._ties_thresholds(b, o, t) if self.strategy == "ties" else None
         streams = [self.mat.chunks(x.chunks) for x in (b, o, t)]
-        for cb, co, ct in zip(*streams, strict=True):
+        for i, (cb, co, ct) in enumerate(zip(*streams, strict=True)):
             vb, vo, vt = (np.frombuffer(v, dtype=view) for v in (cb, co, ct))
             oc, tc = vo != vb, vt != vb
             merged = np.where(oc, vo, vt)
@@ -256,7 +257,7 @@ class Merger:
                 conflicts += n
             data = merged.tobytes()
             fs = itemsize if DTYPES[o.dtype][1] and itemsize > 1 else 0
-            chunks.append(self.ing.add_chunk(data, fs))
+            chunks.append(self.ing.add_chunk(data, fs, [o.chunks[i], t.chunks[i], b.chunks[i]]))
             self.progress.advance(nbytes=len(data))
         if conflicts:
             res.conflicts.append(Conflict(path, name, conflicts, "changed on both sides"))

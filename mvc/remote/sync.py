@@ -27,6 +27,7 @@ from ..errors import CorruptObjectError, MvcError
 from ..graph import children, closure
 from ..progress import NULL
 from ..state import CFG_LAZY, CFG_REMOTES, HEADS, KV_REMOTE_INDEX, REMOTES
+from ..store.codec import delta_base
 from ..store.ids import TYPE_CODE
 from ..store.objects import canonical_json
 from ..store.odb import decode_verified
@@ -128,10 +129,15 @@ def push(repo, remote: RemoteBackend, name: str, branch: str, force: bool = Fals
     if progress is not None:
         progress.start("pushing", sum(len(repo.odb.stored(o)) for o in chunks))
 
+    wanted = set(chunks)
+
     def packs(ids):
         batch, size = [], 0
         for oid in ids:
             stored = bytes(repo.odb.stored(oid))
+            link = delta_base(stored)
+            if link is not None and link[0].hex() not in wanted and link[0].hex() not in have:
+                stored = repo.odb.standalone(oid)  # its base is neither on the remote nor in this push
             batch.append((oid, stored))
             size += len(stored)
             if size >= PACK_TARGET:
@@ -185,6 +191,8 @@ def fetch(repo, remote: RemoteBackend, name: str, progress=None, lazy: bool = Fa
         if where is None:
             raise RemoteError(f"the remote lacks {kind} {oid[:12]} that its refs need", hint="the remote is damaged")
         data = remote.get_range(*where)
+        if kind == "chunk" and delta_base(data) is not None:
+            return data  # verified once its base is at hand (store_chunk)
         try:
             decode_verified(bytes.fromhex(oid), data, kind)
         except MvcError as e:
@@ -213,7 +221,39 @@ def fetch(repo, remote: RemoteBackend, name: str, progress=None, lazy: bool = Fa
     if progress is not None and chunks:
         progress.start(f"fetching from {name}", sum(index[c][2] for c in chunks if c in index))
     batch: list[tuple[bytes, bytes]] = []
+    in_batch: set[bytes] = set()
     size = 0
+
+    def flush():
+        nonlocal batch, size
+        repo.backend.put_many(batch)
+        repo.backend.release_pages()
+        batch, size = [], 0
+        in_batch.clear()
+
+    def store_chunk(oid: str, data: bytes) -> None:
+        """Add a verified chunk to the batch; a delta only once its base is stored (fetched first if
+        need be), so the store never holds a delta without its base."""
+        nonlocal size
+        key = bytes.fromhex(oid)
+        if key in in_batch or repo.backend.has(key):
+            return
+        link = delta_base(data)
+        if link is not None:
+            base = link[0]
+            if base in in_batch:
+                flush()
+            elif not repo.backend.has(base):
+                store_chunk(base.hex(), download(base.hex(), "chunk"))
+                flush()
+            try:
+                repo.odb.decode(key, data, "chunk")
+            except MvcError as e:
+                raise CorruptObjectError(oid, f"downloaded from {name} and refused: {e}") from e
+        batch.append((key, data))
+        in_batch.add(key)
+        size += len(data)
+
     with ThreadPoolExecutor(8, thread_name_prefix="mvc-fetch") as pool:
         def downloaded():  # in order, at most 16 requests (and their data) in flight
             pending: deque = deque()
@@ -227,16 +267,12 @@ def fetch(repo, remote: RemoteBackend, name: str, progress=None, lazy: bool = Fa
                 yield oid, fut.result()
 
         for oid, data in downloaded():
-            batch.append((bytes.fromhex(oid), data))
-            size += len(data)
+            store_chunk(oid, data)
             if progress is not None:
                 progress.advance(nbytes=len(data))
             if size >= PACK_TARGET:
-                repo.backend.put_many(batch)
-                repo.backend.release_pages()
-                batch, size = [], 0
-    repo.backend.put_many(batch)
-    repo.backend.release_pages()
+                flush()
+    flush()
     if progress is not None:
         progress.finish()
     # 3. metadata last, children before parents: tensors, files, trees, commits
@@ -301,7 +337,7 @@ def lazy_fetcher(repo, name: str, remote: RemoteBackend | None = None):
             return None
         data = state["remote"].get_range(*where)
         try:
-            decode_verified(bytes.fromhex(hex_id), data)
+            repo.odb.decode(bytes.fromhex(hex_id), data)  # a delta's base is fetched the same way
         except MvcError as e:
             raise CorruptObjectError(hex_id, f"downloaded from {name} and refused: {e}") from e
         repo.backend.put_many([(bytes.fromhex(hex_id), data)])

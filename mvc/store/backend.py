@@ -28,6 +28,11 @@ class Backend(ABC):
         """Store objects in one transaction; return the number of stored bytes added (new ones)."""
 
     @abstractmethod
+    def replace_many(self, items: Iterable[tuple[bytes, bytes]]) -> int:
+        """Store new encodings of objects already present (same id, same content), in one
+        transaction; return the change in stored bytes. Ids not present are skipped."""
+
+    @abstractmethod
     def delete_many(self, oids: Iterable[bytes]) -> int:
         """Delete objects; return the stored bytes freed."""
 
@@ -97,6 +102,15 @@ class MemoryBackend(Backend):
                     self._objects[oid] = bytes(value)
                     added += len(value)
         return added
+
+    def replace_many(self, items):
+        change = 0
+        with self._lock:
+            for oid, value in items:
+                if oid in self._objects:
+                    change += len(value) - len(self._objects[oid])
+                    self._objects[oid] = bytes(value)
+        return change
 
     def delete_many(self, oids):
         freed = 0

@@ -145,6 +145,23 @@ class LmdbBackend(Backend):
 
         return self._write(fn)
 
+    def replace_many(self, items):
+        items = list(items)
+
+        def fn(txn):
+            n, size = self._counts(txn)
+            change = 0
+            for oid, value in items:
+                old = txn.get(oid, db=self._objects)
+                if old is None:
+                    continue
+                change += len(value) - len(old)
+                txn.put(oid, value, db=self._objects)
+            txn.put(KV_STATS, struct.pack("<QQ", n, size + change), db=self._kv)
+            return change
+
+        return self._write(fn)
+
     def delete_many(self, oids):
         oids = list(oids)
 

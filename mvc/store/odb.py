@@ -1,11 +1,14 @@
 """Typed, verifying object database on top of a Backend.
 
 Every read re-hashes what it decoded and compares with the id asked for, so a
-damaged store raises CorruptObjectError instead of handing back wrong bytes.
+damaged store raises CorruptObjectError instead of handing back wrong bytes. A
+delta-coded chunk is decoded through its chain of bases (codec.py); the chain is
+verified as a whole by the final hash, and a failure names the damaged base.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 from ..errors import CorruptObjectError, ObjectMissingError
@@ -15,17 +18,19 @@ from .ids import TYPE_CODE, TYPES, hash_object
 from .objects import encode_object, parse_object
 
 CHUNK = TYPE_CODE["chunk"]
+_CHUNK_CACHE_BYTES = 64 * 1024 * 1024
 
 
 def encode_chunk(data, float_size: int = 0) -> tuple[bytes, bytes]:
-    """Hash and encode one chunk: (32-byte id, stored value). Thread-safe."""
+    """Hash and encode one chunk in full: (32-byte id, stored value). Thread-safe."""
     return hash_object("chunk", data), codec.encode(CHUNK, data, float_size)
 
 
-def decode_verified(oid: bytes, stored, want: str | None = None):
-    """Decode a stored value and check its id. Returns (kind, content). Thread-safe."""
+def decode_verified(oid: bytes, stored, want: str | None = None, bases: codec.BaseReader | None = None):
+    """Decode a stored value and check its id. Returns (kind, content). Thread-safe.
+    A delta-coded chunk needs *bases* (ObjectDB.base_reader) to reach its base."""
     hex_id = oid.hex()
-    type_code, content = codec.decode(stored, hex_id)
+    type_code, content = codec.decode(stored, hex_id, bases)
     if type_code >= len(TYPES):
         raise CorruptObjectError(hex_id, f"unknown type code {type_code}")
     kind = TYPES[type_code]
@@ -41,6 +46,11 @@ class ObjectDB:
         self.backend = backend
         self._cache: OrderedDict[str, object] = OrderedDict()
         self._cache_size = cache_size
+        #: chunk id -> its verified bytes, the most recent first out: bases that several reads share
+        #: (a merge reads the merge base's chunk, then ours and theirs stored against it)
+        self._chunks: OrderedDict[bytes, object] = OrderedDict()
+        self._chunks_bytes = 0
+        self._lock = threading.Lock()
         #: hex id -> verified stored value or None; set for lazy clones (mvc/remote/sync.py)
         self.fetcher = None
 
@@ -75,7 +85,85 @@ class ObjectDB:
 
     def read(self, hex_id: str, want: str | None = None):
         """(kind, content bytes) of any object, verified."""
-        return decode_verified(bytes.fromhex(hex_id), self.stored(hex_id, want or "object"), want)
+        oid = bytes.fromhex(hex_id)
+        return self.decode(oid, self.stored(hex_id, want or "object"), want)
+
+    def decode(self, oid: bytes, stored, want: str | None = None):
+        """decode_verified with this store's bases; a failure of a delta names its damaged base."""
+        try:
+            kind, content = decode_verified(oid, stored, want, self.base_reader)
+        except (CorruptObjectError, ObjectMissingError) as e:
+            link = codec.delta_base(stored)
+            if link is None:
+                raise
+            bad = self._damaged_link(link[0])
+            if bad is None:
+                raise
+            what = "missing" if isinstance(e, ObjectMissingError) else "corrupt"
+            raise CorruptObjectError(oid.hex(), f"its delta base {bad} is {what}") from e
+        if kind == "chunk":
+            self._remember(oid, content)
+        return kind, content
+
+    def _damaged_link(self, base: bytes) -> str | None:
+        """The first object of a delta chain, from *base* down, that is missing or fails its own check."""
+        seen = set()
+        while base not in seen:
+            seen.add(base)
+            stored = self.backend.get(base)
+            if stored is None:
+                return base.hex()
+            try:
+                decode_verified(base, stored, "chunk", self.base_reader)
+            except CorruptObjectError:
+                link = codec.delta_base(stored)
+                if link is None:
+                    return base.hex()
+                base = link[0]
+                continue
+            return None
+        return base.hex()  # a cycle: damaged
+
+    def base_reader(self, oid: bytes, k: int):
+        """The elements of chunk *oid* (codec.elements), for decoding a delta stored against it:
+        from the cache of verified chunks, else decoded here (the caller's final hash verifies the chain)."""
+        with self._lock:
+            hit = self._chunks.get(oid)
+            if hit is not None:
+                self._chunks.move_to_end(oid)
+                return codec.elements(hit, k)
+        return codec.decode_elements(self.stored(oid.hex(), "chunk"), self.base_reader, k)
+
+    def chunk_elements(self, oid: bytes, k: int, stored=None):
+        """The verified elements of a chunk (for encoding a delta against it)."""
+        with self._lock:
+            hit = self._chunks.get(oid)
+        if hit is None:
+            if stored is None:
+                stored = self.stored(oid.hex(), "chunk")
+            hit = self.decode(oid, stored, "chunk")[1]
+        return codec.elements(hit, k)
+
+    def _remember(self, oid: bytes, content) -> None:
+        with self._lock:
+            if oid in self._chunks:
+                self._chunks.move_to_end(oid)
+                return
+            self._chunks[oid] = content
+            self._chunks_bytes += len(content)
+            while self._chunks_bytes > _CHUNK_CACHE_BYTES and self._chunks:
+                _, old = self._chunks.popitem(last=False)
+                self._chunks_bytes -= len(old)
+
+    def standalone(self, hex_id: str) -> bytes:
+        """A stored value that needs no other object: the value itself, or a delta re-encoded in full
+        (for places that may lack its base: patches, another store)."""
+        stored = self.stored(hex_id)
+        if codec.delta_base(stored) is None:
+            return bytes(stored)
+        _, content = self.decode(bytes.fromhex(hex_id), stored, "chunk")
+        k, is_float = codec.delta_k(stored)
+        return codec.encode(CHUNK, content, k if is_float and k > 1 else 0)
 
     def get(self, hex_id: str, kind: str):
         """A parsed, verified metadata object of the given kind (cached)."""

@@ -59,7 +59,6 @@ class Filter:
         if not src.has(oid):
             return False
         from ...graph import closure
-        from ...store.odb import decode_verified
 
         needed = closure(src.get, [(oid, "file")], self.odb.has)
         # write order: chunks, then tensors, then the file
@@ -68,8 +67,8 @@ class Filter:
             for o, kind in needed.items():
                 if kind != group:
                     continue
-                stored = bytes(src.stored(o, kind))
-                decode_verified(bytes.fromhex(o), stored, kind)  # never store what does not verify
+                stored = src.standalone(o)  # this store may lack a delta's base: copy values in full
+                self.odb.decode(bytes.fromhex(o), stored, kind)  # never store what does not verify
                 batch.append((bytes.fromhex(o), stored))
                 size += len(stored)
                 if size > 64 << 20:

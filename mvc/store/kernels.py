@@ -1,0 +1,116 @@
+"""The plane and delta transforms, in C when the extension was built (mvc/store/_kernels.c), else
+in numpy: both give the same bytes (tests/test_kernels.py). ``use_native(False)`` forces numpy."""
+
+from __future__ import annotations
+
+try:
+    from . import _kernels as _native
+except ImportError:  # no compiler at install time: numpy does the same, slower
+    _native = None
+
+_UINT = {1: "<u1", 2: "<u2", 4: "<u4", 8: "<u8"}
+_on = _native is not None
+
+
+def native() -> bool:
+    """Whether the C kernels are in use."""
+    return _on
+
+
+def use_native(on: bool) -> bool:
+    """Turn the C kernels on or off (when built); returns whether they are now in use."""
+    global _on
+    _on = bool(on) and _native is not None
+    return _on
+
+
+def split(u, k: int, rotate: bool):
+    """Unsigned k-byte integers -> planes (k, n) uint8, top byte first; *rotate*: sign into bit 0."""
+    import numpy as np
+
+    if k == 1:
+        return np.ascontiguousarray(u).reshape(1, -1)
+    if _on:
+        out = np.empty((k, u.size), dtype=np.uint8)
+        _native.split(np.ascontiguousarray(u), out, k, rotate)
+        return out
+    if rotate:
+        r = u << 1
+        r |= u >> (8 * k - 1)
+        u = r
+    planes = np.empty((k, u.size), dtype=np.uint8)
+    for j in range(k):
+        planes[j] = u >> (8 * (k - 1 - j)) if j < k - 1 else u
+    return planes
+
+
+def merge(planes, k: int, rotate: bool):
+    """The inverse of split: planes (k, n) -> unsigned k-byte integers."""
+    import numpy as np
+
+    if k == 1:
+        return np.ascontiguousarray(planes[0])
+    if _on:
+        out = np.empty(planes.shape[1], dtype=_UINT[k])
+        _native.merge(np.ascontiguousarray(planes), out, k, rotate)
+        return out
+    r = planes[0].astype(_UINT[k])
+    for j in range(1, k):
+        r <<= 8
+        r |= planes[j]
+    if rotate:
+        out = r >> 1
+        out |= r << (8 * k - 1)
+        return out
+    return r
+
+
+def _order(u, k: int):
+    """Float bits -> unsigned integers in value order (negative: all bits flipped; else sign bit set)."""
+    import numpy as np
+
+    top = np.array(1 << (8 * k - 1), dtype=u.dtype)
+    s = (u.view(f"<i{k}") >> (8 * k - 1)).view(u.dtype)  # all ones where negative
+    s |= top
+    s ^= u
+    return s
+
+
+def _unorder(m, k: int):
+    import numpy as np
+
+    top = np.array(1 << (8 * k - 1), dtype=m.dtype)
+    s = ((~m).view(f"<i{k}") >> (8 * k - 1)).view(m.dtype)  # all ones where the sign bit is clear
+    s |= top
+    s ^= m
+    return s
+
+
+def diff(new, base, k: int, is_float: bool):
+    """Planes (k, n) of zigzag(order(new) - order(base)), in wrapping k-byte arithmetic."""
+    import numpy as np
+
+    if _on:
+        out = np.empty((k, new.size), dtype=np.uint8)
+        _native.diff(np.ascontiguousarray(new), np.ascontiguousarray(base), out, k, is_float)
+        return out
+    if is_float:
+        new, base = _order(new, k), _order(base, k)
+    d = (new - base).view(np.int8 if k == 1 else f"<i{k}")
+    return split(((d << 1) ^ (d >> (8 * k - 1))).view(new.dtype), k, False)
+
+
+def undiff(planes, base, k: int, is_float: bool):
+    """The inverse of diff, given the base: unsigned k-byte integers."""
+    import numpy as np
+
+    if _on:
+        out = np.empty(base.size, dtype=_UINT[k])
+        _native.undiff(np.ascontiguousarray(planes), np.ascontiguousarray(base), out, k, is_float)
+        return out
+    zz = merge(planes, k, False)
+    one = np.array(1, dtype=zz.dtype)
+    d = (zz >> one) ^ (np.array(0, dtype=zz.dtype) - (zz & one))
+    if not is_float:
+        return base + d
+    return _unorder(_order(base, k) + d, k)

@@ -1,0 +1,331 @@
+"""Delta-coded chunks (docs/format.md §5.1): exact round trips for every dtype and every delta kind,
+property tests on hostile bit patterns, how much each kind of version adds, chains kept bounded,
+damaged bases named, gc keeping bases, and repack (killed at random moments, too)."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mvc import Repo
+from mvc.errors import CorruptObjectError
+from mvc.graph import added_by
+from mvc.store import codec, kernels
+from mvc.store.ids import hash_object
+from mvc.store.objects import DTYPES
+from tests.helpers import mvc, mvc_cmd, mvc_proc, sha256, write_safetensors
+
+UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def roundtrip(new: np.ndarray, base: np.ndarray, k: int, is_float: bool) -> None:
+    """Every delta kind of *new* against *base* decodes to *new*'s exact bytes."""
+    bid = hash_object("chunk", base.tobytes())
+
+    def bases(oid, kk):
+        assert oid == bid and kk == k
+        return base
+
+    encodings = [codec.encode_diff(0, new, base, k, is_float, bid, 1),
+                 codec.encode_sparse(0, new, base, k, is_float, bid, 1)]
+    for stored in filter(None, encodings):
+        assert codec.delta_base(stored) == (bid, 1)
+        _, out = codec.decode(stored, "x", bases)
+        assert bytes(out) == new.tobytes()
+
+
+# -- the codecs ---------------------------------------------------------------------------------
+SPECIAL = {2: [0x7FC1, 0xFFC0, 0x8000, 0x0000, 0x0001, 0x7F80, 0xFF80, 0x7F81],  # bf16: NaNs, -0, subnormal, inf
+           4: [0x7FC00001, 0xFFFFFFFF, 0x80000000, 0x00000001, 0x7F800000, 0xFF800000, 0x807FFFFF],
+           8: [0x7FF8000000000001, 0x8000000000000000, 0x0000000000000001, 0x7FF0000000000000,
+               0xFFF0000000000000, 0xFFFFFFFFFFFFFFFF],
+           1: [0x00, 0x80, 0xFF, 0x7F, 0x01]}
+
+
+@settings(max_examples=150, deadline=None)
+@given(k=st.sampled_from([1, 2, 4, 8]), is_float=st.booleans(), n=st.integers(1, 3000),
+       seed=st.integers(0, 2**32 - 1), changed=st.floats(0, 1), special=st.floats(0, 0.3))
+def test_any_base_and_target_decode_exactly(k, is_float, n, seed, changed, special):
+    rng = np.random.default_rng(seed)
+    dt = UINT[k]
+    base = rng.integers(0, np.iinfo(dt).max, size=n, dtype=dt, endpoint=True)
+    specials = np.array(SPECIAL[k], dtype=dt)
+    for arr in (base,):
+        pick = rng.random(n) < special
+        arr[pick] = rng.choice(specials, size=int(pick.sum()))
+    new = base.copy()
+    move = rng.random(n) < changed
+    kind = rng.integers(0, 3)
+    if kind == 0:  # small moves, as a fine-tune makes
+        new[move] = new[move] + rng.integers(-3, 4, size=int(move.sum())).astype(dt)
+    elif kind == 1:  # zeros, as a prune makes
+        new[move] = 0
+    else:  # anything, specials included
+        new[move] = rng.choice(np.concatenate([specials, base]), size=int(move.sum()))
+    roundtrip(new, base, k, is_float and k > 1)
+
+
+def test_order_mapping_is_a_bijection_on_every_bf16_pattern():
+    u = np.arange(1 << 16, dtype=np.uint16)
+    m = kernels._order(u, 2)
+    assert np.array_equal(kernels._unorder(m, 2), u)
+    assert len(np.unique(m)) == 1 << 16
+    # value order: -inf < -1 < -0 < +0 < 1 < inf  (bf16 bits)
+    vals = np.array([0xFF80, 0xBF80, 0x8000, 0x0000, 0x3F80, 0x7F80], dtype=np.uint16)
+    assert list(np.argsort(kernels._order(vals, 2))) == list(range(6))
+
+
+def test_delta_value_without_its_base_is_refused():
+    base = np.arange(1000, dtype=np.uint16)
+    new = base + 1
+    stored = codec.encode_diff(0, new, base, 2, True, hash_object("chunk", base.tobytes()), 1)
+    with pytest.raises(CorruptObjectError, match="needs its base"):
+        codec.decode(stored, "x")
+    with pytest.raises(CorruptObjectError):
+        codec.decode(stored[:-3], "x", lambda oid, k: base)
+
+
+# -- repositories -------------------------------------------------------------------------------
+def arrays(dtype: str, rng, n: int):
+    """(base, fine-tuned, pruned) element arrays of a dtype, as the raw bits."""
+    size, is_float = DTYPES[dtype]
+    if dtype == "BOOL":
+        base = rng.integers(0, 2, n).astype(np.uint8)
+        ft = base.copy()
+        ft[rng.random(n) < 0.05] ^= 1
+        return base, ft, np.zeros_like(base)
+    if not is_float or size == 1:
+        dt = {"I8": np.int8, "U8": np.uint8, "I32": np.int32, "I64": np.int64, "F8_E4M3": np.uint8}[dtype]
+        base = rng.integers(-100 if dt in (np.int8, np.int32, np.int64) else 0, 100, n).astype(dt)
+        ft = base.copy()
+        ft[rng.random(n) < 0.3] += 1
+    else:
+        f = {"BF16": np.float32, "F16": np.float16, "F32": np.float32, "F64": np.float64}[dtype]
+        w = (0.02 * rng.standard_normal(n)).astype(f)
+        moved = (w + 1e-3 * rng.standard_normal(n)).astype(f)
+        if dtype == "BF16":
+            base = (w.view(np.uint32) >> 16).astype(np.uint16)
+            ft = (moved.view(np.uint32) >> 16).astype(np.uint16)
+        else:
+            base, ft = w, moved
+    pruned = ft.copy()
+    flat = pruned.reshape(-1).view(UINT[pruned.itemsize])
+    flat[::2] = 0
+    return base, ft, pruned
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32", "F64", "I8", "U8", "I32", "I64", "BOOL", "F8_E4M3"])
+def test_every_dtype_round_trips_through_delta_history(tmp_path, dtype):
+    rng = np.random.default_rng(5)
+    root = tmp_path / "w"
+    repo = Repo.init(root)
+    n = (3 << 20) // DTYPES[dtype][0] + 17  # a chunk boundary inside, and a short last chunk
+    hashes, commits = [], []
+    for version in arrays(dtype, rng, n):
+        write_safetensors(root / "m.safetensors", {"t": (dtype, (n,), version.tobytes()),
+                                                   "fixed": ("F32", (64,), np.ones(64, np.float32).tobytes())})
+        commits.append(repo.commit(f"v{len(commits)}"))
+        hashes.append(sha256(root / "m.safetensors"))
+    encodings = {e for c in commits[1:] for e in added_by(repo, c)["encodings"]}
+    assert encodings & {"diff", "sparse"}, encodings
+    for c, h in zip(commits, hashes):
+        repo.checkout(c, force=True)
+        assert sha256(root / "m.safetensors") == h
+    assert repo.config["format"] == 2
+    assert json.loads(mvc("fsck", "--json", cwd=root).output)["ok"] is True
+
+
+def test_shape_and_dtype_changes_fall_back_to_full(tmp_path, rng):
+    root = tmp_path / "w"
+    repo = Repo.init(root)
+    a = rng.standard_normal(4096).astype(np.float32)
+    write_safetensors(root / "m.safetensors", {"t": ("F32", (4096,), a.tobytes())})
+    repo.commit("f32")
+    for dtype, shape, data in (("F16", (4096,), a.astype(np.float16).tobytes()),
+                               ("F16", (2048,), a[:2048].astype(np.float16).tobytes())):
+        write_safetensors(root / "m.safetensors", {"t": (dtype, shape, data)})
+        c = repo.commit(f"{dtype} {shape}")
+        h = sha256(root / "m.safetensors")
+        assert "diff" not in added_by(repo, c)["encodings"]
+        repo.checkout("HEAD~1", force=True)
+        repo.checkout(c, force=True)
+        assert sha256(root / "m.safetensors") == h
+
+
+def history(root, rng, n_tensors=4, n=1 << 20):
+    """base -> fine-tune -> 50 % prune -> heal of bf16 tensors; returns (commits, file hashes, raw bytes)."""
+    def bf(x):
+        u = x.astype(np.float32).view(np.uint32)
+        return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+    def f32(b):
+        return (b.astype(np.uint32) << 16).view(np.float32)
+
+    repo = Repo.init(root)
+    base = [bf(0.02 * rng.standard_normal(n, dtype=np.float32)) for _ in range(n_tensors)]
+    ft = [bf(f32(b) + 1e-3 * rng.standard_normal(n, dtype=np.float32)) for b in base]
+    pruned = []
+    for t in ft:
+        w = f32(t)
+        thr = np.partition(np.abs(w), n // 2)[n // 2]
+        pruned.append(bf(np.where(np.abs(w) < thr, 0, w)))
+    healed = [bf(np.where(f32(p) != 0, f32(p) + 5e-4 * rng.standard_normal(n, dtype=np.float32), 0)) for p in pruned]
+    commits, hashes = [], []
+    for name, version in (("base", base), ("fine-tune", ft), ("prune", pruned), ("heal", healed)):
+        write_safetensors(root / "m.safetensors", {f"l{i}": ("BF16", (n,), t.tobytes()) for i, t in enumerate(version)})
+        commits.append(repo.commit(name))
+        hashes.append(sha256(root / "m.safetensors"))
+    return repo, commits, hashes, 2 * n * n_tensors
+
+
+def test_each_kind_of_version_adds_its_change_not_its_size(tmp_path, rng):
+    repo, commits, _, raw = history(tmp_path / "w", rng)
+    added = [added_by(repo, c) for c in commits]
+    ratios = [a["stored"] / raw for a in added]
+    assert ratios[0] < 0.67  # the base: byte planes (ZipNN's ratio)
+    assert ratios[1] <= 0.50, ratios  # fine-tune (issue target)
+    assert ratios[2] <= 0.08, ratios  # 50 % prune: about the mask
+    assert ratios[3] <= 0.35, ratios  # heal
+    assert set(added[2]["encodings"]) == {"sparse"}
+
+
+def test_chains_stay_within_max_depth_and_delta_coding_can_be_off(tmp_path, rng):
+    root = tmp_path / "w"
+    repo = Repo.init(root)
+    repo.update_config(lambda c: c.update(delta={"max_depth": 2}))
+    w = rng.standard_normal(1 << 18).astype(np.float32)
+    for i in range(6):
+        w = w + np.float32(1e-4) * rng.standard_normal(w.size).astype(np.float32)
+        write_safetensors(root / "m.safetensors", {"w": ("F32", (w.size,), w.tobytes())})
+        repo.commit(f"v{i}")
+    depths = [codec.depth(repo.backend.get(o)) for o in repo.backend.iter_oids()]
+    assert max(depths) == 2
+    repo.update_config(lambda c: c.update(delta={"max_depth": 0}))
+    w = w + 1
+    write_safetensors(root / "m.safetensors", {"w": ("F32", (w.size,), w.tobytes())})
+    assert "diff" not in added_by(repo, repo.commit("full"))["encodings"]
+    repo.update_config(lambda c: c.update(delta={"max_depth": "deep"}))
+    (root / "x").write_text("x")
+    res = mvc_proc("commit", "-m", "bad config", cwd=root)
+    assert res.returncode == 1 and "delta.max_depth must be an integer" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_format_1_repository_is_raised_before_its_first_delta(tmp_path, rng):
+    root = tmp_path / "w"
+    repo = Repo.init(root)
+    repo.update_config(lambda c: c.update(format=1))
+    w = rng.standard_normal(1 << 16).astype(np.float32)
+    write_safetensors(root / "m.safetensors", {"w": ("F32", (w.size,), w.tobytes())})
+    repo.commit("one")
+    write_safetensors(root / "m.safetensors", {"w": ("F32", (w.size,), (w + 1e-6).astype(np.float32).tobytes())})
+    repo.commit("two")
+    assert json.loads((root / ".mvc" / "config.json").read_text())["format"] == 2
+
+
+def test_a_damaged_base_is_named_and_nothing_wrong_is_written(tmp_path, rng):
+    repo, commits, hashes, _ = history(tmp_path / "w", rng, n_tensors=1, n=1 << 18)
+    root = tmp_path / "w"
+    ft_tensor = dict(repo.odb.get(repo.tree_of(commits[1]).entries[0].oid, "file").tensors)["l0"]
+    delta_chunk = repo.odb.get(ft_tensor, "tensor").chunks[0]
+    base_chunk, depth = codec.delta_base(repo.backend.get(bytes.fromhex(delta_chunk)))
+    assert depth == 1
+    stored = bytearray(repo.backend.get(base_chunk))
+    stored[len(stored) // 2] ^= 0x10
+    repo.backend.replace_many([(base_chunk, bytes(stored))])
+    repo.close()
+    rep = json.loads(mvc_proc("fsck", "--json", cwd=root).stdout)
+    assert not rep["ok"]
+    assert base_chunk.hex() in rep["corrupt"]
+    assert delta_chunk in rep["corrupt"] and base_chunk.hex() in rep["corrupt"][delta_chunk]
+    before = sha256(root / "m.safetensors")
+    res = mvc_proc("checkout", "-f", commits[1], cwd=root)
+    assert res.returncode != 0 and "corrupt" in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert sha256(root / "m.safetensors") == before  # the old file stays; no wrong bytes written
+
+
+def test_gc_keeps_the_base_of_a_kept_delta(tmp_path, rng):
+    root = tmp_path / "w"
+    repo = Repo.init(root)
+    first = rng.standard_normal(4096).astype(np.float32)
+    write_safetensors(root / "m.safetensors", {"w": ("F32", (4096,), first.tobytes())})
+    repo.commit("c0")
+    w = rng.standard_normal(1 << 18).astype(np.float32)
+    write_safetensors(root / "m.safetensors", {"w": ("F32", (w.size,), w.tobytes())})
+    side = repo.snapshot("side")  # a commit no ref (and no reflog of HEAD) names
+    repo.refs.set_ref("refs/heads/side", side, None, "test")
+    write_safetensors(root / "m.safetensors", {"w": ("F32", (w.size,), (w + 1e-6).astype(np.float32).tobytes())})
+    main = repo.commit("main", delta_base="side")
+    assert "diff" in added_by(repo, main)["encodings"]
+    h = sha256(root / "m.safetensors")
+    repo.delete_branch("side", force=True)  # side's commit is garbage now; its chunk is a base
+    repo.close()
+    assert "removed 0 objects" not in mvc("gc", cwd=root).output
+    (root / "m.safetensors").unlink()
+    mvc("checkout", "-f", "main", cwd=root)
+    assert sha256(root / "m.safetensors") == h
+    assert json.loads(mvc("fsck", "--json", cwd=root).output)["ok"] is True
+
+
+def test_cat_object_and_show_report_encodings(tmp_path, rng):
+    repo, commits, _, _ = history(tmp_path / "w", rng, n_tensors=1, n=1 << 18)
+    root = tmp_path / "w"
+    tid = dict(repo.odb.get(repo.tree_of(commits[2]).entries[0].oid, "file").tensors)["l0"]
+    chunk = repo.odb.get(tid, "tensor").chunks[0]
+    size, stored, enc, base, depth = mvc("cat-object", "-s", chunk, cwd=root).output.split()
+    assert (int(size), enc, int(depth)) == ((1 << 18) * 2, "sparse", 2) and int(stored) < int(size) // 8
+    info = json.loads(mvc("cat-object", "--json", chunk, cwd=root).output)
+    assert info["base"] == base and info["stored_size"] == int(stored)
+    out = mvc("show", commits[2], cwd=root).output
+    assert "added to the store" in out and "sparse" in out
+    logged = json.loads(mvc("log", "--stat", "--json", cwd=root).output)
+    assert [e["store"]["encodings"] for e in logged][1] == {"sparse": 1}
+
+
+def test_repack_rechooses_bases_and_keeps_everything(tmp_path, rng):
+    repo, commits, hashes, _ = history(tmp_path / "w", rng, n_tensors=2, n=1 << 18)
+    root = tmp_path / "w"
+    repo.close()
+    full = json.loads(mvc("repack", "--max-depth", "0", "--json", cwd=root).output)
+    assert full["rewritten"] > 0
+    with Repo(root) as r:
+        assert all(codec.depth(r.backend.get(o)) == 0 for o in r.backend.iter_oids())
+    again = json.loads(mvc("repack", "--json", cwd=root).output)
+    assert again["after"] < full["after"] * 0.7  # deltas again: 0.63 here
+    assert json.loads(mvc("fsck", "--json", cwd=root).output)["ok"] is True
+    for c, h in zip(commits, hashes):
+        mvc("checkout", "-f", c, cwd=root)
+        assert sha256(root / "m.safetensors") == h
+
+
+@pytest.mark.slow
+def test_sigkilled_repack_never_loses_an_object(tmp_path):
+    runs = 50
+    rng = np.random.default_rng(9)
+    random.seed(9)
+    repo, commits, hashes, _ = history(tmp_path / "w", rng, n_tensors=4, n=1 << 19)
+    root = tmp_path / "w"
+    repo.close()
+    t = time.monotonic()
+    mvc_proc("-q", "repack", "--max-depth", "0", cwd=root, check=True)
+    span = time.monotonic() - t
+    for i in range(runs):
+        depth = "0" if i % 2 else "10"  # alternate, so every run rewrites chunks
+        p = subprocess.Popen(mvc_cmd() + ["-q", "repack", "--max-depth", depth], cwd=root,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(random.uniform(0, span * 1.2))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        rep = json.loads(mvc_proc("fsck", "--json", cwd=root).stdout)
+        assert rep["ok"], (i, rep)
+    for c, h in zip(commits, hashes):
+        mvc_proc("checkout", "-f", c, cwd=root, check=True)
+        assert sha256(root / "m.safetensors") == h
