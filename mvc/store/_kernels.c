@@ -1,0 +1,140 @@
+/* One-pass kernels for the chunk codecs (mvc/store/codec.py, docs/format.md §5, §5.1).
+ *
+ * split:  k-byte elements -> k byte planes, top byte first, optionally rotated left by one bit
+ * merge:  the inverse
+ * diff:   zigzag(order(new) - order(base)) of k-byte elements, written as k planes (no rotation)
+ * undiff: the inverse, given the base
+ *
+ * order() maps float bits to value order (negative: all bits flipped; else: sign bit set).
+ * Every function checks its buffer sizes, releases the GIL while it runs, and computes exactly
+ * what the numpy code in codec.py computes (tests/test_kernels.py compares them byte for byte).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+#define KERNELS(T, K)                                                                          \
+    static inline T order_##K(T u) {                                                           \
+        T top = (T)1 << (8 * K - 1);                                                           \
+        return (u & top) ? (T)~u : (T)(u | top);                                               \
+    }                                                                                          \
+    static inline T unorder_##K(T m) {                                                         \
+        T top = (T)1 << (8 * K - 1);                                                           \
+        return (m & top) ? (T)(m & ~top) : (T)~m;                                              \
+    }                                                                                          \
+    static void split_##K(const uint8_t *src, uint8_t *dst, Py_ssize_t n, int rot) {          \
+        const T *u = (const T *)src;                                                           \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                   \
+            T v = u[i];                                                                        \
+            if (rot) v = (T)((v << 1) | (v >> (8 * K - 1)));                                   \
+            for (int j = 0; j < K; j++) dst[(Py_ssize_t)j * n + i] = (uint8_t)(v >> (8 * (K - 1 - j))); \
+        }                                                                                      \
+    }                                                                                          \
+    static void merge_##K(const uint8_t *src, uint8_t *dst, Py_ssize_t n, int rot) {          \
+        T *u = (T *)dst;                                                                       \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                   \
+            T v = 0;                                                                           \
+            for (int j = 0; j < K; j++) v = (T)((v << 8) | src[(Py_ssize_t)j * n + i]);        \
+            if (rot) v = (T)((v >> 1) | (v << (8 * K - 1)));                                   \
+            u[i] = v;                                                                          \
+        }                                                                                      \
+    }                                                                                          \
+    static void diff_##K(const uint8_t *a, const uint8_t *b, uint8_t *dst, Py_ssize_t n, int fl) { \
+        const T *x = (const T *)a, *y = (const T *)b;                                          \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                   \
+            T p = x[i], q = y[i];                                                              \
+            if (fl) { p = order_##K(p); q = order_##K(q); }                                    \
+            T d = (T)(p - q);                                                                  \
+            T z = (T)((T)(d << 1) ^ (T)(0 - (d >> (8 * K - 1))));                              \
+            for (int j = 0; j < K; j++) dst[(Py_ssize_t)j * n + i] = (uint8_t)(z >> (8 * (K - 1 - j))); \
+        }                                                                                      \
+    }                                                                                          \
+    static void undiff_##K(const uint8_t *src, const uint8_t *b, uint8_t *dst, Py_ssize_t n, int fl) { \
+        const T *y = (const T *)b;                                                             \
+        T *u = (T *)dst;                                                                       \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                   \
+            T z = 0;                                                                           \
+            for (int j = 0; j < K; j++) z = (T)((z << 8) | src[(Py_ssize_t)j * n + i]);        \
+            T d = (T)((z >> 1) ^ (T)(0 - (z & 1)));                                            \
+            T q = fl ? order_##K(y[i]) : y[i];                                                 \
+            T p = (T)(q + d);                                                                  \
+            u[i] = fl ? unorder_##K(p) : p;                                                    \
+        }                                                                                      \
+    }
+
+KERNELS(uint8_t, 1)
+KERNELS(uint16_t, 2)
+KERNELS(uint32_t, 4)
+KERNELS(uint64_t, 8)
+
+typedef void (*one_fn)(const uint8_t *, uint8_t *, Py_ssize_t, int);
+typedef void (*two_fn)(const uint8_t *, const uint8_t *, uint8_t *, Py_ssize_t, int);
+
+static int pick(int k) {
+    return k == 1 ? 0 : k == 2 ? 1 : k == 4 ? 2 : k == 8 ? 3 : -1;
+}
+
+static PyObject *one(PyObject *args, one_fn *table) {
+    Py_buffer src, dst;
+    int k, flag;
+    if (!PyArg_ParseTuple(args, "y*w*ip", &src, &dst, &k, &flag)) return NULL;
+    int t = pick(k);
+    PyObject *ret = NULL;
+    if (t < 0 || src.len % k || dst.len != src.len) {
+        PyErr_SetString(PyExc_ValueError, "bad element size or buffer length");
+    } else {
+        Py_ssize_t n = src.len / k;
+        Py_BEGIN_ALLOW_THREADS
+        table[t]((const uint8_t *)src.buf, (uint8_t *)dst.buf, n, flag);
+        Py_END_ALLOW_THREADS
+        ret = Py_None;
+        Py_INCREF(ret);
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return ret;
+}
+
+static PyObject *two(PyObject *args, two_fn *table) {
+    Py_buffer a, b, dst;
+    int k, flag;
+    if (!PyArg_ParseTuple(args, "y*y*w*ip", &a, &b, &dst, &k, &flag)) return NULL;
+    int t = pick(k);
+    PyObject *ret = NULL;
+    if (t < 0 || a.len % k || b.len != a.len || dst.len != a.len) {
+        PyErr_SetString(PyExc_ValueError, "bad element size or buffer length");
+    } else {
+        Py_ssize_t n = a.len / k;
+        Py_BEGIN_ALLOW_THREADS
+        table[t]((const uint8_t *)a.buf, (const uint8_t *)b.buf, (uint8_t *)dst.buf, n, flag);
+        Py_END_ALLOW_THREADS
+        ret = Py_None;
+        Py_INCREF(ret);
+    }
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    PyBuffer_Release(&dst);
+    return ret;
+}
+
+static one_fn SPLIT[] = {split_1, split_2, split_4, split_8};
+static one_fn MERGE[] = {merge_1, merge_2, merge_4, merge_8};
+static two_fn DIFF[] = {diff_1, diff_2, diff_4, diff_8};
+static two_fn UNDIFF[] = {undiff_1, undiff_2, undiff_4, undiff_8};
+
+static PyObject *k_split(PyObject *self, PyObject *args) { return one(args, SPLIT); }
+static PyObject *k_merge(PyObject *self, PyObject *args) { return one(args, MERGE); }
+static PyObject *k_diff(PyObject *self, PyObject *args) { return two(args, DIFF); }
+static PyObject *k_undiff(PyObject *self, PyObject *args) { return two(args, UNDIFF); }
+
+static PyMethodDef methods[] = {
+    {"split", k_split, METH_VARARGS, "split(src, dst, k, rotate): elements -> planes"},
+    {"merge", k_merge, METH_VARARGS, "merge(src, dst, k, rotate): planes -> elements"},
+    {"diff", k_diff, METH_VARARGS, "diff(new, base, dst, k, is_float): zigzag differences as planes"},
+    {"undiff", k_undiff, METH_VARARGS, "undiff(planes, base, dst, k, is_float): elements from differences"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
