@@ -6,8 +6,8 @@
     python3 dev.py test [ARGS]   create .venv if needed, then lint and run the test suite
     python3 dev.py bench [ARGS]  create .venv if needed, then run the benchmarks
 
-The virtual environment is (re)installed when pyproject.toml, constraints.txt or
-this file change. torch is pinned through constraints.txt: unpinned, pip would
+The virtual environment is (re)installed when pyproject.toml, constraints.txt, setup.py,
+the C kernels (mvc/store/_kernels.c) or this file change. torch is pinned through constraints.txt: unpinned, pip would
 pull a multi-GB CUDA build.
 """
 
@@ -27,7 +27,7 @@ STAMP = os.path.join(VENV, ".deps-stamp")
 
 def deps_hash() -> str:
     h = hashlib.sha256()
-    for name in ("pyproject.toml", "constraints.txt", "dev.py"):
+    for name in ("pyproject.toml", "constraints.txt", "dev.py", "setup.py", "mvc/store/_kernels.c"):
         with open(os.path.join(ROOT, name), "rb") as f:
             h.update(f.read())
     return h.hexdigest()
