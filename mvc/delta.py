@@ -10,7 +10,28 @@ chunk i of each candidate (pipeline.encode_with_bases), and only chunks, never i
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 from .store.odb import ObjectDB
+
+#: parent dtype name -> the code PREDICT values record (codec.PARENT_DTYPES)
+_PARENT_CODES = {"F32": 0, "F16": 1, "BF16": 2}
+QWEIGHT, SCALES = ".qweight", ".scales"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Where one chunk of int8 codes (``X.qweight``) is predicted from: the parent's float tensor
+    ``X`` (its chunks *bases*, from element *skip* of the first) and per-row *scales* (float32
+    bytes, from the chunk's first row on); the chunk starts at column *col0* of rows of *cols*."""
+
+    bases: tuple[str, ...]
+    pdtype: int
+    skip: int
+    cols: int
+    col0: int
+    scales: bytes
 
 DEFAULT_MAX_DEPTH = 10  # the longest delta chain a read follows (config: delta.max_depth)
 ANCESTORS = 8  # first-parent ancestors searched after the named commits
@@ -51,6 +72,33 @@ class DeltaBases:
                 if len(out) == MAX_CANDIDATES:
                     break
         return out
+
+    def rtn_prediction(self, path: str, qname: str, shape, scales: bytes, chunk_size: int):
+        """For an int8 tensor ``X.qweight`` with per-row float32 *scales*: chunk index -> Prediction
+        from the nearest float tensor ``X`` of the same size, or None when there is none."""
+        if not qname.endswith(QWEIGHT) or len(shape) != 2 or len(scales) != 4 * shape[0]:
+            return None
+        name, n = qname[:-len(QWEIGHT)], math.prod(shape)
+        for commit in self.commits:
+            tid = self._tensors(commit, path).get(name)
+            if tid is None:
+                continue
+            t = self.odb.get(tid, "tensor")
+            if t.dtype in _PARENT_CODES and math.prod(t.shape) == n and t.chunks:
+                break
+        else:
+            return None
+        per = t.chunk_size // (2 if t.dtype != "F32" else 4)  # parent elements per chunk
+        cols = shape[1]
+
+        def at(i: int, length: int) -> Prediction:
+            e0 = i * chunk_size
+            first, last = e0 // per, (e0 + length - 1) // per
+            r0, r1 = e0 // cols, (e0 + length - 1) // cols
+            return Prediction(tuple(t.chunks[first:last + 1]), _PARENT_CODES[t.dtype], e0 - first * per, cols,
+                              e0 % cols, scales[4 * r0:4 * (r1 + 1)])
+
+        return at
 
 
 def with_ancestors(odb: ObjectDB, commits: list[str]) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .errors import MvcError
 from .refs import HEAD
-from .store.codec import delta_base
+from .store.codec import links
 
 
 class StoreView:
@@ -22,10 +22,10 @@ def with_delta_bases(backend, keep: set[bytes]) -> set[bytes]:
     stack = list(keep)
     while stack:
         stored = backend.get(stack.pop())
-        link = delta_base(stored) if stored is not None else None
-        if link is not None and link[0] not in out:
-            out.add(link[0])
-            stack.append(link[0])
+        for base in links(stored) if stored is not None else ():
+            if base not in out:
+                out.add(base)
+                stack.append(base)
     return out
 
 

@@ -103,6 +103,7 @@ def repack(repo, max_depth: int | None = None, progress=None) -> RepackReport:
                     fsize, is_float = DTYPES[t.dtype]
                     fs = fsize if is_float and fsize > 1 else 0
                     cands = bases.chunks_for(entry.path, name, t.dtype, t.shape, CHUNK_SIZE) if depth else []
+                    predict = _prediction(repo, bases, entry.path, f, name, t) if depth else None
                     for i, ch in enumerate(t.chunks):
                         if ch in visited:
                             continue
@@ -113,7 +114,10 @@ def repack(repo, max_depth: int | None = None, progress=None) -> RepackReport:
                             continue  # a lazy clone's unfetched chunk
                         old = bytes(old)
                         _, data = repo.odb.decode(bytes.fromhex(ch), old, "chunk")
-                        new = encode_with_bases(repo.odb, data, fs, list(dict.fromkeys(mine)), depth)
+                        pred = predict(i, len(data)) if predict is not None else None
+                        if pred is not None and not all(b in visited for b in pred.bases):
+                            pred = None  # only against what is re-encoded already: no chain can loop
+                        new = encode_with_bases(repo.odb, data, fs, list(dict.fromkeys(mine)), depth, pred)
                         rep.chunks += 1
                         rep.before += len(old)
                         rep.after += len(new)
@@ -128,3 +132,21 @@ def repack(repo, max_depth: int | None = None, progress=None) -> RepackReport:
                             batch, size = [], 0
         repo.backend.replace_many(batch)
     return rep
+
+
+def _prediction(repo, bases, path: str, f, name: str, t):
+    """Repack's view of Ingestor._prediction: int8 ``X.qweight`` beside ``X.scales`` in file *f*."""
+    from .delta import QWEIGHT, SCALES
+    from .pipeline import CHUNK_SIZE, Materializer
+
+    if t.dtype != "I8" or not name.endswith(QWEIGHT):
+        return None
+    sid = dict(f.tensors).get(name[:-len(QWEIGHT)] + SCALES)
+    if sid is None:
+        return None
+    s = repo.odb.get(sid, "tensor")
+    if s.dtype != "F32" or len(t.shape) != 2 or tuple(s.shape) != (t.shape[0],):
+        return None
+    with Materializer(repo.odb, workers=1) as mat:
+        scales = b"".join(bytes(x) for x in mat.chunks(s.chunks))
+    return bases.rtn_prediction(path, name, t.shape, scales, CHUNK_SIZE)

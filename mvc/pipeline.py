@@ -8,11 +8,12 @@ chunks per worker, whatever the size of the model or its largest tensor.
 
 from __future__ import annotations
 
+import io
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
-from .delta import DeltaBases
+from .delta import QWEIGHT, SCALES, DeltaBases, Prediction
 from .errors import InvalidFileError
 from .formats import safetensors as stf
 from .formats import torchfile
@@ -122,19 +123,20 @@ class Ingestor:
         return oid.hex()
 
     # -- workers -----------------------------------------------------------------
-    def _work(self, data: bytes, float_size: int, bases: list[str]):
+    def _work(self, data: bytes, float_size: int, bases: list[str], predict: Prediction | None):
         if not self.store:
             return hash_object("chunk", data), None
         oid = hash_object("chunk", data)
         if self.backend.has(oid):
             return oid, None
-        if not bases:
+        if not bases and predict is None:
             return encode_chunk(data, float_size)
-        return oid, encode_with_bases(self.odb, data, float_size, bases, self.bases.max_depth)
+        return oid, encode_with_bases(self.odb, data, float_size, bases, self.bases.max_depth, predict)
 
-    def _chunks(self, f, nbytes: int, float_size: int, pending: deque, tag, bases=()):
+    def _chunks(self, f, nbytes: int, float_size: int, pending: deque, tag, bases=(), predict=None):
         """Read *nbytes* from *f* in chunks and queue them; yields control to drain the queue.
-        *bases*: per candidate base tensor, its chunk ids (chunk i is tried against their chunk i)."""
+        *bases*: per candidate base tensor, its chunk ids (chunk i is tried against their chunk i);
+        *predict*: (chunk index, length) -> Prediction, for int8 codes."""
         left, i = nbytes, 0
         while left > 0:
             n = min(CHUNK_SIZE, left)
@@ -144,9 +146,26 @@ class Ingestor:
                 raise InvalidFileError(getattr(f, "name", "?"), "file changed or shrank while being read")
             left -= n
             mine = list(dict.fromkeys(b[i] for b in bases if i < len(b)))
-            pending.append((tag, (n, offset), self.pool.submit(self._work, data, float_size, mine)))
+            pred = predict(i, n) if predict is not None else None
+            pending.append((tag, (n, offset), self.pool.submit(self._work, data, float_size, mine, pred)))
             i += 1
             yield
+
+    def _prediction(self, f, header, e, rel: str):
+        """int8 codes ``X.qweight`` next to per-row float32 ``X.scales`` in the same file: their
+        prediction from the parent's ``X`` (read the scales now: they may come later in the file)."""
+        if not e.name.endswith(QWEIGHT) or len(e.shape) != 2:
+            return None
+        s = next((x for x in header.entries if x.name == e.name[:-len(QWEIGHT)] + SCALES), None)
+        if s is None or s.dtype != "F32" or tuple(s.shape) != (e.shape[0],):
+            return None
+        try:
+            scales = os.pread(f.fileno(), s.end - s.begin, header.header_size + s.begin)
+        except (AttributeError, OSError, io.UnsupportedOperation):  # a stream (Git's packets): no seeking
+            return None
+        if len(scales) != s.end - s.begin:
+            return None
+        return self.bases.rtn_prediction(rel, e.name, e.shape, scales, CHUNK_SIZE)
 
     def ingest_safetensors_stream(self, f, size: int, rel: str) -> str:
         """Store a safetensors file read sequentially from *f* (no seeking), *size* bytes in all."""
@@ -214,7 +233,8 @@ class Ingestor:
             size_, is_float = DTYPES[e.dtype]
             fs = size_ if is_float and size_ > 1 else 0
             bases = self.bases.chunks_for(rel, e.name, e.dtype, e.shape, CHUNK_SIZE) if self.bases else ()
-            for _ in self._chunks(f, e.end - e.begin, fs, pending, idx, bases):
+            predict = self._prediction(f, header, e, rel) if self.bases and e.dtype == "I8" else None
+            for _ in self._chunks(f, e.end - e.begin, fs, pending, idx, bases, predict):
                 self._drain(pending, sink, self.inflight, path)
                 finish_ready()
             finish_ready()
@@ -302,7 +322,8 @@ class Materializer:
         return buf.getvalue()
 
 
-def encode_with_bases(odb: ObjectDB, data, float_size: int, bases: list[str], max_depth: int) -> bytes:
+def encode_with_bases(odb: ObjectDB, data, float_size: int, bases: list[str], max_depth: int,
+                      predict: Prediction | None = None) -> bytes:
     """The smallest stored value of a chunk among its full encoding and deltas against *bases*
     (tried in order, nearest first; a delta under a quarter of the raw size ends the search; the
 full encoding is tried when no delta is under 0.6 of the raw size).
@@ -310,8 +331,10 @@ full encoding is tried when no delta is under 0.6 of the raw size).
     k = float_size or 1
     is_float = float_size > 1
     new = codec.elements(data, k)
-    best = None
+    best = _predicted(odb, new, predict, max_depth) if predict is not None else None
     for b in bases[:3]:
+        if best is not None and len(best) < len(data) // 4:
+            break
         base = bytes.fromhex(b)
         stored = odb.backend.get(base)
         if stored is None:
@@ -326,13 +349,31 @@ full encoding is tried when no delta is under 0.6 of the raw size).
                      codec.encode_sparse(CHUNK, new, old, k, is_float, base, depth)):
             if cand is not None and (best is None or len(cand) < len(best)):
                 best = cand
-        if len(best) < len(data) // 4:
-            break
     if best is None or len(best) > 0.6 * len(data):  # trained weights code to >= 0.6 in full
         full = codec.encode(CHUNK, data, float_size)
         if best is None or len(full) <= len(best):
             best = full
     return best
+
+
+def _predicted(odb: ObjectDB, new, p: Prediction, max_depth: int) -> bytes | None:
+    """The PREDICT value of int8 codes *new* (None when the parent's chunks are gone or too deep)."""
+    import numpy as np
+
+    stores = [odb.backend.get(bytes.fromhex(b)) for b in p.bases]
+    if any(s is None for s in stores):
+        return None
+    depth = 1 + max(codec.depth(s) for s in stores)
+    if depth > max_depth:
+        return None
+    size = codec.PARENT_DTYPES[p.pdtype][0]
+    parent = np.concatenate([odb.chunk_elements(bytes.fromhex(b), size, s) for b, s in zip(p.bases, stores)])
+    parent = parent[p.skip:p.skip + new.size]
+    if parent.size != new.size:
+        return None
+    return codec.encode_predict(CHUNK, new, codec.to_f32(parent, p.pdtype), p.pdtype,
+                                [bytes.fromhex(b) for b in p.bases], p.skip, p.cols, p.col0,
+                                np.frombuffer(p.scales, "<f4"), depth)
 
 
 def decode_chunk(odb: ObjectDB, oid: bytes, stored):

@@ -27,7 +27,7 @@ from ..errors import CorruptObjectError, MvcError
 from ..graph import children, closure
 from ..progress import NULL
 from ..state import CFG_LAZY, CFG_REMOTES, HEADS, KV_REMOTE_INDEX, REMOTES
-from ..store.codec import delta_base
+from ..store.codec import delta_base, links
 from ..store.ids import TYPE_CODE
 from ..store.objects import canonical_json
 from ..store.odb import decode_verified
@@ -135,8 +135,7 @@ def push(repo, remote: RemoteBackend, name: str, branch: str, force: bool = Fals
         batch, size = [], 0
         for oid in ids:
             stored = bytes(repo.odb.stored(oid))
-            link = delta_base(stored)
-            if link is not None and link[0].hex() not in wanted and link[0].hex() not in have:
+            if any(b.hex() not in wanted and b.hex() not in have for b in links(stored)):
                 stored = repo.odb.standalone(oid)  # its base is neither on the remote nor in this push
             batch.append((oid, stored))
             size += len(stored)
@@ -238,14 +237,14 @@ def fetch(repo, remote: RemoteBackend, name: str, progress=None, lazy: bool = Fa
         key = bytes.fromhex(oid)
         if key in in_batch or repo.backend.has(key):
             return
-        link = delta_base(data)
-        if link is not None:
-            base = link[0]
+        bases = links(data)
+        for base in bases:
             if base in in_batch:
                 flush()
             elif not repo.backend.has(base):
                 store_chunk(base.hex(), download(base.hex(), "chunk"))
                 flush()
+        if bases:
             try:
                 repo.odb.decode(key, data, "chunk")
             except MvcError as e:

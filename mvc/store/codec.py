@@ -38,9 +38,11 @@ import zstandard as zstd
 from ..errors import CorruptObjectError
 from . import kernels
 
-RAW, ZSTD, PLANES, DIFF, SPARSE = 0, 1, 2, 3, 4
-DELTAS = (DIFF, SPARSE)
-NAMES = {RAW: "raw", ZSTD: "zstd", PLANES: "planes", DIFF: "diff", SPARSE: "sparse"}
+RAW, ZSTD, PLANES, DIFF, SPARSE, PREDICT = 0, 1, 2, 3, 4, 5
+DELTAS = (DIFF, SPARSE, PREDICT)
+NAMES = {RAW: "raw", ZSTD: "zstd", PLANES: "planes", DIFF: "diff", SPARSE: "sparse", PREDICT: "predict"}
+#: parent dtypes a PREDICT value can be computed from: code -> (element size, name)
+PARENT_DTYPES = {0: (4, "F32"), 1: (2, "F16"), 2: (2, "BF16")}
 MAX_CHUNK = 4 * 1024 * 1024  # no chunk decodes to more (pipeline.CHUNK_SIZE)
 
 _UINT = {2: "<u2", 4: "<u4", 8: "<u8"}  # numpy is imported on first use: `mvc status` never needs it
@@ -187,6 +189,17 @@ def delta_base(stored) -> tuple[bytes, int] | None:
     return None
 
 
+def links(stored) -> list[bytes]:
+    """Every chunk a delta-coded value is computed from (empty for a full encoding)."""
+    first = delta_base(stored)
+    if first is None:
+        return []
+    if stored[1] != PREDICT:
+        return [first[0]]
+    extra = stored[37]
+    return [first[0]] + [bytes(stored[38 + 32 * i:70 + 32 * i]) for i in range(extra)]
+
+
 def delta_k(stored) -> tuple[int, bool]:
     """(element size, floating point?) that a delta-coded value works in."""
     return stored[35], bool(stored[36])
@@ -196,6 +209,68 @@ def depth(stored) -> int:
     """How many deltas must be applied to decode this value (0: a full encoding)."""
     d = delta_base(stored)
     return 0 if d is None else d[1]
+
+
+def to_f32(el, pdtype: int):
+    """Parent elements (bits of F32, F16 or BF16) as float32."""
+    import numpy as np
+
+    if pdtype == 2:  # bf16 bits are the top half of the float32
+        return (el.astype(np.uint32) << 16).view(np.float32)
+    if pdtype == 1:
+        return el.view(np.float16).astype(np.float32)
+    return el.view(np.float32)
+
+
+def predict_rtn8(parent, scales, cols: int, col0: int):
+    """Per-row symmetric round-to-nearest int8 codes of *parent* (float32 elements that start at
+    column *col0* of a row of *cols*) with *scales* (float32, one per row from that row on):
+    clip(rint(x / scale), -127, 127), as mvc's rtn-int8 and the usual int8 recipes compute them."""
+    import numpy as np
+
+    rows = (np.arange(parent.size, dtype=np.int64) + col0) // cols
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.rint(parent / scales[rows])
+    np.nan_to_num(q, copy=False, nan=0.0)  # the same codes on every machine, whatever the floats hold
+    np.clip(q, -127, 127, out=q)
+    return q.astype(np.int8).view(np.uint8)
+
+
+def encode_predict(type_code: int, new, parent, pdtype: int, bases: list[bytes], skip: int, cols: int, col0: int,
+                   scales, depth: int) -> bytes:
+    """PREDICT: int8 codes as their difference from the codes predicted from the parent's floats
+    (the chunks *bases*, from element *skip* of the first) and the stored per-row scales."""
+    import numpy as np
+
+    scales = np.ascontiguousarray(scales, dtype="<f4")
+    pred = predict_rtn8(parent, scales, cols, col0)
+    planes = kernels.diff(new, pred, 1, False)
+    head = bytes((type_code, PREDICT)) + bases[0] + bytes((depth, 1, 0, len(bases) - 1)) + b"".join(bases[1:])
+    return (head + struct.pack("<BIIII", pdtype, skip, cols, col0, scales.size) + scales.tobytes()
+            + _plane_body(planes, 1))
+
+
+def _decode_predict(stored, bases: BaseReader):
+    import numpy as np
+
+    ids = links(stored)
+    pos = 38 + 32 * (len(ids) - 1)
+    pdtype, skip, cols, col0, nscale = struct.unpack_from("<BIIII", stored, pos)
+    pos += 17
+    if pdtype not in PARENT_DTYPES or cols == 0 or nscale * 4 > MAX_CHUNK:
+        raise ValueError("bad predict header")
+    scales = np.frombuffer(stored[pos:pos + 4 * nscale], dtype="<f4")
+    pos += 4 * nscale
+    k, planes = _read_plane_body(memoryview(stored)[pos:], MAX_CHUNK)
+    n = planes.shape[1]
+    if k != 1 or len(scales) != nscale or (col0 + n - 1) // cols >= nscale:
+        raise ValueError("predict delta does not fit its scales")
+    psize = PARENT_DTYPES[pdtype][0]
+    parent = np.concatenate([bases(b, psize) for b in ids])[skip:skip + n]
+    if parent.size != n:
+        raise ValueError("predict delta does not fit its parent")
+    pred = predict_rtn8(to_f32(parent, pdtype), scales, cols, col0)
+    return kernels.undiff(planes, pred, 1, False)
 
 
 # -- decoding ----------------------------------------------------------------------------------
@@ -246,6 +321,10 @@ def decode_elements(stored, bases: BaseReader | None, k: int):
         return elements(data, k)
     if bases is None:
         raise ValueError("a delta-coded value needs its base")
+    if codec == PREDICT:
+        if k != 1:
+            raise ValueError("delta element size does not fit")
+        return _decode_predict(stored, bases)
     body = memoryview(stored)[2:]
     base = bytes(body[:32])
     kk, is_float = body[33], bool(body[34])

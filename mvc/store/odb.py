@@ -93,10 +93,7 @@ class ObjectDB:
         try:
             kind, content = decode_verified(oid, stored, want, self.base_reader)
         except (CorruptObjectError, ObjectMissingError) as e:
-            link = codec.delta_base(stored)
-            if link is None:
-                raise
-            bad = self._damaged_link(link[0])
+            bad = next((b for b in map(self._damaged_link, codec.links(stored)) if b is not None), None)
             if bad is None:
                 raise
             what = "missing" if isinstance(e, ObjectMissingError) else "corrupt"
@@ -105,24 +102,22 @@ class ObjectDB:
             self._remember(oid, content)
         return kind, content
 
-    def _damaged_link(self, base: bytes) -> str | None:
-        """The first object of a delta chain, from *base* down, that is missing or fails its own check."""
-        seen = set()
-        while base not in seen:
-            seen.add(base)
-            stored = self.backend.get(base)
-            if stored is None:
-                return base.hex()
-            try:
-                decode_verified(base, stored, "chunk", self.base_reader)
-            except CorruptObjectError:
-                link = codec.delta_base(stored)
-                if link is None:
-                    return base.hex()
-                base = link[0]
-                continue
+    def _damaged_link(self, base: bytes, seen: set | None = None) -> str | None:
+        """The deepest object of a delta chain, from *base* down, that is missing or fails its own
+        check (None: the chain is sound)."""
+        seen = set() if seen is None else seen
+        if base in seen:
+            return base.hex()  # a cycle: damaged
+        seen.add(base)
+        stored = self.backend.get(base)
+        if stored is None:
+            return base.hex()
+        try:
+            decode_verified(base, stored, "chunk", self.base_reader)
             return None
-        return base.hex()  # a cycle: damaged
+        except CorruptObjectError:
+            deeper = (self._damaged_link(link, seen) for link in codec.links(stored))
+            return next((b for b in deeper if b is not None), base.hex())
 
     def base_reader(self, oid: bytes, k: int):
         """The elements of chunk *oid* (codec.elements), for decoding a delta stored against it:
