@@ -26,7 +26,6 @@ from .store.odb import CHUNK, ObjectDB, encode_chunk
 
 CHUNK_SIZE = 4 * 1024 * 1024  # a multiple of every element size
 _BATCH_BYTES = 64 * 1024 * 1024
-_RELEASE_BYTES = 128 * 1024 * 1024
 
 
 def default_workers() -> int:
@@ -251,7 +250,6 @@ class Materializer:
         self.pool = ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="mvc-checkout")
         self.inflight = 2 * (workers or default_workers()) + 2
         self.progress = progress
-        self._since_release = 0
         #: chunk id -> (path, offset, length) for chunks that live only in the work tree
         self.locations: dict[str, tuple[str, int, int]] = {}
 
@@ -284,17 +282,12 @@ class Materializer:
         file instead of the store, and verified against its id all the same.
         """
         pending: deque = deque()
-        backend = self.odb.backend
         for cid, tag in items:
             loc = self.locations.get(cid)
             if loc is not None:
                 pending.append((self.pool.submit(_read_located, cid, *loc), tag))
             else:
-                stored = self.odb.stored(cid, "chunk")
-                self._since_release += len(stored)
-                if self._since_release >= _RELEASE_BYTES:
-                    backend.release_pages()
-                    self._since_release = 0
+                stored = self.odb.stored(cid, "chunk")  # releases the map's pages every 128 MiB read
                 pending.append((self.pool.submit(decode_chunk, self.odb, bytes.fromhex(cid), stored), tag))
             while len(pending) > self.inflight:
                 fut, t = pending.popleft()
@@ -336,7 +329,7 @@ full encoding is tried when no delta is under 0.6 of the raw size).
         if best is not None and len(best) < len(data) // 4:
             break
         base = bytes.fromhex(b)
-        stored = odb.backend.get(base)
+        stored = odb.stored_or_none(base)
         if stored is None:
             continue
         depth = codec.depth(stored) + 1
@@ -360,7 +353,7 @@ def _predicted(odb: ObjectDB, new, p: Prediction, max_depth: int) -> bytes | Non
     """The PREDICT value of int8 codes *new* (None when the parent's chunks are gone or too deep)."""
     import numpy as np
 
-    stores = [odb.backend.get(bytes.fromhex(b)) for b in p.bases]
+    stores = [odb.stored_or_none(bytes.fromhex(b)) for b in p.bases]
     if any(s is None for s in stores):
         return None
     depth = 1 + max(codec.depth(s) for s in stores)

@@ -329,3 +329,60 @@ def test_sigkilled_repack_never_loses_an_object(tmp_path):
     for c, h in zip(commits, hashes):
         mvc_proc("checkout", "-f", c, cwd=root, check=True)
         assert sha256(root / "m.safetensors") == h
+
+
+@pytest.mark.parametrize("parent_dtype", ["BF16", "F16", "F32"])
+def test_int8_codes_are_stored_as_their_difference_from_the_prediction(tmp_path, rng, parent_dtype):
+    """A rtn-int8 version (X.qweight + per-row X.scales) of a float parent costs about its scales."""
+    root = tmp_path / "w"
+    repo = Repo.init(root)
+    rows, cols = 2500, 1900  # a second chunk that starts mid-row; parent chunks under each
+    x = (0.02 * rng.standard_normal((rows, cols))).astype(np.float32)
+    x[0, :3] = [np.nan, np.inf, -np.inf]  # hostile floats: the prediction stays deterministic
+    x[1] = 0  # a row of zeros: scale 1
+    if parent_dtype == "BF16":
+        bits = (x.view(np.uint32) >> 16).astype(np.uint16)
+        floats = (bits.astype(np.uint32) << 16).view(np.float32)
+        data = bits.tobytes()
+    else:
+        floats = x.astype(np.float16).astype(np.float32) if parent_dtype == "F16" else x
+        data = (x.astype(np.float16) if parent_dtype == "F16" else x).tobytes()
+    write_safetensors(root / "m.safetensors", {"l.weight": (parent_dtype, (rows, cols), data)})
+    repo.commit("float")
+    with np.errstate(invalid="ignore"):
+        scale = np.nan_to_num(np.abs(floats).max(axis=1), posinf=1.0) / 127
+    scale[scale == 0] = 1
+    scale = scale.astype(np.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        q = np.clip(np.nan_to_num(np.rint(floats / scale[:, None])), -127, 127).astype(np.int8)
+    q.reshape(-1)[::997] += 3  # some codes the prediction misses
+    write_safetensors(root / "m.safetensors", {"l.weight.qweight": ("I8", (rows, cols), q.tobytes()),
+                                               "l.weight.scales": ("F32", (rows,), scale.tobytes())})
+    c = repo.commit("rtn-int8")
+    h = sha256(root / "m.safetensors")
+    added = added_by(repo, c)
+    assert "predict" in added["encodings"] and added["stored"] < 0.05 * rows * cols, added
+    repo.checkout("HEAD~1", force=True)
+    repo.checkout(c, force=True)
+    assert sha256(root / "m.safetensors") == h
+    repo.close()
+    assert json.loads(mvc("fsck", "--json", cwd=root).output)["ok"] is True
+    rep = json.loads(mvc("repack", "--json", cwd=root).output)
+    assert rep["after"] <= rep["before"] * 1.01
+    mvc("checkout", "-f", "main", cwd=root)
+    assert sha256(root / "m.safetensors") == h
+
+
+def test_a_prediction_names_every_parent_chunk_it_reads(rng):
+    parent = [hash_object("chunk", bytes([i])) for i in range(3)]
+    new = rng.integers(0, 255, 5000, dtype=np.uint8)
+    stored = codec.encode_predict(0, new, np.zeros(5000, np.float32), 2, parent, 7, 100, 3,
+                                  np.ones(51, np.float32), 4)
+    assert codec.links(stored) == parent and codec.depth(stored) == 4
+    assert codec.delta_base(stored) == (parent[0], 4)
+    # the codes come back from the same (here all-zero) parent
+    el = {p: np.zeros(3000, np.uint16) for p in parent}
+    assert bytes(codec.decode(stored, "x", lambda oid, k: el[oid])[1]) == new.tobytes()
+    # a parent too short for the chunk is refused, never read past
+    with pytest.raises(CorruptObjectError):
+        codec.decode(stored, "x", lambda oid, k: el[oid][:10])

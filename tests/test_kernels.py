@@ -44,10 +44,14 @@ def test_same_bytes_on_both_paths(k, flag, rng):
             merged = kernels.merge(planes, k, flag and k > 1)
             d = kernels.diff(b, a, k, flag)
             back = kernels.undiff(d, a, k, flag)
+            mask, values = kernels.gather(b, a, k)
+            patched = kernels.scatter(a, mask, values, k)
+            with pytest.raises(ValueError):
+                kernels.scatter(a, mask, values[:-1], k)
         finally:
             kernels.use_native(True)
-        assert np.array_equal(merged, a) and np.array_equal(back, b)
-        out[on] = (planes.tobytes(), d.tobytes())
+        assert np.array_equal(merged, a) and np.array_equal(back, b) and np.array_equal(patched, b)
+        out[on] = (planes.tobytes(), d.tobytes(), mask.tobytes(), values.tobytes())
     assert out[True] == out[False]
 
 

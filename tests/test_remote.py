@@ -319,6 +319,15 @@ def test_delta_coded_history_travels(target, tmp_path, rng):
         assert "diff" in added_by(r, r.refs.head_commit())["encodings"]
     write_safetensors(a / "m.safetensors", {"w": ("F32", (w.size,), (w * 3).astype(np.float32).tobytes())})
     run(a, "commit", "-m", "tripled", "--delta-base", "side")
+    # int8 codes predicted from the tripled floats (PREDICT: several parent chunks as bases)
+    x = (w * 3).astype(np.float32).reshape(512, 1024)
+    scale = (np.abs(x).max(axis=1) / 127).astype(np.float32)
+    q = np.clip(np.rint(x / scale[:, None]), -127, 127).astype(np.int8)
+    write_safetensors(a / "m.safetensors", {"w.qweight": ("I8", (512, 1024), q.tobytes()),
+                                            "w.scales": ("F32", (512,), scale.tobytes())})
+    run(a, "commit", "-m", "int8")
+    with Repo(a) as r:
+        assert "predict" in added_by(r, r.refs.head_commit())["encodings"]
     hashes.append(sha256(a / "m.safetensors"))
     run(a, "remote", "add", "origin", target.url, *target.args, env=target.env)
     run(a, "push", env=target.env)
@@ -327,11 +336,12 @@ def test_delta_coded_history_travels(target, tmp_path, rng):
     assert sha256(b / "m.safetensors") == hashes[-1]
     assert json.loads(run(b, "fsck", "--json", env=target.env).stdout)["ok"] is True
     with Repo(b) as r:
-        assert "diff" in added_by(r, r.resolve("HEAD~2"))["encodings"]  # deltas arrived as deltas
+        assert "diff" in added_by(r, r.resolve("HEAD~3"))["encodings"]  # deltas arrived as deltas
+        assert "predict" in added_by(r, r.resolve("HEAD"))["encodings"]
     for i, h in enumerate(hashes[:3]):
-        run(b, "checkout", "-f", f"main~{4 - i}", env=target.env)
+        run(b, "checkout", "-f", f"main~{5 - i}", env=target.env)
         assert sha256(b / "m.safetensors") == h
     # a lazy clone resolves bases on demand
     run(tmp_path, "clone", "--filter=lazy", target.url, "c", *target.args, env=target.env)
-    run(tmp_path / "c", "checkout", "-f", "main~3", env=target.env)
+    run(tmp_path / "c", "checkout", "-f", "main~4", env=target.env)
     assert sha256(tmp_path / "c" / "m.safetensors") == hashes[1]

@@ -4,6 +4,8 @@
  * merge:  the inverse
  * diff:   zigzag(order(new) - order(base)) of k-byte elements, written as k planes (no rotation)
  * undiff: the inverse, given the base
+ * gather: the elements of new that differ from base: a little-endian bit mask and their values
+ * scatter: the inverse: base with the masked elements replaced by the values, in order
  *
  * order() maps float bits to value order (negative: all bits flipped; else: sign bit set).
  * Every function checks its buffer sizes, releases the GIL while it runs, and computes exactly
@@ -61,6 +63,41 @@
             u[i] = fl ? unorder_##K(p) : p;                                                    \
         }                                                                                      \
     }
+
+#define SPARSE(T, K)                                                                           \
+    static Py_ssize_t gather_##K(const uint8_t *a, const uint8_t *b, uint8_t *mask, uint8_t *vals, \
+                                 Py_ssize_t n) {                                               \
+        const T *x = (const T *)a, *y = (const T *)b;                                          \
+        T *v = (T *)vals;                                                                      \
+        Py_ssize_t m = 0;                                                                      \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                   \
+            if (x[i] != y[i]) {                                                                \
+                mask[i >> 3] |= (uint8_t)(1u << (i & 7));                                      \
+                v[m++] = x[i];                                                                 \
+            }                                                                                  \
+        }                                                                                      \
+        return m;                                                                              \
+    }                                                                                          \
+    static Py_ssize_t scatter_##K(const uint8_t *b, const uint8_t *mask, const uint8_t *vals,  \
+                                  Py_ssize_t nvals, uint8_t *dst, Py_ssize_t n) {              \
+        const T *y = (const T *)b, *v = (const T *)vals;                                       \
+        T *u = (T *)dst;                                                                       \
+        Py_ssize_t m = 0;                                                                      \
+        for (Py_ssize_t i = 0; i < n; i++) {                                                   \
+            if (mask[i >> 3] & (1u << (i & 7))) {                                              \
+                if (m == nvals) return -1;                                                     \
+                u[i] = v[m++];                                                                 \
+            } else {                                                                           \
+                u[i] = y[i];                                                                   \
+            }                                                                                  \
+        }                                                                                      \
+        return m;                                                                              \
+    }
+
+SPARSE(uint8_t, 1)
+SPARSE(uint16_t, 2)
+SPARSE(uint32_t, 4)
+SPARSE(uint64_t, 8)
 
 KERNELS(uint8_t, 1)
 KERNELS(uint16_t, 2)
@@ -122,6 +159,63 @@ static one_fn MERGE[] = {merge_1, merge_2, merge_4, merge_8};
 static two_fn DIFF[] = {diff_1, diff_2, diff_4, diff_8};
 static two_fn UNDIFF[] = {undiff_1, undiff_2, undiff_4, undiff_8};
 
+typedef Py_ssize_t (*gather_fn)(const uint8_t *, const uint8_t *, uint8_t *, uint8_t *, Py_ssize_t);
+typedef Py_ssize_t (*scatter_fn)(const uint8_t *, const uint8_t *, const uint8_t *, Py_ssize_t, uint8_t *,
+                                 Py_ssize_t);
+static gather_fn GATHER[] = {gather_1, gather_2, gather_4, gather_8};
+static scatter_fn SCATTER[] = {scatter_1, scatter_2, scatter_4, scatter_8};
+
+/* gather(new, base, mask, values, k) -> number of values; mask must be zeroed, ceil(n/8) bytes */
+static PyObject *k_gather(PyObject *self, PyObject *args) {
+    Py_buffer a, b, mask, vals;
+    int k;
+    if (!PyArg_ParseTuple(args, "y*y*w*w*i", &a, &b, &mask, &vals, &k)) return NULL;
+    int t = pick(k);
+    Py_ssize_t m = -1;
+    if (t < 0 || a.len % k || b.len != a.len || vals.len < a.len || mask.len != (a.len / k + 7) / 8) {
+        PyErr_SetString(PyExc_ValueError, "bad element size or buffer length");
+    } else {
+        Py_ssize_t n = a.len / k;
+        Py_BEGIN_ALLOW_THREADS
+        m = GATHER[t]((const uint8_t *)a.buf, (const uint8_t *)b.buf, (uint8_t *)mask.buf, (uint8_t *)vals.buf, n);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    PyBuffer_Release(&mask);
+    PyBuffer_Release(&vals);
+    return m < 0 ? NULL : PyLong_FromSsize_t(m);
+}
+
+/* scatter(base, mask, values, dst, k): dst = base with the masked elements taken from values;
+ * every value must be used exactly once (ValueError otherwise) */
+static PyObject *k_scatter(PyObject *self, PyObject *args) {
+    Py_buffer b, mask, vals, dst;
+    int k;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*i", &b, &mask, &vals, &dst, &k)) return NULL;
+    int t = pick(k);
+    Py_ssize_t m = -2;
+    if (t < 0 || b.len % k || vals.len % k || dst.len != b.len || mask.len != (b.len / k + 7) / 8) {
+        PyErr_SetString(PyExc_ValueError, "bad element size or buffer length");
+    } else {
+        Py_ssize_t n = b.len / k, nv = vals.len / k;
+        Py_BEGIN_ALLOW_THREADS
+        m = SCATTER[t]((const uint8_t *)b.buf, (const uint8_t *)mask.buf, (const uint8_t *)vals.buf, nv,
+                       (uint8_t *)dst.buf, n);
+        Py_END_ALLOW_THREADS
+        if (m != nv) {
+            PyErr_SetString(PyExc_ValueError, "sparse values do not fit the mask");
+            m = -2;
+        }
+    }
+    PyBuffer_Release(&b);
+    PyBuffer_Release(&mask);
+    PyBuffer_Release(&vals);
+    PyBuffer_Release(&dst);
+    if (m < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyObject *k_split(PyObject *self, PyObject *args) { return one(args, SPLIT); }
 static PyObject *k_merge(PyObject *self, PyObject *args) { return one(args, MERGE); }
 static PyObject *k_diff(PyObject *self, PyObject *args) { return two(args, DIFF); }
@@ -132,6 +226,8 @@ static PyMethodDef methods[] = {
     {"merge", k_merge, METH_VARARGS, "merge(src, dst, k, rotate): planes -> elements"},
     {"diff", k_diff, METH_VARARGS, "diff(new, base, dst, k, is_float): zigzag differences as planes"},
     {"undiff", k_undiff, METH_VARARGS, "undiff(planes, base, dst, k, is_float): elements from differences"},
+    {"gather", k_gather, METH_VARARGS, "gather(new, base, mask, values, k) -> count: what changed"},
+    {"scatter", k_scatter, METH_VARARGS, "scatter(base, mask, values, dst, k): base with the changes"},
     {NULL, NULL, 0, NULL},
 };
 

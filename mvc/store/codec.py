@@ -167,19 +167,13 @@ def encode_diff(type_code: int, new, base, k: int, is_float: bool, base_id: byte
 
 def encode_sparse(type_code: int, new, base, k: int, is_float: bool, base_id: bytes, depth: int) -> bytes | None:
     """SPARSE: the elements that changed and their new values; None when most changed (DIFF wins)."""
-    import numpy as np
-
-    changed = new != base
-    n = changed.size
-    m = int(np.count_nonzero(changed))
-    if m > n // 2:
+    mask_bits, values = kernels.gather(new, base, k)
+    if values.size > new.size // 2:
         return None
-    mask = np.packbits(changed, bitorder="little").tobytes()
-    mcodec, mbody = _zstd_or_raw(_ctx()[1], mask)
-    values = np.ascontiguousarray(new[changed])
+    mcodec, mbody = _zstd_or_raw(_ctx()[1], mask_bits)
     planes = kernels.split(values, k, is_float and k > 1)
     return b"".join([bytes((type_code, SPARSE)), base_id, bytes((depth, k, int(is_float))),
-                     struct.pack("<IBI", n, mcodec, len(mbody)), mbody, _plane_body(planes, k)])
+                     struct.pack("<IBI", new.size, mcodec, len(mbody)), mbody, _plane_body(planes, k)])
 
 
 def delta_base(stored) -> tuple[bytes, int] | None:
@@ -345,11 +339,8 @@ def decode_elements(stored, bases: BaseReader | None, k: int):
     mask = mbody if mcodec == RAW else _ctx()[2].decompress(mbody, max_output_size=(n + 7) // 8)
     if len(mask) != (n + 7) // 8:
         raise ValueError("bad sparse mask")
-    changed = np.unpackbits(np.frombuffer(mask, np.uint8), count=n, bitorder="little").astype(bool)
     vk, planes = _read_plane_body(body[pos:], MAX_CHUNK)
-    values = kernels.merge(planes, k, is_float and k > 1) if vk == k else None
-    if values is None or values.size != int(np.count_nonzero(changed)):
+    if vk != k:
         raise ValueError("sparse values do not fit the mask")
-    out = base_el.copy()
-    out[changed] = values
-    return out
+    values = kernels.merge(planes, k, is_float and k > 1)
+    return kernels.scatter(base_el, np.frombuffer(mask, np.uint8), values, k)

@@ -114,3 +114,32 @@ def undiff(planes, base, k: int, is_float: bool):
     if not is_float:
         return base + d
     return _unorder(_order(base, k) + d, k)
+
+
+def gather(new, base, k: int):
+    """(little-endian bit mask of the elements where *new* differs from *base*, those elements)."""
+    import numpy as np
+
+    if _on:
+        mask = np.zeros((new.size + 7) // 8, dtype=np.uint8)
+        values = np.empty_like(new)
+        m = _native.gather(np.ascontiguousarray(new), np.ascontiguousarray(base), mask, values, k)
+        return mask, values[:m]
+    changed = new != base
+    return np.packbits(changed, bitorder="little"), new[changed]
+
+
+def scatter(base, mask, values, k: int):
+    """*base* with the elements the bit *mask* marks replaced by *values*, in order."""
+    import numpy as np
+
+    if _on:
+        out = np.empty_like(base)
+        _native.scatter(np.ascontiguousarray(base), np.ascontiguousarray(mask), np.ascontiguousarray(values), out, k)
+        return out
+    changed = np.unpackbits(mask, count=base.size, bitorder="little").astype(bool)
+    if values.size != int(np.count_nonzero(changed)):
+        raise ValueError("sparse values do not fit the mask")
+    out = base.copy()
+    out[changed] = values
+    return out

@@ -18,7 +18,8 @@ from .ids import TYPE_CODE, TYPES, hash_object
 from .objects import encode_object, parse_object
 
 CHUNK = TYPE_CODE["chunk"]
-_CHUNK_CACHE_BYTES = 64 * 1024 * 1024
+_CHUNK_CACHE_BYTES = 16 * 1024 * 1024  # a merge reads base, ours and theirs of one chunk in a row
+_RELEASE_BYTES = 32 * 1024 * 1024
 
 
 def encode_chunk(data, float_size: int = 0) -> tuple[bytes, bytes]:
@@ -50,6 +51,7 @@ class ObjectDB:
         #: (a merge reads the merge base's chunk, then ours and theirs stored against it)
         self._chunks: OrderedDict[bytes, object] = OrderedDict()
         self._chunks_bytes = 0
+        self._read_bytes = 0
         self._lock = threading.Lock()
         #: hex id -> verified stored value or None; set for lazy clones (mvc/remote/sync.py)
         self.fetcher = None
@@ -75,8 +77,15 @@ class ObjectDB:
     def has(self, hex_id: str) -> bool:
         return self.backend.has(bytes.fromhex(hex_id))
 
+    def stored_or_none(self, oid: bytes):
+        """The stored value of *oid* in this store, or None (no lazy fetching)."""
+        v = self.backend.get(oid)
+        if v is not None:
+            self._account(len(v))
+        return v
+
     def stored(self, hex_id: str, what: str = "object"):
-        v = self.backend.get(bytes.fromhex(hex_id))
+        v = self.stored_or_none(bytes.fromhex(hex_id))
         if v is None and self.fetcher is not None:
             v = self.fetcher(hex_id)  # a lazy clone: download, verify and store it now
         if v is None:
@@ -138,6 +147,16 @@ class ObjectDB:
                 stored = self.stored(oid.hex(), "chunk")
             hit = self.decode(oid, stored, "chunk")[1]
         return codec.elements(hit, k)
+
+    def _account(self, n: int) -> None:
+        """Every 128 MiB read, hand the store's mapped pages back: they stay in the page cache
+        but leave this process's RSS (reads of delta chains touch a lot of the map)."""
+        with self._lock:
+            self._read_bytes += n
+            if self._read_bytes < _RELEASE_BYTES:
+                return
+            self._read_bytes = 0
+        self.backend.release_pages()
 
     def _remember(self, oid: bytes, content) -> None:
         with self._lock:
