@@ -165,56 +165,45 @@ typedef Py_ssize_t (*scatter_fn)(const uint8_t *, const uint8_t *, const uint8_t
 static gather_fn GATHER[] = {gather_1, gather_2, gather_4, gather_8};
 static scatter_fn SCATTER[] = {scatter_1, scatter_2, scatter_4, scatter_8};
 
-/* gather(new, base, mask, values, k) -> number of values; mask must be zeroed, ceil(n/8) bytes */
-static PyObject *k_gather(PyObject *self, PyObject *args) {
-    Py_buffer a, b, mask, vals;
+/* gather(new, base, mask, values, k) -> number of values; mask must be zeroed, ceil(n/8) bytes.
+ * scatter(base, mask, values, dst, k): dst = base with the masked elements taken from values;
+ * every value must be used exactly once (ValueError otherwise). */
+static PyObject *sparse(PyObject *args, int scatter) {
+    Py_buffer x, mask, vals, out;  /* gather: x = new, out = base; scatter: x = base, out = dst */
     int k;
-    if (!PyArg_ParseTuple(args, "y*y*w*w*i", &a, &b, &mask, &vals, &k)) return NULL;
+    if (!PyArg_ParseTuple(args, scatter ? "y*y*y*w*i" : "y*y*w*w*i", &x, scatter ? &mask : &out,
+                          scatter ? &vals : &mask, scatter ? &out : &vals, &k)) return NULL;
     int t = pick(k);
-    Py_ssize_t m = -1;
-    if (t < 0 || a.len % k || b.len != a.len || vals.len < a.len || mask.len != (a.len / k + 7) / 8) {
+    Py_ssize_t n = x.len / (k > 0 ? k : 1), m = -1, nv = vals.len / (k > 0 ? k : 1);
+    int ok = t >= 0 && x.len % k == 0 && out.len == x.len && mask.len == (n + 7) / 8 &&
+             (scatter ? vals.len % k == 0 : vals.len >= x.len);
+    if (!ok) {
         PyErr_SetString(PyExc_ValueError, "bad element size or buffer length");
     } else {
-        Py_ssize_t n = a.len / k;
         Py_BEGIN_ALLOW_THREADS
-        m = GATHER[t]((const uint8_t *)a.buf, (const uint8_t *)b.buf, (uint8_t *)mask.buf, (uint8_t *)vals.buf, n);
+        if (scatter)
+            m = SCATTER[t]((const uint8_t *)x.buf, (const uint8_t *)mask.buf, (const uint8_t *)vals.buf, nv,
+                           (uint8_t *)out.buf, n);
+        else
+            m = GATHER[t]((const uint8_t *)x.buf, (const uint8_t *)out.buf, (uint8_t *)mask.buf,
+                          (uint8_t *)vals.buf, n);
         Py_END_ALLOW_THREADS
-    }
-    PyBuffer_Release(&a);
-    PyBuffer_Release(&b);
-    PyBuffer_Release(&mask);
-    PyBuffer_Release(&vals);
-    return m < 0 ? NULL : PyLong_FromSsize_t(m);
-}
-
-/* scatter(base, mask, values, dst, k): dst = base with the masked elements taken from values;
- * every value must be used exactly once (ValueError otherwise) */
-static PyObject *k_scatter(PyObject *self, PyObject *args) {
-    Py_buffer b, mask, vals, dst;
-    int k;
-    if (!PyArg_ParseTuple(args, "y*y*y*w*i", &b, &mask, &vals, &dst, &k)) return NULL;
-    int t = pick(k);
-    Py_ssize_t m = -2;
-    if (t < 0 || b.len % k || vals.len % k || dst.len != b.len || mask.len != (b.len / k + 7) / 8) {
-        PyErr_SetString(PyExc_ValueError, "bad element size or buffer length");
-    } else {
-        Py_ssize_t n = b.len / k, nv = vals.len / k;
-        Py_BEGIN_ALLOW_THREADS
-        m = SCATTER[t]((const uint8_t *)b.buf, (const uint8_t *)mask.buf, (const uint8_t *)vals.buf, nv,
-                       (uint8_t *)dst.buf, n);
-        Py_END_ALLOW_THREADS
-        if (m != nv) {
+        if (scatter && m != nv) {
             PyErr_SetString(PyExc_ValueError, "sparse values do not fit the mask");
-            m = -2;
+            m = -1;
         }
     }
-    PyBuffer_Release(&b);
+    PyBuffer_Release(&x);
     PyBuffer_Release(&mask);
     PyBuffer_Release(&vals);
-    PyBuffer_Release(&dst);
+    PyBuffer_Release(&out);
     if (m < 0) return NULL;
-    Py_RETURN_NONE;
+    if (scatter) Py_RETURN_NONE;
+    return PyLong_FromSsize_t(m);
 }
+
+static PyObject *k_gather(PyObject *self, PyObject *args) { return sparse(args, 0); }
+static PyObject *k_scatter(PyObject *self, PyObject *args) { return sparse(args, 1); }
 
 static PyObject *k_split(PyObject *self, PyObject *args) { return one(args, SPLIT); }
 static PyObject *k_merge(PyObject *self, PyObject *args) { return one(args, MERGE); }

@@ -130,53 +130,47 @@ class LmdbBackend(Backend):
     def get(self, oid):
         return self._txn(lambda txn: txn.get(oid, db=self._objects))
 
-    def put_many(self, items):
+    def _change_objects(self, items, one) -> int:
+        """In one write transaction: one(txn, item) -> (objects added, bytes added) for each item,
+        and the counters moved by the sums. Returns the bytes added (negative: freed)."""
         items = list(items)
 
         def fn(txn):
             n, size = self._counts(txn)
-            added = 0
-            for oid, value in items:
-                if txn.put(oid, value, db=self._objects, overwrite=False):
-                    added += len(value)
-                    n += 1
-            txn.put(KV_STATS, struct.pack("<QQ", n, size + added), db=self._kv)
-            return added
+            dn = dsize = 0
+            for item in items:
+                a, b = one(txn, item)
+                dn += a
+                dsize += b
+            txn.put(KV_STATS, struct.pack("<QQ", n + dn, size + dsize), db=self._kv)
+            return dsize
 
         return self._write(fn)
+
+    def put_many(self, items):
+        def one(txn, item):
+            oid, value = item
+            return (1, len(value)) if txn.put(oid, value, db=self._objects, overwrite=False) else (0, 0)
+
+        return self._change_objects(items, one)
 
     def replace_many(self, items):
-        items = list(items)
+        def one(txn, item):
+            oid, value = item
+            old = txn.get(oid, db=self._objects)
+            if old is None:
+                return 0, 0
+            txn.put(oid, value, db=self._objects)
+            return 0, len(value) - len(old)
 
-        def fn(txn):
-            n, size = self._counts(txn)
-            change = 0
-            for oid, value in items:
-                old = txn.get(oid, db=self._objects)
-                if old is None:
-                    continue
-                change += len(value) - len(old)
-                txn.put(oid, value, db=self._objects)
-            txn.put(KV_STATS, struct.pack("<QQ", n, size + change), db=self._kv)
-            return change
-
-        return self._write(fn)
+        return self._change_objects(items, one)
 
     def delete_many(self, oids):
-        oids = list(oids)
+        def one(txn, oid):
+            v = txn.pop(oid, db=self._objects)
+            return (-1, -len(v)) if v is not None else (0, 0)
 
-        def fn(txn):
-            n, size = self._counts(txn)
-            freed = 0
-            for oid in oids:
-                v = txn.pop(oid, db=self._objects)
-                if v is not None:
-                    freed += len(v)
-                    n -= 1
-            txn.put(KV_STATS, struct.pack("<QQ", n, size - freed), db=self._kv)
-            return freed
-
-        return self._write(fn)
+        return -self._change_objects(oids, one)
 
     def iter_oids(self, prefix=b""):
         def fn(txn):
