@@ -386,3 +386,22 @@ def test_a_prediction_names_every_parent_chunk_it_reads(rng):
     # a parent too short for the chunk is refused, never read past
     with pytest.raises(CorruptObjectError):
         codec.decode(stored, "x", lambda oid, k: el[oid][:10])
+
+
+def test_mostly_zero_planes_of_deltas_are_coded_by_their_nonzero_bytes(rng):
+    n = 1 << 20
+    w = (0.02 * rng.standard_normal(n)).astype(np.float32)
+    moved = (w + 1e-3 * rng.standard_normal(n)).astype(np.float32)  # a fine-tune
+    base = (w.view(np.uint32) >> 16).astype(np.uint16)
+    new = (moved.view(np.uint32) >> 16).astype(np.uint16)
+    bid = hash_object("chunk", base.tobytes())
+    stored = codec.encode_diff(0, new, base, 2, True, bid, 1)
+    body = stored[37:]  # after [type][codec][base][depth][k][float]
+    plane_codecs = [body[5 + 5 * j] for j in range(2)]
+    assert plane_codecs[0] == codec.NONZERO
+    assert bytes(codec.decode(stored, "x", lambda oid, k: base)[1]) == new.tobytes()
+    # a full encoding never holds such a plane: a reader of format 1 would not know it
+    full = bytearray(codec.encode(0, new.tobytes(), 2))
+    full[2 + 5] = codec.NONZERO
+    with pytest.raises(CorruptObjectError, match="bad plane codec"):
+        codec.decode(bytes(full), "x")

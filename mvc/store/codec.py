@@ -90,9 +90,16 @@ def merge(planes, k: int) -> memoryview:
     return memoryview(kernels.merge(planes, k, k > 1)).cast("B")
 
 
-def _plane_body(planes, k: int) -> bytes:
+#: plane codec of delta values only (format 2): the positions of the non-zero bytes (a bit mask)
+#: and those bytes, each a zstd frame. A DIFF's top planes are ~95 % zeros: measured 0.059 of
+#: the plane against 0.096 for zstd on the plane itself.
+NONZERO = 2
+
+
+def _plane_body(planes, k: int, nonzero: bool = False) -> bytes:
     """``[k u8][raw_len u32][k x (codec u8, length u32)][payloads]``: the top plane with the
-    exponent coder, the others zstd where a probe shows they compress, else raw."""
+    exponent coder, the others zstd where a probe shows they compress, else raw; with *nonzero*
+    (delta values), a plane that is mostly zeros as NONZERO when that is smaller."""
     fast, general, _ = _ctx()
     heads, bodies = [], []
     for i in range(k):
@@ -105,13 +112,50 @@ def _plane_body(planes, k: int) -> bytes:
                 codec, body = _zstd_or_raw(general, plane)
             else:
                 codec, body = RAW, plane.tobytes()
+        if nonzero and len(body) < len(plane) // 4:
+            sparse = _nonzero_body(plane)
+            if len(sparse) < len(body):
+                codec, body = NONZERO, sparse
         heads.append(struct.pack("<BI", codec, len(body)))
         bodies.append(body)
     return b"".join([struct.pack("<BI", k, k * planes.shape[1]), *heads, *bodies])
 
 
-def _read_plane_body(body: memoryview, limit: int):
-    """(k, planes (k, n)) from a plane body; at most *limit* bytes in all."""
+def _nonzero_body(plane) -> bytes:
+    """NONZERO: [mask length u32][mask: zstd frame of the little-endian bit mask][zstd frame of the
+    non-zero bytes in order]."""
+    fast = _ctx()[0]
+    mask, values = kernels.gather(plane, _zeros(plane.size), 1)
+    m = fast.compress(mask.tobytes())
+    return struct.pack("<I", len(m)) + m + fast.compress(values.tobytes())
+
+
+def _zeros(n: int):
+    import numpy as np
+
+    z = getattr(_tls, "zeros", None)
+    if z is None or z.size < n:
+        z = _tls.zeros = np.zeros(max(n, 1 << 22), dtype=np.uint8)
+    return z[:n]
+
+
+def _read_nonzero(chunk, n: int):
+    import numpy as np
+
+    dctx = _ctx()[2]
+    (mlen,) = struct.unpack_from("<I", chunk, 0)
+    if 4 + mlen > len(chunk):
+        raise ValueError("bad non-zero plane")
+    mask = np.frombuffer(dctx.decompress(chunk[4:4 + mlen], max_output_size=(n + 7) // 8), np.uint8)
+    if mask.size != (n + 7) // 8:
+        raise ValueError("bad non-zero plane mask")
+    values = np.frombuffer(dctx.decompress(chunk[4 + mlen:], max_output_size=max(n, 1)), np.uint8)
+    return kernels.scatter(_zeros(n), mask, values, 1)
+
+
+def _read_plane_body(body: memoryview, limit: int, nonzero: bool = False):
+    """(k, planes (k, n)) from a plane body; at most *limit* bytes in all; *nonzero*: the body of a
+    delta value, where NONZERO planes may appear."""
     import numpy as np
 
     k, total = struct.unpack_from("<BI", body, 0)
@@ -129,6 +173,8 @@ def _read_plane_body(body: memoryview, limit: int):
             raw = chunk
         elif codec == ZSTD:
             raw = dctx.decompress(chunk, max_output_size=n) if n else b""
+        elif codec == NONZERO and nonzero:
+            raw = _read_nonzero(chunk, n)
         else:
             raise ValueError(f"bad plane codec {codec}")
         if len(raw) != n:
@@ -162,7 +208,7 @@ def elements(data, k: int):
 def encode_diff(type_code: int, new, base, k: int, is_float: bool, base_id: bytes, depth: int) -> bytes:
     """DIFF: the difference from the base chunk, element by element (new, base: elements())."""
     planes = kernels.diff(new, base, k, is_float)
-    return bytes((type_code, DIFF)) + base_id + bytes((depth, k, int(is_float))) + _plane_body(planes, k)
+    return bytes((type_code, DIFF)) + base_id + bytes((depth, k, int(is_float))) + _plane_body(planes, k, True)
 
 
 def encode_sparse(type_code: int, new, base, k: int, is_float: bool, base_id: bytes, depth: int) -> bytes | None:
@@ -173,7 +219,7 @@ def encode_sparse(type_code: int, new, base, k: int, is_float: bool, base_id: by
     mcodec, mbody = _zstd_or_raw(_ctx()[1], mask_bits)
     planes = kernels.split(values, k, is_float and k > 1)
     return b"".join([bytes((type_code, SPARSE)), base_id, bytes((depth, k, int(is_float))),
-                     struct.pack("<IBI", new.size, mcodec, len(mbody)), mbody, _plane_body(planes, k)])
+                     struct.pack("<IBI", new.size, mcodec, len(mbody)), mbody, _plane_body(planes, k, True)])
 
 
 def delta_base(stored) -> tuple[bytes, int] | None:
@@ -241,7 +287,7 @@ def encode_predict(type_code: int, new, parent, pdtype: int, bases: list[bytes],
     planes = kernels.diff(new, pred, 1, False)
     head = bytes((type_code, PREDICT)) + bases[0] + bytes((depth, 1, 0, len(bases) - 1)) + b"".join(bases[1:])
     return (head + struct.pack("<BIIII", pdtype, skip, cols, col0, scales.size) + scales.tobytes()
-            + _plane_body(planes, 1))
+            + _plane_body(planes, 1, True))
 
 
 def _decode_predict(stored, bases: BaseReader):
@@ -255,7 +301,7 @@ def _decode_predict(stored, bases: BaseReader):
         raise ValueError("bad predict header")
     scales = np.frombuffer(stored[pos:pos + 4 * nscale], dtype="<f4")
     pos += 4 * nscale
-    k, planes = _read_plane_body(memoryview(stored)[pos:], MAX_CHUNK)
+    k, planes = _read_plane_body(memoryview(stored)[pos:], MAX_CHUNK, True)
     n = planes.shape[1]
     if k != 1 or len(scales) != nscale or (col0 + n - 1) // cols >= nscale:
         raise ValueError("predict delta does not fit its scales")
@@ -326,7 +372,7 @@ def decode_elements(stored, bases: BaseReader | None, k: int):
         raise ValueError("delta element size does not fit")
     base_el = bases(base, k)
     if codec == DIFF:
-        pk, planes = _read_plane_body(body[35:], MAX_CHUNK)
+        pk, planes = _read_plane_body(body[35:], MAX_CHUNK, True)
         if pk != k or planes.shape[1] != base_el.size:
             raise ValueError("delta and base differ in size")
         return kernels.undiff(planes, base_el, k, is_float)
@@ -339,7 +385,7 @@ def decode_elements(stored, bases: BaseReader | None, k: int):
     mask = mbody if mcodec == RAW else _ctx()[2].decompress(mbody, max_output_size=(n + 7) // 8)
     if len(mask) != (n + 7) // 8:
         raise ValueError("bad sparse mask")
-    vk, planes = _read_plane_body(body[pos:], MAX_CHUNK)
+    vk, planes = _read_plane_body(body[pos:], MAX_CHUNK, True)
     if vk != k:
         raise ValueError("sparse values do not fit the mask")
     values = kernels.merge(planes, k, is_float and k > 1)
