@@ -35,13 +35,13 @@ def mvc_cmd() -> list[str]:
     return [exe] if os.path.exists(exe) else [sys.executable, "-m", "mvc"]
 
 
-def timed(args: list[str], cwd: str) -> tuple[float, int]:
+def timed(args: list[str], cwd: str, env: dict | None = None) -> tuple[float, int]:
     """(wall seconds, peak RSS bytes) of one mvc process, measured by the process itself."""
     with tempfile.NamedTemporaryFile(suffix=".rss") as rss:
         t = time.perf_counter()
         p = subprocess.run([sys.executable, "-m", "bench.peak", rss.name, "--", *args], cwd=cwd,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           env=dict(os.environ, PYTHONPATH=ROOT))
+                           env=dict(os.environ, PYTHONPATH=ROOT, **(env or {})))
         wall = time.perf_counter() - t
         if p.returncode != 0:
             raise SystemExit(f"mvc {' '.join(args)} failed: {p.stderr.decode()}")
@@ -79,7 +79,33 @@ def run(size_mib: int, largest_mib: int | None, shards: int, workdir: str) -> di
     os.sync()
     checkout_s, checkout_rss = timed(["-q", "checkout", "-f", "main"], workdir)
     exact = all(sha256(f) == h for f, h in hashes.items())
+    # the same with the numpy fallback of the C kernels, into a second repository
+    slow = os.path.join(workdir, "fallback")
+    os.makedirs(slow)
+    for f in files:
+        os.link(f, os.path.join(slow, os.path.basename(f)))
+    subprocess.run(mvc_cmd() + ["init", "."], cwd=slow, check=True, stdout=subprocess.DEVNULL)
+    numpy_env = {"MVC_NO_NATIVE": "1"}
+    fb_commit_s, _ = timed(["-q", "commit", "-m", "bench"], slow, numpy_env)
+    for f in files:
+        os.remove(os.path.join(slow, os.path.basename(f)))
+    fb_checkout_s, _ = timed(["-q", "checkout", "-f", "main"], slow, numpy_env)
+    exact &= all(sha256(os.path.join(slow, os.path.basename(f))) == h for f, h in hashes.items())
+    # the zstd command line on the same files: what a user without mvc would do
+    zstd_c = zstd_d = None
+    if shutil.which("zstd"):
+        t = time.perf_counter()
+        for f in files:
+            subprocess.run(["zstd", "-1", "-T2", "-q", "-f", f, "-o", f + ".zst"], check=True)
+        zstd_c = time.perf_counter() - t
+        t = time.perf_counter()
+        for f in files:
+            subprocess.run(["zstd", "-d", "-q", "-f", f + ".zst", "-o", f + ".out"], check=True)
+        zstd_d = time.perf_counter() - t
     return {
+        "fallback_commit_gbps": raw / fb_commit_s / 1e9, "fallback_checkout_gbps": raw / fb_checkout_s / 1e9,
+        "zstd_compress_gbps": raw / zstd_c / 1e9 if zstd_c else None,
+        "zstd_decompress_gbps": raw / zstd_d / 1e9 if zstd_d else None,
         "size_bytes": raw, "files": len(files), "largest_mib": largest_mib,
         "commit_s": commit_s, "commit_gbps": raw / commit_s / 1e9, "commit_peak_rss_mib": commit_rss / 2**20,
         "checkout_s": checkout_s, "checkout_gbps": raw / checkout_s / 1e9,
@@ -216,6 +242,11 @@ def report(res: dict) -> str:
                    f"peak RSS {res['commit_peak_rss_mib']:.0f} MiB"),
         ("checkout", f"{res['checkout_gbps']:.2f} GB/s ({res['checkout_s']:.2f} s), "
                      f"peak RSS {res['checkout_peak_rss_mib']:.0f} MiB, bit-exact: {res['bit_exact']}"),
+        ("same, numpy fallback of the C kernels (MVC_NO_NATIVE=1)",
+         f"commit {res['fallback_commit_gbps']:.2f} GB/s, checkout {res['fallback_checkout_gbps']:.2f} GB/s"),
+        ("`zstd -1 -T2` / `zstd -d` on the same files (CLI)",
+         f"{res['zstd_compress_gbps']:.2f} / {res['zstd_decompress_gbps']:.2f} GB/s" if res["zstd_compress_gbps"]
+         else "zstd not installed"),
         ("store", f"{res['store_bytes'] / 2**20:.1f} MiB = {res['store_ratio']:.4f} of raw"),
         ("no-op status", f"{res['noop_status_s'] * 1000:.0f} ms (median of 5)"),
         ("machine", res["machine"]),

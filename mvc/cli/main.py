@@ -534,6 +534,10 @@ def _tune_malloc() -> None:
 
 def main() -> None:
     _tune_malloc()
+    if os.environ.get("MVC_NO_NATIVE"):  # force the numpy path of the codec kernels (benchmarks, debugging)
+        from ..store import kernels
+
+        kernels.use_native(False)
     cli(prog_name="mvc")
 
 
