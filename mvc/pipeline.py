@@ -14,7 +14,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from .delta import QWEIGHT, SCALES, DeltaBases, Prediction
-from .errors import InvalidFileError
+from .errors import InvalidFileError, MvcError
 from .formats import safetensors as stf
 from .formats import torchfile
 from .progress import NULL, Progress
@@ -319,8 +319,9 @@ def encode_with_bases(odb: ObjectDB, data, float_size: int, bases: list[str], ma
                       predict: Prediction | None = None) -> bytes:
     """The smallest stored value of a chunk among its full encoding and deltas against *bases*
     (tried in order, nearest first; a delta under a quarter of the raw size ends the search; the
-full encoding is tried when no delta is under 0.6 of the raw size).
-    A base whose chain is already *max_depth* long is skipped, so reads stay fast."""
+    full encoding is tried when no delta is under 0.6 of the raw size). A base whose chain is
+    already *max_depth* long is skipped, so reads stay fast, and so is a damaged one: nothing is
+    ever stored against bytes that do not verify."""
     k = float_size or 1
     is_float = float_size > 1
     new = codec.elements(data, k)
@@ -335,7 +336,10 @@ full encoding is tried when no delta is under 0.6 of the raw size).
         depth = codec.depth(stored) + 1
         if depth > max_depth:
             continue
-        old = odb.chunk_elements(base, k, stored)
+        try:
+            old = odb.chunk_elements(base, k, stored)
+        except MvcError:
+            continue
         if old.shape != new.shape:
             continue
         for cand in (codec.encode_diff(CHUNK, new, old, k, is_float, base, depth),
@@ -360,7 +364,10 @@ def _predicted(odb: ObjectDB, new, p: Prediction, max_depth: int) -> bytes | Non
     if depth > max_depth:
         return None
     size = codec.PARENT_DTYPES[p.pdtype][0]
-    parent = np.concatenate([odb.chunk_elements(bytes.fromhex(b), size, s) for b, s in zip(p.bases, stores)])
+    try:
+        parent = np.concatenate([odb.chunk_elements(bytes.fromhex(b), size, s) for b, s in zip(p.bases, stores)])
+    except MvcError:
+        return None
     parent = parent[p.skip:p.skip + new.size]
     if parent.size != new.size:
         return None

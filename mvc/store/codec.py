@@ -234,9 +234,9 @@ def links(stored) -> list[bytes]:
     first = delta_base(stored)
     if first is None:
         return []
-    if stored[1] != PREDICT:
+    if stored[1] != PREDICT or len(stored) < 38:
         return [first[0]]
-    extra = stored[37]
+    extra = min(stored[37], (len(stored) - 38) // 32)  # a damaged value names no more than it holds
     return [first[0]] + [bytes(stored[38 + 32 * i:70 + 32 * i]) for i in range(extra)]
 
 
