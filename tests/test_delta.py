@@ -143,12 +143,17 @@ def test_every_dtype_round_trips_through_delta_history(tmp_path, dtype):
     assert json.loads(mvc("fsck", "--json", cwd=root).output)["ok"] is True
 
 
+def commit_f32(repo, name: str, w: np.ndarray, message: str, **kw) -> str:
+    """Write m.safetensors holding one float32 tensor *name* = *w* and commit it."""
+    write_safetensors(f"{repo.root}/m.safetensors", {name: ("F32", (w.size,), w.astype(np.float32).tobytes())})
+    return repo.commit(message, **kw)
+
+
 def test_shape_and_dtype_changes_fall_back_to_full(tmp_path, rng):
     root = tmp_path / "w"
     repo = Repo.init(root)
     a = rng.standard_normal(4096).astype(np.float32)
-    write_safetensors(root / "m.safetensors", {"t": ("F32", (4096,), a.tobytes())})
-    repo.commit("f32")
+    commit_f32(repo, "t", a, "f32")
     for dtype, shape, data in (("F16", (4096,), a.astype(np.float16).tobytes()),
                                ("F16", (2048,), a[:2048].astype(np.float16).tobytes())):
         write_safetensors(root / "m.safetensors", {"t": (dtype, shape, data)})
@@ -255,15 +260,12 @@ def test_a_damaged_base_is_named_and_nothing_wrong_is_written(tmp_path, rng):
 def test_gc_keeps_the_base_of_a_kept_delta(tmp_path, rng):
     root = tmp_path / "w"
     repo = Repo.init(root)
-    first = rng.standard_normal(4096).astype(np.float32)
-    write_safetensors(root / "m.safetensors", {"w": ("F32", (4096,), first.tobytes())})
-    repo.commit("c0")
+    commit_f32(repo, "w", rng.standard_normal(4096), "c0")
     w = rng.standard_normal(1 << 18).astype(np.float32)
     write_safetensors(root / "m.safetensors", {"w": ("F32", (w.size,), w.tobytes())})
     side = repo.snapshot("side")  # a commit no ref (and no reflog of HEAD) names
     repo.refs.set_ref("refs/heads/side", side, None, "test")
-    write_safetensors(root / "m.safetensors", {"w": ("F32", (w.size,), (w + 1e-6).astype(np.float32).tobytes())})
-    main = repo.commit("main", delta_base="side")
+    main = commit_f32(repo, "w", w + 1e-6, "main", delta_base="side")
     assert "diff" in added_by(repo, main)["encodings"]
     h = sha256(root / "m.safetensors")
     repo.delete_branch("side", force=True)  # side's commit is garbage now; its chunk is a base
