@@ -101,6 +101,18 @@ class DeltaBases:
         return at
 
 
+def scales_of(name: str, dtype: str, shape) -> str | None:
+    """The per-row scales tensor that int8 codes *name* (``X.qweight``, I8, 2-D) are stored beside."""
+    if dtype != "I8" or len(shape) != 2 or not name.endswith(QWEIGHT):
+        return None
+    return name[:-len(QWEIGHT)] + SCALES
+
+
+def scales_fit(dtype: str, shape, qshape) -> bool:
+    """Whether a tensor of *dtype* and *shape* holds one float32 scale per row of *qshape*."""
+    return dtype == "F32" and tuple(shape) == (qshape[0],)
+
+
 def with_ancestors(odb: ObjectDB, commits: list[str]) -> list[str]:
     """*commits*, then up to ANCESTORS first-parent ancestors of the first of them."""
     out = [c for c in commits if c]

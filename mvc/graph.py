@@ -15,6 +15,10 @@ class StoreView:
         self.odb = odb
         self.workers = workers
 
+    def delta_bases(self, commits):
+        """A bare store has no config to raise to format 2: it stores new chunks in full."""
+        return None
+
 
 def with_delta_bases(backend, keep: set[bytes]) -> set[bytes]:
     """*keep* and every chunk that a kept delta is stored against, transitively: gc never drops a base."""

@@ -136,16 +136,14 @@ def repack(repo, max_depth: int | None = None, progress=None) -> RepackReport:
 
 def _prediction(repo, bases, path: str, f, name: str, t):
     """Repack's view of Ingestor._prediction: int8 ``X.qweight`` beside ``X.scales`` in file *f*."""
-    from .delta import QWEIGHT, SCALES
+    from .delta import scales_fit, scales_of
     from .pipeline import CHUNK_SIZE, Materializer
 
-    if t.dtype != "I8" or not name.endswith(QWEIGHT):
-        return None
-    sid = dict(f.tensors).get(name[:-len(QWEIGHT)] + SCALES)
+    sid = dict(f.tensors).get(scales_of(name, t.dtype, t.shape) or "")
     if sid is None:
         return None
     s = repo.odb.get(sid, "tensor")
-    if s.dtype != "F32" or len(t.shape) != 2 or tuple(s.shape) != (t.shape[0],):
+    if not scales_fit(s.dtype, s.shape, t.shape):
         return None
     with Materializer(repo.odb, workers=1) as mat:
         scales = b"".join(bytes(x) for x in mat.chunks(s.chunks))

@@ -13,7 +13,7 @@ import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
-from .delta import QWEIGHT, SCALES, DeltaBases, Prediction
+from .delta import DeltaBases, Prediction, scales_fit, scales_of
 from .errors import InvalidFileError, MvcError
 from .formats import safetensors as stf
 from .formats import torchfile
@@ -153,10 +153,9 @@ class Ingestor:
     def _prediction(self, f, header, e, rel: str):
         """int8 codes ``X.qweight`` next to per-row float32 ``X.scales`` in the same file: their
         prediction from the parent's ``X`` (read the scales now: they may come later in the file)."""
-        if not e.name.endswith(QWEIGHT) or len(e.shape) != 2:
-            return None
-        s = next((x for x in header.entries if x.name == e.name[:-len(QWEIGHT)] + SCALES), None)
-        if s is None or s.dtype != "F32" or tuple(s.shape) != (e.shape[0],):
+        want = scales_of(e.name, e.dtype, e.shape)
+        s = next((x for x in header.entries if x.name == want), None) if want else None
+        if s is None or not scales_fit(s.dtype, s.shape, e.shape):
             return None
         try:
             scales = os.pread(f.fileno(), s.end - s.begin, header.header_size + s.begin)
@@ -232,7 +231,7 @@ class Ingestor:
             size_, is_float = DTYPES[e.dtype]
             fs = size_ if is_float and size_ > 1 else 0
             bases = self.bases.chunks_for(rel, e.name, e.dtype, e.shape, CHUNK_SIZE) if self.bases else ()
-            predict = self._prediction(f, header, e, rel) if self.bases and e.dtype == "I8" else None
+            predict = self._prediction(f, header, e, rel) if self.bases else None
             for _ in self._chunks(f, e.end - e.begin, fs, pending, idx, bases, predict):
                 self._drain(pending, sink, self.inflight, path)
                 finish_ready()

@@ -161,7 +161,7 @@ class Merger:
         # progress counts the tensor bytes of files changed on both sides: the ones merged tensor by tensor
         both = [p for p in o if p in t and o[p] != t[p] and (p not in b or (b[p] != o[p] and b[p] != t[p]))]
         self.progress.start("merging", sum(self.odb.get(o[p].oid, "file").size for p in both))
-        bases = self.repo.delta_bases([]) if hasattr(self.repo, "delta_bases") else None
+        bases = self.repo.delta_bases([])
         with Ingestor(self.odb, store=True, workers=self.repo.workers, batch_bytes=32 << 20, bases=bases) as ing, \
                 Materializer(self.odb, workers=self.repo.workers) as mat:
             mat.inflight = 2  # three streams (base, ours, theirs) read at once: keep each short

@@ -44,6 +44,7 @@ NAMES = {RAW: "raw", ZSTD: "zstd", PLANES: "planes", DIFF: "diff", SPARSE: "spar
 #: parent dtypes a PREDICT value can be computed from: code -> (element size, name)
 PARENT_DTYPES = {0: (4, "F32"), 1: (2, "F16"), 2: (2, "BF16")}
 MAX_CHUNK = 4 * 1024 * 1024  # no chunk decodes to more (pipeline.CHUNK_SIZE)
+MAX_OBJECT = 256 * 1024 * 1024  # nor any object (metadata: a tree of many files)
 
 _UINT = {2: "<u2", 4: "<u4", 8: "<u8"}  # numpy is imported on first use: `mvc status` never needs it
 _PROBE = 64 * 1024
@@ -322,8 +323,8 @@ def decode(stored: bytes | memoryview, oid_hex: str = "?", bases: BaseReader | N
         type_code, codec = stored[0], stored[1]
         body = memoryview(stored)[2:]
         if codec == RAW:
-            if len(body) > MAX_CHUNK:
-                raise ValueError("raw value over the chunk size")
+            if len(body) > MAX_OBJECT:
+                raise ValueError("raw value over the object size limit")
             return type_code, bytes(body)
         if codec == ZSTD:
             return type_code, _ctx()[2].decompress(body, max_output_size=_frame_bound(body))
@@ -344,7 +345,7 @@ def _frame_bound(body) -> int:
     size = zstd.frame_content_size(body)
     if size < 0:
         raise ValueError("zstd frame without a content size")
-    if size > 256 * 1024 * 1024:
+    if size > MAX_OBJECT:
         raise ValueError(f"zstd frame declares {size} bytes")
     return max(size, 1)
 
