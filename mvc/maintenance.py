@@ -1,4 +1,5 @@
-"""fsck (verify every object and every reference) and gc (drop what no ref reaches)."""
+"""fsck (verify every object and every reference), gc (drop what no ref reaches) and repack
+(choose delta bases anew; the branch heads whole)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ def gc(repo, dry_run: bool = False) -> GcReport:
 class RepackReport:
     chunks: int = 0  # chunks of tensors examined
     rewritten: int = 0  # stored with a new encoding
+    tips_whole: int = 0  # chunks of branch heads made whole by turning their delta chain around
     before: int = 0  # stored bytes of the examined chunks, before and after
     after: int = 0
 
@@ -81,13 +83,15 @@ def repack(repo, max_depth: int | None = None, progress=None) -> RepackReport:
     Commits are visited oldest first, and a chunk may only be stored against a chunk visited before
     it, so no chain ever loops and every transaction leaves a store in which each value decodes:
     a repack killed at any moment loses nothing. Chains stay within *max_depth* (default: the
-    repository's delta.max_depth)."""
+    repository's delta.max_depth). Then the chains under the branch heads are turned around so
+    that the heads are stored whole (_tips_whole), and every delta's depth is made true again."""
     from .delta import DeltaBases, with_ancestors
     from .graph import commits_oldest_first, ref_roots
     from .pipeline import CHUNK_SIZE, encode_with_bases
     from .store.objects import DTYPES
 
     rep = RepackReport()
+    repo.odb.keep_links = True  # the candidate bases of a chunk often share one chain
     with repo.lock():
         cfg = repo.delta_bases([])
         depth = max_depth if max_depth is not None else (cfg.max_depth if cfg is not None else 0)
@@ -131,7 +135,107 @@ def repack(repo, max_depth: int | None = None, progress=None) -> RepackReport:
                             repo.backend.replace_many(batch)
                             batch, size = [], 0
         repo.backend.replace_many(batch)
+        if depth:
+            rep.tips_whole, change = _tips_whole(repo, _tip_chunks(repo))
+            rep.after += change + _fix_depths(repo, visited, depth)
     return rep
+
+
+def _tip_chunks(repo) -> list[str]:
+    """The tensor chunks of HEAD's commit, then of every branch head: what checkouts read most."""
+    from .state import HEADS
+
+    tips = [repo.refs.head_commit(), *repo.backend.list_refs(HEADS).values()]
+    out: dict[str, None] = {}
+    for commit in dict.fromkeys(t for t in tips if t):
+        for entry in repo.odb.get(repo.commit_obj(commit).tree, "tree").entries:
+            for _name, tid in repo.odb.get(entry.oid, "file").tensors:
+                out.update(dict.fromkeys(repo.odb.get(tid, "tensor").chunks))
+    return list(out)
+
+
+def _tips_whole(repo, tips: list[str]) -> tuple[int, int]:
+    """Turn delta chains around so that the chunks of the branch heads are stored whole, as Git's
+    repack keeps the newest version of a file whole: checking out the tip then decodes nothing
+    but itself, and older versions pay the chain. A chain is turned only where that costs no
+    space: every link a DIFF (a difference is as small read backwards) down to a whole chunk that
+    is no tip's, which then becomes the far end. Each chain is rewritten in one transaction, the
+    tip first, each link against the one before it: no state in between fails to decode.
+    Returns (how many tip chunks were made whole, the change in stored bytes)."""
+    from .store import codec
+    from .store.odb import CHUNK
+
+    tip_set = set(tips)
+    done = change = 0
+    for tip in tips:
+        chain, stored = [tip], repo.backend.get(bytes.fromhex(tip))
+        while stored is not None and stored[1] == codec.DIFF:
+            base = codec.delta_base(stored)[0].hex()
+            if base in tip_set or base in chain:
+                stored = None
+                break
+            chain.append(base)
+            stored = repo.backend.get(bytes.fromhex(base))
+        if stored is None or len(chain) == 1 or codec.delta_base(stored) is not None:
+            continue  # a tip stored whole already, or a chain that cannot be turned for free
+        k, is_float = codec.delta_k(repo.backend.get(bytes.fromhex(tip)))
+        contents = {}
+        for oid in reversed(chain):  # the whole end first, then up to the tip, each verified
+            contents[oid] = repo.odb.chunk_elements(bytes.fromhex(oid), k)
+        values = [(bytes.fromhex(tip), codec.encode(CHUNK, contents[tip].tobytes(), k if is_float and k > 1 else 0))]
+        for i in range(1, len(chain)):
+            values.append((bytes.fromhex(chain[i]), codec.encode_diff(
+                CHUNK, contents[chain[i]], contents[chain[i - 1]], k, is_float, bytes.fromhex(chain[i - 1]), i)))
+        change += repo.backend.replace_many(values)
+        done += 1
+    return done, change
+
+
+def _true_depth(backend, oid: bytes, memo: dict, seen: tuple = ()) -> int:
+    """How many deltas lie under the stored value of *oid*, following the links themselves."""
+    from .store import codec
+
+    if oid not in memo:
+        if oid in seen or len(seen) > 64:
+            raise MvcError(f"the delta chain of {oid.hex()} loops; run `mvc fsck`")
+        stored = backend.get(oid)
+        links = codec.links(stored) if stored is not None else []
+        memo[oid] = 1 + max(_true_depth(backend, b, memo, (*seen, oid)) for b in links) if links else 0
+    return memo[oid]
+
+
+def _fix_depths(repo, chunks, max_depth: int) -> int:
+    """Turning chains around moves the links under other deltas: write each delta's true depth
+    into its header again, and store whole (rare) any value that now lies deeper than *max_depth*.
+    Returns the change in stored bytes."""
+    from .store import codec
+    from .store.odb import CHUNK
+
+    change = 0
+    for _round in range(3):
+        memo: dict[bytes, int] = {}
+        patch, too_deep = [], []
+        for ch in chunks:
+            oid = bytes.fromhex(ch)
+            stored = repo.backend.get(oid)
+            if stored is None or codec.delta_base(stored) is None:
+                continue
+            d = _true_depth(repo.backend, oid, memo)
+            if d > max_depth:
+                too_deep.append(oid)
+            elif stored[34] != d:
+                patch.append((oid, bytes(stored[:34]) + bytes((d,)) + bytes(stored[35:])))
+        if not too_deep:
+            repo.backend.replace_many(patch)
+            return change
+        full = []
+        for oid in too_deep:
+            stored = repo.backend.get(oid)
+            k, is_float = codec.delta_k(stored)
+            content = repo.odb.decode(oid, stored, "chunk")[1]
+            full.append((oid, codec.encode(CHUNK, content, k if is_float and k > 1 else 0)))
+        change += repo.backend.replace_many(full)
+    return change
 
 
 def _prediction(repo, bases, path: str, f, name: str, t):

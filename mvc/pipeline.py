@@ -40,6 +40,8 @@ class Ingestor:
         self.odb = odb
         #: where new chunks may find a base to be stored as a delta against (None: store them in full)
         self.bases = bases if store else None
+        if self.bases is not None:
+            odb.keep_links = True  # candidate bases often share a chain: decode its links once
         self.backend: Backend = odb.backend
         self.store = store
         self.progress = progress
@@ -314,19 +316,43 @@ class Materializer:
         return buf.getvalue()
 
 
+#: the probe that chooses how to store a chunk: this many blocks of elements, evenly spread
+_PROBE_BLOCKS, _PROBE_ELEMENTS = 8, 4096
+
+
+def _probe(el):
+    """A sample of the elements *el* that codes about as well as the whole: evenly spaced blocks
+    (runs stay runs, so masks and planes keep their structure)."""
+    import numpy as np
+
+    n = el.size
+    if n <= 4 * _PROBE_BLOCKS * _PROBE_ELEMENTS:
+        return el
+    step = n // _PROBE_BLOCKS
+    return np.concatenate([el[i * step:i * step + _PROBE_ELEMENTS] for i in range(_PROBE_BLOCKS)])
+
+
 def encode_with_bases(odb: ObjectDB, data, float_size: int, bases: list[str], max_depth: int,
                       predict: Prediction | None = None) -> bytes:
     """The smallest stored value of a chunk among its full encoding and deltas against *bases*
-    (tried in order, nearest first; a delta under a quarter of the raw size ends the search; the
-    full encoding is tried when no delta is under 0.6 of the raw size). A base whose chain is
-    already *max_depth* long is skipped, so reads stay fast, and so is a damaged one: nothing is
-    ever stored against bytes that do not verify."""
+    (up to three, nearest first) and a *predict*ion. Each candidate is first coded on a sample
+    of the chunk (_probe: 1/16 of a 4 MiB chunk), and only the best is coded in full; a search
+    ends early at a candidate under a quarter of the raw size. A base whose chain is already
+    *max_depth* long is skipped, so reads stay fast, and so is a damaged one: nothing is ever
+    stored against bytes that do not verify."""
     k = float_size or 1
     is_float = float_size > 1
     new = codec.elements(data, k)
     best = _predicted(odb, new, predict, max_depth) if predict is not None else None
+    if best is not None and len(best) < len(data) // 4:
+        return best
+    sample = _probe(new)
+    scale = new.size / sample.size
+    full_guess = len(codec.encode(CHUNK, sample.tobytes(), float_size)) * scale
+    # (estimated size, base id, depth, base elements, sparse?) of the best delta so far
+    choice = None
     for b in bases[:3]:
-        if best is not None and len(best) < len(data) // 4:
+        if choice is not None and choice[0] < len(data) // 4:
             break
         base = bytes.fromhex(b)
         stored = odb.stored_or_none(base)
@@ -341,11 +367,19 @@ def encode_with_bases(odb: ObjectDB, data, float_size: int, bases: list[str], ma
             continue
         if old.shape != new.shape:
             continue
-        for cand in (codec.encode_diff(CHUNK, new, old, k, is_float, base, depth),
-                     codec.encode_sparse(CHUNK, new, old, k, is_float, base, depth)):
-            if cand is not None and (best is None or len(cand) < len(best)):
-                best = cand
-    if best is None or len(best) > 0.6 * len(data):  # trained weights code to >= 0.6 in full
+        old_sample = _probe(old)
+        for sparse in (False, True):
+            enc = codec.encode_sparse if sparse else codec.encode_diff
+            cand = enc(CHUNK, sample, old_sample, k, is_float, base, depth)
+            if choice is None or len(cand) * scale < choice[0]:
+                choice = (len(cand) * scale, base, depth, old, sparse)
+    if choice is not None and choice[0] < full_guess:
+        _, base, depth, old, sparse = choice
+        enc = codec.encode_sparse if sparse else codec.encode_diff
+        delta = enc(CHUNK, new, old, k, is_float, base, depth)
+        if best is None or len(delta) < len(best):
+            best = delta
+    if best is None or len(best) > 0.9 * full_guess:  # the probe may have been wrong: measure
         full = codec.encode(CHUNK, data, float_size)
         if best is None or len(full) <= len(best):
             best = full

@@ -36,7 +36,7 @@ def roundtrip(new: np.ndarray, base: np.ndarray, k: int, is_float: bool) -> None
 
     encodings = [codec.encode_diff(0, new, base, k, is_float, bid, 1),
                  codec.encode_sparse(0, new, base, k, is_float, bid, 1)]
-    for stored in filter(None, encodings):
+    for stored in encodings:
         assert codec.delta_base(stored) == (bid, 1)
         _, out = codec.decode(stored, "x", bases)
         assert bytes(out) == new.tobytes()
@@ -459,3 +459,45 @@ def test_damaged_delta_values_fail_cleanly(kind, cut, flips):
         codec.decode(data, "x", lambda oid, k: codec.elements(base.tobytes(), k))
     except CorruptObjectError:
         pass
+
+
+def test_repack_stores_the_branch_heads_whole_at_no_cost(tmp_path, rng):
+    """Commits store each fine-tune against its parent (the newest is the deepest); repack turns
+    the chain around as Git does: the head whole, older versions deltas, the same bytes stored."""
+    root = tmp_path / "w"
+    repo = Repo.init(root)
+    w = rng.standard_normal(3 << 19).astype(np.float32)  # two chunks
+    commits, hashes = [], []
+    for i in range(4):
+        commits.append(commit_f32(repo, "w", w, f"v{i}"))
+        hashes.append(sha256(root / "m.safetensors"))
+        w = w + 1e-4 * rng.standard_normal(w.size).astype(np.float32)
+
+    def chunks(rev):
+        tid = dict(repo.odb.get(repo.tree_of(rev).entries[0].oid, "file").tensors)["w"]
+        return repo.odb.get(tid, "tensor").chunks
+
+    def depths(rev):
+        return [codec.depth(repo.backend.get(bytes.fromhex(c))) for c in chunks(rev)]
+
+    assert depths(commits[-1]) == [3, 3] and depths(commits[0]) == [0, 0]
+    before = repo.backend.stats()["stored_bytes"]
+    repo.close()
+    rep = json.loads(mvc("repack", "--json", cwd=root).output)
+    assert rep["tips_whole"] == 2
+    repo = Repo(root)
+    assert depths(commits[-1]) == [0, 0] and depths(commits[0]) == [3, 3]
+    assert abs(repo.backend.stats()["stored_bytes"] - before) < 0.02 * before
+    for oid in repo.backend.iter_oids():  # every header's depth is the chain's true length
+        stored, d = repo.backend.get(oid), 0
+        while codec.delta_base(stored) is not None:
+            stored, d = repo.backend.get(codec.delta_base(stored)[0]), d + 1
+        assert codec.depth(repo.backend.get(oid)) == d
+    repo.close()
+    assert json.loads(mvc("fsck", "--json", cwd=root).output)["ok"] is True
+    for c, h in zip(commits, hashes):
+        mvc("checkout", "-f", c, cwd=root)
+        assert sha256(root / "m.safetensors") == h
+    mvc("checkout", "-f", "main", cwd=root)
+    again = json.loads(mvc("repack", "--json", cwd=root).output)  # the same result again
+    assert again["tips_whole"] == 2 and abs(again["after"] - rep["after"]) < 0.02 * rep["after"]

@@ -69,3 +69,34 @@ def test_codecs_read_what_the_other_path_wrote(k, fs, rng, numpy_path):
         full, delta = written[not on]
         assert bytes(codec.decode(full)[1]) == a.tobytes()
         assert bytes(codec.decode(delta, "x", lambda oid, kk: a)[1]) == b.tobytes()
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+@pytest.mark.parametrize("changed", [0.0, 0.01, 0.5, 0.99, 1.0, "runs"])
+def test_sparse_kernels_on_every_kind_of_mask(k, changed, rng):
+    """gather/scatter take whole mask words at a time (all clear, all set, mixed) and the rest
+    element by element: the same elements on both paths, and a wrong count of values refused."""
+    n = 64 * 97 + 13  # a tail shorter than a word
+    a = rng.integers(0, 255, n * k, dtype=np.uint8).view(UINT[k])
+    if changed == "runs":
+        move = np.zeros(n, bool)
+        for start in range(0, n, 300):
+            move[start:start + rng.integers(1, 200)] = True
+    else:
+        move = rng.random(n) < changed
+    b = a.copy()
+    b[move] ^= UINT[k](1)
+    out = {}
+    for on in (True, False):
+        kernels.use_native(on)
+        try:
+            mask, values = kernels.gather(b, a, k)
+            assert values.size == move.sum()
+            assert np.array_equal(kernels.scatter(a, mask, values, k), b)
+            if values.size:
+                with pytest.raises(ValueError):
+                    kernels.scatter(a, mask, values[:-1], k)
+            out[on] = (mask.tobytes(), values.tobytes())
+        finally:
+            kernels.use_native(True)
+    assert out[True] == out[False]

@@ -500,8 +500,8 @@ def repack(c, max_depth, as_json):
     if as_json:
         render.emit_json(vars(rep))
     else:
-        click.echo(f"repacked {rep.chunks} chunks ({rep.rewritten} re-encoded): "
-                   f"{render.human(rep.before)} -> {render.human(rep.after)}")
+        click.echo(f"repacked {rep.chunks} chunks ({rep.rewritten} re-encoded, {rep.tips_whole} of the branch "
+                   f"heads made whole): {render.human(rep.before)} -> {render.human(rep.after)}")
 
 
 @cli.command()

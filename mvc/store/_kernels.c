@@ -14,6 +14,32 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <string.h>
+
+static inline uint64_t le64(uint64_t w) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    return __builtin_bswap64(w);
+#else
+    return w;
+#endif
+}
+
+static inline int ctz64(uint64_t w) { /* w != 0 */
+#if defined(__GNUC__) || defined(__clang__)
+    return __builtin_ctzll(w);
+#else
+    int n = 0;
+    while (!(w & 1)) { w >>= 1; n++; }
+    return n;
+#endif
+}
+
+static inline int popcount64(uint64_t w) {
+    w = w - ((w >> 1) & 0x5555555555555555ULL);
+    w = (w & 0x3333333333333333ULL) + ((w >> 2) & 0x3333333333333333ULL);
+    w = (w + (w >> 4)) & 0x0F0F0F0F0F0F0F0FULL;
+    return (int)((w * 0x0101010101010101ULL) >> 56);
+}
 
 #define KERNELS(T, K)                                                                          \
     static inline T order_##K(T u) {                                                           \
@@ -32,11 +58,11 @@
             for (int j = 0; j < K; j++) dst[(Py_ssize_t)j * n + i] = (uint8_t)(v >> (8 * (K - 1 - j))); \
         }                                                                                      \
     }                                                                                          \
-    static void merge_##K(const uint8_t *src, uint8_t *dst, Py_ssize_t n, int rot) {          \
+    static void merge_##K(const uint8_t *const *src, uint8_t *dst, Py_ssize_t n, int rot) {   \
         T *u = (T *)dst;                                                                       \
         for (Py_ssize_t i = 0; i < n; i++) {                                                   \
             T v = 0;                                                                           \
-            for (int j = 0; j < K; j++) v = (T)((v << 8) | src[(Py_ssize_t)j * n + i]);        \
+            for (int j = 0; j < K; j++) v = (T)((v << 8) | src[j][i]);                         \
             if (rot) v = (T)((v >> 1) | (v << (8 * K - 1)));                                   \
             u[i] = v;                                                                          \
         }                                                                                      \
@@ -51,12 +77,13 @@
             for (int j = 0; j < K; j++) dst[(Py_ssize_t)j * n + i] = (uint8_t)(z >> (8 * (K - 1 - j))); \
         }                                                                                      \
     }                                                                                          \
-    static void undiff_##K(const uint8_t *src, const uint8_t *b, uint8_t *dst, Py_ssize_t n, int fl) { \
+    static void undiff_##K(const uint8_t *const *src, const uint8_t *b, uint8_t *dst, Py_ssize_t n, \
+                           int fl) {                                                           \
         const T *y = (const T *)b;                                                             \
         T *u = (T *)dst;                                                                       \
         for (Py_ssize_t i = 0; i < n; i++) {                                                   \
             T z = 0;                                                                           \
-            for (int j = 0; j < K; j++) z = (T)((z << 8) | src[(Py_ssize_t)j * n + i]);        \
+            for (int j = 0; j < K; j++) z = (T)((z << 8) | src[j][i]);                         \
             T d = (T)((z >> 1) ^ (T)(0 - (z & 1)));                                            \
             T q = fl ? order_##K(y[i]) : y[i];                                                 \
             T p = (T)(q + d);                                                                  \
@@ -69,8 +96,18 @@
                                  Py_ssize_t n) {                                               \
         const T *x = (const T *)a, *y = (const T *)b;                                          \
         T *v = (T *)vals;                                                                      \
-        Py_ssize_t m = 0;                                                                      \
-        for (Py_ssize_t i = 0; i < n; i++) {                                                   \
+        Py_ssize_t m = 0, i = 0;                                                               \
+        for (; i + 8 <= n; i += 8) {  /* one mask byte: write every element, keep the changed */ \
+            unsigned bits = 0;                                                                 \
+            for (int j = 0; j < 8; j++) {                                                      \
+                unsigned c = x[i + j] != y[i + j];                                             \
+                v[m] = x[i + j];                                                               \
+                m += c;                                                                        \
+                bits |= c << j;                                                                \
+            }                                                                                  \
+            mask[i >> 3] = (uint8_t)bits;                                                      \
+        }                                                                                      \
+        for (; i < n; i++) {                                                                   \
             if (x[i] != y[i]) {                                                                \
                 mask[i >> 3] |= (uint8_t)(1u << (i & 7));                                      \
                 v[m++] = x[i];                                                                 \
@@ -82,8 +119,27 @@
                                   Py_ssize_t nvals, uint8_t *dst, Py_ssize_t n) {              \
         const T *y = (const T *)b, *v = (const T *)vals;                                       \
         T *u = (T *)dst;                                                                       \
-        Py_ssize_t m = 0;                                                                      \
-        for (Py_ssize_t i = 0; i < n; i++) {                                                   \
+        Py_ssize_t m = 0, i = 0;                                                               \
+        for (; i + 64 <= n; i += 64) {  /* 64 elements per mask word: runs copy whole */       \
+            uint64_t w;                                                                        \
+            memcpy(&w, mask + (i >> 3), 8);                                                    \
+            w = le64(w);                                                                       \
+            if (w == 0) {                                                                      \
+                memcpy(u + i, y + i, 64 * K);                                                  \
+            } else if (w == ~(uint64_t)0) {                                                    \
+                if (nvals - m < 64) return -1;                                                 \
+                memcpy(u + i, v + m, 64 * K);                                                  \
+                m += 64;                                                                       \
+            } else {  /* copy the run, then patch the set bits, lowest first */                \
+                if (nvals - m < popcount64(w)) return -1;                                      \
+                memcpy(u + i, y + i, 64 * K);                                                  \
+                while (w) {                                                                    \
+                    u[i + ctz64(w)] = v[m++];                                                  \
+                    w &= w - 1;                                                                \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+        for (; i < n; i++) {                                                                   \
             if (mask[i >> 3] & (1u << (i & 7))) {                                              \
                 if (m == nvals) return -1;                                                     \
                 u[i] = v[m++];                                                                 \
@@ -106,6 +162,8 @@ KERNELS(uint64_t, 8)
 
 typedef void (*one_fn)(const uint8_t *, uint8_t *, Py_ssize_t, int);
 typedef void (*two_fn)(const uint8_t *, const uint8_t *, uint8_t *, Py_ssize_t, int);
+typedef void (*merge_fn)(const uint8_t *const *, uint8_t *, Py_ssize_t, int);
+typedef void (*undiff_fn)(const uint8_t *const *, const uint8_t *, uint8_t *, Py_ssize_t, int);
 
 static int pick(int k) {
     return k == 1 ? 0 : k == 2 ? 1 : k == 4 ? 2 : k == 8 ? 3 : -1;
@@ -155,9 +213,53 @@ static PyObject *two(PyObject *args, two_fn *table) {
 }
 
 static one_fn SPLIT[] = {split_1, split_2, split_4, split_8};
-static one_fn MERGE[] = {merge_1, merge_2, merge_4, merge_8};
+static merge_fn MERGE[] = {merge_1, merge_2, merge_4, merge_8};
 static two_fn DIFF[] = {diff_1, diff_2, diff_4, diff_8};
-static two_fn UNDIFF[] = {undiff_1, undiff_2, undiff_4, undiff_8};
+static undiff_fn UNDIFF[] = {undiff_1, undiff_2, undiff_4, undiff_8};
+
+/* merge(planes, dst, k, rotate) and undiff(planes, base, dst, k, is_float): *planes* is a sequence
+ * of k buffers of n bytes each (separate buffers: a decoder hands over what zstd returned, no copy). */
+static PyObject *planar(PyObject *args, int with_base) {
+    PyObject *seq, *ret = NULL, *fast = NULL;
+    Py_buffer base = {0}, dst = {0}, planes[8];
+    const uint8_t *ptrs[8];
+    int k, flag, got = 0, ok;
+    if (with_base ? !PyArg_ParseTuple(args, "Oy*w*ip", &seq, &base, &dst, &k, &flag)
+                  : !PyArg_ParseTuple(args, "Ow*ip", &seq, &dst, &k, &flag))
+        return NULL;
+    int t = pick(k);
+    Py_ssize_t n = t >= 0 ? dst.len / k : 0;
+    ok = t >= 0 && dst.len % k == 0 && (!with_base || base.len == dst.len);
+    if (ok) {
+        fast = PySequence_Fast(seq, "planes must be a sequence of buffers");
+        ok = fast != NULL && PySequence_Fast_GET_SIZE(fast) == k;
+    }
+    for (; ok && got < k; got++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(fast, got), &planes[got], PyBUF_SIMPLE) < 0) {
+            ok = 0;
+            break;
+        }
+        ptrs[got] = (const uint8_t *)planes[got].buf;
+        ok = planes[got].len == n;
+    }
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        if (with_base)
+            UNDIFF[t](ptrs, (const uint8_t *)base.buf, (uint8_t *)dst.buf, n, flag);
+        else
+            MERGE[t](ptrs, (uint8_t *)dst.buf, n, flag);
+        Py_END_ALLOW_THREADS
+        ret = Py_None;
+        Py_INCREF(ret);
+    } else if (!PyErr_Occurred()) {
+        PyErr_SetString(PyExc_ValueError, "bad element size, plane count or buffer length");
+    }
+    for (int j = 0; j < got; j++) PyBuffer_Release(&planes[j]);
+    Py_XDECREF(fast);
+    if (with_base) PyBuffer_Release(&base);
+    PyBuffer_Release(&dst);
+    return ret;
+}
 
 typedef Py_ssize_t (*gather_fn)(const uint8_t *, const uint8_t *, uint8_t *, uint8_t *, Py_ssize_t);
 typedef Py_ssize_t (*scatter_fn)(const uint8_t *, const uint8_t *, const uint8_t *, Py_ssize_t, uint8_t *,
@@ -206,15 +308,15 @@ static PyObject *k_gather(PyObject *self, PyObject *args) { return sparse(args, 
 static PyObject *k_scatter(PyObject *self, PyObject *args) { return sparse(args, 1); }
 
 static PyObject *k_split(PyObject *self, PyObject *args) { return one(args, SPLIT); }
-static PyObject *k_merge(PyObject *self, PyObject *args) { return one(args, MERGE); }
+static PyObject *k_merge(PyObject *self, PyObject *args) { return planar(args, 0); }
 static PyObject *k_diff(PyObject *self, PyObject *args) { return two(args, DIFF); }
-static PyObject *k_undiff(PyObject *self, PyObject *args) { return two(args, UNDIFF); }
+static PyObject *k_undiff(PyObject *self, PyObject *args) { return planar(args, 1); }
 
 static PyMethodDef methods[] = {
     {"split", k_split, METH_VARARGS, "split(src, dst, k, rotate): elements -> planes"},
-    {"merge", k_merge, METH_VARARGS, "merge(src, dst, k, rotate): planes -> elements"},
+    {"merge", k_merge, METH_VARARGS, "merge(planes, dst, k, rotate): k plane buffers -> elements"},
     {"diff", k_diff, METH_VARARGS, "diff(new, base, dst, k, is_float): zigzag differences as planes"},
-    {"undiff", k_undiff, METH_VARARGS, "undiff(planes, base, dst, k, is_float): elements from differences"},
+    {"undiff", k_undiff, METH_VARARGS, "undiff(planes, base, dst, k, is_float): elements from k plane buffers of differences"},
     {"gather", k_gather, METH_VARARGS, "gather(new, base, mask, values, k) -> count: what changed"},
     {"scatter", k_scatter, METH_VARARGS, "scatter(base, mask, values, dst, k): base with the changes"},
     {NULL, NULL, 0, NULL},

@@ -72,6 +72,13 @@ def _ctx():
     return c
 
 
+def _delta_ctx():
+    c = getattr(_tls, "delta", None)
+    if c is None:
+        c = _tls.delta = zstd.ZstdCompressor(level=1)
+    return c
+
+
 def _zstd_or_raw(cctx, data) -> tuple[int, bytes]:
     out = cctx.compress(data)
     if len(out) < len(data):
@@ -100,12 +107,19 @@ NONZERO = 2
 def _plane_body(planes, k: int, nonzero: bool = False) -> bytes:
     """``[k u8][raw_len u32][k x (codec u8, length u32)][payloads]``: the top plane with the
     exponent coder, the others zstd where a probe shows they compress, else raw; with *nonzero*
-    (delta values), a plane that is mostly zeros as NONZERO when that is smaller."""
+    (delta values), a plane of at most a quarter non-zero bytes as NONZERO, and zstd level 1 where
+    level 3 gains nothing (delta planes are noise: no matches to find, measured the same size)."""
+    import numpy as np
+
     fast, general, _ = _ctx()
+    if nonzero:
+        general = _delta_ctx()
     heads, bodies = [], []
     for i in range(k):
         plane = planes[i]
-        if i == 0:
+        if nonzero and np.count_nonzero(plane) <= len(plane) // 4:
+            codec, body = NONZERO, _nonzero_body(plane)
+        elif i == 0:
             codec, body = _zstd_or_raw(fast, plane)
         else:
             probe = fast.compress(plane[:_PROBE])
@@ -113,13 +127,9 @@ def _plane_body(planes, k: int, nonzero: bool = False) -> bytes:
                 codec, body = _zstd_or_raw(general, plane)
             else:
                 codec, body = RAW, plane.tobytes()
-        if nonzero and len(body) < len(plane) // 4:
-            sparse = _nonzero_body(plane)
-            if len(sparse) < len(body):
-                codec, body = NONZERO, sparse
         heads.append(struct.pack("<BI", codec, len(body)))
         bodies.append(body)
-    return b"".join([struct.pack("<BI", k, k * planes.shape[1]), *heads, *bodies])
+    return b"".join([struct.pack("<BI", k, k * len(planes[0])), *heads, *bodies])
 
 
 def _nonzero_body(plane) -> bytes:
@@ -155,8 +165,9 @@ def _read_nonzero(chunk, n: int):
 
 
 def _read_plane_body(body: memoryview, limit: int, nonzero: bool = False):
-    """(k, planes (k, n)) from a plane body; at most *limit* bytes in all; *nonzero*: the body of a
-    delta value, where NONZERO planes may appear."""
+    """(k, planes: a list of k uint8 arrays of n bytes) from a plane body; at most *limit* bytes in
+    all; *nonzero*: the body of a delta value, where NONZERO planes may appear. Raw planes are
+    views of *body* and decoded ones what zstd returned: nothing is copied."""
     import numpy as np
 
     k, total = struct.unpack_from("<BI", body, 0)
@@ -166,8 +177,8 @@ def _read_plane_body(body: memoryview, limit: int, nonzero: bool = False):
     pos = 5 + 5 * k
     heads = [struct.unpack_from("<BI", body, 5 + 5 * j) for j in range(k)]
     dctx = _ctx()[2]
-    planes = np.empty((k, n), dtype=np.uint8)
-    for j, (codec, length) in enumerate(heads):
+    planes = []
+    for codec, length in heads:
         chunk = body[pos:pos + length]
         pos += length
         if codec == RAW:
@@ -180,7 +191,7 @@ def _read_plane_body(body: memoryview, limit: int, nonzero: bool = False):
             raise ValueError(f"bad plane codec {codec}")
         if len(raw) != n:
             raise ValueError("plane length mismatch")
-        planes[j] = np.frombuffer(raw, dtype=np.uint8)
+        planes.append(np.frombuffer(raw, dtype=np.uint8))
     if pos != len(body):
         raise ValueError("trailing bytes")
     return k, planes
@@ -212,11 +223,9 @@ def encode_diff(type_code: int, new, base, k: int, is_float: bool, base_id: byte
     return bytes((type_code, DIFF)) + base_id + bytes((depth, k, int(is_float))) + _plane_body(planes, k, True)
 
 
-def encode_sparse(type_code: int, new, base, k: int, is_float: bool, base_id: bytes, depth: int) -> bytes | None:
-    """SPARSE: the elements that changed and their new values; None when most changed (DIFF wins)."""
+def encode_sparse(type_code: int, new, base, k: int, is_float: bool, base_id: bytes, depth: int) -> bytes:
+    """SPARSE: the elements that changed and their new values."""
     mask_bits, values = kernels.gather(new, base, k)
-    if values.size > new.size // 2:
-        return None
     mcodec, mbody = _zstd_or_raw(_ctx()[1], mask_bits)
     planes = kernels.split(values, k, is_float and k > 1)
     return b"".join([bytes((type_code, SPARSE)), base_id, bytes((depth, k, int(is_float))),
@@ -269,9 +278,18 @@ def predict_rtn8(parent, scales, cols: int, col0: int):
     clip(rint(x / scale), -127, 127), as mvc's rtn-int8 and the usual int8 recipes compute them."""
     import numpy as np
 
-    rows = (np.arange(parent.size, dtype=np.int64) + col0) // cols
+    q = np.empty(parent.size, dtype=np.float32)
+    head = min(parent.size, (cols - col0) % cols)  # the rest of a row begun in an earlier chunk
+    whole = (parent.size - head) // cols
     with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.rint(parent / scales[rows])
+        np.divide(parent[:head], scales[:1], out=q[:head])
+        r0 = 1 if head else 0
+        mid = slice(head, head + whole * cols)
+        np.divide(parent[mid].reshape(whole, cols), scales[r0:r0 + whole, None],
+                  out=q[mid].reshape(whole, cols))
+        tail = slice(head + whole * cols, parent.size)
+        np.divide(parent[tail], scales[r0 + whole:r0 + whole + 1], out=q[tail])
+    np.rint(q, out=q)
     np.nan_to_num(q, copy=False, nan=0.0)  # the same codes on every machine, whatever the floats hold
     np.clip(q, -127, 127, out=q)
     return q.astype(np.int8).view(np.uint8)
@@ -303,7 +321,7 @@ def _decode_predict(stored, bases: BaseReader):
     scales = np.frombuffer(stored[pos:pos + 4 * nscale], dtype="<f4")
     pos += 4 * nscale
     k, planes = _read_plane_body(memoryview(stored)[pos:], MAX_CHUNK, True)
-    n = planes.shape[1]
+    n = planes[0].size
     if k != 1 or len(scales) != nscale or (col0 + n - 1) // cols >= nscale:
         raise ValueError("predict delta does not fit its scales")
     psize = PARENT_DTYPES[pdtype][0]
@@ -374,7 +392,7 @@ def decode_elements(stored, bases: BaseReader | None, k: int):
     base_el = bases(base, k)
     if codec == DIFF:
         pk, planes = _read_plane_body(body[35:], MAX_CHUNK, True)
-        if pk != k or planes.shape[1] != base_el.size:
+        if pk != k or planes[0].size != base_el.size:
             raise ValueError("delta and base differ in size")
         return kernels.undiff(planes, base_el, k, is_float)
     n, mcodec, mlen = struct.unpack_from("<IBI", body, 35)

@@ -45,14 +45,15 @@ def split(u, k: int, rotate: bool):
 
 
 def merge(planes, k: int, rotate: bool):
-    """The inverse of split: planes (k, n) -> unsigned k-byte integers."""
+    """The inverse of split: planes (k, n) -> unsigned k-byte integers. *planes* may also be a
+    sequence of k separate uint8 arrays of n bytes (what a decoder read, not copied together)."""
     import numpy as np
 
     if k == 1:
         return np.ascontiguousarray(planes[0])
     if _on:
-        out = np.empty(planes.shape[1], dtype=_UINT[k])
-        _native.merge(np.ascontiguousarray(planes), out, k, rotate)
+        out = np.empty(len(planes[0]), dtype=_UINT[k])
+        _native.merge(planes, out, k, rotate)
         return out
     r = planes[0].astype(_UINT[k])
     for j in range(1, k):
@@ -101,12 +102,12 @@ def diff(new, base, k: int, is_float: bool):
 
 
 def undiff(planes, base, k: int, is_float: bool):
-    """The inverse of diff, given the base: unsigned k-byte integers."""
+    """The inverse of diff, given the base: unsigned k-byte integers (*planes* as for merge)."""
     import numpy as np
 
     if _on:
         out = np.empty(base.size, dtype=_UINT[k])
-        _native.undiff(np.ascontiguousarray(planes), np.ascontiguousarray(base), out, k, is_float)
+        _native.undiff(planes, np.ascontiguousarray(base), out, k, is_float)
         return out
     zz = merge(planes, k, False)
     one = np.array(1, dtype=zz.dtype)

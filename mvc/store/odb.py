@@ -20,6 +20,7 @@ from .objects import encode_object, parse_object
 CHUNK = TYPE_CODE["chunk"]
 _CHUNK_CACHE_BYTES = 16 * 1024 * 1024  # a merge reads base, ours and theirs of one chunk in a row
 _RELEASE_BYTES = 32 * 1024 * 1024
+_MAX_CHAIN = 64  # a read refuses longer delta chains (the writer keeps them within delta.max_depth)
 
 
 def encode_chunk(data, float_size: int = 0) -> tuple[bytes, bytes]:
@@ -53,6 +54,9 @@ class ObjectDB:
         self._chunks_bytes = 0
         self._read_bytes = 0
         self._lock = threading.Lock()
+        self._tls = threading.local()
+        #: verify and cache every link of a delta chain read (see base_reader)
+        self.keep_links = False
         #: hex id -> verified stored value or None; set for lazy clones (mvc/remote/sync.py)
         self.fetcher = None
 
@@ -130,13 +134,27 @@ class ObjectDB:
 
     def base_reader(self, oid: bytes, k: int):
         """The elements of chunk *oid* (codec.elements), for decoding a delta stored against it:
-        from the cache of verified chunks, else decoded here (the caller's final hash verifies the chain)."""
+        from the cache of verified chunks, else decoded here (the caller's final hash verifies the
+        chain). With ``keep_links`` (writers: commit and repack try several bases of one chain),
+        each link is verified and remembered, so that the next read finds it."""
         with self._lock:
             hit = self._chunks.get(oid)
             if hit is not None:
                 self._chunks.move_to_end(oid)
                 return codec.elements(hit, k)
-        return codec.decode_elements(self.stored(oid.hex(), "chunk"), self.base_reader, k)
+        level = getattr(self._tls, "level", 0)
+        if level >= _MAX_CHAIN:
+            raise CorruptObjectError(oid.hex(), f"delta chain longer than {_MAX_CHAIN} (or a loop)")
+        self._tls.level = level + 1
+        try:
+            stored = self.stored(oid.hex(), "chunk")
+            if not self.keep_links:
+                return codec.decode_elements(stored, self.base_reader, k)
+            _, content = decode_verified(oid, stored, "chunk", self.base_reader)
+        finally:
+            self._tls.level = level
+        self._remember(oid, content)
+        return codec.elements(content, k)
 
     def chunk_elements(self, oid: bytes, k: int, stored=None):
         """The verified elements of a chunk (for encoding a delta against it)."""
