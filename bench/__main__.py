@@ -12,6 +12,7 @@ from wait4(), so every number is what a user's shell would see.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -102,7 +103,24 @@ def run(size_mib: int, largest_mib: int | None, shards: int, workdir: str) -> di
         for f in files:
             subprocess.run(["zstd", "-d", "-q", "-f", f + ".zst", "-o", f + ".out"], check=True)
         zstd_d = time.perf_counter() - t
+    # ZipNN (its Python package, 2 threads) on the same files, as a process per file like the others
+    zipnn_c = zipnn_d = zipnn_ratio = None
+    if importlib.util.find_spec("zipnn") is not None:
+        codec_cmd = [sys.executable, "-m", "bench.filecodec", "zipnn"]
+        here = {"cwd": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+        t = time.perf_counter()
+        for f in files:
+            subprocess.run(codec_cmd + ["compress", f, f + ".znn"], check=True, **here)
+        zipnn_c = time.perf_counter() - t
+        zipnn_ratio = sum(os.path.getsize(f + ".znn") for f in files) / raw
+        t = time.perf_counter()
+        for f in files:
+            subprocess.run(codec_cmd + ["decompress", f + ".znn", f + ".zout"], check=True, **here)
+        zipnn_d = time.perf_counter() - t
+        exact &= all(sha256(f + ".zout") == h for f, h in hashes.items())
     return {
+        "zipnn_compress_gbps": raw / zipnn_c / 1e9 if zipnn_c else None,
+        "zipnn_decompress_gbps": raw / zipnn_d / 1e9 if zipnn_d else None, "zipnn_ratio": zipnn_ratio,
         "fallback_commit_gbps": raw / fb_commit_s / 1e9, "fallback_checkout_gbps": raw / fb_checkout_s / 1e9,
         "zstd_compress_gbps": raw / zstd_c / 1e9 if zstd_c else None,
         "zstd_decompress_gbps": raw / zstd_d / 1e9 if zstd_d else None,
@@ -247,6 +265,9 @@ def report(res: dict) -> str:
         ("`zstd -1 -T2` / `zstd -d` on the same files (CLI)",
          f"{res['zstd_compress_gbps']:.2f} / {res['zstd_decompress_gbps']:.2f} GB/s" if res["zstd_compress_gbps"]
          else "zstd not installed"),
+        ("ZipNN (2 threads, a process per file) on the same files",
+         f"compress {res['zipnn_compress_gbps']:.2f} / decompress {res['zipnn_decompress_gbps']:.2f} GB/s, "
+         f"{res['zipnn_ratio']:.4f} of raw" if res.get("zipnn_compress_gbps") else "zipnn not installed"),
         ("store", f"{res['store_bytes'] / 2**20:.1f} MiB = {res['store_ratio']:.4f} of raw"),
         ("no-op status", f"{res['noop_status_s'] * 1000:.0f} ms (median of 5)"),
         ("machine", res["machine"]),

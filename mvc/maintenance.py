@@ -25,9 +25,10 @@ class FsckReport:
 
 def fsck(repo, progress=None) -> FsckReport:
     rep = FsckReport()
+    store = _Paged(repo.backend)
     for oid in repo.backend.iter_oids():
         rep.objects += 1
-        stored = repo.backend.get(oid)
+        stored = store.get(oid)
         if stored is None:
             continue
         try:
@@ -68,6 +69,32 @@ def gc(repo, dry_run: bool = False) -> GcReport:
         return GcReport(repo.backend.stats()["objects"] - (len(drop) if dry_run else 0), len(drop), freed)
 
 
+class _Paged:
+    """A backend whose mapped pages are handed back every 64 MiB read or written: a pass over the
+    whole store (fsck, repack) touches all of the map, which would otherwise stay in its RSS."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self._since = 0
+
+    def get(self, oid):
+        v = self.backend.get(oid)
+        self._count(len(v) if v is not None else 0)
+        return v
+
+    def replace_many(self, items) -> int:
+        items = list(items)
+        change = self.backend.replace_many(items)
+        self._count(sum(len(v) for _, v in items))
+        return change
+
+    def _count(self, n: int) -> None:
+        self._since += n
+        if self._since >= 64 << 20:
+            self._since = 0
+            self.backend.release_pages()
+
+
 @dataclass
 class RepackReport:
     chunks: int = 0  # chunks of tensors examined
@@ -92,6 +119,7 @@ def repack(repo, max_depth: int | None = None, progress=None) -> RepackReport:
 
     rep = RepackReport()
     repo.odb.keep_links = True  # the candidate bases of a chunk often share one chain
+    store = _Paged(repo.backend)
     with repo.lock():
         cfg = repo.delta_bases([])
         depth = max_depth if max_depth is not None else (cfg.max_depth if cfg is not None else 0)
@@ -113,7 +141,7 @@ def repack(repo, max_depth: int | None = None, progress=None) -> RepackReport:
                             continue
                         visited.add(ch)
                         mine = [cc[i] for cc in cands if i < len(cc) and cc[i] in visited and cc[i] != ch]
-                        old = repo.backend.get(bytes.fromhex(ch))
+                        old = store.get(bytes.fromhex(ch))
                         if old is None:
                             continue  # a lazy clone's unfetched chunk
                         old = bytes(old)
@@ -132,12 +160,13 @@ def repack(repo, max_depth: int | None = None, progress=None) -> RepackReport:
                         if progress is not None:
                             progress.advance(nbytes=len(data))
                         if size >= 64 << 20:
-                            repo.backend.replace_many(batch)
+                            store.replace_many(batch)
                             batch, size = [], 0
-        repo.backend.replace_many(batch)
+        store.replace_many(batch)
         if depth:
-            rep.tips_whole, change = _tips_whole(repo, _tip_chunks(repo))
-            rep.after += change + _fix_depths(repo, visited, depth)
+            rep.tips_whole, change = _tips_whole(repo, store, _tip_chunks(repo))
+            rep.after += change + _fix_depths(repo, store, visited, depth)
+    repo.backend.release_pages()
     return rep
 
 
@@ -154,7 +183,7 @@ def _tip_chunks(repo) -> list[str]:
     return list(out)
 
 
-def _tips_whole(repo, tips: list[str]) -> tuple[int, int]:
+def _tips_whole(repo, store: _Paged, tips: list[str]) -> tuple[int, int]:
     """Turn delta chains around so that the chunks of the branch heads are stored whole, as Git's
     repack keeps the newest version of a file whole: checking out the tip then decodes nothing
     but itself, and older versions pay the chain. A chain is turned only where that costs no
@@ -168,17 +197,17 @@ def _tips_whole(repo, tips: list[str]) -> tuple[int, int]:
     tip_set = set(tips)
     done = change = 0
     for tip in tips:
-        chain, stored = [tip], repo.backend.get(bytes.fromhex(tip))
+        chain, stored = [tip], store.get(bytes.fromhex(tip))
         while stored is not None and stored[1] == codec.DIFF:
             base = codec.delta_base(stored)[0].hex()
             if base in tip_set or base in chain:
                 stored = None
                 break
             chain.append(base)
-            stored = repo.backend.get(bytes.fromhex(base))
+            stored = store.get(bytes.fromhex(base))
         if stored is None or len(chain) == 1 or codec.delta_base(stored) is not None:
             continue  # a tip stored whole already, or a chain that cannot be turned for free
-        k, is_float = codec.delta_k(repo.backend.get(bytes.fromhex(tip)))
+        k, is_float = codec.delta_k(store.get(bytes.fromhex(tip)))
         contents = {}
         for oid in reversed(chain):  # the whole end first, then up to the tip, each verified
             contents[oid] = repo.odb.chunk_elements(bytes.fromhex(oid), k)
@@ -186,7 +215,7 @@ def _tips_whole(repo, tips: list[str]) -> tuple[int, int]:
         for i in range(1, len(chain)):
             values.append((bytes.fromhex(chain[i]), codec.encode_diff(
                 CHUNK, contents[chain[i]], contents[chain[i - 1]], k, is_float, bytes.fromhex(chain[i - 1]), i)))
-        change += repo.backend.replace_many(values)
+        change += store.replace_many(values)
         done += 1
     return done, change
 
@@ -204,7 +233,7 @@ def _true_depth(backend, oid: bytes, memo: dict, seen: tuple = ()) -> int:
     return memo[oid]
 
 
-def _fix_depths(repo, chunks, max_depth: int) -> int:
+def _fix_depths(repo, store: _Paged, chunks, max_depth: int) -> int:
     """Turning chains around moves the links under other deltas: write each delta's true depth
     into its header again, and store whole (rare) any value that now lies deeper than *max_depth*.
     Returns the change in stored bytes."""
@@ -217,24 +246,24 @@ def _fix_depths(repo, chunks, max_depth: int) -> int:
         patch, too_deep = [], []
         for ch in chunks:
             oid = bytes.fromhex(ch)
-            stored = repo.backend.get(oid)
+            stored = store.get(oid)
             if stored is None or codec.delta_base(stored) is None:
                 continue
-            d = _true_depth(repo.backend, oid, memo)
+            d = _true_depth(store, oid, memo)
             if d > max_depth:
                 too_deep.append(oid)
             elif stored[34] != d:
                 patch.append((oid, bytes(stored[:34]) + bytes((d,)) + bytes(stored[35:])))
         if not too_deep:
-            repo.backend.replace_many(patch)
+            store.replace_many(patch)
             return change
         full = []
         for oid in too_deep:
-            stored = repo.backend.get(oid)
+            stored = store.get(oid)
             k, is_float = codec.delta_k(stored)
             content = repo.odb.decode(oid, stored, "chunk")[1]
             full.append((oid, codec.encode(CHUNK, content, k if is_float and k > 1 else 0)))
-        change += repo.backend.replace_many(full)
+        change += store.replace_many(full)
     return change
 
 

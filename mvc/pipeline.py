@@ -8,13 +8,14 @@ chunks per worker, whatever the size of the model or its largest tensor.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 from .delta import DeltaBases, Prediction, scales_fit, scales_of
-from .errors import InvalidFileError, MvcError
+from .errors import CorruptObjectError, InvalidFileError, MvcError
 from .formats import safetensors as stf
 from .formats import torchfile
 from .progress import NULL, Progress
@@ -288,8 +289,7 @@ class Materializer:
             if loc is not None:
                 pending.append((self.pool.submit(_read_located, cid, *loc), tag))
             else:
-                stored = self.odb.stored(cid, "chunk")  # releases the map's pages every 128 MiB read
-                pending.append((self.pool.submit(decode_chunk, self.odb, bytes.fromhex(cid), stored), tag))
+                pending.append((self.pool.submit(read_chunk, self.odb, cid), tag))
             while len(pending) > self.inflight:
                 fut, t = pending.popleft()
                 yield fut.result(), t
@@ -307,6 +307,72 @@ class Materializer:
         for data, starts in self.iter_chunks(self.chunk_ids(file)):
             out.write(data)
             self.progress.advance(nbytes=len(data), tensors=1 if starts else 0)
+
+    def write_file(self, file_oid: str, f) -> None:
+        """Write the file's bytes into the regular file *f* (opened for writing, empty): workers
+        read, decode, verify and ``pwrite`` each chunk at its place in parallel, into space
+        reserved first (a full disk fails before anything is written). A chunk whose length is
+        not the one its place needs is refused; if a plain file's chunks are not all 4 MiB (a
+        store written otherwise), the file is written again in order."""
+        file: File = self.odb.get(file_oid, "file")
+        fd = f.fileno()
+        _reserve(fd, file.size)
+        try:
+            self._place_all(file, fd)
+        except _Misfit:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            self.write(file_oid, f)
+
+    def _plan(self, file: File):
+        """(chunk id, offset, length, tensor chunk?, starts a tensor) for every chunk of *file*:
+        header or plain-file chunks 4 MiB each but the last, tensor chunks as their tensor says."""
+        tensors = [self.odb.get(tid, "tensor") for _name, tid in file.tensors]
+        head = file.size - sum(t.nbytes for t in tensors)
+        if head < 0:
+            raise CorruptObjectError("?", "a file object smaller than its tensors")
+        out, offset = [], 0
+        for i, c in enumerate(file.chunks):
+            n = CHUNK_SIZE if i < len(file.chunks) - 1 else head - offset
+            if not 0 < n <= CHUNK_SIZE:
+                raise _Misfit()
+            out.append((c, offset, n, False, False))
+            offset += n
+        if offset != head:
+            raise _Misfit()
+        for t in tensors:
+            left = t.nbytes
+            for j, c in enumerate(t.chunks):
+                n = min(t.chunk_size, left)
+                out.append((c, offset, n, True, j == 0))
+                offset, left = offset + n, left - n
+            if not t.chunks:
+                out.append((None, offset, 0, True, True))
+        return out
+
+    def _place_all(self, file: File, fd: int) -> None:
+        pending: deque = deque()
+        try:
+            for cid, offset, n, in_tensor, starts in self._plan(file):
+                if cid is None:
+                    self.progress.advance(tensors=1)
+                    continue
+                fut = self.pool.submit(_place, self.odb, cid, self.locations.get(cid), fd, offset, n, in_tensor)
+                pending.append((fut, n, starts))
+                while len(pending) > self.inflight:
+                    fut, n, starts = pending.popleft()
+                    fut.result()
+                    self.progress.advance(nbytes=n, tensors=1 if starts else 0)
+            while pending:
+                fut, n, starts = pending.popleft()
+                fut.result()
+                self.progress.advance(nbytes=n, tensors=1 if starts else 0)
+        except BaseException:
+            # no worker may write into *fd* once the caller closes it (its number may be reused)
+            for fut, _n, _s in pending:
+                fut.cancel()
+            wait([fut for fut, _n, _s in pending])
+            raise
 
     def read_bytes(self, file_oid: str) -> bytes:
         import io
@@ -407,6 +473,44 @@ def _predicted(odb: ObjectDB, new, p: Prediction, max_depth: int) -> bytes | Non
     return codec.encode_predict(CHUNK, new, codec.to_f32(parent, p.pdtype), p.pdtype,
                                 [bytes.fromhex(b) for b in p.bases], p.skip, p.cols, p.col0,
                                 np.frombuffer(p.scales, "<f4"), depth)
+
+
+class _Misfit(Exception):
+    """A plain file's chunk is not where a 4 MiB layout puts it: write the file in order."""
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Reserve *size* bytes for the file (fails now on a full disk); a no-op where unsupported."""
+    if size <= 0:
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except AttributeError:
+        os.ftruncate(fd, size)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+
+
+def _place(odb: ObjectDB, cid: str, loc, fd: int, offset: int, n: int, in_tensor: bool) -> None:
+    """Read (store or work tree), decode, verify and write one chunk at *offset*. Worker thread."""
+    if loc is not None:
+        data = _read_located(cid, *loc)
+    else:
+        data = read_chunk(odb, cid)
+    if len(data) != n:
+        if not in_tensor:
+            raise _Misfit()
+        raise CorruptObjectError(cid, f"{len(data)} bytes where its tensor needs {n}")
+    view, done = memoryview(data), 0
+    while done < n:
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def read_chunk(odb: ObjectDB, cid: str):
+    """The verified bytes of chunk *cid*, read from the store (or a lazy clone's remote) and
+    decoded. Worker thread: reads of the store's map run in parallel too."""
+    return odb.read_chunk(cid)
 
 
 def decode_chunk(odb: ObjectDB, oid: bytes, stored):

@@ -417,7 +417,7 @@ class Repo:
         with Materializer(self.odb, workers=self.workers, progress=progress) as mat:
             for e in entries:
                 with self.worktree.open_for_write(e.path, e.mode) as f:
-                    mat.write(e.oid, f)
+                    mat.write_file(e.oid, f)
                 fs = self.worktree.stat(e.path)
                 if fs is not None:
                     written[e.path] = (fs, e.oid)

@@ -157,3 +157,38 @@ def test_repo_over_memory_backend(tmp_path, rng):
     r.checkout(first)
     assert sha256(root / "x.safetensors") == h
     assert not os.path.exists(root / ".mvc" / "store")
+
+
+def test_checkout_places_chunks_and_falls_back_for_odd_plain_chunks(tmp_path, rng):
+    """Checkout writes each chunk at its place from the workers; a plain file stored in chunks
+    that are not 4 MiB (another writer's layout) is written in order instead, still exact."""
+    from mvc.store.objects import File, Tree, TreeEntry
+
+    root = tmp_path / "w"
+    repo = Repo.init(root)
+    data = rng.bytes(3 * 1024 * 1024 + 5)
+    pieces = [data[i:i + 1000003] for i in range(0, len(data), 1000003)]  # four odd chunks
+    chunks = tuple(repo.odb.put_chunk(p) for p in pieces)
+    fid = repo.odb.put(File("raw", len(data), chunks))
+    c = repo.write_commit(Tree((TreeEntry("odd.bin", 0o100644, fid),)), (), "odd chunks")
+    repo.checkout(c, force=True)
+    assert (root / "odd.bin").read_bytes() == data
+
+
+def test_a_tensor_chunk_of_the_wrong_length_is_refused_and_nothing_written(tmp_path, rng):
+    from mvc.store.objects import File, Tensor, Tree, TreeEntry
+
+    root = tmp_path / "w"
+    repo = Repo.init(root)
+    write_safetensors(root / "m.safetensors", {"w": ("F32", (1000,), f32(rng, (1000,)))})
+    repo.commit("good")
+    before = sha256(root / "m.safetensors")
+    good = repo.odb.get(repo.tree_of("HEAD").entries[0].oid, "file")
+    short = repo.odb.put_chunk(rng.bytes(3996))  # the tensor needs 4000 bytes
+    tid = repo.odb.put(Tensor("F32", (1000,), 4 * 1024 * 1024, (short,)))
+    fid = repo.odb.put(File("safetensors", good.size, good.chunks, (("w", tid),)))
+    bad = repo.write_commit(Tree((TreeEntry("m.safetensors", 0o100644, fid),)), (repo.resolve("HEAD"),), "short")
+    with pytest.raises(Exception, match="bytes where its tensor needs 4000"):
+        repo.checkout(bad, force=True)
+    assert sha256(root / "m.safetensors") == before
+    assert not [p for p in os.listdir(root) if p.endswith(".mvc-tmp")]

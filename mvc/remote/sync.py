@@ -324,13 +324,17 @@ def open_named(repo, name: str) -> RemoteBackend:
 
 def lazy_fetcher(repo, name: str, remote: RemoteBackend | None = None):
     """For ObjectDB.fetcher: download one object from remote *name* on first use, verify, store it."""
+    import threading
+
     state: dict = {} if remote is None else {"remote": remote, "index": None}
+    lock = threading.Lock()  # checkout's workers fetch in parallel; the remote is opened once
 
     def fetch_one(hex_id: str):
-        if "remote" not in state:
-            state["remote"] = open_named(repo, name)
-        if state.get("index") is None:
-            state["index"] = remote_index(repo, state["remote"], name)
+        with lock:
+            if "remote" not in state:
+                state["remote"] = open_named(repo, name)
+            if state.get("index") is None:
+                state["index"] = remote_index(repo, state["remote"], name)
         where = state["index"].get(hex_id)
         if where is None:
             return None

@@ -23,6 +23,12 @@ class Backend(ABC):
     @abstractmethod
     def get(self, oid: bytes) -> bytes | None: ...
 
+    def read_with(self, oid: bytes, fn):
+        """fn(stored value) for an object, or None when absent. A backend may hand *fn* a view of
+        its storage that is valid only during the call (no copy): *fn* must not keep it."""
+        v = self.get(oid)
+        return None if v is None else fn(v)
+
     @abstractmethod
     def put_many(self, items: Iterable[tuple[bytes, bytes]]) -> int:
         """Store objects in one transaction; return the number of stored bytes added (new ones)."""

@@ -281,7 +281,7 @@ def predict_rtn8(parent, scales, cols: int, col0: int):
     q = np.empty(parent.size, dtype=np.float32)
     head = min(parent.size, (cols - col0) % cols)  # the rest of a row begun in an earlier chunk
     whole = (parent.size - head) // cols
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # inf and NaN are clipped below
         np.divide(parent[:head], scales[:1], out=q[:head])
         r0 = 1 if head else 0
         mid = slice(head, head + whole * cols)

@@ -32,16 +32,27 @@ class _RWLock:
         self._readers = 0
         self._writer = False
         self._waiting = 0
+        self._mine = threading.local()  # how many shared holds this thread has (they nest)
 
     @contextlib.contextmanager
     def shared(self):
+        held = getattr(self._mine, "n", 0)
+        if held:  # nested in this thread's own read (a delta's base read while decoding): no wait,
+            self._mine.n = held + 1  # or a waiting writer and this thread would wait on each other
+            try:
+                yield
+            finally:
+                self._mine.n = held
+            return
         with self._cond:
             while self._writer or self._waiting:
                 self._cond.wait()
             self._readers += 1
+        self._mine.n = 1
         try:
             yield
         finally:
+            self._mine.n = 0
             with self._cond:
                 self._readers -= 1
                 if not self._readers:
@@ -125,10 +136,26 @@ class LmdbBackend(Backend):
 
     # -- objects ---------------------------------------------------------------
     def has(self, oid):
-        return self._txn(lambda txn: txn.get(oid, db=self._objects) is not None)
+        def fn(txn):  # position a cursor: the value is neither copied nor paged in
+            with txn.cursor(db=self._objects) as cur:
+                return cur.set_key(oid)
+
+        return self._txn(fn)
 
     def get(self, oid):
         return self._txn(lambda txn: txn.get(oid, db=self._objects))
+
+    def read_with(self, oid, fn):
+        """fn(a view of the value in the map), in one read transaction: nothing is copied."""
+        while True:
+            try:
+                with self._rw.shared(), self.env.begin(buffers=True) as txn:
+                    v = txn.get(oid, db=self._objects)
+                    return None if v is None else fn(v)
+            except lmdb.MapResizedError:
+                self._grow(0)
+            except lmdb.Error as e:
+                raise MvcError(f"store read failed: {e}") from e
 
     def _change_objects(self, items, one) -> int:
         """In one write transaction: one(txn, item) -> (objects added, bytes added) for each item,
