@@ -26,7 +26,10 @@ from .store.objects import DTYPES, File, Tensor
 from .store.odb import CHUNK, ObjectDB, encode_chunk
 
 CHUNK_SIZE = 4 * 1024 * 1024  # a multiple of every element size
-_BATCH_BYTES = 64 * 1024 * 1024
+_BATCH_BYTES = 32 * 1024 * 1024
+#: decoded links kept while committing with delta bases: the chains of two workers (4 links each,
+#: the benchmark's merge version tries bases 1, 2 and 3 deep on one chain)
+_LINK_CACHE_BYTES = 48 * 1024 * 1024
 
 
 def default_workers() -> int:
@@ -43,6 +46,7 @@ class Ingestor:
         self.bases = bases if store else None
         if self.bases is not None:
             odb.keep_links = True  # candidate bases often share a chain: decode its links once
+            odb.cache_bytes = max(odb.cache_bytes, _LINK_CACHE_BYTES)
         self.backend: Backend = odb.backend
         self.store = store
         self.progress = progress

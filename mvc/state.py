@@ -17,7 +17,7 @@ TMP_SUFFIX = ".mvc-tmp"  # a work-tree file being written (renamed into place wh
 GIT_STORE = "mvc"  # .git/mvc: the store of the Git filter (a bare store, same layout as .mvc/store)
 
 # -- keys of the store's kv table -----------------------------------------------------------
-KV_STAT = b"stat:"  # + path: the stat cache entry of a work-tree file
+KV_STAT = b"stat:"  # + 32 hex digits of BLAKE3(path): the stat cache entry of a work-tree file
 KV_MERGE = b"merge"  # the state of a merge with conflicts (JSON)
 KV_BISECT = b"bisect"  # the state of a bisect session (JSON)
 KV_REMOTE_INDEX = b"remote-idx:"  # + remote name + ":" + index key: a cached remote pack index

@@ -32,10 +32,21 @@ class FileStat:
     mtime_ns: int
     ino: int
     mode: int  # MODE_FILE or MODE_EXEC
+    #: the inode's change time: no tool can set it, so `cp -p`, `touch -r` or an archive that keeps
+    #: size and mtime still changes it (Git's index compares it too)
+    ctime_ns: int = 0
 
     @classmethod
     def of(cls, s: os.stat_result) -> FileStat:
-        return cls(s.st_size, s.st_mtime_ns, s.st_ino, MODE_EXEC if s.st_mode & 0o111 else MODE_FILE)
+        return cls(s.st_size, s.st_mtime_ns, s.st_ino, MODE_EXEC if s.st_mode & 0o111 else MODE_FILE, s.st_ctime_ns)
+
+
+def _stat_key(rel: str) -> bytes:
+    """The stat cache's key of a path: a hash, so that a path of any length fits LMDB's 511-byte
+    key limit (the entry holds the path itself)."""
+    import blake3
+
+    return KV_STAT + blake3.blake3(rel.encode("utf-8", "surrogateescape")).hexdigest()[:32].encode()
 
 
 class WorkTree:
@@ -104,26 +115,33 @@ class WorkTree:
 
     # -- stat cache ------------------------------------------------------------
     def cached_oid(self, rel: str, fs: FileStat) -> str | None:
-        raw = self.backend.kv_get(KV_STAT + rel.encode())
+        raw = self.backend.kv_get(_stat_key(rel))
         if raw is None:
             return None
-        d = json.loads(raw)
-        if (d["size"], d["mtime_ns"], d["ino"], d["mode"]) == (fs.size, fs.mtime_ns, fs.ino, fs.mode):
-            return d["oid"]
+        try:
+            d = json.loads(raw)
+            seen = (d["path"], d["size"], d["mtime_ns"], d["ctime_ns"], d["ino"], d["mode"])
+            oid = d["oid"]
+        except (ValueError, KeyError, TypeError):
+            return None  # a damaged entry is a miss: the file is hashed again
+        if seen == (rel, fs.size, fs.mtime_ns, fs.ctime_ns, fs.ino, fs.mode) and isinstance(oid, str):
+            return oid
         return None
 
     def remember(self, entries: dict[str, tuple[FileStat, str]], forget: list[str] = ()) -> None:
-        """Record path -> (stat, file id). Racily-clean files (modified in the last 100 ms) are not cached."""
+        """Record path -> (stat, file id). Racily-clean files (modified or changed in the last
+        100 ms: a write in the same clock tick would not show) are not cached."""
         now = time.time_ns()
         items: dict[bytes, bytes | None] = {}
         for rel, (fs, oid) in entries.items():
-            if fs.mtime_ns >= now - _RACY_NS:
-                items[KV_STAT + rel.encode()] = None
+            if max(fs.mtime_ns, fs.ctime_ns) >= now - _RACY_NS:
+                items[_stat_key(rel)] = None
                 continue
-            items[KV_STAT + rel.encode()] = json.dumps(
-                {"size": fs.size, "mtime_ns": fs.mtime_ns, "ino": fs.ino, "mode": fs.mode, "oid": oid}).encode()
+            items[_stat_key(rel)] = json.dumps(
+                {"path": rel, "size": fs.size, "mtime_ns": fs.mtime_ns, "ctime_ns": fs.ctime_ns, "ino": fs.ino,
+                 "mode": fs.mode, "oid": oid}, ensure_ascii=True).encode()
         for rel in forget:
-            items[KV_STAT + rel.encode()] = None
+            items[_stat_key(rel)] = None
         if items:
             self.backend.kv_put_many(items)
 

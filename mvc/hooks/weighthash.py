@@ -105,7 +105,8 @@ def compare(path: str, old: dict | None, new: dict | None) -> FileReport | None:
 
 
 class StatCache:
-    """size + mtime_ns -> entry, so unchanged files are not hashed again (kept outside the work tree)."""
+    """size + mtime + ctime + inode -> entry, so unchanged files are not hashed again (kept outside
+    the work tree); ctime catches a copy that kept size and mtime (`cp -p`)."""
 
     def __init__(self, path: str | None):
         self.path = path
@@ -119,12 +120,14 @@ class StatCache:
 
     def get(self, rel: str, st: os.stat_result) -> dict | None:
         hit = self.data.get(rel)
-        if hit and hit["size"] == st.st_size and hit["mtime_ns"] == st.st_mtime_ns and hit["ino"] == st.st_ino:
-            return hit["entry"]
-        return None
+        if not isinstance(hit, dict):
+            return None
+        seen = (hit.get("size"), hit.get("mtime_ns"), hit.get("ctime_ns"), hit.get("ino"))
+        return hit.get("entry") if seen == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) else None
 
     def put(self, rel: str, st: os.stat_result, entry: dict) -> None:
-        self.data[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "entry": entry}
+        self.data[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino,
+                          "entry": entry}
 
     def save(self) -> None:
         if self.path:

@@ -57,6 +57,8 @@ class ObjectDB:
         self._tls = threading.local()
         #: verify and cache every link of a delta chain read (see base_reader)
         self.keep_links = False
+        #: bytes of verified chunks kept (a writer raises it: each worker walks a chain of links)
+        self.cache_bytes = _CHUNK_CACHE_BYTES
         #: hex id -> verified stored value or None; set for lazy clones (mvc/remote/sync.py)
         self.fetcher = None
 
@@ -203,7 +205,7 @@ class ObjectDB:
                 return
             self._chunks[oid] = content
             self._chunks_bytes += len(content)
-            while self._chunks_bytes > _CHUNK_CACHE_BYTES and self._chunks:
+            while self._chunks_bytes > self.cache_bytes and self._chunks:
                 _, old = self._chunks.popitem(last=False)
                 self._chunks_bytes -= len(old)
 
