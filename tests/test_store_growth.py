@@ -76,6 +76,7 @@ def test_status_and_noop_commit_rehash_nothing(repo, rng, monkeypatch):
     write_safetensors(root / "model.safetensors", model(rng, 2))
     old = time.time() - 10  # outside the racy window
     os.utime(root / "model.safetensors", (old, old))
+    time.sleep(0.15)  # utime moved the change time: let it leave the racy window too
     repo.commit("base")
     calls = []
     real = pipeline.Ingestor.ingest
@@ -86,6 +87,7 @@ def test_status_and_noop_commit_rehash_nothing(repo, rng, monkeypatch):
     assert calls == []
     # a touched file with the same content is re-hashed once and still clean
     os.utime(root / "model.safetensors", (old + 1, old + 1))
+    time.sleep(0.15)
     assert repo.status().clean and len(calls) == 1
     assert repo.status().clean and len(calls) == 1
 
