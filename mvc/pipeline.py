@@ -492,6 +492,9 @@ def _reserve(fd: int, size: int) -> None:
     except AttributeError:
         os.ftruncate(fd, size)
     except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise MvcError(f"no space left on the disk for a file of {size} bytes",
+                           hint="free some space and run the command again") from e
         if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
             raise
 

@@ -192,3 +192,28 @@ def test_a_tensor_chunk_of_the_wrong_length_is_refused_and_nothing_written(tmp_p
         repo.checkout(bad, force=True)
     assert sha256(root / "m.safetensors") == before
     assert not [p for p in os.listdir(root) if p.endswith(".mvc-tmp")]
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_old_file(tmp_path, rng, monkeypatch):
+    """Checkout reserves a file's space before writing it: a full disk is refused there, with the
+    old file in place and no temporary left behind."""
+    import errno
+
+    from mvc.errors import MvcError
+
+    root = tmp_path / "w"
+    repo = Repo.init(root)
+    write_safetensors(root / "m.safetensors", {"w": ("F32", (1000,), f32(rng, (1000,)))})
+    first = repo.commit("one")
+    write_safetensors(root / "m.safetensors", {"w": ("F32", (1000,), f32(rng, (1000,)))})
+    repo.commit("two")
+    before = sha256(root / "m.safetensors")
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    with pytest.raises(MvcError, match="no space left"):
+        repo.checkout(first, force=True)
+    assert sha256(root / "m.safetensors") == before
+    assert not [p for p in os.listdir(root) if p.endswith(".mvc-tmp")]
