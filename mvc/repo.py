@@ -5,6 +5,7 @@ Plumbing only: methods return data and raise MvcError subclasses; nothing prints
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -172,10 +173,14 @@ class Repo:
         return path
 
     # -- locking ---------------------------------------------------------------
+    @contextlib.contextmanager
     def lock(self):
-        """One writer at a time for commands that change the work tree or delete objects."""
-        return file_lock(os.path.join(self.root, REPO_DIR, LOCK_FILE),
-                         busy="another mvc process is working in this repository")
+        """One writer at a time for commands that change the work tree or delete objects. Whoever
+        takes it first removes what a killed writer left: temporary files of a checkout."""
+        with file_lock(os.path.join(self.root, REPO_DIR, LOCK_FILE),
+                       busy="another mvc process is working in this repository"):
+            self.worktree.remove_leftovers()
+            yield
 
     # -- revisions -------------------------------------------------------------
     def resolve(self, rev: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import stat as st
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from .store.backend import Backend
 from .store.objects import MODE_EXEC, MODE_FILE, check_path
 
 _ALWAYS_IGNORED = (".mvc/", ".git/", f"*{TMP_SUFFIX}")
+_TMP_PID = re.compile(r"^\..+\.\d+" + re.escape(TMP_SUFFIX) + "$")  # open_for_write's temporary names
 _RACY_NS = 100_000_000  # > the coarse kernel clock tick that stamps mtimes (1-10 ms)
 
 
@@ -97,6 +99,21 @@ class WorkTree:
                     if st.S_ISREG(s.st_mode):
                         out[rel] = FileStat.of(s)
         return out
+
+    def remove_leftovers(self) -> int:
+        """Delete the temporary files (``.<name>.<pid>.mvc-tmp``) of a writer that was killed; the
+        caller holds the repository lock, so no live writer has one. Returns how many."""
+        gone = 0
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            if dirpath == self.root:
+                dirnames[:] = [d for d in dirnames if d not in (".mvc", ".git")]
+            dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
+            for name in filenames:
+                if name.startswith(".") and name.endswith(TMP_SUFFIX) and _TMP_PID.match(name):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(dirpath, name))
+                        gone += 1
+        return gone
 
     def abspath(self, rel: str) -> str:
         return os.path.join(self.root, rel)

@@ -87,3 +87,24 @@ def test_the_weight_hash_hook_sees_a_copy_that_keeps_size_and_mtime(tmp_path, rn
     os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
     reports, hashed = W.run(str(tmp_path), ["m.safetensors"], False, W.StatCache(str(tmp_path / "cache.json")))
     assert hashed == 1 and [r.path for r in reports] == ["m.safetensors"]
+
+
+def test_a_killed_checkout_leaves_no_temporary_files_behind(tmp_path, rng):
+    """A checkout killed while writing leaves `.<name>.<pid>.mvc-tmp`; the next command that
+    takes the repository lock removes them (and nothing else)."""
+    root = tmp_path / "w"
+    repo = Repo.init(root)
+    (root / "sub").mkdir()
+    (root / "sub" / "a.bin").write_bytes(rng.bytes(100))
+    repo.commit("one")
+    repo.close()
+    left = [root / ".model.safetensors.4242.mvc-tmp", root / "sub" / ".a.bin.77.mvc-tmp"]
+    for p in left:
+        p.write_bytes(b"half a file")
+    keep = [root / "notes.mvc-tmp.txt", root / ".mvc" / ".x.1.mvc-tmp"]
+    for p in keep:
+        p.write_bytes(b"mine")
+    assert json.loads(mvc("status", "--json", cwd=root).output)["clean"] is False  # notes.mvc-tmp.txt
+    mvc("checkout", "-f", "main", cwd=root)
+    assert not any(p.exists() for p in left)
+    assert all(p.exists() for p in keep)
