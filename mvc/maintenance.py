@@ -238,7 +238,6 @@ def _fix_depths(repo, store: _Paged, chunks, max_depth: int) -> int:
     into its header again, and store whole (rare) any value that now lies deeper than *max_depth*.
     Returns the change in stored bytes."""
     from .store import codec
-    from .store.odb import CHUNK
 
     change = 0
     for _round in range(3):
@@ -257,13 +256,7 @@ def _fix_depths(repo, store: _Paged, chunks, max_depth: int) -> int:
         if not too_deep:
             store.replace_many(patch)
             return change
-        full = []
-        for oid in too_deep:
-            stored = store.get(oid)
-            k, is_float = codec.delta_k(stored)
-            content = repo.odb.decode(oid, stored, "chunk")[1]
-            full.append((oid, codec.encode(CHUNK, content, k if is_float and k > 1 else 0)))
-        change += store.replace_many(full)
+        change += store.replace_many([(oid, repo.odb.standalone(oid.hex())) for oid in too_deep])
     return change
 
 

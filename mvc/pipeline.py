@@ -293,7 +293,7 @@ class Materializer:
             if loc is not None:
                 pending.append((self.pool.submit(_read_located, cid, *loc), tag))
             else:
-                pending.append((self.pool.submit(read_chunk, self.odb, cid), tag))
+                pending.append((self.pool.submit(self.odb.read_chunk, cid), tag))  # the map read in parallel
             while len(pending) > self.inflight:
                 fut, t = pending.popleft()
                 yield fut.result(), t
@@ -504,7 +504,7 @@ def _place(odb: ObjectDB, cid: str, loc, fd: int, offset: int, n: int, in_tensor
     if loc is not None:
         data = _read_located(cid, *loc)
     else:
-        data = read_chunk(odb, cid)
+        data = odb.read_chunk(cid)
     if len(data) != n:
         if not in_tensor:
             raise _Misfit()
@@ -512,16 +512,6 @@ def _place(odb: ObjectDB, cid: str, loc, fd: int, offset: int, n: int, in_tensor
     view, done = memoryview(data), 0
     while done < n:
         done += os.pwrite(fd, view[done:], offset + done)
-
-
-def read_chunk(odb: ObjectDB, cid: str):
-    """The verified bytes of chunk *cid*, read from the store (or a lazy clone's remote) and
-    decoded. Worker thread: reads of the store's map run in parallel too."""
-    return odb.read_chunk(cid)
-
-
-def decode_chunk(odb: ObjectDB, oid: bytes, stored):
-    return odb.decode(oid, stored, "chunk")[1]
 
 
 def _read_located(cid: str, path: str, offset: int, length: int) -> bytes:

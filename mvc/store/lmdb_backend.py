@@ -32,27 +32,16 @@ class _RWLock:
         self._readers = 0
         self._writer = False
         self._waiting = 0
-        self._mine = threading.local()  # how many shared holds this thread has (they nest)
 
     @contextlib.contextmanager
     def shared(self):
-        held = getattr(self._mine, "n", 0)
-        if held:  # nested in this thread's own read (a delta's base read while decoding): no wait,
-            self._mine.n = held + 1  # or a waiting writer and this thread would wait on each other
-            try:
-                yield
-            finally:
-                self._mine.n = held
-            return
         with self._cond:
             while self._writer or self._waiting:
                 self._cond.wait()
             self._readers += 1
-        self._mine.n = 1
         try:
             yield
         finally:
-            self._mine.n = 0
             with self._cond:
                 self._readers -= 1
                 if not self._readers:
@@ -146,7 +135,8 @@ class LmdbBackend(Backend):
         return self._txn(lambda txn: txn.get(oid, db=self._objects))
 
     def read_with(self, oid, fn):
-        """fn(a view of the value in the map), in one read transaction: nothing is copied."""
+        """fn(a view of the value in the map), in one read transaction: nothing is copied. *fn*
+        must not read the store itself (a waiting writer would wait on this read)."""
         while True:
             try:
                 with self._rw.shared(), self.env.begin(buffers=True) as txn:
