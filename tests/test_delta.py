@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mvc import Repo
@@ -432,6 +432,7 @@ def test_nothing_is_stored_against_a_damaged_base(tmp_path, rng):
 @settings(max_examples=300, deadline=None)
 @given(kind=st.sampled_from(["diff", "sparse", "predict"]), cut=st.integers(0, 400), flips=st.lists(
     st.tuples(st.integers(0, 10**6), st.integers(1, 255)), max_size=4))
+@example(kind="diff", cut=228, flips=[(6248, 160)])  # a NONZERO mask frame declaring 2^60 bytes
 def test_damaged_delta_values_fail_cleanly(kind, cut, flips):
     """Hostile or damaged delta values: links() and depth() never raise, and decoding raises only
     CorruptObjectError (what does decode is then checked against its id by every reader)."""

@@ -153,14 +153,13 @@ def _zeros(n: int):
 def _read_nonzero(chunk, n: int):
     import numpy as np
 
-    dctx = _ctx()[2]
     (mlen,) = struct.unpack_from("<I", chunk, 0)
     if 4 + mlen > len(chunk):
         raise ValueError("bad non-zero plane")
-    mask = np.frombuffer(dctx.decompress(chunk[4:4 + mlen], max_output_size=(n + 7) // 8), np.uint8)
+    mask = np.frombuffer(_inflate(chunk[4:4 + mlen], (n + 7) // 8), np.uint8)
     if mask.size != (n + 7) // 8:
         raise ValueError("bad non-zero plane mask")
-    values = np.frombuffer(dctx.decompress(chunk[4 + mlen:], max_output_size=max(n, 1)), np.uint8)
+    values = np.frombuffer(_inflate(chunk[4 + mlen:], n), np.uint8)
     return kernels.scatter(_zeros(n), mask, values, 1)
 
 
@@ -176,7 +175,6 @@ def _read_plane_body(body: memoryview, limit: int, nonzero: bool = False):
     n = total // k
     pos = 5 + 5 * k
     heads = [struct.unpack_from("<BI", body, 5 + 5 * j) for j in range(k)]
-    dctx = _ctx()[2]
     planes = []
     for codec, length in heads:
         chunk = body[pos:pos + length]
@@ -184,7 +182,7 @@ def _read_plane_body(body: memoryview, limit: int, nonzero: bool = False):
         if codec == RAW:
             raw = chunk
         elif codec == ZSTD:
-            raw = dctx.decompress(chunk, max_output_size=n) if n else b""
+            raw = _inflate(chunk, n) if n else b""
         elif codec == NONZERO and nonzero:
             raw = _read_nonzero(chunk, n)
         else:
@@ -357,6 +355,16 @@ def decode(stored: bytes | memoryview, oid_hex: str = "?", bases: BaseReader | N
     raise CorruptObjectError(oid_hex, f"unknown codec {codec}")
 
 
+def _inflate(frame, limit: int) -> bytes:
+    """A zstd frame of a delta or plane decoded to at most *limit* bytes: a frame that declares
+    more is refused before anything is allocated (python-zstandard allocates what a frame
+    declares, whatever max_output_size says)."""
+    size = zstd.frame_content_size(frame)
+    if size > limit:
+        raise ValueError(f"zstd frame declares {size} bytes where at most {limit} fit")
+    return _ctx()[2].decompress(frame, max_output_size=max(limit, 1))
+
+
 def _frame_bound(body) -> int:
     """The decoded size a zstd frame may have: what it declares, at most 256 MiB (metadata objects
     may be larger than a chunk)."""
@@ -401,7 +409,7 @@ def decode_elements(stored, bases: BaseReader | None, k: int):
     pos += mlen
     if n != base_el.size or len(mbody) != mlen:
         raise ValueError("sparse delta does not fit its base")
-    mask = mbody if mcodec == RAW else _ctx()[2].decompress(mbody, max_output_size=(n + 7) // 8)
+    mask = mbody if mcodec == RAW else _inflate(mbody, (n + 7) // 8)
     if len(mask) != (n + 7) // 8:
         raise ValueError("bad sparse mask")
     vk, planes = _read_plane_body(body[pos:], MAX_CHUNK, True)
