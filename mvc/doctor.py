@@ -82,6 +82,14 @@ def repository_checks(path: str) -> list[Check]:
     out = [Check("repository", "ok", f"{repo.root} (format {repo.config[CFG_FORMAT]})")]
     stats = repo.backend.stats()
     out.append(Check("store", "ok", f"{stats['objects']} objects, {stats['stored_bytes']} bytes stored"))
+    pack_stats = getattr(repo.backend, "pack_stats", None)
+    if pack_stats is not None:
+        ps = pack_stats()
+        garbage = ps["pack_bytes"] - ps["packed_bytes"]
+        heavy = ps["pack_bytes"] > 64 << 20 and garbage > ps["pack_bytes"] // 2
+        out.append(Check("packs", "warn" if heavy else "ok",
+                         f"{ps['packs']} pack files, {ps['pack_bytes']} bytes, {ps['packed_bytes']} of them in use",
+                         "run `mvc gc` to give the rest back" if heavy else ""))
     head = repo.refs.head_commit()
     where = head[:12] if head else "(no commits)"
     out.append(Check("HEAD", "ok", f"{repo.refs.current_branch() or 'detached'} at {where}"))

@@ -28,15 +28,16 @@ def fsck(repo, progress=None) -> FsckReport:
     store = _Paged(repo.backend)
     for oid in repo.backend.iter_oids():
         rep.objects += 1
-        stored = store.get(oid)
-        if stored is None:
-            continue
         try:
+            stored = store.get(oid)  # a packed value whose pack is truncated or gone fails here
+            if stored is None:
+                continue
             kind, content = repo.odb.decode(oid, stored)
             if kind != "chunk":
                 parse_object(kind, bytes(content), oid.hex())
         except (MvcError, UnsafePathError) as e:
             rep.corrupt[oid.hex()] = str(e)
+            continue
         if progress is not None:
             progress.advance(nbytes=len(stored))
     for name, value in repo.backend.list_refs("").items():
@@ -52,10 +53,28 @@ def fsck(repo, progress=None) -> FsckReport:
 class GcReport:
     kept: int
     removed: int
-    freed_bytes: int
+    freed_bytes: int  # stored bytes of the removed objects
+    packs_rewritten: int = 0  # pack files whose live values were moved (compact_packs)
+    disk_freed: int = 0  # bytes of pack files given back to the file system
+
+
+def compact_packs(repo):
+    """The backend's pack compaction (LMDB with packs), or None for a backend without packs."""
+    compact = getattr(repo.backend, "compact", None)
+    return compact() if compact is not None else None
 
 
 def gc(repo, dry_run: bool = False) -> GcReport:
+    rep = _gc(repo, dry_run)
+    if not dry_run:
+        with repo.lock():
+            packs = compact_packs(repo)
+        if packs is not None:
+            rep.packs_rewritten, rep.disk_freed = packs.rewritten, packs.freed_bytes
+    return rep
+
+
+def _gc(repo, dry_run: bool) -> GcReport:
     with repo.lock():
         keep = reachable(repo)
         keep_bytes = with_delta_bases(repo.backend, {bytes.fromhex(o) for o in keep})
@@ -102,6 +121,8 @@ class RepackReport:
     tips_whole: int = 0  # chunks of branch heads made whole by turning their delta chain around
     before: int = 0  # stored bytes of the examined chunks, before and after
     after: int = 0
+    packs_rewritten: int = 0  # pack files whose live values were moved (compact_packs)
+    disk_freed: int = 0  # bytes of pack files given back to the file system
 
 
 def repack(repo, max_depth: int | None = None, progress=None) -> RepackReport:
@@ -166,6 +187,9 @@ def repack(repo, max_depth: int | None = None, progress=None) -> RepackReport:
         if depth:
             rep.tips_whole, change = _tips_whole(repo, store, _tip_chunks(repo))
             rep.after += change + _fix_depths(repo, store, visited, depth)
+        packs = compact_packs(repo)  # the values replaced above are garbage in their packs
+        if packs is not None:
+            rep.packs_rewritten, rep.disk_freed = packs.rewritten, packs.freed_bytes
     repo.backend.release_pages()
     return rep
 

@@ -49,9 +49,11 @@ from .store.objects import Commit, Tree, TreeEntry
 from .store.odb import ObjectDB
 from .worktree import FileStat, WorkTree
 
-#: 1: full encodings only; 2: chunks may be delta-coded (docs/format.md §5.1). A repository is
-#: raised to 2 before its first delta is written, so an older mvc refuses it instead of misreading it.
-FORMAT_VERSION = 2
+#: 1: full encodings only; 2: chunks may be delta-coded (docs/format.md §5.1); 3: large values
+#: may live in pack files (§2.1). A repository is raised before the first value that needs the new
+#: version is written, so an older mvc refuses it instead of misreading it.
+FORMAT_VERSION = 3
+PACKS_FORMAT = 3
 DEFAULT_AUTHOR = "mvc user <mvc@localhost>"
 
 
@@ -116,7 +118,8 @@ class Repo:
     def __init__(self, path: str = ".", backend: Backend | None = None, workers: int | None = None):
         self.root = find_root(path)
         self.config = read_config(self.root)
-        self.backend = backend or LmdbBackend(os.path.join(self.root, REPO_DIR, STORE_DIR))
+        self.backend = backend or LmdbBackend(os.path.join(self.root, REPO_DIR, STORE_DIR),
+                                              packs=self.config[CFG_FORMAT] >= PACKS_FORMAT)
         self.odb = ObjectDB(self.backend)
         self.refs = Refs(self.backend)
         self.worktree = WorkTree(self.root, self.backend)
@@ -156,6 +159,14 @@ class Repo:
             f.write("\n")
         os.replace(path + ".tmp", path)
         self.config = cfg
+
+    def use_packs(self) -> None:
+        """Write large values to pack files from now on; a repository of an older format is raised
+        to PACKS_FORMAT first (an older mvc must refuse it rather than misread a locator)."""
+        if self.config.get(CFG_FORMAT, 1) < PACKS_FORMAT:
+            self.update_config(lambda cfg: cfg.__setitem__(CFG_FORMAT, PACKS_FORMAT))
+        if hasattr(self.backend, "pack_writes"):
+            self.backend.pack_writes = True
 
     def close(self) -> None:
         self.backend.close()
@@ -583,6 +594,9 @@ class Repo:
 
 def _ingestor(repo: Repo, store: bool, progress: Progress, bases: DeltaBases | None = None) -> Ingestor:
     from .pipeline import Ingestor
+
+    if store:
+        repo.use_packs()
 
     return Ingestor(repo.odb, store=store, workers=repo.workers, progress=progress, bases=bases)
 

@@ -7,11 +7,13 @@ from mvc.store.backend import MemoryBackend
 from mvc.store.lmdb_backend import LmdbBackend
 
 
-@pytest.fixture(params=["memory", "lmdb"])
+@pytest.fixture(params=["memory", "lmdb", "lmdb-packed", "lmdb-unpacked"])
 def backend(request, tmp_path):
     if request.param == "memory":
         return MemoryBackend()
-    return LmdbBackend(str(tmp_path / "store"), create=True)
+    if request.param == "lmdb-packed":  # every value in a pack file
+        return LmdbBackend(str(tmp_path / "store"), create=True, pack_min=1)
+    return LmdbBackend(str(tmp_path / "store"), create=True, packs=request.param == "lmdb")
 
 
 def oid(i: int) -> bytes:
@@ -78,7 +80,7 @@ def test_kv(backend):
 
 
 def test_lmdb_grows_its_map(tmp_path):
-    be = LmdbBackend(str(tmp_path / "s"), create=True)
+    be = LmdbBackend(str(tmp_path / "s"), create=True, packs=False)  # large values in the map itself
     start = be.env.info()["map_size"]
     big = b"x" * (8 << 20)
     n = start // len(big) + 4

@@ -139,7 +139,7 @@ def test_every_dtype_round_trips_through_delta_history(tmp_path, dtype):
     for c, h in zip(commits, hashes):
         repo.checkout(c, force=True)
         assert sha256(root / "m.safetensors") == h
-    assert repo.config["format"] == 2
+    assert repo.config["format"] == 3
     assert json.loads(mvc("fsck", "--json", cwd=root).output)["ok"] is True
 
 
@@ -223,16 +223,19 @@ def test_chains_stay_within_max_depth_and_delta_coding_can_be_off(tmp_path, rng)
     assert res.returncode == 1 and "delta.max_depth must be an integer" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_a_format_1_repository_is_raised_before_its_first_delta(tmp_path, rng):
+def test_a_format_1_repository_is_raised_before_its_first_delta_or_pack(tmp_path, rng):
     root = tmp_path / "w"
-    repo = Repo.init(root)
-    repo.update_config(lambda c: c.update(format=1))
+    Repo.init(root).close()
+    cfg = root / ".mvc" / "config.json"
+    cfg.write_text(json.dumps({"format": 1}))
+    repo = Repo(root)
     w = rng.standard_normal(1 << 16).astype(np.float32)
     write_safetensors(root / "m.safetensors", {"w": ("F32", (w.size,), w.tobytes())})
-    repo.commit("one")
+    repo.commit("one")  # its 256 KiB chunk goes to a pack: format 3 (which includes the deltas of 2)
+    assert json.loads(cfg.read_text())["format"] == 3
     write_safetensors(root / "m.safetensors", {"w": ("F32", (w.size,), (w + 1e-6).astype(np.float32).tobytes())})
-    repo.commit("two")
-    assert json.loads((root / ".mvc" / "config.json").read_text())["format"] == 2
+    assert "diff" in added_by(repo, repo.commit("two"))["encodings"]
+    assert json.loads(cfg.read_text())["format"] == 3
 
 
 def test_a_damaged_base_is_named_and_nothing_wrong_is_written(tmp_path, rng):

@@ -15,17 +15,27 @@ from tests.helpers import bf16, mvc_proc, sha256, write_safetensors
 
 
 def flip_stored_byte(repo: Repo, oid_hex: str) -> None:
-    """Flip one byte of an object's stored value in the LMDB data file itself (bit rot)."""
+    """Flip one byte of an object's stored value in the file that holds it (bit rot): LMDB's data
+    file or, for a large value, its pack."""
     stored = repo.backend.get(bytes.fromhex(oid_hex))
     mid = len(stored) // 2
     needle = stored[mid:mid + 48]
-    path = os.path.join(repo.root, ".mvc", "store", "data.mdb")
-    with open(path, "r+b") as f:
-        data = f.read()
-        pos = data.find(needle)
-        assert pos >= 0 and data.find(needle, pos + 1) < 0
-        f.seek(pos + 10)
-        f.write(bytes([data[pos + 10] ^ 0x01]))
+    store = os.path.join(repo.root, ".mvc", "store")
+    packs = os.path.join(store, "packs")
+    files = [os.path.join(store, "data.mdb")] + ([os.path.join(packs, p) for p in os.listdir(packs)]
+                                                 if os.path.isdir(packs) else [])
+    found = 0
+    for path in files:
+        with open(path, "r+b") as f:
+            data = f.read()
+            pos = data.find(needle)
+            if pos < 0:
+                continue
+            assert data.find(needle, pos + 1) < 0
+            found += 1
+            f.seek(pos + 10)
+            f.write(bytes([data[pos + 10] ^ 0x01]))
+    assert found == 1
 
 
 def test_flipped_chunk_byte_is_found_and_never_checked_out(repo, rng):

@@ -501,7 +501,8 @@ def repack(c, max_depth, as_json):
         render.emit_json(vars(rep))
     else:
         click.echo(f"repacked {rep.chunks} chunks ({rep.rewritten} re-encoded, {rep.tips_whole} of the branch "
-                   f"heads made whole): {render.human(rep.before)} -> {render.human(rep.after)}")
+                   f"heads made whole): {render.human(rep.before)} -> {render.human(rep.after)}"
+                   + _packs_line(rep))
 
 
 @cli.command()
@@ -517,7 +518,14 @@ def gc(c, dry_run, as_json):
         render.emit_json(vars(rep) | {"dry_run": dry_run})
     else:
         verb = "would remove" if dry_run else "removed"
-        click.echo(f"{verb} {rep.removed} objects ({render.human(rep.freed_bytes)}), kept {rep.kept}")
+        click.echo(f"{verb} {rep.removed} objects ({render.human(rep.freed_bytes)}), kept {rep.kept}"
+                   + _packs_line(rep))
+
+
+def _packs_line(rep) -> str:
+    if not (rep.packs_rewritten or rep.disk_freed):
+        return ""
+    return f"; {rep.packs_rewritten} pack(s) rewritten, {render.human(rep.disk_freed)} of disk given back"
 
 
 def _tune_malloc() -> None:

@@ -1,8 +1,10 @@
-"""LMDB backend: one environment under .mvc/store with objects, refs, reflog and kv tables.
+"""LMDB backend: one environment under .mvc/store with objects, refs, reflog and kv tables,
+and pack files under .mvc/store/packs for large values (packs.py).
 
 Rules (docs/format.md): synchronous commits always; one Environment per path and
 process (opened again after fork); the map grows on MapFullError; stale reader
-slots of killed processes are cleared on open.
+slots of killed processes are cleared on open; a pack is fdatasync()ed before the
+transaction that indexes it.
 """
 
 from __future__ import annotations
@@ -12,12 +14,17 @@ import json
 import os
 import struct
 import threading
+from dataclasses import dataclass
 
 import lmdb
 
-from ..errors import MvcError, RefConflictError
+from ..errors import CorruptObjectError, MvcError, RefConflictError
 from ..state import KV_STATS
 from .backend import Backend
+from .packs import HEADER, LOC_SIZE, PACK_MIN, PackGone, PackSet, locator, parse_locator
+
+_RECORD = 40  # a pack record's header: id and length
+_MOVE_BATCH = 64 << 20
 
 _MIN_MAP = 256 << 20
 _envs: dict[str, tuple[int, lmdb.Environment, _RWLock]] = {}
@@ -85,8 +92,25 @@ def _open_env(path: str) -> tuple[lmdb.Environment, _RWLock]:
         return env, rw
 
 
+@dataclass
+class CompactReport:
+    rewritten: int = 0  # packs whose live values were moved to another pack
+    removed: int = 0  # pack files deleted (rewritten ones and ones no locator names)
+    moved_bytes: int = 0
+    freed_bytes: int = 0  # disk space given back
+
+
+def _stored_len(v) -> int:
+    """The length of the stored value an objects-table entry stands for."""
+    loc = parse_locator(v) if len(v) == LOC_SIZE else None
+    return loc[2] if loc is not None else len(v)
+
+
 class LmdbBackend(Backend):
-    def __init__(self, path: str, create: bool = False):
+    """*packs*: whether new values of PACK_MIN bytes or more go to pack files (a repository of an
+    older format keeps them in LMDB); packed values are read whatever it says."""
+
+    def __init__(self, path: str, create: bool = False, packs: bool = True, pack_min: int = PACK_MIN):
         if not create and not os.path.exists(os.path.join(path, "data.mdb")):
             raise MvcError(f"store {path} is missing", hint="the repository is damaged; run `mvc doctor`")
         os.makedirs(path, exist_ok=True)
@@ -96,6 +120,9 @@ class LmdbBackend(Backend):
         self._refs = self.env.open_db(b"refs")
         self._reflog = self.env.open_db(b"reflog")
         self._kv = self.env.open_db(b"kv")
+        self.packs = PackSet(path)
+        self.pack_writes = packs
+        self.pack_min = pack_min
 
     # -- helpers ---------------------------------------------------------------
     def _grow(self, size: int) -> None:
@@ -132,20 +159,31 @@ class LmdbBackend(Backend):
         return self._txn(fn)
 
     def get(self, oid):
-        return self._txn(lambda txn: txn.get(oid, db=self._objects))
+        return self.read_with(oid, bytes)
 
     def read_with(self, oid, fn):
-        """fn(a view of the value in the map), in one read transaction: nothing is copied. *fn*
-        must not read the store itself (a waiting writer would wait on this read)."""
-        while True:
+        """fn(a view of the value in the map or its pack), in one read transaction: nothing is
+        copied. *fn* must not read the store itself (a waiting writer would wait on this read)."""
+        for attempt in range(3):
             try:
                 with self._rw.shared(), self.env.begin(buffers=True) as txn:
                     v = txn.get(oid, db=self._objects)
-                    return None if v is None else fn(v)
+                    if v is None:
+                        return None
+                    loc = parse_locator(v) if len(v) == LOC_SIZE else None
+                    if loc is None:
+                        return fn(v)
+                    view = self.packs.view(oid, loc)
+                return fn(view)  # outside the transaction: the pack does not move under it
+            except PackGone as e:
+                # compacted since this transaction began: the next one sees the new locator
+                if attempt == 2:
+                    raise CorruptObjectError(oid.hex(), f"its pack {self.packs.path(e.args[0])} is missing") from e
             except lmdb.MapResizedError:
                 self._grow(0)
             except lmdb.Error as e:
                 raise MvcError(f"store read failed: {e}") from e
+        return None
 
     def _change_objects(self, items, one) -> int:
         """In one write transaction: one(txn, item) -> (objects added, bytes added) for each item,
@@ -164,30 +202,137 @@ class LmdbBackend(Backend):
 
         return self._write(fn)
 
+    def _packed(self, items, present: bool):
+        """(id, value, what to index) for each item: large values are appended to a pack (made
+        durable here, before the index transaction) and indexed by their locator. Only ids that
+        are absent (put) or *present* (replace) are packed: the others would be garbage."""
+        items = list(items)
+        big = [oid for oid, v in items if len(v) >= self.pack_min] if self.pack_writes else []
+        if not big:
+            return [(oid, v, v) for oid, v in items]
+
+        def check(txn):
+            with txn.cursor(db=self._objects) as cur:
+                return {oid for oid in big if cur.set_key(oid) == present}
+
+        pick = self._txn(check)
+        todo, seen = [], set()
+        for oid, v in items:
+            if oid in pick and oid not in seen and len(v) >= self.pack_min:
+                seen.add(oid)
+                todo.append((oid, v))
+        locs = dict(zip((oid for oid, _ in todo), self.packs.append(todo), strict=True))
+        return [(oid, v, locs.get(oid, v)) for oid, v in items]
+
     def put_many(self, items):
         def one(txn, item):
-            oid, value = item
-            return (1, len(value)) if txn.put(oid, value, db=self._objects, overwrite=False) else (0, 0)
+            oid, value, index = item
+            return (1, len(value)) if txn.put(oid, index, db=self._objects, overwrite=False) else (0, 0)
 
-        return self._change_objects(items, one)
+        return self._change_objects(self._packed(items, present=False), one)
 
     def replace_many(self, items):
         def one(txn, item):
-            oid, value = item
+            oid, value, index = item
             old = txn.get(oid, db=self._objects)
             if old is None:
                 return 0, 0
-            txn.put(oid, value, db=self._objects)
-            return 0, len(value) - len(old)
+            txn.put(oid, index, db=self._objects)
+            return 0, len(value) - _stored_len(old)
 
-        return self._change_objects(items, one)
+        return self._change_objects(self._packed(items, present=True), one)
 
     def delete_many(self, oids):
         def one(txn, oid):
             v = txn.pop(oid, db=self._objects)
-            return (-1, -len(v)) if v is not None else (0, 0)
+            return (-1, -_stored_len(v)) if v is not None else (0, 0)
 
         return -self._change_objects(oids, one)
+
+    # -- packs -----------------------------------------------------------------
+    def _pack_usage(self, packs) -> dict[int, list[tuple[bytes, tuple[int, int, int]]]]:
+        """pack id -> (object id, locator) of every object stored in it, for the given packs."""
+        def fn(txn):
+            out = {p: [] for p in packs}
+            with txn.cursor(db=self._objects) as cur:
+                for k, v in cur.iternext(keys=True, values=True):
+                    if len(v) == LOC_SIZE:
+                        loc = parse_locator(v)
+                        if loc is not None and loc[0] in out:
+                            out[loc[0]].append((bytes(k), loc))
+            return out
+
+        while True:
+            try:
+                with self._rw.shared(), self.env.begin(buffers=True) as txn:
+                    return fn(txn)
+            except lmdb.MapResizedError:
+                self._grow(0)
+            except lmdb.Error as e:
+                raise MvcError(f"store read failed: {e}") from e
+
+    def pack_stats(self) -> dict:
+        """{"packs": count, "pack_bytes": their size on disk, "packed_bytes": of values they hold}."""
+        sizes = self.packs.list()
+        usage = self._pack_usage(sizes)
+        return {"packs": len(sizes), "pack_bytes": sum(sizes.values()),
+                "packed_bytes": sum(loc[2] for objs in usage.values() for _, loc in objs)}
+
+    def compact(self, min_live: float = 0.5) -> CompactReport:
+        """Give back the space of values no locator names (deleted, re-encoded, or written by a
+        killed process): a pack that no process appends to and whose live values fill less than
+        *min_live* of it has them appended to another pack, re-indexed in one transaction each
+        64 MiB, and is deleted; so is a pack no locator names. A kill at any point loses nothing:
+        a value is indexed in its new place only once it is durable there, and a pack is deleted
+        only after no committed locator names it."""
+        rep = CompactReport()
+        before = sum(self.packs.list().values())
+        held = self.packs.lock_idle()
+        try:
+            usage = self._pack_usage(held)
+            for pack, fd in held.items():
+                objs = usage[pack]
+                size = os.fstat(fd).st_size
+                live = sum(_RECORD + loc[2] for _, loc in objs)
+                if objs and live >= min_live * (size - len(HEADER)):
+                    continue
+                self._move(objs, rep)
+                rep.rewritten += bool(objs)
+                self.packs.remove(pack)
+                rep.removed += 1
+            for path in self.packs.leftovers():
+                try:
+                    rep.freed_bytes += os.stat(path).st_size
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        finally:
+            for fd in held.values():
+                os.close(fd)
+        if rep.removed:  # what the pack files take now against before (a new pack included)
+            rep.freed_bytes += max(0, before - sum(self.packs.list().values()))
+        return rep
+
+    def _move(self, objs, rep: CompactReport) -> None:
+        """Append these packed values to this process's pack and point their locators there, in
+        batches; a locator that changed meanwhile (replaced, deleted) is left alone."""
+        i = 0
+        while i < len(objs):
+            batch, size = [], 0
+            while i < len(objs) and (not batch or size < _MOVE_BATCH):
+                oid, loc = objs[i]
+                batch.append((oid, loc, bytes(self.packs.view(oid, loc))))
+                size += loc[2]
+                i += 1
+            new = self.packs.append([(oid, v) for oid, _, v in batch])
+
+            def fn(txn, batch=batch, new=new):
+                for (oid, loc, _), index in zip(batch, new, strict=True):
+                    if txn.get(oid, db=self._objects) == locator(*loc):
+                        txn.put(oid, index, db=self._objects)
+
+            self._write(fn)
+            rep.moved_bytes += size + _RECORD * len(batch)
 
     def iter_oids(self, prefix=b""):
         def fn(txn):
@@ -308,3 +453,7 @@ class LmdbBackend(Backend):
                         libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # MADV_DONTNEED
         except OSError:
             pass
+        self.packs.release_pages()
+
+    def close(self):
+        self.packs.close()
