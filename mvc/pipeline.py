@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import stat
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -34,6 +35,20 @@ _LINK_CACHE_BYTES = 48 * 1024 * 1024
 
 def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
+
+
+def _fileno(f) -> int | None:
+    """The descriptor of a regular file opened for reading, or None for a stream."""
+    try:
+        fd = f.fileno()
+        return fd if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+
+
+def _check_read(f, data, n: int) -> None:
+    if len(data) != n:
+        raise InvalidFileError(getattr(f, "name", "?"), "file changed or shrank while being read")
 
 
 class Ingestor:
@@ -129,7 +144,11 @@ class Ingestor:
         return oid.hex()
 
     # -- workers -----------------------------------------------------------------
-    def _work(self, data: bytes, float_size: int, bases: list[str], predict: Prediction | None):
+    def _work(self, data, float_size: int, bases: list[str], predict: Prediction | None, f=None):
+        if isinstance(data, tuple):  # (fd, offset, length) of the work-tree file
+            fd, offset, n = data
+            data = os.pread(fd, n, offset)
+            _check_read(f, data, n)
         if not self.store:
             return hash_object("chunk", data), None
         oid = hash_object("chunk", data)
@@ -144,16 +163,20 @@ class Ingestor:
         *bases*: per candidate base tensor, its chunk ids (chunk i is tried against their chunk i);
         *predict*: (chunk index, length) -> Prediction, for int8 codes."""
         left, i = nbytes, 0
+        fd = _fileno(f)
         while left > 0:
             n = min(CHUNK_SIZE, left)
             offset = f.tell()
-            data = f.read(n)
-            if len(data) != n:
-                raise InvalidFileError(getattr(f, "name", "?"), "file changed or shrank while being read")
+            if fd is None:  # a stream (Git's packets): read here, in order
+                data = f.read(n)
+                _check_read(f, data, n)
+            else:  # a file: each worker reads its own chunk (the copies run in parallel)
+                f.seek(n, os.SEEK_CUR)
+                data = (fd, offset, n)
             left -= n
             mine = list(dict.fromkeys(b[i] for b in bases if i < len(b)))
             pred = predict(i, n) if predict is not None else None
-            pending.append((tag, (n, offset), self.pool.submit(self._work, data, float_size, mine, pred)))
+            pending.append((tag, (n, offset), self.pool.submit(self._work, data, float_size, mine, pred, f)))
             i += 1
             yield
 

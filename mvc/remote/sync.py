@@ -178,6 +178,7 @@ def fetch(repo, remote: RemoteBackend, name: str, progress=None, lazy: bool = Fa
     *lazy*: metadata only (commits, trees, files, tensors); chunks come on demand (lazy_fetcher).
     """
     _check_format(remote, create=False)
+    repo.use_packs()
     tips = {}
     for key in remote.list("refs/heads/"):
         raw = remote.get(key)

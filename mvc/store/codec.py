@@ -105,6 +105,10 @@ NONZERO = 2
 
 
 def _plane_body(planes, k: int, nonzero: bool = False) -> bytes:
+    return b"".join(_plane_parts(planes, k, nonzero))
+
+
+def _plane_parts(planes, k: int, nonzero: bool = False) -> list:
     """``[k u8][raw_len u32][k x (codec u8, length u32)][payloads]``: the top plane with the
     exponent coder, the others zstd where a probe shows they compress, else raw; with *nonzero*
     (delta values), a plane of at most a quarter non-zero bytes as NONZERO, and zstd level 1 where
@@ -126,10 +130,10 @@ def _plane_body(planes, k: int, nonzero: bool = False) -> bytes:
             if len(probe) < 0.9 * min(_PROBE, len(plane)):
                 codec, body = _zstd_or_raw(general, plane)
             else:
-                codec, body = RAW, plane.tobytes()
+                codec, body = RAW, memoryview(plane)  # no copy: joined once into the stored value
         heads.append(struct.pack("<BI", codec, len(body)))
         bodies.append(body)
-    return b"".join([struct.pack("<BI", k, k * len(planes[0])), *heads, *bodies])
+    return [struct.pack("<BI", k, k * len(planes[0])), *heads, *bodies]
 
 
 def _nonzero_body(plane) -> bytes:
@@ -200,7 +204,7 @@ def encode(type_code: int, data: bytes | bytearray | memoryview, float_size: int
     """Encode *data* for storage. *float_size* is the element size of a floating dtype (2, 4, 8) or 0."""
     n = len(data)
     if float_size in _UINT and n >= 64 and n % float_size == 0:
-        return bytes((type_code, PLANES)) + _plane_body(split(data, float_size), float_size)
+        return b"".join([bytes((type_code, PLANES)), *_plane_parts(split(data, float_size), float_size)])
     if n < 64:
         return bytes((type_code, RAW)) + bytes(data)
     codec, payload = _zstd_or_raw(_ctx()[1], data)
@@ -218,7 +222,8 @@ def elements(data, k: int):
 def encode_diff(type_code: int, new, base, k: int, is_float: bool, base_id: bytes, depth: int) -> bytes:
     """DIFF: the difference from the base chunk, element by element (new, base: elements())."""
     planes = kernels.diff(new, base, k, is_float)
-    return bytes((type_code, DIFF)) + base_id + bytes((depth, k, int(is_float))) + _plane_body(planes, k, True)
+    return b"".join([bytes((type_code, DIFF)), base_id, bytes((depth, k, int(is_float))),
+                     *_plane_parts(planes, k, True)])
 
 
 def encode_sparse(type_code: int, new, base, k: int, is_float: bool, base_id: bytes, depth: int) -> bytes:
@@ -227,7 +232,7 @@ def encode_sparse(type_code: int, new, base, k: int, is_float: bool, base_id: by
     mcodec, mbody = _zstd_or_raw(_ctx()[1], mask_bits)
     planes = kernels.split(values, k, is_float and k > 1)
     return b"".join([bytes((type_code, SPARSE)), base_id, bytes((depth, k, int(is_float))),
-                     struct.pack("<IBI", new.size, mcodec, len(mbody)), mbody, _plane_body(planes, k, True)])
+                     struct.pack("<IBI", new.size, mcodec, len(mbody)), mbody, *_plane_parts(planes, k, True)])
 
 
 def delta_base(stored) -> tuple[bytes, int] | None:

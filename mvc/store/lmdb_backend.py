@@ -10,6 +10,7 @@ transaction that indexes it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import struct
@@ -104,6 +105,18 @@ def _stored_len(v) -> int:
     """The length of the stored value an objects-table entry stands for."""
     loc = parse_locator(v) if len(v) == LOC_SIZE else None
     return loc[2] if loc is not None else len(v)
+
+
+@functools.cache
+def _libc():
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
+@functools.cache
+def _map_file(path: str) -> str:
+    return os.path.join(os.path.realpath(path), "data.mdb")
 
 
 class LmdbBackend(Backend):
@@ -443,9 +456,8 @@ class LmdbBackend(Backend):
         """madvise(DONTNEED) the read-only map: pages stay in the page cache, leave our RSS."""
         import ctypes
 
-        data = os.path.join(os.path.realpath(self.path), "data.mdb")
+        data, libc = _map_file(self.path), _libc()
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
             with self._rw.exclusive(), open("/proc/self/maps") as f:
                 for line in f:
                     if line.rstrip().endswith(data):
