@@ -65,27 +65,27 @@ def compact_packs(repo):
 
 
 def gc(repo, dry_run: bool = False) -> GcReport:
-    rep = _gc(repo, dry_run)
-    if not dry_run:
-        with repo.lock():
+    with repo.lock(), repo.store_lock(exclusive=True):
+        rep = _gc(repo, dry_run)
+        if not dry_run:
             packs = compact_packs(repo)
-        if packs is not None:
-            rep.packs_rewritten, rep.disk_freed = packs.rewritten, packs.freed_bytes
+            if packs is not None:
+                rep.packs_rewritten, rep.disk_freed = packs.rewritten, packs.freed_bytes
     return rep
 
 
 def _gc(repo, dry_run: bool) -> GcReport:
-    with repo.lock():
-        keep = reachable(repo)
-        keep_bytes = with_delta_bases(repo.backend, {bytes.fromhex(o) for o in keep})
-        drop = [o for o in repo.backend.iter_oids() if o not in keep_bytes]
-        freed = 0
-        if not dry_run:
-            for i in range(0, len(drop), 1024):
-                freed += repo.backend.delete_many(drop[i:i + 1024])
-        else:
-            freed = sum(len(repo.backend.get(o) or b"") for o in drop)
-        return GcReport(repo.backend.stats()["objects"] - (len(drop) if dry_run else 0), len(drop), freed)
+    """Delete what no ref, HEAD or reflog reaches (the caller holds gc's locks)."""
+    keep = reachable(repo)
+    keep_bytes = with_delta_bases(repo.backend, {bytes.fromhex(o) for o in keep})
+    drop = [o for o in repo.backend.iter_oids() if o not in keep_bytes]
+    freed = 0
+    if not dry_run:
+        for i in range(0, len(drop), 1024):
+            freed += repo.backend.delete_many(drop[i:i + 1024])
+    else:
+        freed = sum(len(repo.backend.get(o) or b"") for o in drop)
+    return GcReport(repo.backend.stats()["objects"] - (len(drop) if dry_run else 0), len(drop), freed)
 
 
 class _Paged:
@@ -141,7 +141,7 @@ def repack(repo, max_depth: int | None = None, progress=None) -> RepackReport:
     rep = RepackReport()
     repo.odb.keep_links = True  # the candidate bases of a chunk often share one chain
     store = _Paged(repo.backend)
-    with repo.lock():
+    with repo.lock(), repo.store_lock(exclusive=True):
         cfg = repo.delta_bases([])
         depth = max_depth if max_depth is not None else (cfg.max_depth if cfg is not None else 0)
         visited: set[str] = set()

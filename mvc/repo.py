@@ -35,6 +35,7 @@ from .state import (
     LOCK_FILE,
     REPO_DIR,
     STORE_DIR,
+    STORE_LOCK_FILE,
     TAGS,
     TMP_DIR,
 )
@@ -191,6 +192,15 @@ class Repo:
         with file_lock(os.path.join(self.root, REPO_DIR, LOCK_FILE),
                        busy="another mvc process is working in this repository"):
             self.worktree.remove_leftovers()
+            yield
+
+    @contextlib.contextmanager
+    def store_lock(self, exclusive: bool):
+        """Shared by fetch, whose objects no ref names until it ends; exclusive for gc and repack,
+        which must not delete or move them meanwhile (a refusal, never a wait)."""
+        busy = ("a fetch is storing objects in this repository; run this again when it is done" if exclusive
+                else "gc or repack is running in this repository; fetch again when it is done")
+        with file_lock(os.path.join(self.root, REPO_DIR, STORE_LOCK_FILE), exclusive=exclusive, busy=busy):
             yield
 
     # -- revisions -------------------------------------------------------------

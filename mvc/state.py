@@ -10,6 +10,8 @@ from __future__ import annotations
 REPO_DIR = ".mvc"  # in the work tree's root
 CONFIG_FILE = "config.json"  # .mvc/config.json: JSON, written atomically (tmp + rename), read first
 LOCK_FILE = "lock"  # .mvc/lock: flock()ed by commands that change the work tree or delete objects
+STORE_LOCK_FILE = "store.lock"  # .mvc/store.lock: shared by fetch (it stores objects no ref names yet),
+#                                 exclusive for gc and repack (they delete or move objects)
 STORE_DIR = "store"  # .mvc/store: the LMDB environment (objects, refs, reflog, kv)
 TMP_DIR = "tmp"  # .mvc/tmp: scratch of compression waves (wave-*/), removed after each wave
 IGNORE_FILE = ".mvcignore"  # in the work tree: gitignore syntax

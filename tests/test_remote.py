@@ -345,3 +345,120 @@ def test_delta_coded_history_travels(target, tmp_path, rng):
     run(tmp_path, "clone", "--filter=lazy", target.url, "c", *target.args, env=target.env)
     run(tmp_path / "c", "checkout", "-f", "main~4", env=target.env)
     assert sha256(tmp_path / "c" / "m.safetensors") == hashes[1]
+
+
+# -- hardening: damaged objects never travel, a damaged remote can be repaired, gc and fetch ----
+def damage_local_chunk(root) -> str:
+    """Flip a byte in the middle of one stored chunk of the local store; return its id."""
+    from mvc.store.packs import LOC_SIZE, parse_locator
+
+    with Repo(root) as r:
+        f = r.odb.get(r.tree_of("HEAD").as_dict()["m.safetensors"].oid, "file")
+        victim = r.odb.get(f.tensors[0][1], "tensor").chunks[0]
+        with r.backend.env.begin() as txn:
+            v = txn.get(bytes.fromhex(victim), db=r.backend._objects)
+        pack, off, length = parse_locator(v) if len(v) == LOC_SIZE else (None, 0, 0)
+        path = r.backend.packs.path(pack)
+    with open(path, "r+b") as fh:
+        fh.seek(off + length // 2)
+        b = fh.read(1)
+        fh.seek(off + length // 2)
+        fh.write(bytes([b[0] ^ 0x10]))
+    return victim
+
+
+def test_push_never_sends_a_damaged_chunk(target, tmp_path, rng):
+    a = tmp_path / "a"
+    make_repo(a, rng)
+    victim = damage_local_chunk(a)
+    run(a, "remote", "add", "origin", target.url, *target.args, env=target.env)
+    res = mvc_proc("push", cwd=a, env=target.env)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and victim in res.stderr and "damaged" in res.stderr
+    assert target.backend().get("refs/heads/main") is None  # the branch was never created
+    for key in target.packs():  # and no pack it did send holds the damaged bytes under that id
+        if key.endswith(".idx"):
+            assert victim not in target.backend().get(key).decode()
+
+
+def test_remote_fsck_finds_and_repairs_a_damaged_object(target, tmp_path, rng):
+    a, _ = pushed(tmp_path, rng, target)
+    be = target.backend()
+    big = max((k for k in target.packs() if k.endswith(".pack")), key=lambda k: len(be.get(k)))
+    data = bytearray(be.get(big))
+    data[len(data) // 2] ^= 0x40
+    target.overwrite(big, bytes(data))
+    res = mvc_proc("remote", "fsck", "--json", cwd=a, env=target.env)
+    rep = json.loads(res.stdout)
+    assert res.returncode == 1 and not rep["ok"] and len(rep["bad"]) == 1 and rep["objects"] > 4
+    [(bad, why)] = rep["bad"].items()
+    assert big in why
+    res = mvc_proc("remote", "fsck", "--repair", cwd=a, env=target.env)
+    assert res.returncode == 0 and f"repaired {big}" in res.stdout, res.stdout + res.stderr
+    assert big not in target.packs()  # rewritten under a new name, the damaged one deleted
+    assert json.loads(run(a, "remote", "fsck", "--json", env=target.env).stdout)["bad"] == {}
+    run(tmp_path, "clone", target.url, "c", *target.args, env=target.env)
+    assert tree_hashes(tmp_path / "c") == tree_hashes(a)
+
+
+def test_remote_fsck_cannot_repair_what_it_does_not_have(target, tmp_path, rng):
+    a, _ = pushed(tmp_path, rng, target)
+    run(tmp_path, "clone", "--filter=lazy", target.url, "b", *target.args, env=target.env)
+    be = target.backend()
+    big = max((k for k in target.packs() if k.endswith(".pack")), key=lambda k: len(be.get(k)))
+    data = bytearray(be.get(big))
+    data[len(data) // 2] ^= 0x40
+    target.overwrite(big, bytes(data))
+    res = mvc_proc("remote", "fsck", "--repair", cwd=tmp_path / "b", env=target.env)
+    assert res.returncode == 1 and "not repaired" in res.stdout and "Traceback" not in res.stderr
+    assert big in target.packs()  # left as it was
+
+
+def test_fetch_gets_back_objects_the_repository_lost(target, tmp_path, rng):
+    a, _ = pushed(tmp_path, rng, target)
+    run(tmp_path, "clone", target.url, "b", *target.args, env=target.env)
+    b = tmp_path / "b"
+    with Repo(b) as r:
+        f = r.odb.get(r.tree_of("HEAD").as_dict()["m.safetensors"].oid, "file")
+        lost = [bytes.fromhex(c) for _, t in f.tensors for c in r.odb.get(t, "tensor").chunks]
+        r.backend.delete_many(lost)  # what a gc racing an older fetch did
+    assert mvc_proc("fsck", cwd=b).returncode != 0
+    run(b, "fetch", env=target.env)
+    assert json.loads(run(b, "fsck", "--json", env=target.env).stdout)["ok"]
+
+
+def test_gc_waits_for_no_fetch_and_fetch_for_no_gc(target, tmp_path, rng):
+    a, _ = pushed(tmp_path, rng, target)
+    with Repo(a) as r, r.store_lock(exclusive=False):  # a fetch in progress
+        res = mvc_proc("gc", cwd=a)
+        assert res.returncode != 0 and "a fetch is storing objects" in res.stderr
+        assert "Traceback" not in res.stderr
+        run(a, "fetch", env=target.env)  # two fetches share the lock
+    with Repo(a) as r, r.store_lock(exclusive=True):  # a gc in progress
+        res = mvc_proc("fetch", cwd=a, env=target.env)
+        assert res.returncode != 0 and "gc or repack is running" in res.stderr
+
+
+@pytest.mark.parametrize("index", [
+    b'{"objects": [["' + b"a" * 64 + b'", -1, 10]]}',
+    b'{"objects": [["' + b"a" * 64 + b'", 0, 4611686018427387904]]}',
+    b'{"objects": [["' + b"a" * 64 + b'", 0]]}',
+    b'{"objects": [["zz", 0, 1]]}',
+    b'{"objects": {"a": 1}}',
+    b'[' * 100000,
+], ids=["negative", "huge", "two-fields", "not-hex", "not-a-list", "deep"])
+def test_bad_remote_idx(target, tmp_path, rng, index):
+    a, _ = pushed(tmp_path, rng, target, n=1)
+    target.backend().put("packs/" + "0" * 64 + ".idx", index)
+    res = mvc_proc("clone", target.url, "c", *target.args, cwd=tmp_path, env=target.env)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "is damaged" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("ref", [b"\xff\xfe\n", b"not a commit\n", b"A" * 64 + b"\n"], ids=["utf8", "text", "upper"])
+def test_bad_remote_ref(target, tmp_path, rng, ref):
+    a, _ = pushed(tmp_path, rng, target, n=1)
+    target.backend().put("refs/heads/main", ref)
+    res = mvc_proc("fetch", cwd=a, env=target.env)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "remote ref refs/heads/main is damaged" in res.stderr

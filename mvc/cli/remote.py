@@ -52,6 +52,37 @@ def remote_list(c, as_json):
             click.echo(f"{name}\t{entry['url']}")
 
 
+@remote.command("fsck")
+@click.argument("name", default="origin")
+@click.option("--repair", is_flag=True, help="Rewrite packs holding damaged objects, from this repository's copies.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def remote_fsck(c, name, repair, as_json):
+    """Verify every object a remote holds (downloads all of it)."""
+    from ..remote.sync import open_named
+    from ..remote.sync import remote_fsck as run
+
+    repo = c.repo()
+    prog = c.progress()
+    rep = run(repo, open_named(repo, name), name, repair, prog)
+    if as_json:
+        render.emit_json({"ok": rep.ok, "packs": rep.packs, "objects": rep.objects, "bad": rep.bad,
+                          "repaired": rep.repaired, "unrepaired": rep.unrepaired})
+    else:
+        for oid, why in sorted(rep.bad.items()):
+            click.echo(f"bad {oid}: {why}")
+        for pack in rep.repaired:
+            click.echo(f"repaired {pack}")
+        for pack, why in sorted(rep.unrepaired.items()):
+            click.echo(f"not repaired {pack}: {why}")
+        verdict = "ok" if not rep.bad else ("repaired" if rep.ok else "damaged")
+        click.echo(f"checked {rep.objects} objects in {rep.packs} packs of {name}: {verdict}")
+        if rep.bad and not repair:
+            click.echo(f"hint: `mvc remote fsck {name} --repair` rewrites them from this repository's copies", err=True)
+    if not rep.ok:
+        raise SystemExit(1)
+
+
 @click.command()
 @click.argument("name", default="origin")
 @click.argument("branch", required=False)

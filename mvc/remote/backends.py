@@ -42,6 +42,10 @@ class RemoteBackend(ABC):
     @abstractmethod
     def list(self, prefix: str) -> list[str]: ...
 
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove a key (absent: nothing happens). Only `mvc remote fsck --repair` deletes."""
+
     #: bytes sent by put/cas and received by get/get_range, for reports and tests
     sent: int = 0
     received: int = 0
@@ -115,6 +119,12 @@ class FileRemote(RemoteBackend):
                 return False
             self.put(key, new)
             return True
+
+    def delete(self, key):
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            pass
 
     def list(self, prefix):
         base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root

@@ -113,6 +113,9 @@ class S3Remote(RemoteBackend):
         self.sent += len(new)
         return True
 
+    def delete(self, key):
+        self._call(self.s3.delete_object, Bucket=self.bucket, Key=self._k(key))
+
     def list(self, prefix):
         out = []
         pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + prefix)

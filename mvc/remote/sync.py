@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import blake3
 
@@ -76,14 +76,36 @@ def remote_index(repo, remote: RemoteBackend, name: str) -> dict[str, tuple[str,
             if raw is None:
                 continue
             repo.backend.kv_put_many({cache_key: raw})
-        try:
-            entries = json.loads(raw)["objects"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise RemoteError(f"remote index {key} is damaged ({e})") from e
         pack = key[: -len(".idx")] + ".pack"
-        for oid, off, length in entries:
+        for oid, off, length in parse_index(raw, key):
             out[oid] = (pack, off, length)
     return out
+
+
+_HEX = frozenset("0123456789abcdef")
+MAX_VALUE = 1 << 30  # no stored value is larger (a chunk is at most 4 MiB; metadata far smaller)
+
+
+def parse_index(raw: bytes, key: str) -> list[tuple[str, int, int]]:
+    """The entries of a remote pack index, checked: [[64 lowercase hex, offset >= 0, 0 <= length
+    <= MAX_VALUE], ...]; anything else is a one-line RemoteError naming the index."""
+    try:
+        entries = json.loads(raw)["objects"]
+        if not isinstance(entries, list):
+            raise TypeError("objects is not a list")
+        out = []
+        for e in entries:
+            if not (isinstance(e, list) and len(e) == 3):
+                raise TypeError(f"entry {str(e)[:80]} is not [id, offset, length]")
+            oid, off, length = e
+            if not (isinstance(oid, str) and len(oid) == 64 and _HEX.issuperset(oid)):
+                raise TypeError(f"entry id {str(oid)[:80]!r} is not 64 hex digits")
+            if not (type(off) is int and type(length) is int and 0 <= off < 1 << 48 and 0 <= length <= MAX_VALUE):
+                raise TypeError(f"entry {oid[:12]} has offset {off!r}, length {length!r}")
+            out.append((oid, off, length))
+        return out
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise RemoteError(f"remote index {key} is damaged ({e})") from e
 
 
 def _read_ref(remote: RemoteBackend, branch: str) -> tuple[bytes | None, str | None]:
@@ -94,6 +116,19 @@ def _read_ref(remote: RemoteBackend, branch: str) -> tuple[bytes | None, str | N
 def _missing(repo, tip: str, have) -> dict[str, str]:
     """Objects reachable from *tip* that the remote lacks (stopping at commits it has)."""
     return closure(repo.odb.get, [(tip, "commit")], have.__contains__)
+
+
+def _verified(repo, items: list[tuple[str, bytes]], kinds) -> list[tuple[str, bytes]]:
+    """*items* once every stored value decoded to its id: a damaged local object is never sent
+    (a remote would keep it: a later push skips ids the remote lists)."""
+    for oid, stored in items:
+        kind = kinds(oid)
+        try:
+            repo.odb.decode(bytes.fromhex(oid), stored, kind)
+        except MvcError as e:
+            raise RemoteError(f"push stopped before sending a damaged {kind}: {e}",
+                              hint="run `mvc fsck`; fetch the object from a healthy remote, then push again") from e
+    return items
 
 
 def _upload_pack(remote: RemoteBackend, items: list[tuple[str, bytes]]) -> int:
@@ -148,7 +183,8 @@ def push(repo, remote: RemoteBackend, name: str, branch: str, force: bool = Fals
     with ThreadPoolExecutor(2, thread_name_prefix="mvc-push") as pool:
         pending = []
         for batch in packs(chunks):
-            pending.append(pool.submit(_upload_pack, remote, batch))
+            # verified by the uploading thread (decoding releases the GIL): two at once
+            pending.append(pool.submit(lambda b: _upload_pack(remote, _verified(repo, b, want.get)), batch))
             repo.backend.release_pages()
             while len(pending) >= 2:  # two packs uploading (each multipart, 4 parts at once)
                 n = pending.pop(0).result()
@@ -159,7 +195,7 @@ def push(repo, remote: RemoteBackend, name: str, branch: str, force: bool = Fals
             if progress is not None:
                 progress.advance(nbytes=n)
     for batch in packs(meta):  # after every chunk pack: a commit on the remote is always complete
-        _upload_pack(remote, batch)
+        _upload_pack(remote, _verified(repo, batch, want.get))
     if progress is not None:
         progress.finish()
     if not remote.cas(f"refs/heads/{branch}", old_raw, (local + "\n").encode()):
@@ -172,18 +208,35 @@ def push(repo, remote: RemoteBackend, name: str, branch: str, force: bool = Fals
     return res
 
 
+def _remote_tip(raw: bytes, key: str) -> str:
+    """A remote ref's commit id: 64 lowercase hex digits and a newline, nothing else."""
+    tip = raw.decode("ascii", "replace").strip()
+    if len(tip) != 64 or not _HEX.issuperset(tip):
+        raise RemoteError(f"remote ref {key} is damaged (not a commit id: {tip[:80]!r})")
+    return tip
+
+
 def fetch(repo, remote: RemoteBackend, name: str, progress=None, lazy: bool = False) -> dict[str, str]:
     """Download every branch's missing objects (verified) and set refs/remotes/NAME/*.
 
+    Holds the store lock shared: gc and repack (exclusive) cannot delete what it stored before
+    a ref names it. Walks the whole closure of the remote's branches, objects it already has
+    included, so a repository that lost objects gets them back.
+
     *lazy*: metadata only (commits, trees, files, tensors); chunks come on demand (lazy_fetcher).
     """
+    with repo.store_lock(exclusive=False):
+        return _fetch(repo, remote, name, progress, lazy)
+
+
+def _fetch(repo, remote: RemoteBackend, name: str, progress, lazy: bool) -> dict[str, str]:
     _check_format(remote, create=False)
     repo.use_packs()
     tips = {}
     for key in remote.list("refs/heads/"):
         raw = remote.get(key)
         if raw:
-            tips[key[len("refs/heads/"):]] = raw.decode().strip()
+            tips[key[len("refs/heads/"):]] = _remote_tip(raw, key)
     index = remote_index(repo, remote, name)
 
     def download(oid: str, kind: str) -> bytes:
@@ -206,12 +259,16 @@ def fetch(repo, remote: RemoteBackend, name: str, progress=None, lazy: bool = Fa
     seen: set[str] = set()
     while stack:
         oid, kind = stack.pop()
-        if oid in seen or repo.backend.has(bytes.fromhex(oid)):
+        if oid in seen:
             continue
         seen.add(oid)
+        have = repo.backend.has(bytes.fromhex(oid))
         if kind == "chunk":
-            if not lazy:
+            if not lazy and not have:
                 chunks.append(oid)
+            continue
+        if have:  # walk on below it: what it names may be missing (an older gc raced a fetch)
+            stack.extend(children(kind, repo.odb.get(oid, kind)))
             continue
         data = download(oid, kind)
         metas[oid] = (kind, data)
@@ -282,6 +339,85 @@ def fetch(repo, remote: RemoteBackend, name: str, progress=None, lazy: bool = Fa
         ref = f"{REMOTES}{name}/{branch}"
         repo.refs.set_ref(ref, tip, repo.refs.get(ref), f"fetch from {name}")
     return tips
+
+
+@dataclass
+class RemoteFsckReport:
+    packs: int = 0
+    objects: int = 0
+    bad: dict[str, str] = field(default_factory=dict)  # object id -> what is wrong (and where)
+    repaired: list[str] = field(default_factory=list)  # packs rewritten with good copies
+    unrepaired: dict[str, str] = field(default_factory=dict)  # pack -> why it could not be
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad or (not self.unrepaired and len(self.repaired) > 0)
+
+
+def remote_fsck(repo, remote: RemoteBackend, name: str, repair: bool = False, progress=None) -> RemoteFsckReport:
+    """Download every pack of the remote and verify each object its index lists against its id
+    (a delta through its base, from the local store or else from the remote).
+
+    *repair*: a pack holding a damaged or missing object is rewritten as a new pack — the good
+    objects as they were, each damaged one from the local store (verified, stored in full) — and
+    the old index, then the old pack, are deleted. A pack whose damaged objects this repository
+    does not have is left as it is and reported."""
+    from ..store.odb import ObjectDB
+
+    _check_format(remote, create=False)
+    rep = RemoteFsckReport()
+    packs = {}
+    for key in remote.list("packs/"):
+        if key.endswith(".idx"):
+            raw = remote.get(key)
+            if raw is not None:
+                packs[key[: -len(".idx")]] = parse_index(raw, key)
+    index = {oid: (p + ".pack", off, n) for p, entries in packs.items() for oid, off, n in entries}
+    check = ObjectDB(repo.backend)  # reads bases locally, else from the remote (never stores them)
+    check.fetcher = lambda hex_id: remote.get_range(*index[hex_id]) if hex_id in index else None
+    if progress is not None:
+        progress.start(f"checking {name}", sum(n for entries in packs.values() for _, _, n in entries))
+    for prefix, entries in sorted(packs.items()):
+        rep.packs += 1
+        good: list[tuple[str, bytes]] = []
+        damaged: list[str] = []
+        for oid, off, length in entries:  # one range at a time: memory bounded by one value
+            rep.objects += 1
+            try:
+                value = remote.get_range(prefix + ".pack", off, length)
+                check.decode(bytes.fromhex(oid), value)
+                why = None
+            except MvcError as e:
+                why = str(e)
+            if why is None:
+                if repair:  # kept for rewriting the pack, should it hold a damaged object
+                    good.append((oid, value))
+            else:
+                rep.bad[oid] = f"{why} ({prefix}.pack)"
+                damaged.append(oid)
+            if progress is not None:
+                progress.advance(nbytes=length)
+        if damaged and repair:
+            _repair_pack(repo, remote, name, prefix, good, damaged, rep)
+    if progress is not None:
+        progress.finish()
+    return rep
+
+
+def _repair_pack(repo, remote, name, prefix, good, damaged, rep) -> None:
+    fixed = []
+    for oid in damaged:
+        try:
+            repo.odb.read(oid)  # verified here
+            fixed.append((oid, repo.odb.standalone(oid)))
+        except MvcError as e:
+            rep.unrepaired[prefix + ".pack"] = f"object {oid[:12]} is damaged there and not usable here ({e})"
+            return
+    _upload_pack(remote, good + fixed)  # the new pack and its index first: nothing is ever unlisted
+    remote.delete(prefix + ".idx")
+    remote.delete(prefix + ".pack")
+    repo.backend.kv_put_many({KV_REMOTE_INDEX + name.encode() + b":" + (prefix + ".idx").encode(): None})
+    rep.repaired.append(prefix + ".pack")
 
 
 # -- remote configuration (in .mvc/config.json; never any secret) ----------------------------
