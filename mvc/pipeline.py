@@ -126,13 +126,23 @@ class Ingestor:
     def add_chunk(self, data, float_size: int = 0, bases: list[str] = ()) -> str:
         """Encode and store one chunk made in memory (merges), as a delta against one of *bases*
         (chunk ids) where that is smaller; returns its id."""
-        oid = hash_object("chunk", data)
-        if oid not in self._seen and not self.backend.has(oid):
-            if self.bases is None:  # delta coding is off here (or the store's format predates it)
-                self._add(*encode_chunk(data, float_size))
-            else:
-                self._add(oid, encode_with_bases(self.odb, data, float_size, bases, self.bases.max_depth))
+        oid, stored = self.encode_made(data, float_size, bases)
+        self.add_encoded(oid, stored)
         return oid.hex()
+
+    def encode_made(self, data, float_size: int = 0, bases: list[str] = ()) -> tuple[bytes, bytes | None]:
+        """Thread-safe half of add_chunk: (id, stored value), or (id, None) when already stored.
+        A merge runs it on its workers and hands the results to add_encoded in order."""
+        oid = hash_object("chunk", data)
+        if oid in self._seen or self.backend.has(oid):
+            return oid, None
+        if self.bases is None:  # delta coding is off here (or the store's format predates it)
+            return encode_chunk(data, float_size)
+        return oid, encode_with_bases(self.odb, data, float_size, bases, self.bases.max_depth)
+
+    def add_encoded(self, oid: bytes, stored: bytes | None) -> None:
+        """Queue a chunk that encode_made made for the store (the main thread, in order)."""
+        self._add(oid, stored)
 
     def add_meta(self, obj) -> str:
         """Store (or, hash-only, remember) a metadata object after everything already added."""

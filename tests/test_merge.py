@@ -203,3 +203,56 @@ def test_kth_largest_is_exact():
     for k in (1, 7, 1000, 25_000, 49_999, 50_000):
         want = np.sort(x)[x.size - k]
         assert kth_largest(lambda: iter(np.array_split(x, 7)), k) == want
+
+
+def test_bf16_strategies_compute_in_float32_and_the_mean_equals_float64s(tmp_path):
+    """bf16 conflicts: the mean with default weights is float64's mean rounded to bf16 (a sum of two
+    bf16 values is exact in float32); weighted and TIES results follow docs/merge.md's float32 rule.
+    Several chunks, so the workers' results come back in order."""
+    import torch
+
+    from tests.helpers import write_safetensors
+
+    rng = np.random.default_rng(8)
+    n = 5 << 20  # 10 MiB of bf16: three chunks
+
+    def bf(x):
+        u = x.astype(np.float32).view(np.uint32)
+        return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+    def f32(b):
+        return (b.astype(np.uint32) << 16).view(np.float32)
+
+    base = bf(0.02 * rng.standard_normal(n, dtype=np.float32))
+    ours = bf(f32(base) + 1e-3 * rng.standard_normal(n, dtype=np.float32))
+    theirs = bf(f32(base) + 1e-3 * rng.standard_normal(n, dtype=np.float32))
+    root = tmp_path / "w"
+    repo = Repo.init(root)
+
+    def put(x, msg):
+        write_safetensors(root / "m.safetensors", {"w": ("BF16", (n,), x.tobytes())})
+        return repo.commit(msg)
+
+    put(base, "base")
+    repo.create_branch("side")
+    repo.switch("side")
+    put(theirs, "theirs")
+    repo.switch("main")
+    put(ours, "ours")
+
+    def merged(*args):
+        mvc("merge", "side", *args, cwd=root)
+        got = repo.load("HEAD")["w"].view(torch.int16).numpy().view("<u2")
+        repo.reset("HEAD~1", hard=True)
+        return got
+
+    clash = (ours != base) & (theirs != base) & (ours != theirs)
+    one = np.where(ours != base, ours, theirs)
+    mean = merged("--strategy", "average")
+    want = bf(((f32(ours).astype(np.float64) + f32(theirs)) / 2).astype(np.float32))
+    assert clash.sum() > n // 2 and np.array_equal(mean, np.where(clash, want, one))
+    weighted = merged("--strategy", "average", "--weights", "0.7,0.3")
+    want = bf(np.float32(0.7) * f32(ours) + np.float32(0.3) * f32(theirs))
+    assert np.array_equal(weighted, np.where(clash, want, one))
+    ties = merged("--strategy", "ties")
+    assert np.array_equal(ties[~clash], one[~clash]) and not np.array_equal(ties[clash], one[clash])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -111,9 +112,20 @@ def ties_values(fb, fo, ft, thr_o: float, thr_t: float, weights: tuple[float, fl
     sign = np.sign(to + tt)
     keep_o = (np.sign(to) == sign) & (to != 0)
     keep_t = (np.sign(tt) == sign) & (tt != 0)
-    count = keep_o.astype(np.int64) + keep_t
+    count = (keep_o.astype(np.int8) + keep_t).astype(fb.dtype)
     total = np.where(keep_o, to, 0.0) + np.where(keep_t, tt, 0.0)
     return fb + np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+
+
+def to_float(dtype: str, elements: np.ndarray) -> np.ndarray:
+    """A tensor's elements (unsigned integer view) as the floats the strategies compute with:
+    float32 for bf16 and fp16 (their 8- and 11-bit significands leave float32 13 guard bits or
+    more), float64 for every other dtype."""
+    if dtype == "BF16":
+        return (elements.astype(np.uint32) << 16).view(np.float32)
+    if dtype == "F16":
+        return elements.view("<f2").astype(np.float32)
+    return to_float64(dtype, elements.tobytes())
 
 
 def resolve_elements(strategy: str, dtype: str, b, o, t, weights: tuple[float, float],
@@ -123,7 +135,7 @@ def resolve_elements(strategy: str, dtype: str, b, o, t, weights: tuple[float, f
         return o
     if strategy == "theirs":
         return t
-    fb, fo, ft = (to_float64(dtype, v.tobytes()) for v in (b, o, t))
+    fb, fo, ft = (to_float(dtype, v) for v in (b, o, t))
     w1, w2 = weights
     if strategy == "average":
         val = (w1 * fo + w2 * ft) / (w1 + w2)
@@ -238,8 +250,10 @@ class Merger:
         chunks: list[str] = []
         conflicts = 0
         thresholds = self._ties_thresholds(b, o, t) if self.strategy == "ties" else None
-        streams = [self.mat.chunks(x.chunks) for x in (b, o, t)]
-        for i, (cb, co, ct) in enumerate(zip(*streams, strict=True)):
+        fs = itemsize if DTYPES[o.dtype][1] and itemsize > 1 else 0
+
+        def merge_chunk(i, cb, co, ct):
+            """On a worker: the merged chunk i, encoded (numpy, zstd and BLAKE3 release the GIL)."""
             vb, vo, vt = (np.frombuffer(v, dtype=view) for v in (cb, co, ct))
             oc, tc = vo != vb, vt != vb
             merged = np.where(oc, vo, vt)
@@ -252,13 +266,28 @@ class Merger:
                 else:
                     merged[clash] = resolve_elements(self.strategy, o.dtype, vb[clash], vo[clash], vt[clash],
                                                      self.weights, thresholds)
+            data = memoryview(merged).cast("B")
+            oid, stored = self.ing.encode_made(data, fs, [o.chunks[i], t.chunks[i], b.chunks[i]])
+            return oid, stored, len(data), n
+
+        def finish(fut) -> int:
+            oid, stored, nbytes, n = fut.result()
+            self.ing.add_encoded(oid, stored)
+            chunks.append(oid.hex())
+            self.progress.advance(nbytes=nbytes)
+            if n and self.strategy:
                 res.elements_resolved += n
-            elif n:
-                conflicts += n
-            data = merged.tobytes()
-            fs = itemsize if DTYPES[o.dtype][1] and itemsize > 1 else 0
-            chunks.append(self.ing.add_chunk(data, fs, [o.chunks[i], t.chunks[i], b.chunks[i]]))
-            self.progress.advance(nbytes=len(data))
+                return 0
+            return n
+
+        streams = [self.mat.chunks(x.chunks) for x in (b, o, t)]
+        pending: deque = deque()
+        for i, (cb, co, ct) in enumerate(zip(*streams, strict=True)):
+            pending.append(self.ing.pool.submit(merge_chunk, i, cb, co, ct))
+            while len(pending) > 2:  # one chunk merging on each worker, one waiting
+                conflicts += finish(pending.popleft())
+        while pending:
+            conflicts += finish(pending.popleft())
         if conflicts:
             res.conflicts.append(Conflict(path, name, conflicts, "changed on both sides"))
         res.merged_tensors += 1
@@ -274,8 +303,10 @@ class Merger:
         def deltas(side: Tensor):
             def gen():
                 pairs = zip(self.mat.chunks(b.chunks), self.mat.chunks(side.chunks), strict=True)
-                for cb, cs in pairs:
-                    yield np.nan_to_num(np.abs(to_float64(side.dtype, cs) - to_float64(b.dtype, cb)))
+                view = _UINT[DTYPES[b.dtype][0]]
+                for cb, cs in pairs:  # the same float type as ties_values compares them in
+                    fs, fb = (to_float(b.dtype, np.frombuffer(c, dtype=view)) for c in (cs, cb))
+                    yield np.nan_to_num(np.abs(fs - fb)).astype(np.float64)
             return gen
 
         return kth_largest(deltas(o), k), kth_largest(deltas(t), k)
