@@ -27,9 +27,12 @@ from .locking import file_lock
 from .progress import NULL, Progress
 from .refs import Refs, check_ref_name
 from .state import (
+    CFG_CALIB,
     CFG_DELTA,
+    CFG_EVAL,
     CFG_FORMAT,
     CFG_LAZY,
+    CFG_REMOTES,
     CONFIG_FILE,
     HEADS,
     LOCK_FILE,
@@ -100,13 +103,35 @@ def read_config(root: str) -> dict:
                                   hint="the repository is damaged; run `mvc doctor`") from e
     except ValueError as e:
         raise MvcError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise MvcError(f"{path}: not a JSON object", hint="the repository is damaged; run `mvc doctor`")
     fmt = cfg.get(CFG_FORMAT)
-    if not isinstance(fmt, int):
-        raise MvcError(f"{path}: no format version")
+    if type(fmt) is not int:
+        raise MvcError(f"{path}: no format version (format must be a number, not {str(fmt)[:40]!r})")
+    _check_config(cfg, path)
     if fmt > FORMAT_VERSION:
         raise FormatVersionError(
             f"repository format {fmt} is newer than this mvc understands (up to {FORMAT_VERSION})")
     return cfg
+
+
+def _check_config(cfg: dict, path: str) -> None:
+    """The shape of each known key (a hand edit or a damaged file is one line, not a traceback)."""
+    def bad(key: str, want: str):
+        raise MvcError(f"{path}: {key} is damaged ({want})", hint=f"fix it by hand, or remove the {key!r} key")
+
+    remotes = cfg.get(CFG_REMOTES, {})
+    if not isinstance(remotes, dict):
+        bad(CFG_REMOTES, "must map remote names to {\"url\": ...}")
+    for name, entry in remotes.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("url"), str)
+                and isinstance(entry.get("endpoint_url", ""), str)):
+            bad(CFG_REMOTES, f"remote {name!r} must be {{\"url\": \"...\"}}")
+    if not isinstance(cfg.get(CFG_LAZY, ""), str):
+        bad(CFG_LAZY, "must be a remote's name")
+    for key in (CFG_DELTA, CFG_EVAL, CFG_CALIB):
+        if not isinstance(cfg.get(key, {}), dict):
+            bad(key, "must be a JSON object")
 
 
 class Repo:
@@ -266,6 +291,11 @@ class Repo:
             elif (e.mode, e.oid) != w:
                 st.modified.append(path)
         return st
+
+    def _cached_ids(self) -> dict[str, tuple[int, str] | None]:
+        """Work-tree path -> (mode, file id) where the stat cache knows it, else None; reads no file."""
+        return {rel: ((fs.mode, oid) if (oid := self.worktree.cached_oid(rel, fs)) else None)
+                for rel, fs in self.worktree.scan().items()}
 
     # -- commit ----------------------------------------------------------------
     def commit(self, message: str, paths: list[str] | None = None, author: str | None = None,
@@ -479,12 +509,17 @@ class Repo:
             return target
 
     def switch_tree(self, tree: Tree, force: bool, progress: Progress) -> None:
-        """Make the work tree match *tree*, refusing to lose uncommitted work unless forced."""
-        st = self.status()
+        """Make the work tree match *tree*, refusing to lose uncommitted work unless forced.
+        Forced, nothing is read that is about to be overwritten (a damaged file must not stop
+        its own repair): a file the stat cache does not vouch for is simply written again."""
         head = self.head_tree().as_dict()
         target = tree.as_dict()
-        dirty = set(st.modified) | set(st.deleted)
-        current = st.oids
+        if force:
+            current = self._cached_ids()
+        else:
+            st = self.status()
+            dirty = set(st.modified) | set(st.deleted)
+            current = st.oids
         if not force:
             blocked = []
             for path in sorted(head.keys() | target.keys()):

@@ -43,6 +43,16 @@ class FileStat:
         return cls(s.st_size, s.st_mtime_ns, s.st_ino, MODE_EXEC if s.st_mode & 0o111 else MODE_FILE, s.st_ctime_ns)
 
 
+def _check_utf8(rel: str) -> None:
+    """Paths are stored as UTF-8 (tree entries are JSON strings): a name the file system gave as
+    other bytes is refused by name, and the user can rename or ignore it."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError as e:
+        shown = os.fsencode(rel).decode("utf-8", "backslashreplace")
+        raise UnsafePathError(f"file name '{shown}' is not UTF-8: rename it, or list it in {IGNORE_FILE}") from e
+
+
 def _stat_key(rel: str) -> bytes:
     """The stat cache's key of a path: a hash, so that a path of any length fits LMDB's 511-byte
     key limit (the entry holds the path itself)."""
@@ -81,6 +91,7 @@ class WorkTree:
             top = os.path.join(self.root, start) if start else self.root
             if start and os.path.isfile(top):
                 if not spec.match_file(start):
+                    _check_utf8(start)
                     out[start] = FileStat.of(os.stat(top))
                 continue
             for dirpath, dirnames, filenames in os.walk(top):
@@ -97,6 +108,7 @@ class WorkTree:
                     except FileNotFoundError:
                         continue  # dangling symlink
                     if st.S_ISREG(s.st_mode):
+                        _check_utf8(rel)
                         out[rel] = FileStat.of(s)
         return out
 
@@ -139,7 +151,7 @@ class WorkTree:
             d = json.loads(raw)
             seen = (d["path"], d["size"], d["mtime_ns"], d["ctime_ns"], d["ino"], d["mode"])
             oid = d["oid"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             return None  # a damaged entry is a miss: the file is hashed again
         if seen == (rel, fs.size, fs.mtime_ns, fs.ctime_ns, fs.ino, fs.mode) and isinstance(oid, str):
             return oid

@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import struct
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -96,9 +97,76 @@ def test_pickled_callable_never_runs(work, tmp_path, kind):
     assert snapshot(work) == before
 
 
+def _u(s: str) -> bytes:  # SHORT_BINUNICODE
+    return b"\x8c" + bytes([len(s)]) + s.encode()
+
+
+_INNOCENT = _u("collections") + _u("OrderedDict") + b"00"  # pushed and popped: what the old scanner checked
+_CALL = _u("touch CANARY") + b"\x85R."  # TUPLE1, REDUCE, STOP
+BYPASSES = {  # the five ways past the string-tracking scanner (hardening defect 1), and one more
+    "protocol-0": b"cos\nsystem\n(Vtouch CANARY\ntR.",
+    "memo": b"\x80\x04" + _u("os") + b"\x940" + _u("system") + b"\x940" + _INNOCENT + b"h\x00h\x01\x93" + _CALL,
+    "short-binstring": b"\x80\x02" + _INNOCENT + b"U\x02osU\x06system\x93" + _CALL,
+    "binstring": b"\x80\x02" + _INNOCENT + b"T\x02\x00\x00\x00osT\x06\x00\x00\x00system\x93" + _CALL,
+    "unicode": b"\x80\x02" + _INNOCENT + b"Vos\nVsystem\n\x93" + _CALL,
+    "ext": b"\x80\x02\x82\x01" + _CALL,  # EXT1: a global through the copyreg registry
+}
+
+
+@pytest.mark.parametrize("name", sorted(BYPASSES))
+def test_pickle_scanner_follows_the_stack_and_the_memo(work, tmp_path, name):
+    import pickletools
+
+    data = BYPASSES[name]
+    pickletools.dis(data, out=open(os.devnull, "w"))  # a well-formed pickle, as the unpickler reads it
+    (work / "evil.pt").write_bytes(data)
+    before = snapshot(work)
+    res = mvc_proc("commit", "-m", "evil", cwd=work)
+    assert_clean_failure(res, "never runs pickled code" if name != "ext" else "extension registry")
+    assert snapshot(work) == before
+
+
+def _zip_with(tmp_path, members: dict, method=zipfile.ZIP_STORED) -> bytes:
+    path = tmp_path / "z.zip"
+    with zipfile.ZipFile(path, "w", compression=method) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return path.read_bytes()
+
+
+def test_every_pickle_of_a_torch_zip_is_scanned(work, tmp_path):
+    """A torch zip whose first .pkl member is unreadable stopped the old scan before the second."""
+    data = _zip_with(tmp_path, {"archive/a.pkl": b"\x80\x04garbage", "archive/data.pkl": BYPASSES["memo"]})
+    (work / "evil.pt").write_bytes(data)
+    res = mvc_proc("commit", "-m", "evil", cwd=work)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    ok = _zip_with(tmp_path, {"archive/a.pkl": pickle.dumps({"a": 1}), "archive/data.pkl": BYPASSES["memo"]})
+    (work / "evil.pt").write_bytes(ok)
+    assert_clean_failure(mvc_proc("commit", "-m", "evil", cwd=work), "never runs pickled code")
+
+
+def test_a_zip_member_that_cannot_be_read_is_refused(work, tmp_path):
+    """An unsupported compression method raised NotImplementedError; now it is one line."""
+    data = bytearray(_zip_with(tmp_path, {"archive/data.pkl": pickle.dumps({"a": 1})}))
+    for sig in (b"PK\x03\x04", b"PK\x01\x02"):  # method field: local header +8, central header +10
+        pos = data.find(sig)
+        off = 8 if sig == b"PK\x03\x04" else 10
+        data[pos + off:pos + off + 2] = (99).to_bytes(2, "little")
+    (work / "odd.pt").write_bytes(bytes(data))
+    before = snapshot(work)
+    assert_clean_failure(mvc_proc("commit", "-m", "odd", cwd=work), "cannot be read")
+    assert snapshot(work) == before
+
+
 def test_plain_pt_state_dict_is_accepted(work):
-    torch.save({"w": torch.randn(3, 3), "b": torch.zeros(3, dtype=torch.bfloat16)}, work / "ok.pt")
-    assert mvc_proc("commit", "-m", "ok", cwd=work).returncode == 0
+    sd = {"w": torch.randn(3, 3), "b": torch.zeros(3, dtype=torch.bfloat16), "p": torch.nn.Parameter(torch.ones(2))}
+    torch.save(sd, work / "ok.pt")
+    torch.save(sd, work / "legacy.pt", _use_new_zipfile_serialization=False)
+    for proto in (0, 2):
+        torch.save(sd, work / f"p{proto}.bin", _use_new_zipfile_serialization=False, pickle_protocol=proto)
+    (work / "blob.bin").write_bytes(bytes(range(256)) * 64)  # not a pickle at all: plain bytes
+    res = mvc_proc("commit", "-m", "ok", cwd=work)
+    assert res.returncode == 0, res.stderr
 
 
 def test_not_a_repository(tmp_path):
@@ -149,3 +217,29 @@ def test_missing_store_reported(tmp_path):
     Repo.init(root).close()
     os.rename(root / ".mvc" / "store", root / ".mvc" / "store-moved")
     assert_clean_failure(mvc_proc("log", cwd=root), "missing")
+
+
+def test_pickle_scanner_fuzz():
+    """Any bytes: the scanner ends with a verdict (an MvcError or nothing), never another exception."""
+    import io
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from mvc.errors import MvcError
+    from mvc.formats import torchfile
+
+    ops = st.sampled_from([b"\x8c\x02os", b"\x94", b"h\x00", b"\x93", b"(", b"0", b"1", b"t", b"R", b".",
+                           b"N", b"]", b"e", b"U\x01a", b"q\x00", b"2", b"cos\nsystem\n", b"\x85", b"\x82\x01"])
+
+    @given(st.one_of(st.binary(max_size=300), st.lists(ops, max_size=40).map(b"".join)))
+    @settings(max_examples=400, deadline=None)
+    def run(data):
+        for blob in (data, b"\x80\x04" + data):
+            try:
+                torchfile.scan_pickle(io.BytesIO(blob), "f", count=5)
+                torchfile.check_file(io.BytesIO(blob), "f")
+            except MvcError:
+                pass
+
+    run()

@@ -108,3 +108,165 @@ def test_a_killed_checkout_leaves_no_temporary_files_behind(tmp_path, rng):
     mvc("checkout", "-f", "main", cwd=root)
     assert not any(p.exists() for p in left)
     assert all(p.exists() for p in keep)
+
+
+def _one_line_error(res, *words):
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    for w in words:
+        assert w in res.stderr, res.stderr
+
+
+def test_a_safetensors_header_nested_too_deeply_is_one_line(tmp_path):
+    """Defect 6: 100,000 nested arrays in the header made json raise RecursionError."""
+    import struct
+
+    root = tmp_path / "w"
+    Repo.init(root).close()
+    h = b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    h += b" " * (-len(h) % 8)
+    (root / "m.safetensors").write_bytes(struct.pack("<Q", len(h)) + h)
+    _one_line_error(mvc_proc("commit", "-m", "x", cwd=root), "m.safetensors", "nested too deeply")
+
+
+def test_a_file_name_that_is_not_utf8_is_named_and_can_be_ignored(tmp_path):
+    """Defect 6: a non-UTF-8 name raised UnicodeEncodeError in status and commit."""
+    root = tmp_path / "w"
+    Repo.init(root).close()
+    (root / "ok.bin").write_bytes(b"x")
+    with open(os.path.join(os.fsencode(root), b"bad\xffname.bin"), "wb") as f:
+        f.write(b"y")
+    for args in (["status"], ["commit", "-m", "x"]):
+        _one_line_error(mvc_proc(*args, cwd=root), "bad\\xffname.bin", "not UTF-8", ".mvcignore")
+    (root / ".mvcignore").write_text("bad*\n")
+    assert mvc_proc("commit", "-m", "x", cwd=root).returncode == 0
+    assert json.loads(mvc_proc("status", "--json", cwd=root).stdout)["clean"]
+
+
+def test_metadata_objects_must_be_canonical_and_in_range():
+    """Defects 6 and 9: a commit `tz` of 1e400, a tz given as a string, and an object with an
+    unknown key (whose id matches its bytes, as a remote can serve) were accepted or crashed."""
+    import pytest
+
+    from mvc.errors import CorruptObjectError
+    from mvc.store.objects import Commit, encode_object, parse_object
+
+    raw = encode_object(Commit("a" * 64, (), "x <x@y>", 1, 60, "m\n", None))
+    assert parse_object("commit", raw, "c").tz == 60
+    good = json.loads(raw)
+    for change in ({"tz": "1e400"}, {"tz": "60"}, {"tz": 5000}, {"tz": 1.5}, {"time": 1e300},
+                   {"unknown": 1}):
+        d = dict(good, **change)
+        text = json.dumps(d, sort_keys=True, separators=(",", ":")).replace('"1e400"', "1e400")
+        with pytest.raises(CorruptObjectError, match="malformed commit"):
+            parse_object("commit", text.encode(), "c")
+    with pytest.raises(CorruptObjectError, match="canonical"):  # same content, other spelling
+        parse_object("commit", json.dumps(good, indent=1).encode(), "c")
+
+
+def test_a_remote_format_that_is_not_a_number_is_one_line(tmp_path, rng):
+    from tests.helpers import bf16, write_safetensors
+
+    a = tmp_path / "a"
+    Repo.init(a).close()
+    write_safetensors(a / "m.safetensors", {"w": ("BF16", (64, 64), bf16(rng, (64, 64)))})
+    mvc_proc("commit", "-m", "one", cwd=a, check=True)
+    remote = tmp_path / "remote"
+    mvc_proc("remote", "add", "origin", f"file://{remote}", cwd=a, check=True)
+    mvc_proc("push", cwd=a, check=True)
+    (remote / "mvc-remote.json").write_text('{"format": "1"}')
+    _one_line_error(mvc_proc("fetch", cwd=a), "mvc-remote.json is damaged")
+
+
+def test_damaged_records_in_the_local_store_are_one_line_or_healed(tmp_path, rng):
+    """Defect 6: a ref that is not a commit id, a config `remotes` of the wrong shape, the object
+    counters and a reflog entry, each damaged behind mvc's back."""
+    from mvc.state import KV_STATS
+    from mvc.store.lmdb_backend import LmdbBackend
+
+    root = tmp_path / "w"
+    repo = Repo.init(root)
+    (root / "a.bin").write_bytes(rng.bytes(100_000))
+    repo.commit("one")
+    stats = repo.backend.stats()
+    repo.close()
+    be = LmdbBackend(str(root / ".mvc" / "store"))
+    with be.env.begin(write=True) as txn:
+        txn.put(KV_STATS, b"\x01\x02\x03", db=be._kv)  # counters: three bytes instead of sixteen
+        txn.put(b"HEAD\x00" + bytes(8), b"\xff{not json", db=be._reflog)
+    with Repo(root) as r:
+        assert r.backend.stats() == stats  # counted again
+        assert r.refs.reflog()[0]["msg"] == "(damaged reflog entry)"
+    with be.env.begin(write=True) as txn:
+        good = txn.get(b"refs/heads/main", db=be._refs)
+        txn.put(b"refs/heads/main", b"\xfe" * 64, db=be._refs)
+    _one_line_error(mvc_proc("log", cwd=root), "ref refs/heads/main is damaged")
+    with be.env.begin(write=True) as txn:
+        txn.put(b"refs/heads/main", good, db=be._refs)
+    cfg = json.loads((root / ".mvc" / "config.json").read_text())
+    for remotes in (5, {"origin": "file:///x"}, {"origin": {"url": 7}}):
+        (root / ".mvc" / "config.json").write_text(json.dumps(dict(cfg, remotes=remotes)))
+        _one_line_error(mvc_proc("remote", "list", cwd=root), "remotes is damaged")
+    (root / ".mvc" / "config.json").write_text(json.dumps(dict(cfg, format="3")))
+    _one_line_error(mvc_proc("status", cwd=root), "format must be a number")
+
+
+def test_a_path_no_file_system_can_hold_is_refused_before_writing():
+    """Defect 6: a 300-byte path component from a remote ended a checkout with ENAMETOOLONG."""
+    import pytest
+
+    from mvc.errors import UnsafePathError
+    from mvc.store.objects import check_path
+
+    assert check_path("a/" + "x" * 255) and check_path("/".join(["y" * 200] * 20))
+    for bad in ("a/" + "x" * 256, "/".join(["y" * 200] * 21), "é" * 128, "bad\udcffname"):
+        with pytest.raises(UnsafePathError):
+            check_path(bad)
+
+
+def test_a_shape_whose_product_overflows_is_refused_as_safetensors_does():
+    """Defect 9: [2^62, 2^62, 0, 2^62] has zero elements, and the safetensors library refuses it
+    (its running product overflows); mvc accepted it, in a file and in a tensor object."""
+    import struct
+
+    import pytest
+
+    from mvc.errors import CorruptObjectError, InvalidFileError
+    from mvc.formats.safetensors import parse_header
+    from mvc.store.objects import canonical_json, parse_object
+
+    big = 1 << 62
+    head = json.dumps({"t": {"dtype": "F32", "shape": [big, big, 0, big], "data_offsets": [0, 0]}}).encode()
+    head += b" " * (-len(head) % 8)
+    raw = struct.pack("<Q", len(head)) + head
+    with pytest.raises(InvalidFileError, match="overflows"):
+        parse_header(raw, len(raw), "m.safetensors")
+    ok = json.dumps({"t": {"dtype": "F32", "shape": [big, 0, 4], "data_offsets": [0, 0]}}).encode()
+    ok += b" " * (-len(ok) % 8)
+    assert parse_header(struct.pack("<Q", len(ok)) + ok, 8 + len(ok), "m").entries[0].shape == (big, 0, 4)
+    tensor = canonical_json({"chunk_size": 4 << 20, "chunks": [], "dtype": "F32", "shape": [big, big, 0, big]})
+    with pytest.raises(CorruptObjectError, match="overflows"):
+        parse_object("tensor", tensor, "t")
+
+
+def test_forced_checkout_and_hard_reset_repair_a_truncated_model(tmp_path, rng):
+    """Defect 8, first half: both parsed the damaged file before overwriting it, and failed."""
+    from tests.helpers import bf16, write_safetensors
+
+    root = tmp_path / "w"
+    Repo.init(root).close()
+    model = root / "m.safetensors"
+    write_safetensors(model, {f"l{i}": ("BF16", (256, 256), bf16(rng, (256, 256))) for i in range(3)})
+    mvc_proc("commit", "-m", "one", cwd=root, check=True)
+    good = sha256(model)
+    for args in (["checkout", "--force", "main"], ["reset", "--hard", "HEAD"]):
+        with open(model, "r+b") as f:
+            f.truncate(1000)
+        res = mvc_proc(*args, cwd=root)
+        assert res.returncode == 0, res.stderr
+        assert sha256(model) == good
+    res = mvc_proc("checkout", "main", cwd=root)  # not forced: the truncation is still reported first
+    assert res.returncode == 0
+    with open(model, "r+b") as f:
+        f.truncate(1000)
+    assert mvc_proc("checkout", "main", cwd=root).returncode != 0

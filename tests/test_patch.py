@@ -98,3 +98,73 @@ def test_damaged_patch_refused_nothing_changed(ab, tmp_path, damage):
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert snapshot(root) == before
+
+
+@pytest.mark.parametrize("change", [{"base": 5}, {"target_tree": ["x"]}, {"expects": "abc"},
+                                    {"expects": [None]}, "a list"], ids=["base", "tree", "expects", "item", "list"])
+def test_manifest_with_wrong_field_types_is_refused(ab, tmp_path, change):
+    """Hardening defect 6: well-formed patches whose manifest holds the wrong types (the checksum
+    is computed anew, as a hostile sender would) raised TypeError or AttributeError."""
+    import json
+    import struct
+
+    import blake3
+
+    from mvc.diff.patch import MAGIC, TRAILER, VERSION
+
+    repo, root, a, b, write, w = ab
+    patch = tmp_path / "p"
+    mvc("diff", "--binary", a, b, "-o", patch, cwd=root)
+    data = patch.read_bytes()
+    pos = len(MAGIC) + 2
+    (n,) = struct.unpack_from("<Q", data, pos)
+    manifest = json.loads(data[pos + 8:pos + 8 + n])
+    manifest = manifest | change if isinstance(change, dict) else [manifest]
+    new = json.dumps(manifest).encode()
+    body = MAGIC + struct.pack("<H", VERSION) + struct.pack("<Q", len(new)) + new + data[pos + 8 + n:-36]
+    patch.write_bytes(body + TRAILER + blake3.blake3(body).digest())
+    repo.checkout(a)
+    before = snapshot(root)
+    res = mvc_proc("apply", patch, cwd=root)
+    assert res.returncode != 0 and "Traceback" not in res.stderr and "manifest is damaged" in res.stderr
+    assert snapshot(root) == before
+
+
+def test_patch_with_a_hostile_path_stores_nothing(ab, tmp_path):
+    """Hardening defect 9: a patch refused for a hostile path left its objects in the store, and
+    fsck reported the tree until a gc. Its metadata is now parsed before anything is stored."""
+    import struct
+
+    import blake3
+
+    from mvc.diff.patch import MAGIC, STORED, TRAILER, VERSION
+    from mvc.store import codec
+    from mvc.store.ids import TYPE_CODE, hash_object
+    from mvc.store.objects import canonical_json
+
+    repo, root, a, b, write, w = ab
+    repo.checkout(a)
+    values = []
+
+    def obj(kind, content):
+        oid = hash_object(kind, content)
+        values.append((oid, codec.encode(TYPE_CODE[kind], content)))
+        return oid.hex()
+
+    chunk = obj("chunk", b"pwned\n")
+    fid = obj("file", canonical_json({"chunks": [chunk], "format": "raw", "size": 6}))
+    tree = obj("tree", canonical_json({"entries": [["../escape.txt", 0o100644, fid]]}))
+    base_tree = repo.commit_obj(a).tree
+    manifest = canonical_json({"base": a, "base_tree": base_tree, "target": b, "target_tree": tree,
+                               "expects": []})
+    body = MAGIC + struct.pack("<H", VERSION) + struct.pack("<Q", len(manifest)) + manifest
+    for oid, payload in values:
+        body += oid + struct.pack("<BQ", STORED, len(payload)) + payload
+    patch = tmp_path / "evil.patch"
+    patch.write_bytes(body + TRAILER + blake3.blake3(body).digest())
+    before = snapshot(root)
+    res = mvc_proc("apply", patch, cwd=root)
+    assert res.returncode != 0 and "Traceback" not in res.stderr and "unsafe path" in res.stderr
+    assert snapshot(root) == before  # the store's object count and bytes included
+    assert not (tmp_path / "escape.txt").exists()
+    assert json.loads(mvc_proc("fsck", "--json", cwd=root).stdout)["ok"]

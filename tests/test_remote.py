@@ -462,3 +462,36 @@ def test_bad_remote_ref(target, tmp_path, rng, ref):
     res = mvc_proc("fetch", cwd=a, env=target.env)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert "remote ref refs/heads/main is damaged" in res.stderr
+
+
+@pytest.mark.parametrize("key,value", [("refs/heads/main", b""), ("refs/heads/-x", None),
+                                       ("refs/heads/a..b", None), ("refs/heads/HEAD", None)],
+                         ids=["empty", "dash", "dots", "head"])
+def test_bad_remote_branch(target, tmp_path, rng, key, value):
+    """Hardening defect 9: an empty ref read as an empty repository (a clone that 'succeeded' with
+    no files), and branch names Git refuses were created locally."""
+    a, _ = pushed(tmp_path, rng, target, n=1)
+    be = target.backend()
+    be.put(key, value if value is not None else be.get("refs/heads/main"))
+    res = mvc_proc("clone", target.url, "c", *target.args, cwd=tmp_path, env=target.env)
+    assert res.returncode != 0 and "Traceback" not in res.stderr and "is damaged" in res.stderr
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("what", ["fifo", "device", "directory"])
+def test_file_remote_refuses_what_is_not_a_regular_file(tmp_path, rng, what):
+    """Hardening defect 7: a FIFO blocked fetch for ever and /dev/zero read without end."""
+    a, _ = pushed(tmp_path, rng, Target("file", f"file://{tmp_path / 'remote'}"), n=1)
+    ref = tmp_path / "remote" / "refs" / "heads" / "main"
+    ref.unlink()
+    if what == "fifo":
+        os.mkfifo(ref)
+    elif what == "device":
+        ref.symlink_to("/dev/zero")
+    else:
+        ref.mkdir()
+        (ref / "x").write_text("y")
+    t = time.monotonic()
+    res = mvc_proc("fetch", cwd=a, timeout=60)
+    assert time.monotonic() - t < 30 and res.returncode != 0 and "Traceback" not in res.stderr
+    assert "refs/heads/main" in res.stderr

@@ -31,7 +31,7 @@ from ..graph import closure
 from ..progress import NULL
 from ..store import codec
 from ..store.ids import TYPE_CODE, TYPES
-from ..store.objects import DTYPES, canonical_json
+from ..store.objects import DTYPES, canonical_json, parse_object
 from ..store.odb import decode_verified, encode_chunk
 
 MAGIC = b"MVCPATCH"
@@ -113,6 +113,10 @@ def write_patch(repo, a: str, b: str, out) -> dict:
     return {"base": ca, "target": cb, **stats}
 
 
+def _is_id(v) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
 def read_patch(data: bytes):
     """Parse and check a whole patch; returns (manifest, [(id, kind, payload)])."""
     if len(data) < len(MAGIC) + 2 + 8 + 36 or not data.startswith(MAGIC):
@@ -130,9 +134,14 @@ def read_patch(data: bytes):
         raise PatchError("patch manifest is damaged")
     try:
         manifest = json.loads(body[pos:pos + n])
-        for key in ("base", "base_tree", "target", "target_tree", "expects"):
-            manifest[key]  # noqa: B018 - presence check
-    except (ValueError, KeyError, TypeError) as e:
+        if not isinstance(manifest, dict):
+            raise TypeError("not a JSON object")
+        for key in ("base", "base_tree", "target", "target_tree"):
+            if not _is_id(manifest[key]):
+                raise TypeError(f"{key} is not an object id")
+        if not (isinstance(manifest["expects"], list) and all(_is_id(e) for e in manifest["expects"])):
+            raise TypeError("expects is not a list of object ids")
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise PatchError(f"patch manifest is damaged ({e})") from e
     pos += n
     records = []
@@ -185,6 +194,11 @@ def apply_patch(repo, data: bytes, progress=None) -> dict:
             if payload[0] >= len(TYPES):
                 raise PatchError(f"object {oid.hex()} has an unknown type")
             new.append((oid, payload))
+    # every metadata object parses (a tree's paths are checked) before the store sees any of them
+    for oid, payload in new:
+        if payload[0] != TYPE_CODE["chunk"]:
+            kind = TYPES[payload[0]]
+            parse_object(kind, bytes(decode_verified(oid, payload, kind)[1]), oid.hex())
     # every object the target tree needs must now be at hand
     have = {o for o, _ in new}
     target = manifest["target_tree"]

@@ -44,6 +44,17 @@ def _no_dupes(pairs):
     return d
 
 
+def _fits(shape) -> bool:
+    """The running product of the dimensions stays within 64 bits, as the safetensors library
+    checks it (so [2^62, 2^62, 0, 2^62], zero elements in all, is refused there and here)."""
+    n = 1
+    for d in shape:
+        n *= d
+        if n >= 1 << 64:
+            return False
+    return True
+
+
 def parse_header(prefix: bytes, file_size: int, path: str) -> Header:
     """Validate a header. *prefix* holds at least the first 8 + N bytes of the file."""
     if file_size < 8 or len(prefix) < 8:
@@ -58,6 +69,8 @@ def parse_header(prefix: bytes, file_size: int, path: str) -> Header:
         head = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_dupes)
     except (UnicodeDecodeError, ValueError) as e:
         raise InvalidFileError(path, f"safetensors header is not valid JSON ({e})") from e
+    except RecursionError as e:
+        raise InvalidFileError(path, "safetensors header is nested too deeply") from e
     if not isinstance(head, dict):
         raise InvalidFileError(path, "safetensors header is not a JSON object")
     data_size = file_size - 8 - n
@@ -79,6 +92,9 @@ def parse_header(prefix: bytes, file_size: int, path: str) -> Header:
         if end < begin or end > data_size:
             raise InvalidFileError(
                 path, f"tensor {name!r}: offsets [{begin}, {end}) out of bounds of the {data_size}-byte data region")
+        if not _fits(shape):
+            raise InvalidFileError(path, f"tensor {name!r}: shape {list(shape)[:8]} overflows 64 bits "
+                                         "(the safetensors library refuses it too)")
         if end - begin != DTYPES[dtype][0] * math.prod(shape):
             raise InvalidFileError(path, f"tensor {name!r}: {end - begin} bytes do not match {dtype} {list(shape)}")
         entries.append(Entry(name, dtype, shape, begin, end))

@@ -8,7 +8,7 @@ that mirrors what ``torch.load(weights_only=True)`` accepts for state dicts.
 
 from __future__ import annotations
 
-import io
+import itertools
 import pickletools
 import re
 import zipfile
@@ -16,7 +16,6 @@ import zipfile
 from ..errors import InvalidFileError, UnsafePickleError
 
 SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-_MAX_PICKLE = 256 * 1024 * 1024
 
 _ALLOWED = {
     ("collections", "OrderedDict"),
@@ -39,27 +38,104 @@ def _allowed(module: str, name: str) -> bool:
     return (module, name) in _ALLOWED or (module == "torch" and bool(_TORCH_ATTR.match(name)))
 
 
+_STRINGS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING",
+                      "SHORT_BINSTRING"})
+_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+_GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+_MARK = object()  # a MARK on the symbolic stack
+_OTHER = object()  # any value that is not a string constant
+_MAX_DEPTH = 1 << 20  # symbolic stack entries (a pickle deeper than this is refused as damaged)
+
+
+class _Damaged(Exception):
+    pass
+
+
+def _run(stream, path: str) -> bool:
+    """Walk one pickle symbolically: a stack of what each opcode leaves (string constants kept,
+    everything else a marker) and the memo, so STACK_GLOBAL sees exactly the module and name the
+    unpickler would import, wherever they came from (pushed, memoized, fetched back). Every
+    import is checked; nothing is executed. False at the end of the stream (no pickle)."""
+    stack: list = []
+    memo: dict[int, object] = {}
+    ops = pickletools.genops(stream)
+    try:
+        first = next(ops, None)
+        if first is None:
+            return False
+        for op, arg, _pos in itertools.chain([first], ops):
+            name = op.name
+            if name in _STRINGS:
+                stack.append(arg if isinstance(arg, str) else _OTHER)
+            elif name in ("GLOBAL", "INST"):
+                module, _, attr = arg.partition(" ")
+                _check(module, attr, path)
+                if name == "INST":
+                    _pop_mark(stack)
+                stack.append(_OTHER)
+            elif name == "STACK_GLOBAL":
+                if len(stack) < 2:
+                    raise _Damaged("STACK_GLOBAL on a short stack")
+                attr, module = stack.pop(), stack.pop()
+                if not (isinstance(module, str) and isinstance(attr, str)):
+                    raise UnsafePickleError(path, "pickle imports a global whose name it computes; "
+                                                  "mvc never runs pickled code")
+                _check(module, attr, path)
+                stack.append(_OTHER)
+            elif name in ("EXT1", "EXT2", "EXT4"):
+                raise UnsafePickleError(path, "pickle imports through the copyreg extension registry, which "
+                                              "torch.load(weights_only=True) refuses")
+            elif name in _PUTS or name == "MEMOIZE":
+                if not stack or stack[-1] is _MARK:
+                    raise _Damaged("memoizing nothing")
+                memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+            elif name in _GETS:
+                if arg not in memo:
+                    raise _Damaged(f"memo key {arg} was never stored")
+                stack.append(memo[arg])
+            elif name == "DUP":
+                if not stack:
+                    raise _Damaged("DUP on an empty stack")
+                stack.append(stack[-1])
+            elif name == "MARK":
+                stack.append(_MARK)
+            elif name == "POP" and stack and stack[-1] is _MARK:
+                stack.pop()
+            elif name == "STOP":
+                if len(stack) != 1:
+                    raise _Damaged("STOP with other than one value on the stack")
+                return True
+            else:  # the generic stack effect pickletools documents for the opcode
+                before = op.stack_before
+                if pickletools.markobject in before:
+                    _pop_mark(stack)
+                    before = before[:before.index(pickletools.markobject)]
+                if len(stack) < len(before) or any(x is _MARK for x in stack[len(stack) - len(before):]):
+                    raise _Damaged(f"{name} on a short stack")
+                del stack[len(stack) - len(before):]
+                stack.extend(_OTHER for _ in op.stack_after)
+            if len(stack) > _MAX_DEPTH:
+                raise _Damaged("stack too deep")
+        raise _Damaged("no STOP")
+    except UnsafePickleError:
+        raise
+    except (_Damaged, ValueError, EOFError, KeyError, IndexError, OverflowError, UnicodeDecodeError) as e:
+        raise InvalidFileError(path, f"not a readable pickle ({e})") from e
+
+
+def _pop_mark(stack: list) -> None:
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i] is _MARK:
+            del stack[i:]
+            return
+    raise _Damaged("no MARK to pop to")
+
+
 def scan_pickle(stream, path: str, count: int = 1) -> None:
-    """Check *count* consecutive pickles read from a binary stream."""
+    """Check up to *count* consecutive pickles read from a binary stream."""
     for _ in range(count):
-        strings: list[str] = []
-        try:
-            for op, arg, _pos in pickletools.genops(stream):
-                if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
-                    strings.append(arg)
-                elif op.name in ("GLOBAL", "INST"):
-                    module, name = arg.split(" ", 1)
-                    _check(module, name, path)
-                elif op.name == "STACK_GLOBAL":
-                    if len(strings) < 2:
-                        raise UnsafePickleError(path, "pickle builds a global from computed names")
-                    _check(strings[-2], strings[-1], path)
-                elif op.name in ("REDUCE", "BUILD", "OBJ", "NEWOBJ", "NEWOBJ_EX"):
-                    pass  # only reachable through a global, which was checked
-        except UnsafePickleError:
-            raise
-        except (ValueError, EOFError, KeyError) as e:
-            raise InvalidFileError(path, f"not a readable PyTorch checkpoint ({e})") from e
+        if not _run(stream, path):
+            return
 
 
 def _check(module: str, name: str, path: str) -> None:
@@ -70,25 +146,46 @@ def _check(module: str, name: str, path: str) -> None:
 
 
 def check_file(f, path: str) -> None:
-    """Raise UnsafePickleError if *f* (open, at 0) holds a pickle that would import code.
+    """Raise UnsafePickleError if *f* (open, at 0) holds a pickle that would import code, or
+    InvalidFileError for a torch zip whose pickles cannot all be read.
 
-    Files that are not torch checkpoints at all (or are damaged) are plain bytes to
-    mvc: they are stored losslessly and never unpickled, so only danger is refused.
+    A zip (torch >= 1.6) has every ``*.pkl`` member scanned, streamed, whatever its size; a member
+    that cannot be read (damaged, or compressed with a method Python lacks) is refused, since
+    it could not be checked. Anything else is scanned as legacy pickles, any protocol, 0 included:
+    bytes that are not a pickle at all are plain bytes to mvc (stored losslessly, never
+    unpickled), so only a pickle that would import what torch refuses stops a commit.
     """
     head = f.read(4)
     f.seek(0)
     try:
         if head.startswith(b"PK"):
-            with zipfile.ZipFile(f) as zf:
-                for info in zf.infolist():
-                    if info.filename.endswith(".pkl") and info.file_size <= _MAX_PICKLE:
-                        scan_pickle(io.BytesIO(zf.read(info)), path)
-        elif head[:1] == b"\x80":
-            # legacy format: magic, protocol, sys_info, object, storage keys, then raw storages
-            scan_pickle(f, path, count=5)
-    except UnsafePickleError:
-        raise
-    except (InvalidFileError, zipfile.BadZipFile, OSError, EOFError, ValueError):
-        pass
+            _check_zip(f, path)
+        else:
+            try:
+                # legacy format: magic, protocol, sys_info, object, storage keys, then raw storages
+                scan_pickle(f, path, count=5)
+            except UnsafePickleError:
+                raise
+            except InvalidFileError:
+                pass  # not (or no longer) a pickle: raw storage bytes, or not a checkpoint at all
     finally:
         f.seek(0)
+
+
+def _check_zip(f, path: str) -> None:
+    try:
+        zf = zipfile.ZipFile(f)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return  # starts with "PK" but is no zip: plain bytes
+    with zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".pkl"):
+                continue
+            try:
+                with zf.open(info) as member:
+                    scan_pickle(member, path)
+            except (UnsafePickleError, InvalidFileError):
+                raise
+            except (zipfile.BadZipFile, NotImplementedError, OSError, EOFError, ValueError, RuntimeError) as e:
+                raise InvalidFileError(path, f"zip member {info.filename} cannot be read ({e}), so it cannot "
+                                             "be checked for code; mvc refuses it") from e

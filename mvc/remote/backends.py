@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 from abc import ABC, abstractmethod
 
 from ..errors import MvcError
@@ -22,6 +23,9 @@ def check_url(url: str) -> str:
     if any(c in url for c in "\r\n\x00"):
         raise RemoteError("remote URL contains a CR, LF or NUL character")
     return url
+
+
+MAX_GET = 256 << 20  # a whole-key read (refs, indexes, the format file) never allocates more
 
 
 class RemoteBackend(ABC):
@@ -72,22 +76,43 @@ class FileRemote(RemoteBackend):
     def _path(self, key: str) -> str:
         return os.path.join(self.root, *_safe_key(key).split("/"))
 
-    def get(self, key):
+    def _open(self, key: str) -> int | None:
+        """A descriptor of the regular file holding *key* (None: absent). A FIFO, a device or a
+        directory in its place is refused: it could block a read, or never end one."""
         try:
-            with open(self._path(key), "rb") as f:
-                data = f.read()
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_NONBLOCK)
         except FileNotFoundError:
             return None
+        except OSError as e:
+            raise RemoteError(f"cannot read remote object {key}: {e.strerror}") from e
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise RemoteError(f"remote object {key} is not a regular file")
+        return fd
+
+    def get(self, key):
+        fd = self._open(key)
+        if fd is None:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            if size > MAX_GET:
+                raise RemoteError(f"remote object {key} is {size} bytes, more than any index or ref can be")
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                data = f.read(MAX_GET + 1)[:MAX_GET]
+        finally:
+            os.close(fd)
         self.received += len(data)
         return data
 
     def get_range(self, key, start, length):
+        fd = self._open(key)
+        if fd is None:
+            raise RemoteError(f"remote object {key} is missing")
         try:
-            with open(self._path(key), "rb") as f:
-                f.seek(start)
-                data = f.read(length)
-        except FileNotFoundError as e:
-            raise RemoteError(f"remote object {key} is missing") from e
+            data = os.pread(fd, length, start)
+        finally:
+            os.close(fd)
         if len(data) != length:
             raise RemoteError(f"remote object {key} is shorter than its index says")
         self.received += len(data)

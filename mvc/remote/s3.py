@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 
-from .backends import RemoteBackend, RemoteError, _safe_key
+from .backends import MAX_GET, RemoteBackend, RemoteError, _safe_key
 
 MULTIPART_THRESHOLD = 64 << 20
 
@@ -63,7 +63,11 @@ class S3Remote(RemoteBackend):
         from botocore.exceptions import ClientError
 
         try:
-            data = self._call(self.s3.get_object, Bucket=self.bucket, Key=self._k(key))["Body"].read()
+            resp = self._call(self.s3.get_object, Bucket=self.bucket, Key=self._k(key))
+            if resp.get("ContentLength", 0) > MAX_GET:
+                raise RemoteError(f"remote object {key} is {resp['ContentLength']} bytes, "
+                                  "more than any index or ref can be")
+            data = resp["Body"].read(MAX_GET + 1)[:MAX_GET]
             self.received += len(data)
             return data
         except ClientError as e:

@@ -26,6 +26,7 @@ import blake3
 from ..errors import CorruptObjectError, MvcError
 from ..graph import children, closure
 from ..progress import NULL
+from ..refs import check_ref_name
 from ..state import CFG_LAZY, CFG_REMOTES, HEADS, KV_REMOTE_INDEX, REMOTES
 from ..store.codec import delta_base, links
 from ..store.ids import TYPE_CODE
@@ -56,8 +57,10 @@ def _check_format(remote: RemoteBackend, create: bool) -> None:
         return
     try:
         fmt = json.loads(raw)["format"]
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise RemoteError(f"remote's mvc-remote.json is damaged ({e})") from e
+    if type(fmt) is not int:
+        raise RemoteError(f"remote's mvc-remote.json is damaged (format {str(fmt)[:40]!r} is not a number)")
     if fmt > FORMAT:
         raise RemoteError(f"remote format {fmt} is newer than this mvc understands ({FORMAT})",
                           hint="upgrade mvc")
@@ -235,8 +238,14 @@ def _fetch(repo, remote: RemoteBackend, name: str, progress, lazy: bool) -> dict
     tips = {}
     for key in remote.list("refs/heads/"):
         raw = remote.get(key)
-        if raw:
-            tips[key[len("refs/heads/"):]] = _remote_tip(raw, key)
+        if raw is None:  # deleted since the listing
+            continue
+        branch = key[len("refs/heads/"):]
+        try:
+            check_ref_name(branch)
+        except MvcError as e:
+            raise RemoteError(f"remote ref {key} is damaged (not a valid branch name)") from e
+        tips[branch] = _remote_tip(raw, key)
     index = remote_index(repo, remote, name)
 
     def download(oid: str, kind: str) -> bytes:

@@ -119,6 +119,19 @@ def _map_file(path: str) -> str:
     return os.path.join(os.path.realpath(path), "data.mdb")
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
+def _ref_value(name: str, raw: bytes) -> str:
+    """A stored ref's value, checked: a commit id (64 lowercase hex digits) or "ref: <name>"."""
+    value = raw.decode("utf-8", "replace")
+    if (len(value) == 64 and _HEX.issuperset(value)) or (value.startswith("ref: refs/") and "\ufffd" not in value):
+        return value
+    raise MvcError(f"ref {name} is damaged (it holds {value[:80]!r}, not a commit id)",
+                   hint="the store was changed by something other than mvc; restore .mvc from a backup "
+                        "or clone the repository again")
+
+
 class LmdbBackend(Backend):
     """*packs*: whether new values of PACK_MIN bytes or more go to pack files (a repository of an
     older format keeps them in LMDB); packed values are read whatever it says."""
@@ -161,7 +174,16 @@ class LmdbBackend(Backend):
 
     def _counts(self, txn) -> tuple[int, int]:
         raw = txn.get(KV_STATS, db=self._kv)
-        return struct.unpack("<QQ", raw) if raw else (0, 0)
+        if raw is None:
+            return 0, 0
+        if len(raw) == 16:
+            return struct.unpack("<QQ", raw)
+        n = size = 0  # damaged counters: count again (a write transaction then stores them right)
+        with txn.cursor(db=self._objects) as cur:
+            for _k, v in cur.iternext(keys=True, values=True):
+                n += 1
+                size += _stored_len(v)
+        return n, size
 
     # -- objects ---------------------------------------------------------------
     def has(self, oid):
@@ -367,7 +389,7 @@ class LmdbBackend(Backend):
     # -- refs ------------------------------------------------------------------
     def get_ref(self, name):
         v = self._txn(lambda txn: txn.get(name.encode(), db=self._refs))
-        return v.decode() if v is not None else None
+        return _ref_value(name, v) if v is not None else None
 
     def list_refs(self, prefix=""):
         def fn(txn):
@@ -375,10 +397,10 @@ class LmdbBackend(Backend):
             cur = txn.cursor(db=self._refs)
             if cur.set_range(prefix.encode()):
                 for k, v in cur:
-                    name = k.decode()
+                    name = k.decode("utf-8", "replace")
                     if not name.startswith(prefix):
                         break
-                    out[name] = v.decode()
+                    out[name] = _ref_value(name, v)
             return out
 
         return self._txn(fn)
@@ -432,7 +454,13 @@ class LmdbBackend(Backend):
                 for k, v in cur:
                     if not k.startswith(prefix):
                         break
-                    out.append(json.loads(v))
+                    try:
+                        entry = json.loads(v)
+                    except (ValueError, RecursionError):
+                        entry = None
+                    if not isinstance(entry, dict):  # shown, not fatal: the reflog is a record
+                        entry = {"old": None, "new": None, "time": 0, "who": "?", "msg": "(damaged reflog entry)"}
+                    out.append(entry)
             return out
 
         return self._txn(fn)

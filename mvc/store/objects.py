@@ -75,6 +75,11 @@ class Tensor:
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}")
         shape = tuple(_int(x, "shape") for x in d["shape"])
+        n = 1
+        for x in shape:  # the safetensors library's checked product: no 64-bit overflow on the way
+            n *= x
+            if n >= 1 << 64:
+                raise ValueError("shape overflows 64 bits")
         cs = _int(d["chunk_size"], "chunk_size", 1)
         chunks = tuple(_oid(c, "chunk") for c in d["chunks"])
         t = cls(dtype, shape, cs, chunks)
@@ -112,12 +117,23 @@ class File:
                    tensors)
 
 
+MAX_NAME = 255  # bytes of one path component (Linux NAME_MAX, macOS and Windows alike)
+MAX_PATH = 4095  # bytes of a whole path (Linux PATH_MAX less its NUL)
+
+
 def check_path(path: str) -> str:
     """Validate a tree path: relative, normalized, nothing that escapes or names a repo dir."""
     if not isinstance(path, str) or not path or "\x00" in path or "\\" in path:
         raise UnsafePathError(f"unsafe path in tree: {path!r}")
     if path.startswith("/"):
         raise UnsafePathError(f"unsafe path in tree: {path!r} is absolute")
+    try:
+        raw = path.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UnsafePathError(f"unsafe path in tree: {path!r} is not UTF-8") from e
+    if len(raw) > MAX_PATH or max(len(c) for c in raw.split(b"/")) > MAX_NAME:
+        raise UnsafePathError(f"path in tree is longer than a file system allows ({MAX_NAME} bytes a name, "
+                              f"{MAX_PATH} in all): {path[:80]!r}...")
     for comp in path.split("/"):
         if comp in ("", ".", ".."):
             raise UnsafePathError(f"unsafe path in tree: {path!r}")
@@ -202,8 +218,11 @@ class Commit:
             raise ValueError("op must be an object")
         if not isinstance(d["author"], str) or not isinstance(d["message"], str):
             raise ValueError("author and message must be strings")
+        tz = _int(d["tz"], "tz", -24 * 60)
+        if tz > 24 * 60:
+            raise ValueError("tz must be minutes east of UTC, within a day")
         return cls(_oid(d["tree"], "tree"), tuple(_oid(p, "parent") for p in d["parents"]),
-                   d["author"], _int(d["time"], "time"), int(d["tz"]), d["message"], op)
+                   d["author"], _int(d["time"], "time"), tz, d["message"], op)
 
 
 CLASSES = {"tensor": Tensor, "file": File, "tree": Tree, "commit": Commit}
@@ -219,8 +238,11 @@ def parse_object(kind: str, content: bytes, oid: str = "?"):
         d = json.loads(content)
         if not isinstance(d, dict):
             raise ValueError("not a JSON object")
-        return CLASSES[kind].from_json(d)
+        obj = CLASSES[kind].from_json(d)
     except UnsafePathError:
         raise
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise CorruptObjectError(oid, f"malformed {kind}: {e}") from e
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError, OverflowError) as e:
+        raise CorruptObjectError(oid, f"malformed {kind}: {str(e)[:200]}") from e
+    if encode_object(obj) != bytes(content):  # unknown keys, other types or spellings: one value, one id
+        raise CorruptObjectError(oid, f"malformed {kind}: not in canonical form (docs/format.md §4)")
+    return obj

@@ -227,7 +227,7 @@ def _safetensors_size(head: bytes, reader: P.PacketReader, pathname: str) -> int
     try:
         entries = json.loads(header[8:8 + n])
         ends = [v["data_offsets"][1] for k, v in entries.items() if k != "__metadata__"]
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
         return None  # let the full parser report exactly what is wrong
     if not all(isinstance(e, int) and e >= 0 for e in ends):
         return None
