@@ -272,3 +272,18 @@ def test_plain_clone_then_install_gives_bit_exact_files(gitrepo, rng, tmp_path):
     assert "checked out 1 model file" in out
     assert sha256(clone / "model.safetensors") == want
     assert git(clone, "status", "--porcelain").stdout == ""
+
+
+def test_a_file_name_that_is_not_utf8_goes_through_the_filter(gitrepo, rng):
+    """Hardening defect 6: Git's packets carry path names as bytes; a non-UTF-8 one ended the
+    filter process with UnicodeDecodeError and `git add` exited 128."""
+    name = b"m\xff.safetensors"
+    path = os.path.join(os.fsencode(gitrepo), name)
+    write_safetensors(os.fsdecode(path), {"w": ("BF16", (256, 256), bf16(rng, (256, 256)))})
+    want = sha256(os.fsdecode(path))
+    res = subprocess.run(["git", "add", ".gitattributes", os.fsdecode(name)], cwd=gitrepo, capture_output=True)
+    assert res.returncode == 0, res.stderr
+    git(gitrepo, "commit", "-q", "-m", "odd name")
+    os.remove(path)
+    subprocess.run(["git", "checkout", "--", os.fsdecode(name)], cwd=gitrepo, check=True, capture_output=True)
+    assert sha256(os.fsdecode(path)) == want

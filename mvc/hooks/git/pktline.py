@@ -39,7 +39,7 @@ def read_text_list(stream) -> list[str]:
     """Text packets up to the next flush, without trailing newlines."""
     out = []
     while (pkt := read_packet(stream)) is not None:
-        out.append(pkt.decode("utf-8").rstrip("\n"))
+        out.append(pkt.decode("utf-8", "surrogateescape").rstrip("\n"))  # Git path names are bytes
     return out
 
 
