@@ -4,6 +4,7 @@ peak RSS on a generated model:
 
     python -m bench [--size-mib 512] [--systems mvc,git-lfs,dvc,git-theta,zipnn,zstd] [--out DIR]
     python -m bench --store [--size-mib 1024] [--largest-mib N] [--shards K] [--out results.json]
+    python -m bench --many-tensors 100000
 
 Each mvc command runs as its own process (the real console command); its peak RSS comes
 from wait4(), so every number is what a user's shell would see.
@@ -174,6 +175,31 @@ def run_merge(size_mib: int, workdir: str) -> dict:
             "merge_peak_rss_mib": merge_rss / 2**20, "machine": machine()}
 
 
+def run_small(count: int, workdir: str) -> dict:
+    """One safetensors file of *count* tiny float32 tensors (20 elements each): per-tensor cost,
+    not per-byte work. Times commit, status after a touch, a diff against an edit, checkout."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    model = os.path.join(workdir, "many.safetensors")
+    rng = np.random.default_rng(0)
+    tensors = {f"layer{i // 100}.t{i % 100}": rng.standard_normal(20).astype(np.float32) for i in range(count)}
+    save_file(tensors, model)
+    raw, committed = os.path.getsize(model), sha256(model)
+    subprocess.run(mvc_cmd() + ["init", "."], cwd=workdir, check=True, stdout=subprocess.DEVNULL)
+    out = {"tensors": count, "size_bytes": raw, "machine": machine()}
+    out["commit_s"], _ = timed(["-q", "commit", "-m", "many"], workdir)
+    os.utime(model)
+    out["status_after_touch_s"], _ = timed(["status"], workdir)
+    tensors["layer0.t0"] = tensors["layer0.t0"] + 1
+    save_file(tensors, model)
+    out["diff_s"], _ = timed(["diff"], workdir)
+    os.remove(model)
+    out["checkout_s"], _ = timed(["-q", "checkout", "-f", "main"], workdir)
+    out["bit_exact"] = sha256(model) == committed
+    return out
+
+
 def run_git(size_mib: int, workdir: str) -> dict:
     """`git add` of the model through the mvc filter, against `mvc commit` of the same model."""
     model_dir = os.path.join(workdir, "mvcrepo")
@@ -340,13 +366,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--git", action="store_true", help="instead: `git add` through the mvc filter vs `mvc commit`")
     ap.add_argument("--remote", action="store_true", help="instead: push and clone against a local S3 server (moto)")
     ap.add_argument("--codec", action="store_true", help="instead: mvc's chunk codec against ZipNN and zstd")
+    ap.add_argument("--many-tensors", type=int, default=0, metavar="N",
+                    help="instead: commit, status, diff and checkout of one file of N tiny tensors")
     ap.add_argument("--compression", action="store_true",
                     help="instead: every compression method on the shipped demo model (perplexity table)")
     args = ap.parse_args(argv)
     if args.install_peers:
         peers_mod.install()
         return
-    side_by_side = not (args.store or args.merge or args.git or args.remote or args.codec or args.compression)
+    side_by_side = not (args.store or args.merge or args.git or args.remote or args.codec or args.compression
+                        or args.many_tensors)
     if side_by_side:
         _peers(args, argv)
         return
@@ -363,7 +392,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     workdir = args.workdir or tempfile.mkdtemp(prefix="mvc-bench-")
     try:
-        if args.merge:
+        if args.many_tensors:
+            res = run_small(args.many_tensors, workdir)
+        elif args.merge:
             res = run_merge(args.size_mib, workdir)
         elif args.git:
             res = run_git(args.size_mib, workdir)
@@ -380,6 +411,11 @@ def main(argv: list[str] | None = None) -> None:
               f"{res['push_peak_rss_mib']:.0f} MiB) | clone {res['clone_gbps']:.2f} GB/s ({res['clone_s']:.1f} s, "
               f"{res['clone_peak_rss_mib']:.0f} MiB), bit-exact {res['bit_exact']} | lazy clone "
               f"{res['lazy_clone_bytes'] / 1e6:.2f} MB |")
+        return
+    if args.many_tensors:
+        print(f"| {res['tensors']:,} tensors, {res['size_bytes'] / 2**20:.1f} MiB | commit {res['commit_s']:.1f} s | "
+              f"status after touch {res['status_after_touch_s']:.1f} s | diff {res['diff_s']:.1f} s | checkout "
+              f"{res['checkout_s']:.1f} s, bit-exact {res['bit_exact']} |")
         return
     if args.git:
         print(f"| {res['size_bytes'] / 2**30:.2f} GiB | mvc commit {res['commit_gbps']:.2f} GB/s | git add "

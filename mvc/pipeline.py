@@ -23,7 +23,7 @@ from .progress import NULL, Progress
 from .store import codec
 from .store.backend import Backend
 from .store.ids import hash_object
-from .store.objects import DTYPES, File, Tensor
+from .store.objects import DTYPES, File, Tensor, encode_object
 from .store.odb import CHUNK, ObjectDB, encode_chunk
 
 CHUNK_SIZE = 4 * 1024 * 1024  # a multiple of every element size
@@ -44,6 +44,21 @@ def _fileno(f) -> int | None:
         return fd if stat.S_ISREG(os.fstat(fd).st_mode) else None
     except (AttributeError, OSError, io.UnsupportedOperation):
         return None
+
+
+_INLINE_BELOW = 64 << 10  # chunks smaller than this are hashed and encoded by the main thread
+
+
+class _Done:
+    """A finished job, for the queue of futures (tiny chunks are not sent to a worker)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
 
 
 def _check_read(f, data, n: int) -> None:
@@ -146,10 +161,11 @@ class Ingestor:
 
     def add_meta(self, obj) -> str:
         """Store (or, hash-only, remember) a metadata object after everything already added."""
-        oid, stored = self.odb.encode_meta(obj)
         if self.store:
+            oid, stored = self.odb.encode_meta(obj)
             self._add(oid, stored)
-        else:
+        else:  # hash only: nothing is stored, so nothing is compressed
+            oid = hash_object(obj.kind, encode_object(obj))
             self.scratch[oid.hex()] = obj
         return oid.hex()
 
@@ -173,7 +189,9 @@ class Ingestor:
         *bases*: per candidate base tensor, its chunk ids (chunk i is tried against their chunk i);
         *predict*: (chunk index, length) -> Prediction, for int8 codes."""
         left, i = nbytes, 0
-        fd = _fileno(f)
+        if getattr(self, "_fd_of", (None,))[0] is not f:  # once per file, not per tensor
+            self._fd_of = (f, _fileno(f))
+        fd = self._fd_of[1]
         while left > 0:
             n = min(CHUNK_SIZE, left)
             offset = f.tell()
@@ -186,7 +204,13 @@ class Ingestor:
             left -= n
             mine = list(dict.fromkeys(b[i] for b in bases if i < len(b)))
             pred = predict(i, n) if predict is not None else None
-            pending.append((tag, (n, offset), self.pool.submit(self._work, data, float_size, mine, pred, f)))
+            if n < _INLINE_BELOW and fd is not None:  # a tiny tensor: a thread hop costs more than its work
+                data = os.pread(fd, n, offset)
+                _check_read(f, data, n)
+                job = _Done(self._work(data, float_size, mine, pred))
+            else:
+                job = self.pool.submit(self._work, data, float_size, mine, pred, f)
+            pending.append((tag, (n, offset), job))
             i += 1
             yield
 
@@ -394,8 +418,12 @@ class Materializer:
                 if cid is None:
                     self.progress.advance(tensors=1)
                     continue
-                fut = self.pool.submit(_place, self.odb, cid, self.locations.get(cid), fd, offset, n, in_tensor)
-                pending.append((fut, n, starts))
+                args = (self.odb, cid, self.locations.get(cid), fd, offset, n, in_tensor)
+                if n < _INLINE_BELOW:  # a tiny chunk: a thread hop costs more than its work
+                    _place(*args)
+                    self.progress.advance(nbytes=n, tensors=1 if starts else 0)
+                    continue
+                pending.append((self.pool.submit(_place, *args), n, starts))
                 while len(pending) > self.inflight:
                     fut, n, starts = pending.popleft()
                     fut.result()
