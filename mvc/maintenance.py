@@ -58,17 +58,22 @@ class GcReport:
     disk_freed: int = 0  # bytes of pack files given back to the file system
 
 
-def compact_packs(repo):
+#: gc rewrites a pack once a fifth of it is garbage; repack, a full rewrite that leaves the old
+#: encodings behind as garbage, rewrites every pack that holds any
+GC_MIN_LIVE, REPACK_MIN_LIVE = 0.8, 1.0
+
+
+def compact_packs(repo, min_live: float):
     """The backend's pack compaction (LMDB with packs), or None for a backend without packs."""
     compact = getattr(repo.backend, "compact", None)
-    return compact() if compact is not None else None
+    return compact(min_live) if compact is not None else None
 
 
 def gc(repo, dry_run: bool = False) -> GcReport:
     with repo.lock(), repo.store_lock(exclusive=True):
         rep = _gc(repo, dry_run)
         if not dry_run:
-            packs = compact_packs(repo)
+            packs = compact_packs(repo, GC_MIN_LIVE)
             if packs is not None:
                 rep.packs_rewritten, rep.disk_freed = packs.rewritten, packs.freed_bytes
     return rep
@@ -187,7 +192,7 @@ def repack(repo, max_depth: int | None = None, progress=None) -> RepackReport:
         if depth:
             rep.tips_whole, change = _tips_whole(repo, store, _tip_chunks(repo))
             rep.after += change + _fix_depths(repo, store, visited, depth)
-        packs = compact_packs(repo)  # the values replaced above are garbage in their packs
+        packs = compact_packs(repo, REPACK_MIN_LIVE)  # the values replaced above are garbage in their packs
         if packs is not None:
             rep.packs_rewritten, rep.disk_freed = packs.rewritten, packs.freed_bytes
     repo.backend.release_pages()

@@ -321,6 +321,7 @@ class LmdbBackend(Backend):
         a value is indexed in its new place only once it is durable there, and a pack is deleted
         only after no committed locator names it."""
         rep = CompactReport()
+        self.packs.close_writer()  # what this process appended (repack's re-encodings) is fair game too
         before = sum(self.packs.list().values())
         held = self.packs.lock_idle()
         try:
@@ -368,6 +369,8 @@ class LmdbBackend(Backend):
 
             self._write(fn)
             rep.moved_bytes += size + _RECORD * len(batch)
+            del batch
+            self.packs.release_pages()  # the old pack's pages, read through the map, leave the RSS
 
     def iter_oids(self, prefix=b""):
         def fn(txn):

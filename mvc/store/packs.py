@@ -231,11 +231,15 @@ class PackSet:
         with self._maps_lock:
             self._maps.pop(pack, None)
 
-    def close(self) -> None:
+    def close_writer(self) -> None:
+        """Let go of the pack this process appends to (it becomes idle: compaction may take it)."""
         with self._write_lock:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+
+    def close(self) -> None:
+        self.close_writer()
         with self._maps_lock:
             self._maps.clear()  # the maps close when the last view of them goes
 
