@@ -78,13 +78,18 @@ def test_a_second_process_appends_to_the_same_pack(tmp_path, rng):
         assert sha256(root / "m.safetensors") == h
 
 
-def test_truncated_pack_is_named_by_fsck_and_checkout_writes_nothing_wrong(tmp_path, rng):
+def committed(tmp_path, rng):
+    """A repository with one commit of a model, closed; (its root, its one pack)."""
     root = tmp_path / "w"
-    repo = Repo.init(root)
-    model(root, rng)
-    repo.commit("one")
-    repo.close()
+    with Repo.init(root) as repo:
+        model(root, rng)
+        repo.commit("one")
     [pack] = packs_of(root)
+    return root, pack
+
+
+def test_truncated_pack_is_named_by_fsck_and_checkout_writes_nothing_wrong(tmp_path, rng):
+    root, pack = committed(tmp_path, rng)
     good = root / "m.safetensors"
     os.unlink(good)
     with open(pack, "r+b") as f:
@@ -99,12 +104,7 @@ def test_truncated_pack_is_named_by_fsck_and_checkout_writes_nothing_wrong(tmp_p
 
 
 def test_altered_pack_byte_is_caught_by_the_id_check(tmp_path, rng):
-    root = tmp_path / "w"
-    repo = Repo.init(root)
-    model(root, rng)
-    repo.commit("one")
-    repo.close()
-    [pack] = packs_of(root)
+    root, pack = committed(tmp_path, rng)
     data = bytearray(pack.read_bytes())
     data[len(HEADER) + 40 + 5000] ^= 0x40  # inside the first record's value
     pack.write_bytes(bytes(data))
@@ -117,12 +117,7 @@ def test_altered_pack_byte_is_caught_by_the_id_check(tmp_path, rng):
 
 
 def test_missing_pack_is_a_clear_error(tmp_path, rng):
-    root = tmp_path / "w"
-    repo = Repo.init(root)
-    model(root, rng)
-    repo.commit("one")
-    repo.close()
-    [pack] = packs_of(root)
+    root, pack = committed(tmp_path, rng)
     os.unlink(pack)
     fsck = mvc_proc("fsck", cwd=root)
     assert fsck.returncode != 0 and "missing" in fsck.stdout and "Traceback" not in fsck.stderr
