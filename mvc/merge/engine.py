@@ -60,7 +60,7 @@ def merge_bases(repo, a: str, b: str) -> list[str]:
 def from_float64(dtype: str, x: np.ndarray) -> np.ndarray:
     """float64 values as *dtype*'s raw little-endian elements (round to nearest even)."""
     if dtype == "BF16":
-        f = x.astype(np.float32)
+        f = x.astype(np.float32, copy=False)  # float32 math already is
         u = f.view(np.uint32)
         # round to nearest even on the top 16 bits; only NaN patterns could overflow, and they are replaced
         rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
