@@ -495,3 +495,13 @@ def test_file_remote_refuses_what_is_not_a_regular_file(tmp_path, rng, what):
     res = mvc_proc("fetch", cwd=a, timeout=60)
     assert time.monotonic() - t < 30 and res.returncode != 0 and "Traceback" not in res.stderr
     assert "refs/heads/main" in res.stderr
+
+
+def test_push_over_a_damaged_remote_ref_is_one_line(target, tmp_path, rng):
+    a, tensors = pushed(tmp_path, rng, target, n=1)
+    target.backend().put("refs/heads/main", b"\xff\xfe\n")
+    (a / "config.json").write_text('{"v": 2}')
+    run(a, "commit", "-m", "two", env=target.env)
+    res = mvc_proc("push", cwd=a, env=target.env)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "remote ref refs/heads/main is damaged" in res.stderr

@@ -113,7 +113,7 @@ def parse_index(raw: bytes, key: str) -> list[tuple[str, int, int]]:
 
 def _read_ref(remote: RemoteBackend, branch: str) -> tuple[bytes | None, str | None]:
     raw = remote.get(f"refs/heads/{branch}")
-    return raw, (raw.decode().strip() if raw else None)
+    return raw, (_remote_tip(raw, f"refs/heads/{branch}") if raw is not None else None)
 
 
 def _missing(repo, tip: str, have) -> dict[str, str]:
