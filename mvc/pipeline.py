@@ -90,6 +90,7 @@ class Ingestor:
         self._batch_bytes = 0
         self._batch_limit = batch_bytes
         self._seen: set[bytes] = set()
+        self._fd_of: tuple = (None, None)  # (the file being read, its descriptor or None)
         self.added_bytes = 0
         #: metadata objects computed but not stored (store=False), for diffs against the work tree
         self.scratch: dict[str, object] = {}
@@ -189,7 +190,7 @@ class Ingestor:
         *bases*: per candidate base tensor, its chunk ids (chunk i is tried against their chunk i);
         *predict*: (chunk index, length) -> Prediction, for int8 codes."""
         left, i = nbytes, 0
-        if getattr(self, "_fd_of", (None,))[0] is not f:  # once per file, not per tensor
+        if self._fd_of[0] is not f:  # once per file, not per tensor
             self._fd_of = (f, _fileno(f))
         fd = self._fd_of[1]
         while left > 0:

@@ -30,7 +30,7 @@ from ..errors import MvcError, UsageError
 from ..graph import closure
 from ..progress import NULL
 from ..store import codec
-from ..store.ids import TYPE_CODE, TYPES
+from ..store.ids import TYPE_CODE, TYPES, is_hex_oid
 from ..store.objects import DTYPES, canonical_json, parse_object
 from ..store.odb import decode_verified, encode_chunk
 
@@ -113,10 +113,6 @@ def write_patch(repo, a: str, b: str, out) -> dict:
     return {"base": ca, "target": cb, **stats}
 
 
-def _is_id(v) -> bool:
-    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
-
-
 def read_patch(data: bytes):
     """Parse and check a whole patch; returns (manifest, [(id, kind, payload)])."""
     if len(data) < len(MAGIC) + 2 + 8 + 36 or not data.startswith(MAGIC):
@@ -137,9 +133,9 @@ def read_patch(data: bytes):
         if not isinstance(manifest, dict):
             raise TypeError("not a JSON object")
         for key in ("base", "base_tree", "target", "target_tree"):
-            if not _is_id(manifest[key]):
+            if not is_hex_oid(manifest[key]):
                 raise TypeError(f"{key} is not an object id")
-        if not (isinstance(manifest["expects"], list) and all(_is_id(e) for e in manifest["expects"])):
+        if not (isinstance(manifest["expects"], list) and all(is_hex_oid(e) for e in manifest["expects"])):
             raise TypeError("expects is not a list of object ids")
     except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise PatchError(f"patch manifest is damaged ({e})") from e

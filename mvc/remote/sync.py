@@ -29,7 +29,7 @@ from ..progress import NULL
 from ..refs import check_ref_name
 from ..state import CFG_LAZY, CFG_REMOTES, HEADS, KV_REMOTE_INDEX, REMOTES
 from ..store.codec import delta_base, links
-from ..store.ids import TYPE_CODE
+from ..store.ids import TYPE_CODE, is_hex_oid
 from ..store.objects import canonical_json
 from ..store.odb import decode_verified
 from .backends import RemoteBackend, RemoteError
@@ -85,7 +85,6 @@ def remote_index(repo, remote: RemoteBackend, name: str) -> dict[str, tuple[str,
     return out
 
 
-_HEX = frozenset("0123456789abcdef")
 MAX_VALUE = 1 << 30  # no stored value is larger (a chunk is at most 4 MiB; metadata far smaller)
 
 
@@ -101,7 +100,7 @@ def parse_index(raw: bytes, key: str) -> list[tuple[str, int, int]]:
             if not (isinstance(e, list) and len(e) == 3):
                 raise TypeError(f"entry {str(e)[:80]} is not [id, offset, length]")
             oid, off, length = e
-            if not (isinstance(oid, str) and len(oid) == 64 and _HEX.issuperset(oid)):
+            if not is_hex_oid(oid):
                 raise TypeError(f"entry id {str(oid)[:80]!r} is not 64 hex digits")
             if not (type(off) is int and type(length) is int and 0 <= off < 1 << 48 and 0 <= length <= MAX_VALUE):
                 raise TypeError(f"entry {oid[:12]} has offset {off!r}, length {length!r}")
@@ -214,7 +213,7 @@ def push(repo, remote: RemoteBackend, name: str, branch: str, force: bool = Fals
 def _remote_tip(raw: bytes, key: str) -> str:
     """A remote ref's commit id: 64 lowercase hex digits and a newline, nothing else."""
     tip = raw.decode("ascii", "replace").strip()
-    if len(tip) != 64 or not _HEX.issuperset(tip):
+    if not is_hex_oid(tip):
         raise RemoteError(f"remote ref {key} is damaged (not a commit id: {tip[:80]!r})")
     return tip
 

@@ -27,5 +27,9 @@ def hash_object(kind: str, content: bytes | bytearray | memoryview) -> bytes:
     return h.digest()
 
 
-def is_hex_oid(text: str) -> bool:
-    return len(text) == OID_HEX and all(c in "0123456789abcdef" for c in text)
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
+def is_hex_oid(text) -> bool:
+    """An object id as mvc writes it: 64 lowercase hex digits (anything else, any type: False)."""
+    return isinstance(text, str) and len(text) == OID_HEX and _HEX_DIGITS.issuperset(text)

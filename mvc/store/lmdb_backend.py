@@ -22,6 +22,7 @@ import lmdb
 from ..errors import CorruptObjectError, MvcError, RefConflictError
 from ..state import KV_STATS
 from .backend import Backend
+from .ids import is_hex_oid
 from .packs import HEADER, LOC_SIZE, PACK_MIN, PackGone, PackSet, locator, parse_locator
 
 _RECORD = 40  # a pack record's header: id and length
@@ -119,13 +120,10 @@ def _map_file(path: str) -> str:
     return os.path.join(os.path.realpath(path), "data.mdb")
 
 
-_HEX = frozenset("0123456789abcdef")
-
-
 def _ref_value(name: str, raw: bytes) -> str:
     """A stored ref's value, checked: a commit id (64 lowercase hex digits) or "ref: <name>"."""
     value = raw.decode("utf-8", "replace")
-    if (len(value) == 64 and _HEX.issuperset(value)) or (value.startswith("ref: refs/") and "\ufffd" not in value):
+    if is_hex_oid(value) or (value.startswith("ref: refs/") and "\ufffd" not in value):
         return value
     raise MvcError(f"ref {name} is damaged (it holds {value[:80]!r}, not a commit id)",
                    hint="the store was changed by something other than mvc; restore .mvc from a backup "
