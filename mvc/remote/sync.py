@@ -66,19 +66,22 @@ def _check_format(remote: RemoteBackend, create: bool) -> None:
                           hint="upgrade mvc")
 
 
-def remote_index(repo, remote: RemoteBackend, name: str) -> dict[str, tuple[str, int, int]]:
-    """oid -> (pack key, offset, length) for every object the remote holds (idx files cached locally)."""
+def remote_index(local, remote: RemoteBackend, name: str) -> dict[str, tuple[str, int, int]]:
+    """oid -> (pack key, offset, length) for every object the remote holds. Its idx files are cached
+    in *local*'s key-value space (a repository or a store backend): a pack's name is the hash of its
+    bytes, so a cached index is never stale."""
+    kv = getattr(local, "backend", local)
     out: dict[str, tuple[str, int, int]] = {}
     for key in remote.list("packs/"):
         if not key.endswith(".idx"):
             continue
         cache_key = KV_REMOTE_INDEX + name.encode() + b":" + key.encode()
-        raw = repo.backend.kv_get(cache_key)
+        raw = kv.kv_get(cache_key)
         if raw is None:
             raw = remote.get(key)
             if raw is None:
                 continue
-            repo.backend.kv_put_many({cache_key: raw})
+            kv.kv_put_many({cache_key: raw})
         pack = key[: -len(".idx")] + ".pack"
         for oid, off, length in parse_index(raw, key):
             out[oid] = (pack, off, length)
@@ -120,13 +123,13 @@ def _missing(repo, tip: str, have) -> dict[str, str]:
     return closure(repo.odb.get, [(tip, "commit")], have.__contains__)
 
 
-def _verified(repo, items: list[tuple[str, bytes]], kinds) -> list[tuple[str, bytes]]:
+def _verified(odb, items: list[tuple[str, bytes]], kinds) -> list[tuple[str, bytes]]:
     """*items* once every stored value decoded to its id: a damaged local object is never sent
     (a remote would keep it: a later push skips ids the remote lists)."""
     for oid, stored in items:
         kind = kinds(oid)
         try:
-            repo.odb.decode(bytes.fromhex(oid), stored, kind)
+            odb.decode(bytes.fromhex(oid), stored, kind)
         except MvcError as e:
             raise RemoteError(f"push stopped before sending a damaged {kind}: {e}",
                               hint="run `mvc fsck`; fetch the object from a healthy remote, then push again") from e
@@ -161,19 +164,35 @@ def push(repo, remote: RemoteBackend, name: str, branch: str, force: bool = Fals
                           hint=f"`mvc pull {name} {branch}` first, or push --force")
     have = remote_index(repo, remote, name)
     want = _missing(repo, local, have)
+    upload_objects(repo.odb, remote, have, want, progress)
+    if not remote.cas(f"refs/heads/{branch}", old_raw, (local + "\n").encode()):
+        raise RemoteError(f"push of {branch} rejected: the remote ref moved while pushing",
+                          hint=f"`mvc pull {name} {branch}` and push again")
+    repo.refs.set_ref(f"{REMOTES}{name}/{branch}", local, repo.refs.get(f"{REMOTES}{name}/{branch}"),
+                      f"push to {name}")
+    res.objects = len(want)
+    res.bytes_sent = remote.sent
+    return res
+
+
+def upload_objects(odb, remote: RemoteBackend, have, want: dict[str, str], progress=None) -> None:
+    """Upload *want* (id -> kind; none of them in *have*, what the remote lists) as packs: the chunks
+    first, two packs at a time, then the metadata, children before parents (tensors, files, trees,
+    commits), so whatever the remote lists has everything it names. Every value is verified
+    against its id before it leaves; a delta whose base the remote will not have goes in full."""
     chunks = [o for o, k in want.items() if k == "chunk"]
     meta = sorted((o for o, k in want.items() if k != "chunk"), key=lambda o: (TYPE_CODE[want[o]], o))
     if progress is not None:
-        progress.start("pushing", sum(len(repo.odb.stored(o)) for o in chunks))
+        progress.start("pushing", sum(len(odb.stored(o)) for o in chunks))
 
     wanted = set(chunks)
 
     def packs(ids):
         batch, size = [], 0
         for oid in ids:
-            stored = bytes(repo.odb.stored(oid))
+            stored = bytes(odb.stored(oid))
             if any(b.hex() not in wanted and b.hex() not in have for b in links(stored)):
-                stored = repo.odb.standalone(oid)  # its base is neither on the remote nor in this push
+                stored = odb.standalone(oid)  # its base is neither on the remote nor in this upload
             batch.append((oid, stored))
             size += len(stored)
             if size >= PACK_TARGET:
@@ -186,8 +205,8 @@ def push(repo, remote: RemoteBackend, name: str, branch: str, force: bool = Fals
         pending = []
         for batch in packs(chunks):
             # verified by the uploading thread (decoding releases the GIL): two at once
-            pending.append(pool.submit(lambda b: _upload_pack(remote, _verified(repo, b, want.get)), batch))
-            repo.backend.release_pages()
+            pending.append(pool.submit(lambda b: _upload_pack(remote, _verified(odb, b, want.get)), batch))
+            odb.backend.release_pages()
             while len(pending) >= 2:  # two packs uploading (each multipart, 4 parts at once)
                 n = pending.pop(0).result()
                 if progress is not None:
@@ -197,17 +216,9 @@ def push(repo, remote: RemoteBackend, name: str, branch: str, force: bool = Fals
             if progress is not None:
                 progress.advance(nbytes=n)
     for batch in packs(meta):  # after every chunk pack: a commit on the remote is always complete
-        _upload_pack(remote, _verified(repo, batch, want.get))
+        _upload_pack(remote, _verified(odb, batch, want.get))
     if progress is not None:
         progress.finish()
-    if not remote.cas(f"refs/heads/{branch}", old_raw, (local + "\n").encode()):
-        raise RemoteError(f"push of {branch} rejected: the remote ref moved while pushing",
-                          hint=f"`mvc pull {name} {branch}` and push again")
-    repo.refs.set_ref(f"{REMOTES}{name}/{branch}", local, repo.refs.get(f"{REMOTES}{name}/{branch}"),
-                      f"push to {name}")
-    res.objects = len(want)
-    res.bytes_sent = remote.sent
-    return res
 
 
 def _remote_tip(raw: bytes, key: str) -> str:
@@ -246,11 +257,28 @@ def _fetch(repo, remote: RemoteBackend, name: str, progress, lazy: bool) -> dict
             raise RemoteError(f"remote ref {key} is damaged (not a valid branch name)") from e
         tips[branch] = _remote_tip(raw, key)
     index = remote_index(repo, remote, name)
+    download_objects(repo.odb, remote, index, [(t, "commit") for t in tips.values()], name, progress, lazy)
+    for branch, tip in tips.items():
+        ref = f"{REMOTES}{name}/{branch}"
+        repo.refs.set_ref(ref, tip, repo.refs.get(ref), f"fetch from {name}")
+    return tips
+
+
+def download_objects(odb, remote: RemoteBackend, index: dict, roots, name: str, progress=None,
+                     lazy: bool = False) -> None:
+    """Store everything reachable from *roots* [(id, kind)] that *odb* lacks, downloaded through
+    *index* (remote_index) and verified against its id before it is stored: chunks first (several
+    requests in flight, a delta only once its base is stored), then metadata, children before
+    parents, so the store never names what it lacks. Objects already here are walked through, so a
+    store that lost some gets them back. *name* labels errors and progress.
+
+    *lazy*: metadata only; chunks come on demand (lazy_fetcher)."""
 
     def download(oid: str, kind: str) -> bytes:
         where = index.get(oid)
         if where is None:
-            raise RemoteError(f"the remote lacks {kind} {oid[:12]} that its refs need", hint="the remote is damaged")
+            raise RemoteError(f"the remote {name} lacks {kind} {oid[:12]}",
+                              hint="it was never uploaded there, or the remote is damaged (`mvc remote fsck`)")
         data = remote.get_range(*where)
         if kind == "chunk" and delta_base(data) is not None:
             return data  # verified once its base is at hand (store_chunk)
@@ -263,25 +291,25 @@ def _fetch(repo, remote: RemoteBackend, name: str, progress, lazy: bool) -> dict
     # 1. metadata (small): walk down from the tips, keeping what is new in memory
     metas: dict[str, tuple[str, bytes]] = {}
     chunks: list[str] = []
-    stack = [(t, "commit") for t in tips.values()]
+    stack = list(roots)
     seen: set[str] = set()
     while stack:
         oid, kind = stack.pop()
         if oid in seen:
             continue
         seen.add(oid)
-        have = repo.backend.has(bytes.fromhex(oid))
+        have = odb.backend.has(bytes.fromhex(oid))
         if kind == "chunk":
             if not lazy and not have:
                 chunks.append(oid)
             continue
         if have:  # walk on below it: what it names may be missing (an older gc raced a fetch)
-            stack.extend(children(kind, repo.odb.get(oid, kind)))
+            stack.extend(children(kind, odb.get(oid, kind)))
             continue
         data = download(oid, kind)
         metas[oid] = (kind, data)
         _, content = decode_verified(bytes.fromhex(oid), data, kind)
-        stack.extend(children(kind, repo.odb.get_parsed_from(kind, content, oid)))
+        stack.extend(children(kind, odb.get_parsed_from(kind, content, oid)))
     # 2. chunks, several requests in flight, each verified before it is stored
     if progress is not None and chunks:
         progress.start(f"fetching from {name}", sum(index[c][2] for c in chunks if c in index))
@@ -291,8 +319,8 @@ def _fetch(repo, remote: RemoteBackend, name: str, progress, lazy: bool) -> dict
 
     def flush():
         nonlocal batch, size
-        repo.backend.put_many(batch)
-        repo.backend.release_pages()
+        odb.backend.put_many(batch)
+        odb.backend.release_pages()
         batch, size = [], 0
         in_batch.clear()
 
@@ -301,18 +329,18 @@ def _fetch(repo, remote: RemoteBackend, name: str, progress, lazy: bool) -> dict
         need be), so the store never holds a delta without its base."""
         nonlocal size
         key = bytes.fromhex(oid)
-        if key in in_batch or repo.backend.has(key):
+        if key in in_batch or odb.backend.has(key):
             return
         bases = links(data)
         for base in bases:
             if base in in_batch:
                 flush()
-            elif not repo.backend.has(base):
+            elif not odb.backend.has(base):
                 store_chunk(base.hex(), download(base.hex(), "chunk"))
                 flush()
         if bases:
             try:
-                repo.odb.decode(key, data, "chunk")
+                odb.decode(key, data, "chunk")
             except MvcError as e:
                 raise CorruptObjectError(oid, f"downloaded from {name} and refused: {e}") from e
         batch.append((key, data))
@@ -342,11 +370,7 @@ def _fetch(repo, remote: RemoteBackend, name: str, progress, lazy: bool) -> dict
         progress.finish()
     # 3. metadata last, children before parents: tensors, files, trees, commits
     for kind in ("tensor", "file", "tree", "commit"):
-        repo.backend.put_many([(bytes.fromhex(o), d) for o, (k, d) in metas.items() if k == kind])
-    for branch, tip in tips.items():
-        ref = f"{REMOTES}{name}/{branch}"
-        repo.refs.set_ref(ref, tip, repo.refs.get(ref), f"fetch from {name}")
-    return tips
+        odb.backend.put_many([(bytes.fromhex(o), d) for o, (k, d) in metas.items() if k == kind])
 
 
 @dataclass
