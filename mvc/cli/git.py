@@ -23,9 +23,9 @@ def _mvc_command() -> str:
     return f"'{exe}'" if exe else f"'{sys.executable}' -m mvc"
 
 
-def _git(*args: str, cwd: str = ".") -> str:
+def _git(*args: str, cwd: str = ".", env: dict | None = None) -> str:
     try:
-        res = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+        res = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, env=env)
     except FileNotFoundError as e:
         raise MvcError("git is not installed", hint="apt-get install git") from e
     if res.returncode != 0:
@@ -59,31 +59,70 @@ def install(c, scope):
         gd = git_dir(cwd)
         open_store(gd, create=True)
         _install_pre_push(gd, cmd)
-        restored = _smudge_pointer_files(cwd)
-        if restored:
-            click.echo(f"checked out {restored} model file(s) that were still pointers")
+        if not _skip_smudge():
+            try:
+                restored = _smudge_pointer_files(gd, c.progress())
+            except MvcError as e:
+                raise MvcError(f"mvc filter installed, but model files stay pointers: {e}", hint=e.hint) from e
+            if restored:
+                click.echo(f"checked out {restored} model file(s) that were still pointers")
     click.echo(f"mvc filter installed ({scope[2:]}); track files with `mvc git track '*.safetensors'`")
 
 
-def _smudge_pointer_files(cwd: str) -> int:
-    """Files a clone wrote as pointers before the filter was configured: check them out again."""
-    from ..hooks.git.pointer import MAX_SIZE, parse
+def git_work_tree(directory: str) -> str | None:
+    """The top of the Git work tree containing *directory* where `mvc git install` ran, else None."""
+    import pygit2
 
-    top = _git("rev-parse", "--show-toplevel", cwd=cwd).strip()
+    from ..hooks.git.transfer import workdir_of
+
+    found = pygit2.discover_repository(os.path.abspath(directory))
+    if not found or not os.path.isdir(os.path.join(found, "mvc")):
+        return None
+    return workdir_of(found)
+
+
+def _skip_smudge() -> bool:
+    return os.environ.get("MVC_SKIP_SMUDGE", "") not in ("", "0")
+
+
+def _sources(gd: str, git_remote: str | None = None):
+    from ..hooks.git.filter import open_store
+    from ..hooks.git.transfer import Sources, workdir_of
+
+    return Sources(open_store(gd), gd, workdir_of(gd), git_remote)
+
+
+def _smudge_pointer_files(gd: str, progress, git_remote: str | None = None) -> int:
+    """Work-tree files that are still pointers (a clone made before the filter was configured, or
+    with MVC_SKIP_SMUDGE): fetch their objects (in parallel, verified), then check them out again."""
+    from ..hooks.git.pointer import MAX_SIZE, parse
+    from ..hooks.git.transfer import workdir_of
+
+    top = workdir_of(gd)
+    if top is None:
+        return 0
     res = subprocess.run(["git", "ls-files", "-z"], cwd=top, capture_output=True)
-    paths = []
-    for rel in res.stdout.decode("utf-8", "replace").split("\0"):
+    paths, oids = [], []
+    for rel in res.stdout.decode("utf-8", "surrogateescape").split("\0"):
         full = os.path.join(top, rel)
         if rel and os.path.isfile(full) and not os.path.islink(full) and os.path.getsize(full) <= MAX_SIZE:
             with open(full, "rb") as f:
-                if parse(f.read()) is not None:
-                    paths.append(rel)
+                ptr = parse(f.read())
+            if ptr is not None:
+                paths.append(rel)
+                oids.append(ptr.oid)
     if paths:
+        sources = _sources(gd, git_remote)
+        try:
+            sources.fetch(oids, progress)  # before any file moves: a missing object changes nothing
+        finally:
+            sources.close()
         # Git skips index-clean files on checkout: move the pointers aside first, restore them on failure
         for rel in paths:
             os.replace(os.path.join(top, rel), os.path.join(top, rel) + ".mvc-pointer")
         try:
-            _git("checkout", "--", *paths, cwd=top)
+            env = {k: v for k, v in os.environ.items() if k != "MVC_SKIP_SMUDGE"}
+            _git("checkout", "--", *paths, cwd=top, env=env)
         finally:
             for rel in paths:
                 aside = os.path.join(top, rel) + ".mvc-pointer"
@@ -103,6 +142,12 @@ def uninstall(c, scope):
     for section in ("filter.mvc", "diff.mvc", "merge.mvc"):
         subprocess.run(["git", "config", scope, "--remove-section", section], cwd=c.directory,
                        capture_output=True)
+    if scope == "--local":
+        from ..hooks.git.filter import git_dir
+
+        hook = os.path.join(git_dir(c.directory), "hooks", "pre-push")
+        if os.path.isfile(hook) and "mvc git install" in open(hook, encoding="utf-8", errors="replace").read():
+            os.remove(hook)
     click.echo("mvc filter removed")
 
 
@@ -132,29 +177,16 @@ def _gitdir() -> str:
     return os.path.abspath(os.environ.get("GIT_DIR") or git_dir("."))
 
 
-def _origin_store() -> str | None:
-    """The mvc store of a local origin (a path or file:// URL), where missing objects can come from."""
-    res = subprocess.run(["git", "config", "--get", "remote.origin.url"], capture_output=True, text=True)
-    url = res.stdout.strip()
-    if not url:
-        return None
-    if url.startswith("file://"):
-        url = url[len("file://"):]
-    elif "://" in url or (":" in url.split("/")[0] and not os.path.exists(url)):
-        return None  # a network remote: objects come from the mvc remote instead
-    path = os.path.abspath(url)
-    gitdir = os.path.join(path, ".git") if os.path.isdir(os.path.join(path, ".git")) else path
-    return os.path.join(gitdir, "mvc", "store")
-
-
 @git_group.command("filter-process")
 def filter_process():
     """Git's long-running filter (started by Git, speaks pkt-lines on stdin/stdout)."""
     from ..hooks.git.filter import Filter, open_store, serve
     from ..hooks.git.history import store_lock
+    from ..hooks.git.transfer import Sources, workdir_of
 
     gd = _gitdir()
-    filt = Filter(open_store(gd), os.path.join(gd, "mvc", "tmp"), fallback_store=_origin_store())
+    odb = open_store(gd)
+    filt = Filter(odb, os.path.join(gd, "mvc", "tmp"), Sources(odb, gd, workdir_of(gd)))
 
     def log(msg: str) -> None:
         sys.stderr.write(msg + "\n")
@@ -237,11 +269,91 @@ def _install_pre_push(gitdir: str, cmd: str) -> None:
 
 
 @git_group.command("pre-push", context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def pre_push(args):
-    """Git's pre-push hook. It says where the model objects are (uploading them is not wired to Git yet)."""
-    click.echo("mvc: model objects stay in .git/mvc/store (uploading them to an mvc remote from `git push` "
-               "is not wired yet); a clone of this repository on this machine fetches them from here", err=True)
+@click.argument("remote_name")
+@click.argument("remote_url", required=False)
+@click.pass_obj
+def pre_push(c, remote_name, remote_url):
+    """Git's pre-push hook: upload the model objects of the commits being pushed that the paired
+    mvc remote lacks (or, for a Git remote on this machine, copy them into its store)."""
+    from ..hooks.git import mvcconfig
+    from ..hooks.git.history import pointers_to_push, store_lock
+    from ..hooks.git.transfer import (
+        MAX_UPDATES,
+        local_git_store,
+        parse_push_updates,
+        upload,
+        upload_to_store,
+        workdir_of,
+    )
+    from . import render
+
+    gd = _gitdir()
+    updates = parse_push_updates(sys.stdin.buffer.read(MAX_UPDATES + 1))
+    pointers = pointers_to_push(gd, remote_name, updates)
+    if not pointers:
+        return
+    wd = workdir_of(gd) or os.getcwd()
+    paired = mvcconfig.resolve(wd, remote_name)
+    with store_lock(gd, exclusive=False):
+        if paired is not None:
+            t = upload(_store(), paired, pointers, c.progress())
+        else:
+            store = local_git_store(remote_url or remote_name)
+            if store is None:
+                raise MvcError(f"Git remote {remote_name!r} has no paired mvc remote to upload "
+                               f"{len(pointers)} model file(s) to",
+                               hint=f"pair one: `mvc remote add {remote_name} s3://BUCKET/PREFIX` (or file:///PATH) "
+                                    "and commit .mvcconfig; or push without the models: `git push --no-verify`")
+            t = upload_to_store(_store(), store, pointers)
+    if t.objects and not c.quiet:
+        click.echo(f"mvc: uploaded {t.objects} objects ({render.human(t.nbytes)}) for {t.files} model file(s) "
+                   f"to {t.where}", err=True)
+
+
+@git_group.command("fetch")
+@click.argument("revs", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Every commit reachable from a ref, and the index.")
+@click.option("--remote", "git_remote", metavar="NAME",
+              help="Git remote whose paired mvc remote to use (default: the branch's upstream, else origin).")
+@click.pass_obj
+def git_fetch(c, revs, all_, git_remote):
+    """Download the model objects that REVS (default HEAD) need, like `git lfs fetch`."""
+    from ..hooks.git.history import pointers_at, reachable_pointers
+    from . import render
+
+    gd = _gitdir()
+    if all_ and revs:
+        raise UsageError("give revisions or --all, not both")
+    pointers = reachable_pointers(gd) if all_ else pointers_at(gd, list(revs) or ["HEAD"])
+    sources = _sources(gd, git_remote)
+    try:
+        t = sources.fetch(list(pointers), c.progress())
+    finally:
+        sources.close()
+    if t.objects:
+        click.echo(f"fetched {t.objects} objects ({render.human(t.nbytes)}) for {len(pointers)} model file(s) "
+                   f"from {t.where}")
+    else:
+        click.echo(f"all {len(pointers)} model file(s) are here already")
+
+
+@git_group.command("pull")
+@click.option("--remote", "git_remote", metavar="NAME",
+              help="Git remote whose paired mvc remote to use (default: the branch's upstream, else origin).")
+@click.pass_obj
+def git_pull(c, git_remote):
+    """Download what HEAD's model files need and replace the pointers in the work tree with them,
+    like `git lfs pull` (after a clone with MVC_SKIP_SMUDGE=1, for instance)."""
+    from ..hooks.git.history import pointers_at
+
+    gd = _gitdir()
+    sources = _sources(gd, git_remote)
+    try:
+        sources.fetch(list(pointers_at(gd, ["HEAD"])), c.progress())
+    finally:
+        sources.close()
+    n = _smudge_pointer_files(gd, c.progress(), git_remote)
+    click.echo(f"checked out {n} model file(s)" if n else "every model file is checked out")
 
 
 @git_group.command("fsck")

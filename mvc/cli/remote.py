@@ -12,29 +12,66 @@ from .context import default_author, pass_ctx
 
 @click.group()
 def remote():
-    """Manage remotes (file:// directories; S3-compatible buckets are coming)."""
+    """Manage remotes (s3:// buckets, file:// directories). In a Git work tree where `mvc git
+    install` ran, they pair with Git's remotes and are kept in the committed .mvcconfig."""
+
+
+def _repo_or_git(c):
+    """(the mvc repository, None), or (None, the Git work tree top) where there is no mvc
+    repository but a Git one with mvc installed."""
+    from ..errors import NotARepositoryError
+
+    try:
+        return c.repo(), None
+    except NotARepositoryError as e:
+        from .git import git_work_tree
+
+        top = git_work_tree(c.directory)
+        if top is None:
+            raise NotARepositoryError(str(e), hint="run `mvc init`, or `mvc git install` in a Git repository") from e
+        return None, top
 
 
 @remote.command("add")
 @click.argument("name")
 @click.argument("url")
-@click.option("--endpoint-url", default=None, help="S3-compatible endpoint (kept in repo config).")
+@click.option("--endpoint-url", default=None, help="S3-compatible endpoint (kept in the config, never a secret).")
 @pass_ctx
 def remote_add(c, name, url, endpoint_url):
-    """Add a remote NAME at URL."""
+    """Add a remote NAME at URL (in Git: pair it with the Git remote NAME)."""
     from ..remote.sync import add_remote
 
-    add_remote(c.repo(), name, url, endpoint_url)
+    repo, top = _repo_or_git(c)
+    if repo is not None:
+        add_remote(repo, name, url, endpoint_url)
+        return
+    import subprocess
+
+    from ..hooks.git import mvcconfig
+
+    mvcconfig.add(top, name, url, endpoint_url)
+    click.echo(f"paired mvc remote {name} ({url}) with Git remote {name}; "
+               f"commit {mvcconfig.FILENAME} so that clones find it")
+    has_git_remote = subprocess.run(["git", "config", "--get", f"remote.{name}.url"], cwd=top,
+                                    capture_output=True).returncode == 0
+    if not has_git_remote:
+        click.echo(f"note: there is no Git remote named {name} yet (`git remote add {name} URL`)", err=True)
 
 
 @remote.command("remove")
 @click.argument("name")
 @pass_ctx
 def remote_remove(c, name):
-    """Remove a remote and its remote-tracking refs."""
+    """Remove a remote and its remote-tracking refs (in Git: its .mvcconfig entry)."""
     from ..remote.sync import remove_remote
 
-    remove_remote(c.repo(), name)
+    repo, top = _repo_or_git(c)
+    if repo is not None:
+        remove_remote(repo, name)
+        return
+    from ..hooks.git import mvcconfig
+
+    mvcconfig.remove(top, name)
 
 
 @remote.command("list")
@@ -44,7 +81,14 @@ def remote_list(c, as_json):
     """List remotes."""
     from ..remote.sync import remotes
 
-    rs = remotes(c.repo())
+    repo, top = _repo_or_git(c)
+    if repo is not None:
+        rs = remotes(repo)
+    else:
+        from ..hooks.git import mvcconfig
+
+        rs = {p.name: {"url": p.url} | ({"endpoint_url": p.endpoint_url} if p.endpoint_url else {})
+              for p in mvcconfig.read(top).values()}
     if as_json:
         render.emit_json(rs)
     else:

@@ -48,7 +48,7 @@ class PushResult:
     up_to_date: bool = False
 
 
-def _check_format(remote: RemoteBackend, create: bool) -> None:
+def check_format(remote: RemoteBackend, create: bool) -> None:
     raw = remote.get("mvc-remote.json")
     if raw is None:
         if not create:
@@ -153,7 +153,7 @@ def push(repo, remote: RemoteBackend, name: str, branch: str, force: bool = Fals
     local = repo.refs.get(HEADS + branch)
     if local is None:
         raise RemoteError(f"no local branch {branch!r} to push")
-    _check_format(remote, create=True)
+    check_format(remote, create=True)
     old_raw, old = _read_ref(remote, branch)
     res = PushResult(branch, old, local)
     if old == local:
@@ -243,7 +243,7 @@ def fetch(repo, remote: RemoteBackend, name: str, progress=None, lazy: bool = Fa
 
 
 def _fetch(repo, remote: RemoteBackend, name: str, progress, lazy: bool) -> dict[str, str]:
-    _check_format(remote, create=False)
+    check_format(remote, create=False)
     repo.use_packs()
     tips = {}
     for key in remote.list("refs/heads/"):
@@ -265,14 +265,15 @@ def _fetch(repo, remote: RemoteBackend, name: str, progress, lazy: bool) -> dict
 
 
 def download_objects(odb, remote: RemoteBackend, index: dict, roots, name: str, progress=None,
-                     lazy: bool = False) -> None:
+                     lazy: bool = False) -> int:
     """Store everything reachable from *roots* [(id, kind)] that *odb* lacks, downloaded through
     *index* (remote_index) and verified against its id before it is stored: chunks first (several
     requests in flight, a delta only once its base is stored), then metadata, children before
     parents, so the store never names what it lacks. Objects already here are walked through, so a
     store that lost some gets them back. *name* labels errors and progress.
 
-    *lazy*: metadata only; chunks come on demand (lazy_fetcher)."""
+    *lazy*: metadata only; chunks come on demand (lazy_fetcher). Returns how many objects it stored."""
+    stored = 0
 
     def download(oid: str, kind: str) -> bytes:
         where = index.get(oid)
@@ -327,7 +328,7 @@ def download_objects(odb, remote: RemoteBackend, index: dict, roots, name: str, 
     def store_chunk(oid: str, data: bytes) -> None:
         """Add a verified chunk to the batch; a delta only once its base is stored (fetched first if
         need be), so the store never holds a delta without its base."""
-        nonlocal size
+        nonlocal size, stored
         key = bytes.fromhex(oid)
         if key in in_batch or odb.backend.has(key):
             return
@@ -346,6 +347,7 @@ def download_objects(odb, remote: RemoteBackend, index: dict, roots, name: str, 
         batch.append((key, data))
         in_batch.add(key)
         size += len(data)
+        stored += 1
 
     with ThreadPoolExecutor(8, thread_name_prefix="mvc-fetch") as pool:
         def downloaded():  # in order, at most 16 requests (and their data) in flight
@@ -371,6 +373,7 @@ def download_objects(odb, remote: RemoteBackend, index: dict, roots, name: str, 
     # 3. metadata last, children before parents: tensors, files, trees, commits
     for kind in ("tensor", "file", "tree", "commit"):
         odb.backend.put_many([(bytes.fromhex(o), d) for o, (k, d) in metas.items() if k == kind])
+    return stored + len(metas)
 
 
 @dataclass
@@ -396,7 +399,7 @@ def remote_fsck(repo, remote: RemoteBackend, name: str, repair: bool = False, pr
     does not have is left as it is and reported."""
     from ..store.odb import ObjectDB
 
-    _check_format(remote, create=False)
+    check_format(remote, create=False)
     rep = RemoteFsckReport()
     packs = {}
     for key in remote.list("packs/"):
@@ -528,7 +531,7 @@ def clone(url: str, dest: str, progress=None, endpoint_url: str | None = None, l
     if os.path.exists(dest) and os.listdir(dest):
         raise RemoteError(f"destination {dest} exists and is not empty")
     remote = open_remote(url, endpoint_url=endpoint_url)
-    _check_format(remote, create=False)
+    check_format(remote, create=False)
     existed = os.path.exists(dest)
     try:
         repo = Repo.init(dest)

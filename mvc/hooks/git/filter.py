@@ -41,41 +41,14 @@ def open_store(gitdir: str, create: bool = True) -> ObjectDB:
 class Filter:
     """Filter logic, separate from the protocol: clean a spooled file, smudge a pointer."""
 
-    def __init__(self, odb: ObjectDB, tmpdir: str, fallback_store: str | None = None):
+    def __init__(self, odb: ObjectDB, tmpdir: str, sources=None):
         self.odb = odb
         self.tmpdir = tmpdir
-        #: another mvc store (a local origin's .git/mvc/store) to copy missing objects from
-        self.fallback_store = fallback_store
-        self._fallback: ObjectDB | None = None
+        #: where missing objects come from (transfer.Sources: the paired mvc remote, a local origin)
+        self.sources = sources
+        #: MVC_SKIP_SMUDGE=1 (like GIT_LFS_SKIP_SMUDGE): checkouts leave pointers; `mvc git pull` fills them
+        self.skip_smudge = os.environ.get("MVC_SKIP_SMUDGE", "") not in ("", "0")
         os.makedirs(tmpdir, exist_ok=True)
-
-    def _fetch(self, oid: str) -> bool:
-        """Copy a file object and everything it names from the fallback store, verifying each."""
-        if not self.fallback_store or not os.path.exists(os.path.join(self.fallback_store, "data.mdb")):
-            return False
-        if self._fallback is None:
-            self._fallback = ObjectDB(LmdbBackend(self.fallback_store))
-        src = self._fallback
-        if not src.has(oid):
-            return False
-        from ...graph import closure
-
-        needed = closure(src.get, [(oid, "file")], self.odb.has)
-        # write order: chunks, then tensors, then the file
-        for group in ("chunk", "tensor", "file"):
-            batch, size = [], 0
-            for o, kind in needed.items():
-                if kind != group:
-                    continue
-                stored = src.standalone(o)  # this store may lack a delta's base: copy values in full
-                self.odb.decode(bytes.fromhex(o), stored, kind)  # never store what does not verify
-                batch.append((bytes.fromhex(o), stored))
-                size += len(stored)
-                if size > 64 << 20:
-                    self.odb.backend.put_many(batch)
-                    batch, size = [], 0
-            self.odb.backend.put_many(batch)
-        return True
 
     def clean_stream(self, reader: P.PacketReader, pathname: str) -> bytes:
         """Clean content read from Git's packets; safetensors stream straight into the store."""
@@ -114,14 +87,17 @@ class Filter:
     def check_smudge(self, data: bytes) -> None:
         """Raise before any output if *data* is a pointer whose object this store lacks."""
         ptr = parse(data)
-        if ptr is not None and not self.odb.has(ptr.oid) and not self._fetch(ptr.oid):
+        if ptr is None or self.skip_smudge or self.odb.has(ptr.oid):
+            return
+        if self.sources is None:
             raise MvcError(f"object {ptr.oid[:12]} is missing from {self.odb.backend.path}",
-                           hint="copy or fetch the origin's .git/mvc store, then `git checkout -- PATH`")
+                           hint="pair an mvc remote (`mvc remote add`), then `mvc git pull`")
+        self.sources.fetch([ptr.oid])
 
     def smudge(self, data: bytes, out) -> None:
         """Write the file a pointer names (or *data* itself, if it is not a pointer) to *out*."""
         ptr = parse(data)
-        if ptr is None:
+        if ptr is None or self.skip_smudge:
             out.write(data)
             return
         self.check_smudge(data)

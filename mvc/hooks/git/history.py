@@ -11,50 +11,114 @@ from ...maintenance import FsckReport
 from .pointer import MAX_SIZE, parse
 
 
-def reachable_pointers(gitdir: str) -> dict[str, str]:
-    """file object id -> where Git names it ("<commit>:<path>" or "index:<path>")."""
-    import pygit2
+class _Pointers:
+    """Pointers in Git trees (each tree read once), as file object id -> where Git names it."""
 
-    repo = pygit2.Repository(gitdir)
-    out: dict[str, str] = {}
-    seen_trees: set = set()
+    def __init__(self, repo):
+        self.repo = repo
+        self.out: dict[str, str] = {}
+        self.seen_trees: set = set()
 
-    def blob_pointer(oid, where):
-        obj = repo[oid]
+    def blob(self, oid, where: str) -> None:
+        obj = self.repo[oid]
         if obj.size <= MAX_SIZE:
             p = parse(obj.data)
             if p is not None:
-                out.setdefault(p.oid, where)
+                self.out.setdefault(p.oid, where)
 
-    def walk_tree(tree, prefix, commit):
-        if tree.id in seen_trees:
+    def tree(self, tree, prefix: str, label: str) -> None:
+        stack = [(tree, prefix)]
+        while stack:
+            t, pre = stack.pop()
+            if t.id in self.seen_trees:
+                continue
+            self.seen_trees.add(t.id)
+            for entry in t:
+                if entry.type_str == "tree":
+                    stack.append((self.repo[entry.id], pre + entry.name + "/"))
+                elif entry.type_str == "blob":
+                    self.blob(entry.id, f"{label}:{pre}{entry.name}")
+
+    def commits(self, tips, hide=()) -> None:
+        """Every commit reachable from *tips* and not from *hide* (ids of commits, or of tags,
+        which are peeled; anything else is passed over)."""
+        import pygit2
+
+        def peeled(ids):
+            for oid in ids:
+                with contextlib.suppress(pygit2.GitError, KeyError, ValueError, TypeError):
+                    yield self.repo[oid].peel(pygit2.Commit).id
+
+        tips = list(peeled(tips))
+        if not tips:
             return
-        seen_trees.add(tree.id)
-        for entry in tree:
-            if entry.type_str == "tree":
-                walk_tree(repo[entry.id], prefix + entry.name + "/", commit)
-            elif entry.type_str == "blob":
-                blob_pointer(entry.id, f"{commit}:{prefix}{entry.name}")
+        walker = self.repo.walk(tips[0], pygit2.enums.SortMode.NONE)
+        for t in tips[1:]:
+            walker.push(t)
+        for h in peeled(hide):
+            walker.hide(h)
+        for c in walker:
+            self.tree(c.tree, "", str(c.id)[:12])
 
+
+def _repository(gitdir: str):
+    import pygit2
+
+    return pygit2.Repository(gitdir)
+
+
+def reachable_pointers(gitdir: str) -> dict[str, str]:
+    """file object id -> where Git names it ("<commit>:<path>" or "index:<path>"), for every
+    commit reachable from a ref or HEAD, and the index."""
+    import pygit2
+
+    repo = _repository(gitdir)
+    walk = _Pointers(repo)
     tips = set()
     for name in repo.references:
         with contextlib.suppress(pygit2.GitError, KeyError, ValueError):
             tips.add(repo.references[name].peel(pygit2.Commit).id)
     with contextlib.suppress(pygit2.GitError):
         tips.add(repo.head.peel(pygit2.Commit).id)
-    seen_commits: set = set()
-    stack = list(tips)
-    while stack:
-        cid = stack.pop()
-        if cid in seen_commits:
-            continue
-        seen_commits.add(cid)
-        c = repo[cid]
-        walk_tree(c.tree, "", str(cid)[:12])
-        stack.extend(c.parent_ids)
+    walk.commits(sorted(tips, key=str))
     for entry in repo.index:
-        blob_pointer(entry.id, f"index:{entry.path}")
-    return out
+        walk.blob(entry.id, f"index:{entry.path}")
+    return walk.out
+
+
+def pointers_at(gitdir: str, revs: list[str]) -> dict[str, str]:
+    """The pointers in the trees of *revs* (revisions Git understands) only, not their history."""
+    import pygit2
+
+    from ...errors import UnknownRevisionError
+
+    repo = _repository(gitdir)
+    walk = _Pointers(repo)
+    for rev in revs:
+        try:
+            commit = repo.revparse_single(rev).peel(pygit2.Commit)
+        except (KeyError, ValueError, pygit2.GitError) as e:
+            raise UnknownRevisionError(f"unknown Git revision {rev!r}") from e
+        walk.tree(commit.tree, "", rev)
+    return walk.out
+
+
+def pointers_to_push(gitdir: str, git_remote: str, updates: list[tuple[str, str]]) -> dict[str, str]:
+    """The pointers in the commits a push sends: reachable from each update's local commit and
+    not from its remote commit or any refs/remotes/<git_remote>/* (what the remote has already)."""
+    import pygit2
+
+    repo = _repository(gitdir)
+    walk = _Pointers(repo)
+    hide = [pygit2.Oid(hex=r) for _, r in updates if r.strip("0")]
+    prefix = f"refs/remotes/{git_remote}/"
+    for name in repo.references:
+        if name.startswith(prefix):
+            with contextlib.suppress(pygit2.GitError, KeyError, ValueError):
+                hide.append(repo.references[name].peel(pygit2.Commit).id)
+    tips = [pygit2.Oid(hex=local) for local, _ in updates if local.strip("0")]
+    walk.commits(tips, hide)
+    return walk.out
 
 
 def store_lock(gitdir: str, exclusive: bool):
