@@ -86,4 +86,5 @@ class Refs:
         self.backend.update_refs([(HEAD, raw_old, commit)], [(HEAD, self._entry(old_commit, commit, msg))])
 
     def init(self, branch: str = "main") -> None:
-        self.backend.update_refs([(HEAD, None, _SYM + HEADS + branch)], [])
+        if self.backend.get_ref(HEAD) is None:  # a killed init (or clone) run again: HEAD stays
+            self.backend.update_refs([(HEAD, None, _SYM + HEADS + branch)], [])

@@ -258,6 +258,34 @@ def test_s3_rejected_credentials(tmp_path, rng):
         proc.wait(timeout=10)
 
 
+def test_a_killed_clone_is_resumed_by_running_it_again(tmp_path, rng):
+    import random
+
+    t = Target("file", f"file://{tmp_path / 'remote'}")
+    a, _ = pushed(tmp_path, rng, t, n=16)
+    started = time.monotonic()
+    run(tmp_path, "clone", t.url, "timing", env=t.env)
+    full = time.monotonic() - started
+    random.seed(3)
+    b = tmp_path / "b"
+    for _ in range(4):
+        proc = subprocess.Popen(mvc_cmd() + ["-q", "clone", t.url, str(b)], cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(random.uniform(0.3, 1.0) * full)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    other = mvc_proc("clone", "file:///elsewhere", str(b), cwd=tmp_path)
+    if (b / ".mvc" / "cloning").exists():  # a different URL does not touch the interrupted clone
+        assert other.returncode != 0 and "interrupted clone of" in other.stderr
+    res = mvc_proc("clone", t.url, str(b), cwd=tmp_path)
+    if res.returncode != 0:  # the last kill came after the clone had finished
+        assert "not empty" in res.stderr and not (b / ".mvc" / "cloning").exists()
+    assert not (b / ".mvc" / "cloning").exists()
+    assert tree_hashes(b) == tree_hashes(a)
+    run(b, "fsck", env=t.env)
+    assert json.loads(run(b, "status", "--json", env=t.env).stdout)["clean"]
+
+
 def test_lazy_clone_fetches_only_what_is_read(tmp_path):
     from mvc.remote.sync import add_remote, fetch, lazy_fetcher
     from mvc.synth import write_model

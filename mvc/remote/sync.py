@@ -521,34 +521,57 @@ def lazy_fetcher(repo, name: str, remote: RemoteBackend | None = None):
     return fetch_one
 
 
+CLONING = "cloning"  # .mvc/cloning: a clone in progress (its URL); removed when the clone is done
+
+
 def clone(url: str, dest: str, progress=None, endpoint_url: str | None = None, lazy: bool = False):
-    """A new repository in *dest* with remote "origin", its default branch checked out."""
+    """A new repository in *dest* with remote "origin", its default branch checked out.
+
+    A clone that fails cleans up after itself; one that was killed leaves .mvc/cloning, and
+    running the same clone again resumes it (what it had stored is kept, verified as before)."""
     import os
 
     from ..repo import Repo
     from .backends import open_remote
 
-    if os.path.exists(dest) and os.listdir(dest):
+    marker = os.path.join(dest, ".mvc", CLONING)
+    resuming = os.path.isfile(marker)
+    if resuming:
+        with open(marker, encoding="utf-8", errors="replace") as f:
+            was = f.read().strip()
+        if was != url:
+            raise RemoteError(f"{dest} holds an interrupted clone of {was[:200]}, not of {url}",
+                              hint=f"clone {was[:200]} again to resume it, or remove {dest}")
+    elif os.path.exists(dest) and os.listdir(dest):
         raise RemoteError(f"destination {dest} exists and is not empty")
     remote = open_remote(url, endpoint_url=endpoint_url)
     check_format(remote, create=False)
     existed = os.path.exists(dest)
     try:
-        repo = Repo.init(dest)
-        add_remote(repo, "origin", url, endpoint_url)
+        if not resuming:
+            os.makedirs(os.path.join(dest, ".mvc"), exist_ok=True)
+            with open(marker, "w", encoding="utf-8") as f:  # first: a kill from here on can be resumed
+                f.write(url + "\n")
+        repo = Repo(dest) if os.path.exists(os.path.join(dest, ".mvc", "config.json")) else Repo.init(dest)
+        if "origin" not in remotes(repo):
+            add_remote(repo, "origin", url, endpoint_url)
         if lazy:
             repo.update_config(lambda cfg: cfg.__setitem__(CFG_LAZY, "origin"))
             repo.odb.fetcher = lazy_fetcher(repo, "origin")
         tips = fetch(repo, remote, "origin", progress, lazy=lazy)
         if tips:
             branch = "main" if "main" in tips else sorted(tips)[0]
-            repo.refs.set_ref(HEADS + branch, tips[branch], None, f"clone: from {url}")
+            old = repo.refs.get(HEADS + branch)
+            repo.refs.set_ref(HEADS + branch, tips[branch], old, f"clone: from {url}")
             repo.refs.attach_head(branch, "clone", None, tips[branch])
             if not lazy:  # a lazy clone checks nothing out: tensors arrive when something reads them
                 repo.checkout(branch, force=True, progress=progress or NULL)
-    except BaseException:
+        os.remove(marker)
+    except BaseException as e:
         import shutil
 
+        if resuming or isinstance(e, KeyboardInterrupt):
+            raise  # keep what is there: the next run resumes
         # a failed clone leaves nothing behind (an existing empty directory stays, empty)
         if existed:
             for name in os.listdir(dest):
@@ -557,4 +580,3 @@ def clone(url: str, dest: str, progress=None, endpoint_url: str | None = None, l
             shutil.rmtree(dest, ignore_errors=True)
         raise
     return repo
-
