@@ -1,5 +1,6 @@
 """Bad input: one line on stderr, a non-zero exit, no traceback, and an unchanged repository."""
 
+import io
 import json
 import os
 import pickle
@@ -156,6 +157,20 @@ def test_a_zip_member_that_cannot_be_read_is_refused(work, tmp_path):
     before = snapshot(work)
     assert_clean_failure(mvc_proc("commit", "-m", "odd", cwd=work), "cannot be read")
     assert snapshot(work) == before
+
+
+@pytest.mark.parametrize("data", [
+    # found by the fuzz campaign: a central directory of zip version 6.4 made ZipFile() raise
+    # NotImplementedError, which escaped as a traceback
+    b"PKPK\x01\x02\x00\x00@" + b"\x00" * 54 + b"PK\x05\x06" + b"\x00" * 8 + b"=" + b"\x00" * 9,
+    b"PK\x03\x04" + b"\x00" * 60,  # a local header and nothing a reader can list
+])
+def test_a_zip_python_cannot_list_is_refused(work, tmp_path, data):
+    from mvc.errors import InvalidFileError
+    from mvc.formats import torchfile
+
+    with pytest.raises(InvalidFileError, match="cannot be read"):
+        torchfile.check_file(io.BytesIO(data), "m.pt")
 
 
 def test_plain_pt_state_dict_is_accepted(work):

@@ -69,6 +69,18 @@ def test_pktline_round_trip():
     assert pktline.read_packet(buf) is None
 
 
+@pytest.mark.parametrize("bad", [b" 01f" + b"x" * 27, b"0x1f" + b"x" * 27, b"+01f" + b"x" * 27, b"-001", b"00"])
+def test_a_malformed_pkt_line_is_a_one_line_mvc_error(bad):
+    """Found by the fuzz campaign: int(head, 16) took " 01f", "0x1f" and "+01f" as lengths, and a
+    ProtocolError was not an MvcError (the filter process died with a traceback)."""
+    import io
+
+    from mvc.errors import MvcError
+
+    with pytest.raises(MvcError, match="pkt-line"):
+        pktline.read_packet(io.BytesIO(bad))
+
+
 def test_add_commit_checkout_bit_exact(gitrepo, rng):
     model = gitrepo / "model.safetensors"
     write_safetensors(model, {f"w{i}": ("BF16", (256, 256), bf16(rng, (256, 256))) for i in range(4)},

@@ -172,10 +172,19 @@ def check_file(f, path: str) -> None:
         f.seek(0)
 
 
+_ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")
+
+
 def _check_zip(f, path: str) -> None:
     try:
         zf = zipfile.ZipFile(f)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+        f.seek(0)
+        if f.read(4) in _ZIP_SIGNATURES or isinstance(e, NotImplementedError):
+            # a zip this Python cannot list (damaged, or a newer zip version) could still be one
+            # that torch's own reader opens: its pickles cannot be checked, so it is refused
+            raise InvalidFileError(path, f"it looks like a torch zip but cannot be read ({e}), so it "
+                                         "cannot be checked for code; mvc refuses it") from e
         return  # starts with "PK" but is no zip: plain bytes
     with zf:
         for info in zf.infolist():

@@ -6,12 +6,17 @@ A packet is 4 hex digits giving its total length (header included) and the paylo
 
 from __future__ import annotations
 
+import re
+
+from ...errors import MvcError
+
 MAX_PAYLOAD = 65516
 FLUSH = b"0000"
+_HEX4 = re.compile(rb"\A[0-9a-fA-F]{4}\Z")
 
 
-class ProtocolError(Exception):
-    pass
+class ProtocolError(MvcError):
+    """Git's side of the pipe did not speak pkt-line (one line, as every mvc error)."""
 
 
 def read_packet(stream) -> bytes | None:
@@ -21,10 +26,9 @@ def read_packet(stream) -> bytes | None:
         raise EOFError
     if len(head) < 4:
         raise ProtocolError("truncated pkt-line header")
-    try:
-        n = int(head, 16)
-    except ValueError as e:
-        raise ProtocolError(f"bad pkt-line header {head!r}") from e
+    if not _HEX4.match(head):  # exactly 4 hex digits: int() alone would take " 1f", "0x1f", "-001"
+        raise ProtocolError(f"bad pkt-line header {head!r}")
+    n = int(head, 16)
     if n == 0:
         return None
     if n < 4 or n - 4 > MAX_PAYLOAD:
