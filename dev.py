@@ -63,7 +63,7 @@ def main() -> None:
     elif cmd == "bench":
         run = [[PY, "-m", "bench", *args]]
     else:
-        run = [[PY, "-m", "ruff", "check", "mvc", "tests", "bench", "dev.py"], [PY, "-m", "pytest", *args]]
+        run = [[PY, "-m", "ruff", "check", "mvc", "tests", "bench", "campaigns", "dev.py"], [PY, "-m", "pytest", *args]]
     for c in run:
         rc = subprocess.run(c, cwd=ROOT, env=env).returncode
         if rc:
