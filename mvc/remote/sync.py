@@ -530,11 +530,15 @@ def clone(url: str, dest: str, progress=None, endpoint_url: str | None = None, l
     A clone that fails cleans up after itself; one that was killed leaves .mvc/cloning, and
     running the same clone again resumes it (what it had stored is kept, verified as before)."""
     import os
+    import shutil
 
     from ..repo import Repo
     from .backends import open_remote
 
     marker = os.path.join(dest, ".mvc", CLONING)
+    if os.path.isdir(dest) and os.listdir(dest) == [".mvc"] and \
+            set(os.listdir(os.path.join(dest, ".mvc"))) <= {CLONING + ".tmp"}:
+        shutil.rmtree(os.path.join(dest, ".mvc"))  # killed before it wrote its marker: nothing to resume
     resuming = os.path.isfile(marker)
     if resuming:
         with open(marker, encoding="utf-8", errors="replace") as f:
@@ -550,8 +554,9 @@ def clone(url: str, dest: str, progress=None, endpoint_url: str | None = None, l
     try:
         if not resuming:
             os.makedirs(os.path.join(dest, ".mvc"), exist_ok=True)
-            with open(marker, "w", encoding="utf-8") as f:  # first: a kill from here on can be resumed
+            with open(marker + ".tmp", "w", encoding="utf-8") as f:  # first: a kill from here on can be resumed
                 f.write(url + "\n")
+            os.replace(marker + ".tmp", marker)
         repo = Repo(dest) if os.path.exists(os.path.join(dest, ".mvc", "config.json")) else Repo.init(dest)
         if "origin" not in remotes(repo):
             add_remote(repo, "origin", url, endpoint_url)
@@ -568,8 +573,6 @@ def clone(url: str, dest: str, progress=None, endpoint_url: str | None = None, l
                 repo.checkout(branch, force=True, progress=progress or NULL)
         os.remove(marker)
     except BaseException as e:
-        import shutil
-
         if resuming or isinstance(e, KeyboardInterrupt):
             raise  # keep what is there: the next run resumes
         # a failed clone leaves nothing behind (an existing empty directory stays, empty)
