@@ -186,7 +186,7 @@ def filter_process():
 
     gd = _gitdir()
     odb = open_store(gd)
-    filt = Filter(odb, os.path.join(gd, "mvc", "tmp"), Sources(odb, gd, workdir_of(gd)))
+    filt = Filter(odb, os.path.join(gd, "mvc", "tmp"), Sources(odb, gd, workdir_of(gd)), _skip_smudge())
 
     def log(msg: str) -> None:
         sys.stderr.write(msg + "\n")

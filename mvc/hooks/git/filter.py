@@ -41,13 +41,13 @@ def open_store(gitdir: str, create: bool = True) -> ObjectDB:
 class Filter:
     """Filter logic, separate from the protocol: clean a spooled file, smudge a pointer."""
 
-    def __init__(self, odb: ObjectDB, tmpdir: str, sources=None):
+    def __init__(self, odb: ObjectDB, tmpdir: str, sources=None, skip_smudge: bool = False):
         self.odb = odb
         self.tmpdir = tmpdir
         #: where missing objects come from (transfer.Sources: the paired mvc remote, a local origin)
         self.sources = sources
         #: MVC_SKIP_SMUDGE=1 (like GIT_LFS_SKIP_SMUDGE): checkouts leave pointers; `mvc git pull` fills them
-        self.skip_smudge = os.environ.get("MVC_SKIP_SMUDGE", "") not in ("", "0")
+        self.skip_smudge = skip_smudge
         os.makedirs(tmpdir, exist_ok=True)
 
     def clean_stream(self, reader: P.PacketReader, pathname: str) -> bytes:
