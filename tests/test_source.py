@@ -42,7 +42,11 @@ def test_commit_and_checkout_never_import_torch(tmp_path, rng):
 
     root = tmp_path / "w"
     write_safetensors(root / "m.safetensors", {"w": ("BF16", (256, 256), bf16(rng, (256, 256)))})
-    (root / "weights.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    import pickle
+    import zipfile
+
+    with zipfile.ZipFile(root / "weights.pt", "w") as z:  # a torch zip's layout: its pickle is scanned
+        z.writestr("archive/data.pkl", pickle.dumps({"a": 1}, protocol=2))
     script = f"""
 import os, sys
 from mvc.cli.main import cli
