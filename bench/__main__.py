@@ -365,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="instead: merge two branches that both fine-tuned every tensor (--strategy average)")
     ap.add_argument("--git", action="store_true", help="instead: `git add` through the mvc filter vs `mvc commit`")
     ap.add_argument("--remote", action="store_true", help="instead: push and clone against a local S3 server (moto)")
+    ap.add_argument("--git-transfer", action="store_true",
+                    help="instead: git push/clone of a model and a one-tensor edit, mvc's filter vs Git LFS")
     ap.add_argument("--codec", action="store_true", help="instead: mvc's chunk codec against ZipNN and zstd")
     ap.add_argument("--many-tensors", type=int, default=0, metavar="N",
                     help="instead: commit, status, diff and checkout of one file of N tiny tensors")
@@ -375,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
         peers_mod.install()
         return
     side_by_side = not (args.store or args.merge or args.git or args.remote or args.codec or args.compression
-                        or args.many_tensors)
+                        or args.many_tensors or args.git_transfer)
     if side_by_side:
         _peers(args, argv)
         return
@@ -398,6 +400,10 @@ def main(argv: list[str] | None = None) -> None:
             res = run_merge(args.size_mib, workdir)
         elif args.git:
             res = run_git(args.size_mib, workdir)
+        elif args.git_transfer:
+            from .gittransfer import run_git_transfer
+
+            res = run_git_transfer(args.size_mib, workdir, mvc_cmd())
         elif args.remote:
             res = run_remote(args.size_mib, workdir)
         else:
@@ -411,6 +417,14 @@ def main(argv: list[str] | None = None) -> None:
               f"{res['push_peak_rss_mib']:.0f} MiB) | clone {res['clone_gbps']:.2f} GB/s ({res['clone_s']:.1f} s, "
               f"{res['clone_peak_rss_mib']:.0f} MiB), bit-exact {res['bit_exact']} | lazy clone "
               f"{res['lazy_clone_bytes'] / 1e6:.2f} MB |")
+        return
+    if args.git_transfer:
+        from .gittransfer import render
+
+        print(render(res))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=2)
         return
     if args.many_tensors:
         print(f"| {res['tensors']:,} tensors, {res['size_bytes'] / 2**20:.1f} MiB | commit {res['commit_s']:.1f} s | "
