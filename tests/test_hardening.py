@@ -270,3 +270,22 @@ def test_forced_checkout_and_hard_reset_repair_a_truncated_model(tmp_path, rng):
     with open(model, "r+b") as f:
         f.truncate(1000)
     assert mvc_proc("checkout", "main", cwd=root).returncode != 0
+
+
+def test_a_repository_made_again_at_the_same_path_in_one_process(tmp_path, rng):
+    """Found by the kill campaign: LMDB environments were cached by path, so a process that
+    deleted a repository and made a new one where it was kept writing to the deleted file, and
+    the new repository had no store."""
+    import shutil
+
+    from mvc.maintenance import fsck
+    from tests.helpers import bf16, write_safetensors
+
+    root = tmp_path / "r"
+    for i in range(2):
+        with Repo.init(root) as r:
+            write_safetensors(root / "m.safetensors", {"w": ("BF16", (64, 64), bf16(rng, (64, 64)))})
+            made = r.commit(f"round {i}")
+        with Repo(root) as r:
+            assert r.refs.head_commit() == made and fsck(r).ok
+        shutil.rmtree(root)

@@ -29,7 +29,7 @@ _RECORD = 40  # a pack record's header: id and length
 _MOVE_BATCH = 64 << 20
 
 _MIN_MAP = 256 << 20
-_envs: dict[str, tuple[int, lmdb.Environment, _RWLock]] = {}
+_envs: dict[str, tuple[int, lmdb.Environment, _RWLock, tuple[int, int] | None]] = {}
 _envs_lock = threading.Lock()
 
 
@@ -74,11 +74,12 @@ class _RWLock:
 
 def _open_env(path: str) -> tuple[lmdb.Environment, _RWLock]:
     key = os.path.realpath(path)
+    data = os.path.join(key, "data.mdb")
     with _envs_lock:
         cached = _envs.get(key)
-        if cached and cached[0] == os.getpid():
+        if cached and cached[0] == os.getpid() and cached[3] == _file_id(data):
             return cached[1], cached[2]
-        data = os.path.join(key, "data.mdb")
+        # (a store deleted and made again at the same path is another file: a new environment)
         used = os.stat(data).st_blocks * 512 if os.path.exists(data) else 0
         size = max(_MIN_MAP, os.path.getsize(data) if used else 0, 2 * used)
         try:
@@ -90,8 +91,16 @@ def _open_env(path: str) -> tuple[lmdb.Environment, _RWLock]:
             raise MvcError(f"cannot open store {key}: {e}") from e
         env.reader_check()
         rw = _RWLock()
-        _envs[key] = (os.getpid(), env, rw)
+        _envs[key] = (os.getpid(), env, rw, _file_id(data))
         return env, rw
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 @dataclass
