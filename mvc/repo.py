@@ -255,14 +255,17 @@ class Repo:
         """path -> (mode, file id), from the stat cache where it is valid, else by reading the file."""
         out: dict[str, tuple[int, str]] = {}
         todo = []
+        fresh = {}
         for rel, fs in files.items():
             oid = self.worktree.cached_oid(rel, fs)
+            if oid is None and (oid := self.worktree.same_content(rel, fs)) is not None:
+                fresh[rel] = (fs, oid)  # only its stat changed: the entry is renewed
             if oid is not None and (not need_stored or self.odb.has(oid)):
                 out[rel] = (fs.mode, oid)
             else:
+                fresh.pop(rel, None)
                 todo.append(rel)
         progress.start("hashing" if not ingest.store else "storing", sum(files[r].size for r in todo))
-        fresh = {}
         for rel in todo:
             oid = ingest.ingest(self.worktree.abspath(rel), rel)
             out[rel] = (files[rel].mode, oid)

@@ -289,3 +289,34 @@ def test_a_repository_made_again_at_the_same_path_in_one_process(tmp_path, rng):
         with Repo(root) as r:
             assert r.refs.head_commit() == made and fsck(r).ok
         shutil.rmtree(root)
+
+
+def test_a_touched_file_is_not_read_again_and_an_edit_still_shows(tmp_path, rng, monkeypatch):
+    """Defect 10 in part: a file whose stat changed but whose bytes did not (touch, `cp -p` of the
+    same file, an archive restored) is recognised by the digest of its bytes in the stat cache,
+    without parsing it tensor by tensor again; a same-size edit is still seen."""
+    from mvc.pipeline import Ingestor
+    from tests.helpers import bf16, write_safetensors
+
+    root = tmp_path / "r"
+    model = root / "m.safetensors"
+    with Repo.init(root) as r:
+        write_safetensors(model, {f"t{i}": ("BF16", (8,), bf16(rng, (8,))) for i in range(500)})
+        time.sleep(0.2)  # out of the racy window, so the commit caches it
+        r.commit("one")
+    later = time.time_ns() + 5 * 10**9
+    os.utime(model, ns=(later, later))
+
+    def no_read(*_a, **_k):
+        raise AssertionError("the touched file was read tensor by tensor again")
+
+    with monkeypatch.context() as m:
+        m.setattr(Ingestor, "ingest", no_read)
+        with Repo(root) as r:
+            assert r.status().clean
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 1
+    model.write_bytes(bytes(data))
+    os.utime(model, ns=(later, later))
+    with Repo(root) as r:
+        assert r.status().modified == ["m.safetensors"]
