@@ -349,6 +349,7 @@ def run(runs: int, work: str, seed: int = 0, cases: list[str] | None = None, log
             res.count(kind, "finished before the kill" if finished else outcome)
         except Failure as e:
             res.fail(f"{kind} (run {n}): {e}")
+            log(f"kill9: FAILED {kind} (run {n}): {e}")
             res.count(kind, "FAILED")
             ws = Workspace(ws_dir, rng, demo_template)  # a broken workspace would fail every later run
         res.runs += 1
