@@ -527,6 +527,9 @@ class Repo:
             blocked = []
             for path in sorted(head.keys() | target.keys()):
                 if head.get(path) != target.get(path) and path in dirty:
+                    t = target.get(path)
+                    if (t is None and path not in current) or (t is not None and current.get(path) == (t.mode, t.oid)):
+                        continue  # already as the target has it (a checkout killed halfway, run again): nothing lost
                     blocked.append(path)
             for path in st.added:
                 if path in target and (target[path].mode, target[path].oid) != current[path]:

@@ -5,7 +5,10 @@ import json
 import os
 import time
 
+import pytest
+
 from mvc import Repo
+from mvc.errors import DirtyWorkTreeError
 from tests.helpers import mvc, mvc_proc, sha256
 
 
@@ -320,3 +323,27 @@ def test_a_touched_file_is_not_read_again_and_an_edit_still_shows(tmp_path, rng,
     os.utime(model, ns=(later, later))
     with Repo(root) as r:
         assert r.status().modified == ["m.safetensors"]
+
+
+def test_a_checkout_run_again_after_a_kill_is_not_blocked_by_its_own_writes(tmp_path, rng):
+    """Found by the kill campaign: a checkout killed after it had written a file (HEAD not moved
+    yet) could not be run again without --force — the file it had written counted as an
+    uncommitted change. A file that already is what the target has is no change to lose."""
+    from tests.helpers import bf16, write_safetensors
+
+    root = tmp_path / "r"
+    model = root / "m.safetensors"
+    with Repo.init(root) as r:
+        write_safetensors(model, {"w": ("BF16", (64, 64), bf16(rng, (64, 64)))})
+        old = r.commit("one")
+        write_safetensors(model, {"w": ("BF16", (64, 64), bf16(rng, (64, 64)))})
+        r.commit("two")
+        (root / "config.json").write_text("{}")
+        r.commit("three")
+        r.checkout(old, paths=[str(model)])  # where a killed `checkout <old>` leaves the model
+        (root / "config.json").unlink()  # and the file the target does not have, removed
+        r.checkout(old)  # not blocked
+        assert r.refs.head_commit() == old and r.status().clean
+        write_safetensors(model, {"w": ("BF16", (64, 64), bf16(rng, (64, 64)))})  # a real edit still blocks
+        with pytest.raises(DirtyWorkTreeError):
+            r.checkout("main")
