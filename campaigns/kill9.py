@@ -328,6 +328,7 @@ def run(runs: int, work: str, seed: int = 0, cases: list[str] | None = None, log
     for n in range(runs):
         if n % EPOCH == 0:
             ws = Workspace(ws_dir, rng, demo_template)
+            durations.clear()  # timed again in each workspace: the machine's load changes
         kind = schedule[n % len(schedule)]
         case = KINDS[kind](ws, n)
         try:
@@ -356,6 +357,8 @@ def run(runs: int, work: str, seed: int = 0, cases: list[str] | None = None, log
         if (n + 1) % 50 == 0:
             log(f"kill9: {n + 1}/{runs} runs, {res.failures} failures, {time.monotonic() - t0:.0f} s")
     res.seconds = round(time.monotonic() - t0, 1)
-    res.counts["durations_s"] = {k: round(v, 2) for k, v in durations.items()}
+    res.counts["durations_s (last workspace)"] = {k: round(v, 2) for k, v in durations.items()}
+    res.counts["killed while running"] = res.runs - sum(v.get("finished before the kill", 0)
+                                                        for k, v in res.counts.items() if k in KINDS)
     shutil.rmtree(work, ignore_errors=True)
     return res
