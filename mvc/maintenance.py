@@ -82,6 +82,9 @@ def gc(repo, dry_run: bool = False) -> GcReport:
 def _gc(repo, dry_run: bool) -> GcReport:
     """Delete what no ref, HEAD or reflog reaches (the caller holds gc's locks)."""
     keep = reachable(repo)
+    pending = _unfinished_merge_tree(repo)
+    if pending:  # a merge killed between saving its state and committing: `mvc merge` finishes it
+        keep |= reachable(repo, None, roots={pending: "an unfinished merge"}, root_kind="tree")
     keep_bytes = with_delta_bases(repo.backend, {bytes.fromhex(o) for o in keep})
     drop = [o for o in repo.backend.iter_oids() if o not in keep_bytes]
     freed = 0
@@ -91,6 +94,20 @@ def _gc(repo, dry_run: bool) -> GcReport:
     else:
         freed = sum(len(repo.backend.get(o) or b"") for o in drop)
     return GcReport(repo.backend.stats()["objects"] - (len(drop) if dry_run else 0), len(drop), freed)
+
+
+def _unfinished_merge_tree(repo) -> str | None:
+    import json
+
+    from .state import KV_MERGE
+    from .store.ids import is_hex_oid
+
+    raw = repo.backend.kv_get(KV_MERGE)
+    try:
+        tree = json.loads(raw).get("tree") if raw else None
+    except (ValueError, AttributeError):
+        return None
+    return tree if is_hex_oid(tree) else None
 
 
 class _Paged:

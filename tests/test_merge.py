@@ -256,3 +256,39 @@ def test_bf16_strategies_compute_in_float32_and_the_mean_equals_float64s(tmp_pat
     assert np.array_equal(weighted, np.where(clash, want, one))
     ties = merged("--strategy", "ties")
     assert np.array_equal(ties[~clash], one[~clash]) and not np.array_equal(ties[clash], one[clash])
+
+
+@pytest.mark.parametrize("where", ["switch_tree", "record"])
+def test_a_merge_killed_halfway_is_finished_by_running_it_again(forked, monkeypatch, where):
+    """Found by the kill campaign: a merge killed after it had written the merged files but before
+    its commit left a tree that `mvc merge` refused as uncommitted changes. Its state is saved
+    first now; gc keeps what it names; running the merge again finishes it."""
+    from mvc.maintenance import gc
+    from mvc.merge.session import merge, state
+
+    repo, root, base, rng = forked
+    theirs = dict(base, b=base["b"] * 2)
+    side = edit(repo, root, "side", theirs, "side edits b")
+    ours = edit(repo, root, "main", dict(base, a=base["a"] + 1), "main edits a")
+
+    class Killed(BaseException):
+        pass
+
+    real = getattr(type(repo), where)
+
+    def dies(self, *a, **k):
+        if where == "switch_tree":
+            real(self, *a, **k)  # the files are written, then the process dies
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(type(repo), where, dies)
+        with pytest.raises(Killed):
+            merge(repo, "side")
+    assert repo.refs.head_commit() == ours and state(repo)["tree"]
+    gc(repo)  # keeps the unfinished merge's objects
+    out = merge(repo, "side")
+    assert out.kind == "merged" and repo.commit_obj(out.commit).parents == (ours, side)
+    assert state(repo) is None and repo.status().clean
+    got = load(repo)
+    assert np.array_equal(got["b"], theirs["b"]) and np.array_equal(got["a"], base["a"] + 1)

@@ -41,10 +41,14 @@ def merge(repo, rev: str, message: str | None = None, strategy: str | None = Non
           weights: tuple[float, ...] | None = None, author: str | None = None, progress=None,
           density: float = 0.2) -> MergeOutcome:
     w = check_weights(weights)
-    if state(repo) is not None:
-        raise UsageError("a merge is in progress", hint="finish it with `mvc merge --continue` or `--abort`")
     theirs = repo.resolve(rev)
     ours = repo.refs.head_commit()
+    st = state(repo)
+    if st is not None:
+        if st.get("tree") and not st["conflicts"] and st.get("kind", "merge") == "merge" and st["theirs"] == theirs:
+            with repo.lock():  # the same merge, killed halfway: finish it
+                return _resume(repo, st, author, progress or NULL)
+        raise UsageError("a merge is in progress", hint="finish it with `mvc merge --continue` or `--abort`")
     _require_clean(repo, "merge")
     if ours is None:
         raise UsageError("cannot merge into a branch with no commits")
@@ -62,18 +66,41 @@ def merge(repo, rev: str, message: str | None = None, strategy: str | None = Non
         res = Merger(repo, strategy, w, density, progress or NULL).merge_trees(base_tree, repo.head_tree(),
                                                     repo.odb.get(repo.commit_obj(theirs).tree, "tree"))
         merged = Tree.build(res.entries)
-        repo.switch_tree(merged, False, progress or NULL)
         msg = message or f"Merge {rev}"
         op = {"op": "merge", "strategy": strategy or "three-way", "base": base, "theirs": theirs,
               "params": ({"weights": list(w)} if strategy in ("average", "task-arithmetic", "ties") else {})
               | ({"density": density} if strategy == "ties" else {}),
               "metrics": {"merged_tensors": res.merged_tensors, "elements_resolved": res.elements_resolved}}
+        # the state first, then the work tree, then the commit: a merge killed in between is one
+        # `mvc merge` (run again), `--continue` or `--abort` from done, never a tree of unknown changes
+        st = {"ours": ours, "theirs": theirs, "base": base, "message": msg, "op": op,
+              "conflicts": [asdict(c) for c in res.conflicts]}
+        if not res.conflicts:
+            st["tree"] = repo.odb.put(merged)
+        _save(repo, st)
         if res.conflicts:
-            _save(repo, {"ours": ours, "theirs": theirs, "base": base, "message": msg, "op": op,
-                         "conflicts": [asdict(c) for c in res.conflicts]})
+            repo.switch_tree(merged, False, progress or NULL)
             return MergeOutcome("conflicts", None, res.conflicts, base)
-        oid = repo.record(merged, (ours, theirs), msg, author, op, None, "merge")
-        return MergeOutcome("merged", oid, [], base)
+        return _resume(repo, st, author, progress or NULL)
+
+
+def _resume(repo, st: dict, author: str | None, progress) -> MergeOutcome:
+    """Finish a merge with no conflicts whose state is saved: the work tree, then the commit.
+    Run again after a kill, it completes what is left (a merge that had landed is just cleared).
+    The caller holds the repository lock."""
+    head = repo.refs.head_commit()
+    parents = (st["ours"], st["theirs"])
+    if head != st["ours"]:
+        if head is not None and repo.commit_obj(head).parents == parents:
+            _save(repo, None)  # it landed; only the state was left
+            return MergeOutcome("merged", head, [], st["base"])
+        raise UsageError("a merge is in progress, but HEAD has moved since it began",
+                         hint="`mvc merge --abort`, then merge again")
+    merged = repo.odb.get(st["tree"], "tree")
+    repo.switch_tree(merged, False, progress)
+    oid = repo.record(merged, parents, st["message"], author, st["op"], None, "merge")
+    _save(repo, None)
+    return MergeOutcome("merged", oid, [], st["base"])
 
 
 def pick(repo, rev: str, kind: str, message: str | None = None, strategy: str | None = None,
@@ -207,6 +234,9 @@ def continue_(repo, author: str | None = None) -> str:
         names = ", ".join(f"{c['path']}:{c['tensor']}" if c["tensor"] else c["path"] for c in st["conflicts"][:5])
         raise MvcError(f"{len(st['conflicts'])} conflict(s) left: {names}",
                        hint="resolve each with `mvc checkout --ours|--theirs -- PATH:TENSOR`")
+    if st.get("tree") and st.get("kind", "merge") == "merge":
+        with repo.lock():
+            return _resume(repo, st, author, NULL).commit
     extra = (st["theirs"],) if st.get("kind", "merge") == "merge" else ()
     oid = repo.commit(st["message"], author=author, allow_empty=True, op=st["op"], parents_extra=extra)
     _save(repo, None)
