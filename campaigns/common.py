@@ -31,6 +31,29 @@ def _tail(text: str) -> str:
     return " / ".join(lines[-3:])[:400]
 
 
+def start_moto(extra_env: dict | None = None):
+    """moto's standalone S3 server on a free port of 127.0.0.1: (process, endpoint URL)."""
+    import socket
+    import time
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, **(extra_env or {})))
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise Failure("the moto server did not start")
+
+
 class Failure(Exception):
     """An invariant did not hold (a campaign counts these; it never stops on one)."""
 

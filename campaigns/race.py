@@ -12,31 +12,9 @@ import time
 
 import numpy as np
 
-from .common import Failure, Result, commit, mvc, write_model
+from .common import Result, commit, mvc, start_moto, write_model
 
 CREDS = {"AWS_ACCESS_KEY_ID": "campaign", "AWS_SECRET_ACCESS_KEY": "campaign", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def start_moto():
-    """A moto S3 server on a free port of 127.0.0.1: (process, endpoint URL)."""
-    import socket
-    import subprocess
-    import sys
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(300):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise Failure("the moto server did not start")
 
 
 def run(rounds: int, pushers: int, work: str, seed: int = 0, log=print) -> Result:

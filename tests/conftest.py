@@ -38,3 +38,15 @@ def demo(demo_base, tmp_path):
     path = tmp_path / "repo"
     shutil.copytree(demo_base, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """A real S3-compatible server (moto's standalone server) on 127.0.0.1: its endpoint URL."""
+    pytest.importorskip("moto")
+    from tests.remotes import start_moto
+
+    proc, url = start_moto()
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)

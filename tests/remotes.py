@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -24,20 +21,14 @@ def free_port() -> int:
 
 
 def start_moto(extra_env=None):
-    """A moto S3 server on 127.0.0.1: (process, endpoint URL)."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, **(extra_env or {})))
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    pytest.fail("moto server did not start")
+    """A moto S3 server on 127.0.0.1: (process, endpoint URL); the test fails if it does not start."""
+    from campaigns.common import Failure
+    from campaigns.common import start_moto as start
+
+    try:
+        return start(extra_env)
+    except Failure as e:
+        pytest.fail(str(e))
 
 
 @dataclass

@@ -15,19 +15,10 @@ from mvc.hooks.git.pointer import parse
 from mvc.hooks.git.transfer import parse_push_updates
 from mvc.store.lmdb_backend import LmdbBackend
 from tests.helpers import bf16, mvc_cmd, sha256, write_safetensors
-from tests.remotes import CREDS, free_port, start_moto
+from tests.remotes import CREDS, free_port
 
 pytestmark = pytest.mark.skipif(subprocess.run(["git", "--version"], capture_output=True).returncode != 0,
                                 reason="git is not installed")
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    pytest.importorskip("moto")
-    proc, url = start_moto()
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 class Paired:
@@ -106,6 +97,18 @@ def team_repo(tmp_path, paired, rng, n=4, side=1024):
     run(a, "add", ".gitattributes", ".mvcconfig", "model.safetensors", env=env)
     run(a, "commit", "-q", "-m", "base", env=env)
     return a, bare, tensors
+
+
+def model_repo(tmp_path, rng, side: int, env) -> tuple:
+    """Repository g: mvc installed, m.safetensors committed, no remote. Returns (g, its SHA-256)."""
+    g = tmp_path / "g"
+    new_git(g, env)
+    mvc(g, "git", "install", env=env)
+    mvc(g, "git", "track", "*.safetensors", env=env)
+    write_safetensors(g / "m.safetensors", {"w": ("BF16", (side, side), bf16(rng, (side, side)))})
+    run(g, "add", ".", env=env)
+    run(g, "commit", "-q", "-m", "m", env=env)
+    return g, sha256(g / "m.safetensors")
 
 
 def store_bytes(gitrepo) -> int:
@@ -217,13 +220,7 @@ def test_a_failed_upload_fails_git_push_and_the_ref_stays(tmp_path, rng, s3_serv
 
 def test_push_to_an_unpaired_network_remote_explains_how_to_pair(tmp_path, rng):
     env = dict(os.environ, **CREDS)
-    g = tmp_path / "g"
-    new_git(g, env)
-    mvc(g, "git", "install", env=env)
-    mvc(g, "git", "track", "*.safetensors", env=env)
-    write_safetensors(g / "m.safetensors", {"w": ("BF16", (64, 64), bf16(rng, (64, 64)))})
-    run(g, "add", ".", env=env)
-    run(g, "commit", "-q", "-m", "m", env=env)
+    g, _ = model_repo(tmp_path, rng, 64, env)
     head = run(g, "rev-parse", "HEAD", env=env).stdout.strip()
     # what Git runs before talking to https://example.invalid (the hook is the real installed one)
     res = subprocess.run([str(g / ".git" / "hooks" / "pre-push"), "team", "https://example.invalid/m.git"],
@@ -239,14 +236,7 @@ def test_push_to_an_unpaired_network_remote_explains_how_to_pair(tmp_path, rng):
 
 def test_local_bare_remote_without_pairing_keeps_the_objects_itself(tmp_path, rng):
     env = dict(os.environ, **CREDS)
-    g = tmp_path / "g"
-    new_git(g, env)
-    mvc(g, "git", "install", env=env)
-    mvc(g, "git", "track", "*.safetensors", env=env)
-    write_safetensors(g / "m.safetensors", {"w": ("BF16", (128, 128), bf16(rng, (128, 128)))})
-    want = sha256(g / "m.safetensors")
-    run(g, "add", ".", env=env)
-    run(g, "commit", "-q", "-m", "m", env=env)
+    g, want = model_repo(tmp_path, rng, 128, env)
     bare = tmp_path / "shared.git"
     run(tmp_path, "init", "-q", "--bare", "-b", "main", str(bare), env=env)
     res = run(g, "push", str(bare), "main", env=env)
@@ -259,13 +249,7 @@ def test_local_bare_remote_without_pairing_keeps_the_objects_itself(tmp_path, rn
 
 def test_pushing_an_annotated_tag_uploads_its_commits_models(tmp_path, rng):
     env = dict(os.environ, **CREDS)
-    g = tmp_path / "g"
-    new_git(g, env)
-    mvc(g, "git", "install", env=env)
-    mvc(g, "git", "track", "*.safetensors", env=env)
-    write_safetensors(g / "m.safetensors", {"w": ("BF16", (128, 128), bf16(rng, (128, 128)))})
-    run(g, "add", ".", env=env)
-    run(g, "commit", "-q", "-m", "m", env=env)
+    g, _ = model_repo(tmp_path, rng, 128, env)
     run(g, "tag", "-a", "v1", "-m", "release", env=env)
     bare = tmp_path / "shared.git"
     run(tmp_path, "init", "-q", "--bare", "-b", "main", str(bare), env=env)

@@ -22,15 +22,6 @@ from tests.helpers import bf16, mvc_cmd, mvc_proc, sha256, tree_hashes, write_sa
 from tests.remotes import CREDS, Target, free_port, start_moto
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    pytest.importorskip("moto")
-    proc, url = start_moto()
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
 @pytest.fixture(params=["file", "s3"])
 def target(request, tmp_path, monkeypatch) -> Target:
     if request.param == "file":
