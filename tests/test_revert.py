@@ -89,3 +89,32 @@ def test_revert_leaves_untracked_files_alone(five):
     assert (root / "notes.csv").read_text() == "kind,score\n"
     assert "notes.csv" not in repo.odb.get(repo.commit_obj(repo.resolve("HEAD")).tree, "tree").as_dict()
     assert np.array_equal(tensors(repo)["a"], snaps[3]["a"])
+
+
+@pytest.mark.parametrize("where", ["switch_tree", "record"])
+def test_a_revert_killed_halfway_is_finished_by_running_it_again(five, monkeypatch, where):
+    """As for a merge: the state is saved before the work tree is written, so running the same
+    revert again after a kill finishes it instead of refusing the files it had written."""
+    from mvc.merge.session import pick, state
+
+    repo, root, snaps, ids = five
+
+    class Killed(BaseException):
+        pass
+
+    real = getattr(type(repo), where)
+
+    def dies(self, *a, **k):
+        if where == "switch_tree":
+            real(self, *a, **k)
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(type(repo), where, dies)
+        with pytest.raises(Killed):
+            pick(repo, ids[2], "revert")
+    assert repo.refs.head_commit() == ids[4] and state(repo)["tree"]
+    out = pick(repo, ids[2], "revert")
+    assert out.kind == "merged" and repo.commit_obj(out.commit).parents == (ids[4],)
+    assert state(repo) is None and repo.status().clean
+    assert np.array_equal(tensors(repo)["b"], snaps[1]["b"])

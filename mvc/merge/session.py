@@ -89,16 +89,17 @@ def _resume(repo, st: dict, author: str | None, progress) -> MergeOutcome:
     Run again after a kill, it completes what is left (a merge that had landed is just cleared).
     The caller holds the repository lock."""
     head = repo.refs.head_commit()
-    parents = (st["ours"], st["theirs"])
+    kind = st.get("kind", "merge")
+    parents = (st["ours"], st["theirs"]) if kind == "merge" else (st["ours"],)
     if head != st["ours"]:
-        if head is not None and repo.commit_obj(head).parents == parents:
+        if head is not None and repo.commit_obj(head).parents == parents and repo.commit_obj(head).op == st["op"]:
             _save(repo, None)  # it landed; only the state was left
             return MergeOutcome("merged", head, [], st["base"])
         raise UsageError("a merge is in progress, but HEAD has moved since it began",
                          hint="`mvc merge --abort`, then merge again")
     merged = repo.odb.get(st["tree"], "tree")
     repo.switch_tree(merged, False, progress)
-    oid = repo.record(merged, parents, st["message"], author, st["op"], None, "merge")
+    oid = repo.record(merged, parents, st["message"], author, st["op"], None, kind)
     _save(repo, None)
     return MergeOutcome("merged", oid, [], st["base"])
 
@@ -106,10 +107,14 @@ def _resume(repo, st: dict, author: str | None, progress) -> MergeOutcome:
 def pick(repo, rev: str, kind: str, message: str | None = None, strategy: str | None = None,
          author: str | None = None, progress=None) -> MergeOutcome:
     """Revert REV (kind "revert") or apply it again (kind "cherry-pick") as a new one-parent commit."""
-    if state(repo) is not None:
+    oid = repo.resolve(rev)
+    st = state(repo)
+    if st is not None:
+        if st.get("tree") and not st["conflicts"] and st.get("kind") == kind and st["op"].get("of") == oid:
+            with repo.lock():  # the same step, killed halfway: finish it
+                return _resume(repo, st, author, progress or NULL)
         raise UsageError("a merge, revert or cherry-pick is in progress",
                          hint="finish it with `--continue` or `--abort`")
-    oid = repo.resolve(rev)
     c = repo.commit_obj(oid)
     if len(c.parents) > 1:
         raise UsageError(f"{rev} is a merge commit; reverting or picking one is not supported yet")
@@ -127,18 +132,19 @@ def pick(repo, rev: str, kind: str, message: str | None = None, strategy: str | 
     with repo.lock():
         res = Merger(repo, strategy, progress=progress or NULL).merge_trees(base, repo.head_tree(), theirs)
         merged = Tree.build(res.entries)
-        repo.switch_tree(merged, False, progress or NULL)
-        if res.conflicts:
-            parent = c.parents[0] if c.parents else None
-            _save(repo, {"kind": kind, "ours": ours, "message": msg, "op": op,
-                         "base": oid if kind == "revert" else parent,
-                         "theirs": parent if kind == "revert" else oid,
-                         "conflicts": [asdict(x) for x in res.conflicts]})
-            return MergeOutcome("conflicts", None, res.conflicts)
-        if merged.as_dict() == repo.head_tree().as_dict():
+        if not res.conflicts and merged.as_dict() == repo.head_tree().as_dict():
             return MergeOutcome("up-to-date", ours)
-        new = repo.record(merged, (ours,), msg, author, op, None, kind)
-        return MergeOutcome("merged", new)
+        parent = c.parents[0] if c.parents else None
+        st = {"kind": kind, "ours": ours, "message": msg, "op": op,
+              "base": oid if kind == "revert" else parent, "theirs": parent if kind == "revert" else oid,
+              "conflicts": [asdict(x) for x in res.conflicts]}
+        if not res.conflicts:
+            st["tree"] = repo.odb.put(merged)
+        _save(repo, st)  # first, as for a merge: a step killed halfway is finished by running it again
+        if res.conflicts:
+            repo.switch_tree(merged, False, progress or NULL)
+            return MergeOutcome("conflicts", None, res.conflicts)
+        return _resume(repo, st, author, progress or NULL)
 
 
 def _require_clean(repo, what: str) -> None:
@@ -234,7 +240,7 @@ def continue_(repo, author: str | None = None) -> str:
         names = ", ".join(f"{c['path']}:{c['tensor']}" if c["tensor"] else c["path"] for c in st["conflicts"][:5])
         raise MvcError(f"{len(st['conflicts'])} conflict(s) left: {names}",
                        hint="resolve each with `mvc checkout --ours|--theirs -- PATH:TENSOR`")
-    if st.get("tree") and st.get("kind", "merge") == "merge":
+    if st.get("tree"):
         with repo.lock():
             return _resume(repo, st, author, NULL).commit
     extra = (st["theirs"],) if st.get("kind", "merge") == "merge" else ()
