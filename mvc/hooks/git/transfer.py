@@ -205,7 +205,8 @@ class Sources:
             if there:
                 got = copy_closure(store, self.odb, there)
                 t.objects, t.nbytes, t.where = got.objects, got.nbytes, store.backend.path
-                missing = [o for o in missing if o not in set(there)]
+                got_here = set(there)
+                missing = [o for o in missing if o not in got_here]
         if not missing:
             return t
         paired = self.paired()
