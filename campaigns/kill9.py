@@ -306,6 +306,7 @@ def run(runs: int, work: str, seed: int = 0, cases: list[str] | None = None, log
     if "compress" in cases and importlib.util.find_spec("torch") is None:
         cases.remove("compress")  # the compress extra is not installed
         log("kill9: no torch here, so no compression step")
+    os.makedirs(work, exist_ok=True)
     res = Result("kill9", f"python -m campaigns kill9 --runs {runs} --seed {seed}")
     rng = np.random.default_rng(seed)
     rnd = random.Random(seed)
