@@ -92,7 +92,7 @@ def _sources(gd: str, git_remote: str | None = None):
     return Sources(open_store(gd), gd, workdir_of(gd), git_remote)
 
 
-def _smudge_pointer_files(gd: str, progress, git_remote: str | None = None) -> int:
+def _smudge_pointer_files(gd: str, progress, git_remote: str | None = None, sources=None) -> int:
     """Work-tree files that are still pointers (a clone made before the filter was configured, or
     with MVC_SKIP_SMUDGE): fetch their objects (in parallel, verified), then check them out again."""
     from ..hooks.git.pointer import MAX_SIZE, parse
@@ -112,11 +112,13 @@ def _smudge_pointer_files(gd: str, progress, git_remote: str | None = None) -> i
                 paths.append(rel)
                 oids.append(ptr.oid)
     if paths:
-        sources = _sources(gd, git_remote)
+        own = sources is None
+        sources = _sources(gd, git_remote) if own else sources
         try:
             sources.fetch(oids, progress)  # before any file moves: a missing object changes nothing
         finally:
-            sources.close()
+            if own:
+                sources.close()
         # Git skips index-clean files on checkout: move the pointers aside first, restore them on failure
         for rel in paths:
             os.replace(os.path.join(top, rel), os.path.join(top, rel) + ".mvc-pointer")
@@ -350,9 +352,9 @@ def git_pull(c, git_remote):
     sources = _sources(gd, git_remote)
     try:
         sources.fetch(list(pointers_at(gd, ["HEAD"])), c.progress())
+        n = _smudge_pointer_files(gd, c.progress(), sources=sources)  # the remote and its index, opened once
     finally:
         sources.close()
-    n = _smudge_pointer_files(gd, c.progress(), git_remote)
     click.echo(f"checked out {n} model file(s)" if n else "every model file is checked out")
 
 

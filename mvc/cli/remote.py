@@ -45,16 +45,13 @@ def remote_add(c, name, url, endpoint_url):
     if repo is not None:
         add_remote(repo, name, url, endpoint_url)
         return
-    import subprocess
-
     from ..hooks.git import mvcconfig
+    from ..hooks.git.transfer import git_remote_url
 
     mvcconfig.add(top, name, url, endpoint_url)
     click.echo(f"paired mvc remote {name} ({url}) with Git remote {name}; "
                f"commit {mvcconfig.FILENAME} so that clones find it")
-    has_git_remote = subprocess.run(["git", "config", "--get", f"remote.{name}.url"], cwd=top,
-                                    capture_output=True).returncode == 0
-    if not has_git_remote:
+    if git_remote_url(top, name) is None:
         click.echo(f"note: there is no Git remote named {name} yet (`git remote add {name} URL`)", err=True)
 
 

@@ -175,20 +175,23 @@ class Sources:
         self._index = None
         self._store: ObjectDB | None | bool = False
 
+    def _git_remote(self) -> str:
+        if self.git_remote is None:  # looked up once (two `git` calls)
+            self.git_remote = mvcconfig.default_git_remote(self.workdir)
+        return self.git_remote
+
     def paired(self) -> Paired | None:
         if self._paired is False:
             self._paired = None
             if self.workdir:
-                name = self.git_remote or mvcconfig.default_git_remote(self.workdir)
-                self._paired = mvcconfig.resolve(self.workdir, name)
+                self._paired = mvcconfig.resolve(self.workdir, self._git_remote())
         return self._paired
 
     def local_store(self) -> ObjectDB | None:
         if self._store is False:
             self._store = None
             if self.workdir:
-                name = self.git_remote or mvcconfig.default_git_remote(self.workdir)
-                path = local_git_store(git_remote_url(self.workdir, name))
+                path = local_git_store(git_remote_url(self.workdir, self._git_remote()))
                 if path and os.path.abspath(path) != os.path.abspath(self.odb.backend.path) \
                         and os.path.exists(os.path.join(path, "data.mdb")):
                     self._store = ObjectDB(LmdbBackend(path))
