@@ -47,6 +47,9 @@ def _fileno(f) -> int | None:
 
 
 _INLINE_BELOW = 64 << 10  # chunks smaller than this are hashed and encoded by the main thread
+_TINY = 4096  # tensors smaller than this: read in runs, stored in full, never looked up first
+_TINY_READ = 1 << 20
+_META_BLOCK = 4096  # tensor objects read in one transaction while streaming a file out
 
 
 class _Done:
@@ -292,12 +295,35 @@ class Ingestor:
             per_tensor[idx].append(hex_id)
 
         pending: deque = deque()
+        fd = _fileno(f)
+        self._fd_of = (f, fd)
+        buf, buf_at = b"", 0  # tiny tensors are read many at a time
         for idx, e in enumerate(header.entries):
             size_, is_float = DTYPES[e.dtype]
             fs = size_ if is_float and size_ > 1 else 0
+            n, offset = e.end - e.begin, header.header_size + e.begin
+            if 0 < n < _TINY and fd is not None:
+                # one chunk: no worker, no delta (a base would save next to nothing), no lookup
+                # (storing what is there already is a no-op of the same transaction)
+                if offset + n > buf_at + len(buf):
+                    buf, buf_at = os.pread(fd, max(n, _TINY_READ), offset), offset
+                    _check_read(f, buf[:n], n)
+                data = buf[offset - buf_at:offset - buf_at + n]
+                oid = hash_object("chunk", data)
+                if self.store:
+                    if oid not in self._seen:
+                        self._add(oid, codec.encode(CHUNK, data, fs))
+                else:
+                    self.locations[oid.hex()] = (path, offset, n)
+                per_tensor[idx].append(oid.hex())
+                self.progress.advance(nbytes=n)
+                finish_ready()
+                continue
+            if fd is not None:
+                f.seek(offset)
             bases = self.bases.chunks_for(rel, e.name, e.dtype, e.shape, CHUNK_SIZE) if self.bases else ()
             predict = self._prediction(f, header, e, rel) if self.bases else None
-            for _ in self._chunks(f, e.end - e.begin, fs, pending, idx, bases, predict):
+            for _ in self._chunks(f, n, fs, pending, idx, bases, predict):
                 self._drain(pending, sink, self.inflight, path)
                 finish_ready()
             finish_ready()
@@ -330,8 +356,12 @@ class Materializer:
         """Every chunk id of a file in byte order, with the tensor it starts (or None)."""
         for c in file.chunks:
             yield c, False
-        for _name, tid in file.tensors:
-            t: Tensor = self.odb.get(tid, "tensor")
+        ids = [tid for _name, tid in file.tensors]
+        block: list = []
+        for i in range(len(ids)):
+            if i % _META_BLOCK == 0:  # tensor objects read many to a transaction
+                block = self.odb.get_many(ids[i:i + _META_BLOCK], "tensor")
+            t: Tensor = block[i % _META_BLOCK]
             first = True
             for c in t.chunks:
                 yield c, first
@@ -389,7 +419,7 @@ class Materializer:
     def _plan(self, file: File):
         """(chunk id, offset, length, tensor chunk?, starts a tensor) for every chunk of *file*:
         header or plain-file chunks 4 MiB each but the last, tensor chunks as their tensor says."""
-        tensors = [self.odb.get(tid, "tensor") for _name, tid in file.tensors]
+        tensors = self.odb.get_many([tid for _name, tid in file.tensors], "tensor")
         head = file.size - sum(t.nbytes for t in tensors)
         if head < 0:
             raise CorruptObjectError("?", "a file object smaller than its tensors")
@@ -412,14 +442,42 @@ class Materializer:
                 out.append((None, offset, 0, True, True))
         return out
 
+    def _place_run(self, run: list, fd: int) -> None:
+        """Write a run of adjacent tiny chunks from the store: one read transaction, one write."""
+        datas = self.odb.read_chunks([r[0] for r in run])
+        for (cid, _offset, n, in_tensor, _starts), data in zip(run, datas):
+            if len(data) != n:
+                if not in_tensor:
+                    raise _Misfit()
+                raise CorruptObjectError(cid, f"{len(data)} bytes where its tensor needs {n}")
+        view, done, offset = memoryview(b"".join(datas)), 0, run[0][1]
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], offset + done)
+        self.progress.advance(nbytes=len(view), tensors=sum(1 for r in run if r[4]))
+        run.clear()
+
     def _place_all(self, file: File, fd: int) -> None:
         pending: deque = deque()
+        run: list = []  # adjacent tiny chunks from the store, written together
+        run_bytes = 0
         try:
-            for cid, offset, n, in_tensor, starts in self._plan(file):
+            for item in self._plan(file):
+                cid, offset, n, in_tensor, starts = item
                 if cid is None:
                     self.progress.advance(tensors=1)
                     continue
-                args = (self.odb, cid, self.locations.get(cid), fd, offset, n, in_tensor)
+                loc = self.locations.get(cid)
+                if n < _TINY and loc is None:
+                    if run and (run[-1][1] + run[-1][2] != offset or run_bytes >= _TINY_READ):
+                        self._place_run(run, fd)
+                        run_bytes = 0
+                    run.append(item)
+                    run_bytes += n
+                    continue
+                if run:
+                    self._place_run(run, fd)
+                    run_bytes = 0
+                args = (self.odb, cid, loc, fd, offset, n, in_tensor)
                 if n < _INLINE_BELOW:  # a tiny chunk: a thread hop costs more than its work
                     _place(*args)
                     self.progress.advance(nbytes=n, tensors=1 if starts else 0)
@@ -429,6 +487,8 @@ class Materializer:
                     fut, n, starts = pending.popleft()
                     fut.result()
                     self.progress.advance(nbytes=n, tensors=1 if starts else 0)
+            if run:
+                self._place_run(run, fd)
             while pending:
                 fut, n, starts = pending.popleft()
                 fut.result()

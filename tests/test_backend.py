@@ -88,3 +88,11 @@ def test_lmdb_grows_its_map(tmp_path):
         be.put_many([(oid(i), big[:-1] + bytes([i % 256]))])
     assert be.env.info()["map_size"] > start
     assert be.stats()["objects"] == n
+
+
+def test_batch_reads_match_single_reads(backend):
+    backend.put_many([(oid(i), bytes([i]) * (i + 1)) for i in range(1, 6)])
+    asked = [oid(3), oid(9), oid(1), oid(5)]
+    assert backend.get_many(asked) == [backend.get(o) for o in asked] == [b"\x03" * 4, None, b"\x01" * 2, b"\x05" * 6]
+    assert backend.has_many(asked) == {oid(3), oid(1), oid(5)}
+    assert backend.get_many([]) == [] and backend.has_many([]) == set()

@@ -1,10 +1,12 @@
 """Canonical encodings are pinned by golden bytes; parsing rejects malformed or unsafe objects."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mvc.errors import CorruptObjectError, UnsafePathError
 from mvc.store.ids import hash_object
-from mvc.store.objects import Commit, File, Tensor, Tree, TreeEntry, encode_object, parse_object
+from mvc.store.objects import DTYPES, Commit, File, Tensor, Tree, TreeEntry, encode_object, parse_object
 
 A = "a" * 64
 B = "b" * 64
@@ -68,3 +70,48 @@ def test_tree_must_be_sorted():
 def test_tree_entry_lookup():
     t = Tree.build({"x": (0o100644, A)})
     assert t.as_dict() == {"x": TreeEntry("x", 0o100644, A)}
+
+
+_DTYPE_NAMES = sorted(DTYPES)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(_DTYPE_NAMES), st.lists(st.integers(0, 2**20), max_size=4),
+       st.integers(1, 2**40), st.randoms(use_true_random=False))
+def test_tensor_fast_paths_agree_with_json(dtype, shape, chunk_size, rnd):
+    """The tensor encoder and parser without the json module give the canonical bytes and the
+    same object as the general path, for every valid tensor."""
+    import json
+
+    from mvc.store.objects import canonical_json, nbytes_of
+
+    n = -(-nbytes_of(dtype, tuple(shape)) // chunk_size)
+    if n > 50:
+        return
+    t = Tensor(dtype, tuple(shape), chunk_size, tuple(f"{rnd.getrandbits(256):064x}" for _ in range(n)))
+    content = encode_object(t)
+    assert content == canonical_json(t.to_json())
+    assert parse_object("tensor", content) == t == Tensor.from_json(json.loads(content))
+
+
+@pytest.mark.parametrize("content", [
+    b'{"chunk_size":04,"chunks":[],"dtype":"F32","shape":[0]}',  # leading zero
+    b'{"chunk_size":4,"chunks":[],"dtype":"F32","shape":[0],"x":1}',  # unknown key
+    b'{"chunk_size":4,"chunks":[],"dtype":"F32","shape":[ 0]}',  # whitespace
+    b'{"chunk_size":4,"chunks":[],"dtype":"F33","shape":[0]}',  # unknown dtype
+    b'{"chunk_size":4,"chunks":[],"dtype":"F32","shape":[1]}',  # chunk count
+    b'{"chunk_size":4,"chunks":["' + b"A" * 64 + b'"],"dtype":"F32","shape":[1]}',  # upper-case id
+])
+def test_non_canonical_tensors_refused(content):
+    with pytest.raises(CorruptObjectError):
+        parse_object("tensor", content)
+
+
+@pytest.mark.parametrize("tensors", [[["w", "x" * 64]], [[3, A]], [["w", A, B]], "ab"])
+def test_bad_tensor_lists_refused(tensors):
+    import json
+
+    content = json.dumps({"chunks": [], "format": "safetensors", "size": 0, "tensors": tensors},
+                         sort_keys=True, separators=(",", ":")).encode()
+    with pytest.raises(CorruptObjectError):
+        parse_object("file", content)

@@ -217,3 +217,32 @@ def test_a_full_disk_is_one_line_and_leaves_the_old_file(tmp_path, rng, monkeypa
         repo.checkout(first, force=True)
     assert sha256(root / "m.safetensors") == before
     assert not [p for p in os.listdir(root) if p.endswith(".mvc-tmp")]
+
+
+def test_many_tiny_tensors_between_large_ones(repo, rng):
+    """Tiny tensors (read in runs, written in runs) between ones the workers take: bit-exact both
+    ways, a recommit stores nothing, and an edit of one tiny tensor is the one change."""
+    from pathlib import Path
+
+    root = Path(repo.root)
+    tensors = {}
+    for i in range(300):
+        tensors[f"t{i:03d}.bias"] = ("F32", (7,), f32(rng, (7,)))
+        if i % 50 == 0:  # a large one now and then (over the main thread's inline limit)
+            tensors[f"t{i:03d}.weight"] = ("BF16", (256, 160), bf16(rng, (256, 160)))
+    tensors["zero"] = ("F32", (0,), b"")
+    write_safetensors(root / "m.safetensors", tensors)
+    before = sha256(root / "m.safetensors")
+    first = repo.commit("tiny")
+    stored = repo.odb.backend.stats()["stored_bytes"]
+    os.utime(root / "m.safetensors", (1, 1))  # hashed again, not taken from the stat cache
+    repo.commit("again", allow_empty=True)
+    assert repo.odb.backend.stats()["stored_bytes"] - stored < 1024  # a tree and a commit, no tensors
+    tensors["t123.bias"] = ("F32", (7,), f32(rng, (7,)))
+    write_safetensors(root / "m.safetensors", tensors)
+    (change,) = repo.diff(None, None)
+    assert change.path == "m.safetensors"
+    assert [(t.name, t.status) for t in change.tensors] == [("t123.bias", "modified")]
+    os.remove(root / "m.safetensors")
+    repo.checkout(first, force=True)
+    assert sha256(root / "m.safetensors") == before

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import InvalidFileError
 from ..store.objects import DTYPES
@@ -19,8 +21,7 @@ from ..store.objects import DTYPES
 MAX_HEADER = 100 * 1000 * 1000  # the safetensors reference implementation's limit
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):  # a tuple: a header may hold 100,000 of them
     name: str
     dtype: str
     shape: tuple[int, ...]
@@ -35,12 +36,15 @@ class Header:
     metadata: dict | None
 
 
+_by_offsets = operator.itemgetter(3, 4)  # Entry.begin, Entry.end
+
+
 def _no_dupes(pairs):
-    d = {}
-    for k, v in pairs:
-        if k in d:
-            raise ValueError(f"duplicate key {k!r}")
-        d[k] = v
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen = set()
+        dupe = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {dupe!r}")
     return d
 
 
@@ -85,7 +89,9 @@ def parse_header(prefix: bytes, file_size: int, path: str) -> Header:
             begin, end = info["data_offsets"]
             if dtype not in DTYPES:
                 raise ValueError(f"unknown dtype {dtype!r}")
-            if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (*shape, begin, end)):
+            # type(x) is int: no bools, no floats
+            if not (type(begin) is int and type(end) is int and begin >= 0
+                    and all(type(x) is int and x >= 0 for x in shape)):
                 raise ValueError("shape and offsets must be non-negative integers")
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidFileError(path, f"tensor {name!r}: bad header entry ({e})") from e
@@ -98,7 +104,7 @@ def parse_header(prefix: bytes, file_size: int, path: str) -> Header:
         if end - begin != DTYPES[dtype][0] * math.prod(shape):
             raise InvalidFileError(path, f"tensor {name!r}: {end - begin} bytes do not match {dtype} {list(shape)}")
         entries.append(Entry(name, dtype, shape, begin, end))
-    entries.sort(key=lambda e: (e.begin, e.end))
+    entries.sort(key=_by_offsets)
     pos = 0
     for e in entries:
         if e.begin < pos:

@@ -23,6 +23,15 @@ class Backend(ABC):
     @abstractmethod
     def get(self, oid: bytes) -> bytes | None: ...
 
+    def has_many(self, oids: list[bytes]) -> set[bytes]:
+        """The ids among *oids* that are stored (one transaction where the backend has them)."""
+        return {o for o in oids if self.has(o)}
+
+    def get_many(self, oids: list[bytes]) -> list[bytes | None]:
+        """The stored values of *oids*, in order (None where absent), read in one transaction
+        where the backend has them: for many small objects, not for chunk payloads."""
+        return [self.get(o) for o in oids]
+
     def read_with(self, oid: bytes, fn):
         """fn(stored value) for an object, or None when absent. A backend may hand *fn* a view of
         its storage that is valid only during the call (no copy): *fn* must not keep it."""

@@ -203,6 +203,24 @@ class LmdbBackend(Backend):
     def get(self, oid):
         return self.read_with(oid, bytes)
 
+    def has_many(self, oids):
+        def fn(txn):
+            with txn.cursor(db=self._objects) as cur:
+                return {o for o in oids if cur.set_key(o)}
+
+        return self._txn(fn)
+
+    def get_many(self, oids):
+        def fn(txn):
+            get, objects = txn.get, self._objects
+            return [get(o, db=objects) for o in oids]
+
+        values = self._txn(fn)
+        for i, v in enumerate(values):  # a value in a pack: read on its own (it may move)
+            if v is not None and len(v) == LOC_SIZE and parse_locator(v) is not None:
+                values[i] = self.get(oids[i])
+        return values
+
     def read_with(self, oid, fn):
         """fn(a view of the value in the map or its pack), in one read transaction: nothing is
         copied. *fn* must not read the store itself (a waiting writer would wait on this read)."""

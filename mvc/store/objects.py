@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,18 @@ def _oid(v: Any, what: str) -> str:
     if not isinstance(v, str) or not is_hex_oid(v):
         raise ValueError(f"{what} is not an object id")
     return v
+
+
+_HEX_IDS = re.compile(r"(?:[0-9a-f]{64},)*")
+
+
+def _oids(v: Any, what: str) -> tuple[str, ...]:
+    """A list of object ids, checked at once (a file object may list 100,000)."""
+    if not isinstance(v, list) or not all(type(x) is str for x in v):
+        raise ValueError(f"{what} ids must be a list of strings")
+    if v and _HEX_IDS.fullmatch(",".join(v) + ",") is None:
+        raise ValueError(f"a {what} is not an object id")
+    return tuple(v)
 
 
 def _int(v: Any, what: str, lo: int = 0) -> int:
@@ -112,9 +125,11 @@ class File:
             raise ValueError(f"unknown file format {fmt!r}")
         tensors: tuple = ()
         if fmt == "safetensors":
-            tensors = tuple((str(n), _oid(t, "tensor")) for n, t in d["tensors"])
-        return cls(fmt, _int(d["size"], "size"), tuple(_oid(c, "chunk") for c in d["chunks"]),
-                   tensors)
+            tensors = tuple((n, t) for n, t in d["tensors"])
+            if not all(type(n) is str for n, _ in tensors):
+                raise ValueError("a tensor name is not a string")
+            _oids([t for _, t in tensors], "tensor")
+        return cls(fmt, _int(d["size"], "size"), _oids(d["chunks"], "chunk"), tensors)
 
 
 MAX_NAME = 255  # bytes of one path component (Linux NAME_MAX, macOS and Windows alike)
@@ -228,13 +243,60 @@ class Commit:
 CLASSES = {"tensor": Tensor, "file": File, "tree": Tree, "commit": Commit}
 
 
+#: a tensor object exactly as canonical_json writes it (parse_object's fast path; anything else
+#: takes the general path, which accepts only what re-encodes to the same bytes)
+_TENSOR_CANONICAL = re.compile(
+    rb'\{"chunk_size":([1-9][0-9]{0,18}),"chunks":\[((?:"[0-9a-f]{64}")(?:,"[0-9a-f]{64}")*)?\],'
+    rb'"dtype":"([A-Z0-9_]{1,16})","shape":\[((?:0|[1-9][0-9]{0,18})(?:,(?:0|[1-9][0-9]{0,18}))*)?\]\}')
+
+
+def _encode_tensor(t: Tensor) -> bytes | None:
+    """canonical_json(t.to_json()) without the json module (a file may hold 100,000 tensors), for
+    the tensors mvc makes: a known dtype, hex chunk ids, integer dimensions. None: anything else."""
+    if t.dtype not in DTYPES or not all(type(d) is int for d in t.shape) or type(t.chunk_size) is not int:
+        return None
+    chunks = '","'.join(t.chunks)
+    if chunks and not (chunks.isascii() and chunks.replace('","', "").isalnum()):
+        return None
+    listed = f'"{chunks}"' if chunks else ""
+    dims = ",".join(map(str, t.shape))
+    return f'{{"chunk_size":{t.chunk_size},"chunks":[{listed}],"dtype":"{t.dtype}","shape":[{dims}]}}'.encode()
+
+
+def _tensor_of(size: bytes, chunks: bytes | None, dtype: bytes, shape: bytes | None) -> Tensor:
+    """The tensor of a _TENSOR_CANONICAL match: the checks of Tensor.from_json that the pattern
+    does not make already."""
+    name = dtype.decode()
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}")
+    dims = tuple(map(int, shape.split(b","))) if shape else ()
+    n = 1
+    for x in dims:
+        n *= x
+        if n >= 1 << 64:
+            raise ValueError("shape overflows 64 bits")
+    ids = tuple(chunks.decode().replace('"', "").split(",")) if chunks else ()
+    cs = int(size)
+    if len(ids) != -(-n * DTYPES[name][0] // cs):
+        raise ValueError("chunk count does not match shape")
+    return Tensor(name, dims, cs, ids)
+
+
 def encode_object(obj) -> bytes:
+    if type(obj) is Tensor:
+        fast = _encode_tensor(obj)
+        if fast is not None:
+            return fast
     return canonical_json(obj.to_json())
 
 
 def parse_object(kind: str, content: bytes, oid: str = "?"):
     """Parse canonical bytes of a metadata object; CorruptObjectError if malformed."""
     try:
+        if kind == "tensor":
+            m = _TENSOR_CANONICAL.fullmatch(content)
+            if m is not None:  # canonical by construction: ids are hex, dimensions integers
+                return _tensor_of(*m.groups())
         d = json.loads(content)
         if not isinstance(d, dict):
             raise ValueError("not a JSON object")
