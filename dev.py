@@ -47,7 +47,8 @@ def ensure_venv() -> None:
             sys.exit(f"could not create {VENV} ({e}); on Debian/Ubuntu: apt-get install python3-venv")
     print("installing mvc and its dependencies (torch pinned to the CPU build)", flush=True)
     pip = [PY, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-    subprocess.run(pip + ["-c", "constraints.txt", "torch==2.13.0", "-e", ".[compress,dev]"], cwd=ROOT, check=True)
+    subprocess.run(pip + ["-c", "constraints.txt", "torch==2.13.0", "-e", ".[compress,dev,report]"], cwd=ROOT,
+                   check=True)
     with open(STAMP, "w") as f:
         f.write(want)
 

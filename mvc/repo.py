@@ -456,6 +456,14 @@ class Repo:
             fill_stats(self.odb, changes, locations, self.workers)
         return changes
 
+    def report(self, rev_range: str | None = None, path: str = "report.html", scores: str | None = None,
+               progress: Progress = NULL):
+        """Write `mvc report`'s HTML file of *rev_range* (REV or A..B; default HEAD's history) to
+        *path*; returns the report's data (mvc.report.data.Report). Needs the ``report`` extra."""
+        from .report import write
+
+        return write(self, path, rev_range, scores, progress)
+
     def diff_root(self, rev: str) -> list[FileChange]:
         """Everything a root commit added."""
         from .diff.trees import diff_trees

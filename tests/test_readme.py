@@ -47,3 +47,6 @@ def test_compressing_example_runs(tmp_path):
     main = subprocess.run(["mvc", "log", "--oneline", "main"], cwd=cwd, env=env, capture_output=True, text=True).stdout
     assert all(f"[{op}]" in main for op in ("shed", "prune", "heal", "quantize"))
     assert (Path(cwd) / "scores.csv").read_text().startswith("kind,layer,index,score")
+    report = (Path(cwd) / "report.html").read_text()
+    assert "data-section=\"importance\"" in report and "data-section=\"waves\"" in report
+    assert "data-section=\"layers\"" in (Path(cwd) / "change.html").read_text()

@@ -5,6 +5,7 @@ hand; see the issue note: it installs no torch.)"""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -12,7 +13,9 @@ from tests.helpers import bf16, sha256, tree_hashes, write_safetensors
 
 RUNNER = r"""
 import importlib.abc, sys
-BLOCKED = ("torch", "transformers", "bitsandbytes", "accelerate", "peft", "yaml")
+import os
+BLOCKED = ("torch", "transformers", "bitsandbytes", "accelerate", "peft", "yaml") + tuple(
+    filter(None, os.environ.get("MVC_TEST_BLOCK", "").split(",")))
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in BLOCKED:
@@ -28,8 +31,10 @@ main()
 """
 
 
-def bare(cwd, *args):
-    return subprocess.run([sys.executable, "-c", RUNNER, *map(str, args)], cwd=cwd, capture_output=True, text=True)
+def bare(cwd, *args, block: str = ""):
+    env = dict(os.environ, MVC_TEST_BLOCK=block)
+    return subprocess.run([sys.executable, "-c", RUNNER, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          env=env)
 
 
 def ok(cwd, *args):
@@ -69,3 +74,19 @@ def test_compression_commands_name_the_extra(tmp_path):
         assert res.returncode == 1, res.stderr
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and "'compress' extra" in lines[0] and "pip install 'mvc[compress]'" in lines[0], lines
+
+
+def test_report_without_torch_and_without_plotly(tmp_path, rng):
+    """The report needs plotly (the report extra), not torch; without plotly it says so in one line."""
+    ok(tmp_path, "init", "a")
+    a = tmp_path / "a"
+    up = "model.layers.0.mlp.up_proj.weight"
+    write_safetensors(a / "m.safetensors", {up: ("BF16", (32, 16), bf16(rng, (32, 16)))})
+    ok(a, "commit", "-m", "base")
+    ok(a, "report", "-o", "r.html")
+    assert "plotly" in (a / "r.html").read_text()[:200_000].lower()
+    (a / "r.html").unlink()
+    res = bare(a, "report", "-o", "r.html", block="plotly")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and len(lines) == 1 and "'report' extra" in lines[0], res.stderr
+    assert not (a / "r.html").exists()

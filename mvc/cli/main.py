@@ -239,13 +239,24 @@ def show(c, as_json, rev):
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--binary", is_flag=True, help="Write a binary patch from A to B (needs -o).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Where --binary writes.")
+@click.option("--html", "html_out", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Write per-layer heatmaps of the change A -> B to FILE (as in `mvc report`).")
 @pass_ctx
-def diff(c, revs, stat, name_only, as_json, binary, output):
+def diff(c, revs, stat, name_only, as_json, binary, output, html_out):
     """Changes between HEAD and the work tree, or between revisions: diff [A [B]] [-- PATHS]."""
     repo = c.repo()
     paths = click.get_current_context().meta["paths"]
     if len(revs) > 2:
         raise UsageError("diff takes at most two revisions")
+    if html_out:
+        from ..report import write_diff
+
+        if len(revs) != 2 or paths:
+            raise UsageError("usage: mvc diff A B --html FILE (two revisions, no paths)")
+        write_diff(repo, revs[0], revs[1], html_out, c.progress())
+        if not c.quiet:
+            click.echo(f"wrote {html_out}")
+        return
     if binary:
         from ..diff.patch import write_patch
 
@@ -568,6 +579,7 @@ from .git import git_group  # noqa: E402
 from .history import COMMANDS as HISTORY  # noqa: E402
 from .hook import hook_group  # noqa: E402
 from .remote import COMMANDS as REMOTE  # noqa: E402
+from .report import COMMANDS as REPORT  # noqa: E402
 
-for _cmd in (*HISTORY, *REMOTE, *COMPRESS, git_group, hook_group):
+for _cmd in (*HISTORY, *REMOTE, *COMPRESS, *REPORT, git_group, hook_group):
     cli.add_command(_cmd)

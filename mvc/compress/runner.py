@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from .. import __version__
 from ..errors import DirtyWorkTreeError, UsageError
+from ..guard import spike  # noqa: F401 - the spike rule, shared with mvc report
 from ..progress import NULL, Progress
 from ..state import ATTEMPTS
 from .evaluate import EvalSpec, drop, evaluate_tree
@@ -104,16 +105,6 @@ def parse_pct(value, option: str = "--max-drop") -> float:
     return v / 100
 
 
-def spike(values: list[float], z_max: float) -> float | None:
-    """The z-score of the newest log-metric increment against the earlier ones (None: too few)."""
-    if z_max <= 0 or len(values) < 4 or min(values) <= 0:
-        return None
-    inc = [math.log(b) - math.log(a) for a, b in zip(values, values[1:])]
-    hist, last = inc[:-1], inc[-1]
-    mu = sum(hist) / len(hist)
-    sd = (sum((x - mu) ** 2 for x in hist) / len(hist)) ** 0.5
-    sd = max(sd, abs(mu), 0.02)  # a steady, accelerating rise is not a spike; nor is noise under 2 %
-    return (last - mu) / sd
 
 
 def next_attempt_ref(repo) -> str:
@@ -183,6 +174,8 @@ def run(repo, opts: StepOptions, *, op: str, method: str, params: dict, strength
                       "metrics": {"before": parent_metrics, "after": after, "eval": spec.describe()},
                       "elements": {"changed": sum(c for c, _ in counts.values()),
                                    "total": sum(t for _, t in counts.values())},
+                      "guard": {"max_drop": max_drop if math.isfinite(max_drop) else None,
+                                "spike_z": spike_z or None},
                       "wall_s": round(time.time() - t0, 3), "tool": f"mvc {__version__}"}
             if len(strengths) > 1:
                 record["params"]["wave"] = [k, len(strengths)]
