@@ -238,3 +238,21 @@ def test_waves_group_steps_and_score_spikes():
     assert step["before"] == 10.0 and step["max_drop"] == 0.5
     assert step["waves"][3]["z"] == pytest.approx(spike(ppl, 1.0)) and step["waves"][3]["z"] > 3
     assert step["waves"][3]["drop"] == pytest.approx(0.3)
+
+
+def test_cluster_adaptive_pruning_is_recorded_and_drawn(demo, chromium, tmp_path):
+    mvc("compress", "prune", "--method", "magnitude", "--sparsity", "0.3", "--clusters", "3", "--max-drop", "off",
+        cwd=demo)
+    repo = _open(demo)
+    op = repo.commit_obj(repo.refs.head_commit()).op
+    detail = op["params"]["cluster_detail"]
+    q = detail["model.layers.0.self_attn.q_proj.weight"]
+    assert len(detail) == 28 and 1 <= len(q["rows"]) <= 3 and sum(q["rows"]) == 128
+    assert q["mean_score"] == sorted(q["mean_score"])
+    assert all(t is None or t <= 1 for t in q["threshold"])
+    out = tmp_path / "c.html"
+    rep = repo.report(None, str(out))
+    assert rep.clusters["commit"] == repo.refs.head_commit() and len(rep.clusters["matrices"]) == 28
+    dom, console, _ = render(chromium, out, tmp_path)
+    assert console == [] and charts_by_section(dom).get("importance") == 1
+    assert "clusters of cluster-adaptive pruning" in dom

@@ -91,9 +91,17 @@ def kmeans_rows(features, k: int, seed: int, iters: int = 25):
     return labels
 
 
-def mask_for(scores, sparsity: float, per: str, pattern: Pattern | None = None, clusters: int = 0, seed: int = 0):
+def _short(x: float | None) -> float | None:
+    """6 significant digits for an op record (None for what JSON cannot hold)."""
+    return float(f"{x:.6g}") if x is not None and math.isfinite(x) else None
+
+
+def mask_for(scores, sparsity: float, per: str, pattern: Pattern | None = None, clusters: int = 0, seed: int = 0,
+             info: dict | None = None):
     """Which elements to prune. *per*: "matrix" (one threshold) or "row" (one per output row);
-    *clusters* > 0 clusters the rows by their score statistics and uses one threshold per cluster."""
+    *clusters* > 0 clusters the rows by their score statistics and uses one threshold per cluster
+    (then *info*, when given, receives per cluster, by mean score: its rows, mean score and the
+    largest score it pruned)."""
     import torch
 
     if pattern is not None:
@@ -103,10 +111,18 @@ def mask_for(scores, sparsity: float, per: str, pattern: Pattern | None = None, 
         feats = torch.stack([scores.mean(1), scores.std(1), scores.amax(1)], 1).double()
         labels = kmeans_rows(feats, clusters, seed)
         mask = torch.zeros(scores.shape, dtype=torch.bool)
+        found = []
         for c in labels.unique().tolist():
             sel = labels == c
             sub = scores[sel]
-            mask[sel] = _smallest(sub, int(sparsity * sub.numel()))
+            m = _smallest(sub, int(sparsity * sub.numel()))
+            mask[sel] = m
+            cut = float(sub[m].max()) if bool(m.any()) else None
+            found.append((float(sub.double().mean()), int(sel.sum()), cut))
+        if info is not None:
+            found.sort()
+            info.update({"rows": [r for _, r, _ in found], "mean_score": [_short(s) for s, _, _ in found],
+                         "threshold": [_short(t) for _, _, t in found]})
         return mask
     if per == "row":
         return _smallest(scores, int(sparsity * cols), dim=1)
@@ -159,9 +175,10 @@ def sparsegpt(weight, gram, n: int, sparsity: float, pattern: Pattern | None = N
 
 
 def apply_masks(repo, model, linears, method: str, sparsity_of, pattern: Pattern | None = None,
-          clusters: int = 0, seed: int = 0, calib=None, progress=None) -> dict:
+          clusters: int = 0, seed: int = 0, calib=None, progress=None, cluster_info: dict | None = None) -> dict:
     """Prune *linears* in place; returns {name: (pruned, total)}. *sparsity_of(name)* gives each
-    matrix's target. Calibration methods go layer by layer, feeding pruned outputs forward."""
+    matrix's target. Calibration methods go layer by layer, feeding pruned outputs forward.
+    With *clusters*, *cluster_info* receives each matrix's clusters (mask_for's *info*)."""
     if method not in METHODS:
         raise UsageError(f"unknown pruning method {method!r}", hint=f"choose one of {', '.join(METHODS)}")
     counts = {}
@@ -186,7 +203,10 @@ def apply_masks(repo, model, linears, method: str, sparsity_of, pattern: Pattern
                 score = w.abs().float()
                 if method == "wanda":
                     score = score * stats[li.name].sq.sqrt().float()[None, :]
-                mask = mask_for(score, s, "row" if method == "wanda" else "matrix", pattern, clusters, seed)
+                info: dict = {}
+                mask = mask_for(score, s, "row" if method == "wanda" else "matrix", pattern, clusters, seed, info)
+                if info and cluster_info is not None:
+                    cluster_info[li.name] = info
                 w[mask] = 0
             model.round_to_stored(li)
             counts[li.name] = (int(mask.sum()), w.numel())
@@ -261,12 +281,13 @@ def run(repo, opts: StepOptions, method: str, sparsity: float, pattern: str | No
     def apply(model: Model, strength: float, scratch: str):
         lin = model.linears(scope, embeddings)
         opts.progress.start(f"pruning ({method})", sum(li.weight().numel() * 4 for li in lin), len(lin))
+        found: dict = {}
         counts = apply_masks(repo, model, lin, method, _sparsity_of(strength, overrides, strength / target
                                                                        if target else 0.0)
                                  if overrides else _sparsity_of(strength, []),
-                                 pat, clusters, opts.seed, cal, opts.progress)
+                                 pat, clusters, opts.seed, cal, opts.progress, found)
         opts.progress.finish()
-        return Change(counts)
+        return Change(counts, extra={"cluster_detail": found} if found else {})
 
     return run_step(repo, opts, op="prune", method=method, params=params, strengths=strengths, apply=apply,
                     scope=scope)

@@ -89,6 +89,7 @@ class Report:
     waves: list = field(default_factory=list)
     storage: dict = field(default_factory=dict)
     scores: dict | None = None
+    clusters: dict | None = None
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -461,6 +462,30 @@ def read_scores(path: str) -> dict:
     return {"method": method[:40], "rev": rev[:64] if rev else None, "layers": out}
 
 
+def clusters(commits: list[CommitInfo]) -> dict | None:
+    """The clusters of the newest cluster-adaptive prune in *commits* (its op record's
+    ``params.cluster_detail``), per matrix; None when there is none. Malformed entries are skipped."""
+    for c in reversed(commits):
+        detail = ((c.op or {}).get("params") or {}).get("cluster_detail")
+        if not isinstance(detail, dict):
+            continue
+        out = []
+        for name, d in sorted(detail.items()):
+            lr = layer_role(name) if isinstance(name, str) else None
+            if lr is None or not isinstance(d, dict):
+                continue
+            rows, mean, cut = d.get("rows"), d.get("mean_score"), d.get("threshold")
+            if not (isinstance(rows, list) and isinstance(mean, list) and isinstance(cut, list)
+                    and len(rows) == len(mean) == len(cut) and all(type(r) is int and r >= 0 for r in rows)):
+                continue
+            out.append({"name": name, "layer": lr[0], "role": lr[1], "rows": rows,
+                        "mean_score": [_number(x) for x in mean], "threshold": [_number(x) for x in cut]})
+        if out:
+            out.sort(key=lambda m: (m["layer"], ROLE_ORDER.index(m["role"]) if m["role"] in ROLE_ORDER else 99))
+            return {"commit": c.id, "k": max(len(m["rows"]) for m in out), "matrices": out}
+    return None
+
+
 # -- all together ----------------------------------------------------------------------
 def build(repo, spec: str | None = None, scores: str | None = None, layers: bool = True,
           progress: Progress = NULL) -> Report:
@@ -475,6 +500,7 @@ def build(repo, spec: str | None = None, scores: str | None = None, layers: bool
     rep.storage = storage(repo, commits, head_tree)
     if scores:
         rep.scores = read_scores(scores)
+    rep.clusters = clusters([c for c in commits if c.status == "history"])
     if layers:
         stats = LayerStats(repo, progress)
         progress.start("reading tensors", 0)

@@ -232,11 +232,46 @@ def _layers(p: _Page, layers: dict) -> None:
             p.chart("layers", fig, title, _table(["step", *steps["columns"]], rows, title))
 
 
-def _importance(p: _Page, scores: dict | None) -> None:
-    if not scores or not scores.get("layers"):
+def _importance(p: _Page, scores: dict | None, clusters: dict | None) -> None:
+    if not (scores and scores.get("layers")) and not clusters:
         return
+    p.add("<h2 id=importance>Importance</h2>")
+    if scores and scores.get("layers"):
+        _scores(p, scores)
+    if clusters:
+        _clusters(p, clusters)
+
+
+def _clusters(p: _Page, cl: dict) -> None:
     go = p.go
-    p.add(f"<h2 id=importance>Importance</h2><p>{_e(scores['method'])} scores"
+    ms = cl["matrices"]
+    p.add(f"<p>The clusters of the cluster-adaptive prune <a href='#c-{cl['commit']}'><code>{cl['commit'][:12]}"
+          "</code></a>: per matrix, its rows grouped by their score statistics (k-means), each group pruned "
+          "with its own threshold. A point is a cluster: its mean score, its size (rows) and the largest "
+          "score it pruned.</p>")
+    labels = [f"{m['layer']}.{m['role']}" for m in ms]
+    fig = go.Figure()
+    for k in range(cl["k"]):
+        sel = [(lab, m) for lab, m in zip(labels, ms) if k < len(m["rows"])]
+        fig.add_trace(go.Scatter(
+            x=[lab for lab, _ in sel], y=[m["mean_score"][k] for _, m in sel], mode="markers",
+            name=f"cluster {k + 1} (by mean score)",
+            marker={"size": [6 + 24 * m["rows"][k] / max(1, sum(m["rows"])) for _, m in sel]},
+            customdata=[[m["rows"][k], m["threshold"][k]] for _, m in sel],
+            hovertemplate="%{x}: mean score %{y:.4g}<br>%{customdata[0]} rows, pruned below %{customdata[1]:.4g}"
+                          "<extra></extra>"))
+    fig.update_xaxes(title="matrix (layer.role)")
+    fig.update_yaxes(title="mean score", type="log" if all(
+        (v or 0) > 0 for m in ms for v in m["mean_score"]) else "linear")
+    rows = [[_e(m["name"])] + [f"{r} rows, mean {_num(s)}, cut {_num(t)}" for r, s, t in
+                               zip(m["rows"], m["mean_score"], m["threshold"])] for m in ms]
+    title = "clusters of cluster-adaptive pruning"
+    p.chart("importance", fig, title, _table(["matrix", *[f"cluster {k + 1}" for k in range(cl["k"])]], rows, title))
+
+
+def _scores(p: _Page, scores: dict) -> None:
+    go = p.go
+    p.add(f"<p>{_e(scores['method'])} scores"
           + (f" of <code>{_e(scores['rev'][:12])}</code>" if scores.get("rev") else "")
           + " (<code>mvc compress score -o FILE.json</code>), per layer.</p>")
     for kind in ("neurons", "heads"):
@@ -360,7 +395,7 @@ def render(rep: Report, title: str = "mvc report") -> str:
         ("storage", "Storage"), ("commits", "Commits"))) + "</nav>")
     _timeline(p, rep)
     _layers(p, rep.layers)
-    _importance(p, rep.scores)
+    _importance(p, rep.scores, rep.clusters)
     _waves(p, rep)
     _storage(p, rep)
     _commits(p, rep)
