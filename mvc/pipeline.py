@@ -22,11 +22,14 @@ from .formats import torchfile
 from .progress import NULL, Progress
 from .store import codec
 from .store.backend import Backend
-from .store.ids import hash_object
+from .store.ids import TYPE_CODE, hash_object
 from .store.objects import DTYPES, File, Tensor, encode_object
 from .store.odb import CHUNK, ObjectDB, encode_chunk
 
+TENSOR = TYPE_CODE["tensor"]
+
 CHUNK_SIZE = 4 * 1024 * 1024  # a multiple of every element size
+_TINY_HEAD = b'{"chunk_size":%d,"chunks":["' % CHUNK_SIZE
 _BATCH_BYTES = 32 * 1024 * 1024
 #: decoded links kept while committing with delta bases: the chains of two workers (4 links each,
 #: the benchmark's merge version tries bases 1, 2 and 3 deep on one chain)
@@ -50,6 +53,21 @@ _INLINE_BELOW = 64 << 10  # chunks smaller than this are hashed and encoded by t
 _TINY = 4096  # tensors smaller than this: read in runs, stored in full, never looked up first
 _TINY_READ = 1 << 20
 _META_BLOCK = 4096  # tensor objects read in one transaction while streaming a file out
+
+
+_TINY_SUFFIX: dict[tuple, bytes] = {}
+
+
+def tiny_tensor_json(chunk_hex: str, dtype: str, shape: tuple[int, ...]) -> bytes:
+    """encode_object(Tensor(dtype, shape, CHUNK_SIZE, (chunk_hex,))) for a tensor of one chunk,
+    from a cached tail per dtype and shape (a file may hold 100,000 tiny tensors)."""
+    tail = _TINY_SUFFIX.get((dtype, shape))
+    if tail is None:
+        whole = encode_object(Tensor(dtype, shape, CHUNK_SIZE, ("0" * 64,)))
+        tail = whole[whole.index(b"0" * 64) + 64:]
+        if len(_TINY_SUFFIX) < 4096:
+            _TINY_SUFFIX[(dtype, shape)] = tail
+    return _TINY_HEAD + chunk_hex.encode() + tail
 
 
 class _Done:
@@ -298,6 +316,7 @@ class Ingestor:
         fd = _fileno(f)
         self._fd_of = (f, fd)
         buf, buf_at = b"", 0  # tiny tensors are read many at a time
+        tiny_bytes = tiny_done = 0  # progress not yet reported
         for idx, e in enumerate(header.entries):
             size_, is_float = DTYPES[e.dtype]
             fs = size_ if is_float and size_ > 1 else 0
@@ -310,14 +329,31 @@ class Ingestor:
                     _check_read(f, buf[:n], n)
                 data = buf[offset - buf_at:offset - buf_at + n]
                 oid = hash_object("chunk", data)
+                hex_id = oid.hex()
                 if self.store:
                     if oid not in self._seen:
                         self._add(oid, codec.encode(CHUNK, data, fs))
                 else:
-                    self.locations[oid.hex()] = (path, offset, n)
-                per_tensor[idx].append(oid.hex())
-                self.progress.advance(nbytes=n)
-                finish_ready()
+                    self.locations[hex_id] = (path, offset, n)
+                tiny_bytes += n
+                if done[0] != idx:  # a larger tensor before it is still being worked on
+                    per_tensor[idx].append(hex_id)
+                    finish_ready()
+                    continue
+                # the tensor object, made here: what add_meta(Tensor(...)) stores, byte for byte
+                meta = tiny_tensor_json(hex_id, e.dtype, e.shape)
+                tid = hash_object("tensor", meta)
+                if self.store:
+                    if tid not in self._seen:
+                        self._add(tid, codec.encode(TENSOR, meta))
+                else:
+                    self.scratch[tid.hex()] = Tensor(e.dtype, e.shape, CHUNK_SIZE, (hex_id,))
+                names.append((e.name, tid.hex()))
+                done[0] += 1
+                tiny_done += 1
+                if tiny_done >= 4096:
+                    self.progress.advance(nbytes=tiny_bytes, tensors=tiny_done)
+                    tiny_bytes = tiny_done = 0
                 continue
             if fd is not None:
                 f.seek(offset)
@@ -329,6 +365,7 @@ class Ingestor:
             finish_ready()
         self._drain(pending, sink, 0, path)
         finish_ready()
+        self.progress.advance(nbytes=tiny_bytes, tensors=tiny_done)
         return self.add_meta(File("safetensors", size, tuple(header_chunks), tuple(names)))
 
 

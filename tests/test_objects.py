@@ -115,3 +115,25 @@ def test_bad_tensor_lists_refused(tensors):
                          sort_keys=True, separators=(",", ":")).encode()
     with pytest.raises(CorruptObjectError):
         parse_object("file", content)
+
+
+@pytest.mark.parametrize("n", [0, 1, 80, 4095, 4096, 4097, 100_000])
+@pytest.mark.parametrize("kind", ["chunk", "tensor"])
+def test_id_is_blake3_of_header_and_content_at_every_size(kind, n):
+    import blake3
+
+    content = bytes(range(256)) * (n // 256) + bytes(n % 256)
+    want = blake3.blake3(f"{kind} {n}\0".encode() + content).digest()
+    assert hash_object(kind, content) == want
+    assert hash_object(kind, memoryview(content)) == want and hash_object(kind, bytearray(content)) == want
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(_DTYPE_NAMES), st.lists(st.integers(0, 64), min_size=0, max_size=3),
+       st.randoms(use_true_random=False))
+def test_tiny_tensor_json_is_the_tensor_object(dtype, shape, rnd):
+    from mvc.pipeline import CHUNK_SIZE, tiny_tensor_json
+
+    chunk = f"{rnd.getrandbits(256):064x}"
+    want = encode_object(Tensor(dtype, tuple(shape), CHUNK_SIZE, (chunk,)))
+    assert tiny_tensor_json(chunk, dtype, tuple(shape)) == want
