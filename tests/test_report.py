@@ -256,3 +256,32 @@ def test_cluster_adaptive_pruning_is_recorded_and_drawn(demo, chromium, tmp_path
     dom, console, _ = render(chromium, out, tmp_path)
     assert console == [] and charts_by_section(dom).get("importance") == 1
     assert "clusters of cluster-adaptive pruning" in dom
+
+
+def test_hostile_op_records_and_messages_are_drawn_as_text(tmp_path, chromium, rng):
+    """Op records and messages come from other repositories: wrong types and markup neither break
+    the report nor run in it."""
+    from mvc.store.objects import Commit
+
+    work = tmp_path / "w"
+    mvc("init", work)
+    write_safetensors(work / "m.safetensors", {"model.layers.0.mlp.up_proj.weight": ("F32", (4, 4), f32(rng, (16,)))})
+    mvc("commit", "-m", "base", cwd=work)
+    repo = _open(work)
+    head = repo.refs.head_commit()
+    evil = "<img src=x onerror=alert(1)></script><script>alert(2)</script>"
+    ops = [{"op": ["prune"], "method": {"x": 1}, "params": [1, 2], "metrics": "high", "guard": 3},
+           {"op": evil, "method": evil, "params": {"wave": [1, 2], "strength": "s"},
+            "metrics": {"before": {"ppl": 10.0}, "after": {"ppl": 11.0}}, "guard": {"max_drop": "x"}}]
+    for op in ops:
+        c = Commit(repo.commit_obj(head).tree, (head,), "me <me@x>", 1, 0, evil, op)
+        oid = repo.odb.put(c)
+        repo.refs.set_ref("refs/heads/main", oid, head, "test")
+        head = oid
+    out = tmp_path / "h.html"
+    repo.report(None, str(out))
+    text = out.read_text()
+    assert "<script>alert(2)" not in text and "<img src=x" not in text
+    dom, console, _ = render(chromium, out, tmp_path)
+    assert console == [] and "alert" not in "".join(console)
+    assert "<img src=\"x\"" not in dom and "<script>alert" not in dom

@@ -120,6 +120,23 @@ def _attempts(repo, commits: set[str]) -> list[tuple[str, str]]:
     return out
 
 
+def clean_op(op) -> dict | None:
+    """An op record as the report reads it: records come from other repositories too, so every
+    field it uses is given its type (a wrong one becomes empty); the rest is kept as it is."""
+    if not isinstance(op, dict):
+        return None
+    d = dict(op)
+    for key in ("op", "method"):
+        if not isinstance(d.get(key), str):
+            d[key] = None
+    for key in ("params", "metrics", "guard"):
+        if not isinstance(d.get(key), dict):
+            d[key] = {}
+    d["metrics"] = {**d["metrics"], **{k: v if isinstance(v := d["metrics"].get(k), dict) else {}
+                                       for k in ("before", "after")}}
+    return d
+
+
 def _natural(s: str):
     return [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", s)]
 
@@ -156,7 +173,7 @@ def collect_commits(repo, spec: str | None) -> tuple[list[CommitInfo], str]:
         order.append((oid, "attempt", ref))
     for oid, status, ref in order:
         c = repo.commit_obj(oid)
-        op = c.op if isinstance(c.op, dict) else None
+        op = clean_op(c.op)
         infos.append(CommitInfo(oid, c.message, c.time, list(c.parents), op, status, ref,
                                 weights_bytes=weights_bytes(repo, c.tree), store=added_by(repo, oid)))
     metric = _metric_name([i.op for i in infos if i.op])

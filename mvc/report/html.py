@@ -28,6 +28,11 @@ def _e(x) -> str:
     return html.escape(str(x), quote=True)
 
 
+def _t(x) -> str:
+    """Text for a chart (plotly reads a few HTML tags in labels): escaped, bounded."""
+    return html.escape(str(x)[:200], quote=False)
+
+
 def _human(n: float | None) -> str:
     if n is None:
         return "–"
@@ -62,7 +67,7 @@ class _Page:
     def chart(self, section: str, fig, label: str, table: str) -> None:
         self._n += 1
         fig.update_layout(template="plotly_white", margin={"l": 60, "r": 20, "t": 50, "b": 60},
-                          title={"text": _e(label)}, font={"size": 12})
+                          title={"text": _t(label)}, font={"size": 12})
         div = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"chart-{self._n}", config=_CONFIG)
         self.parts.append(f'<figure class=chart data-section="{section}" role=group aria-label="{_e(label)}">'
                           f"{div}{table}</figure>")
@@ -89,7 +94,7 @@ th{background:#f4f4f4}code{font-size:12px}.attempt{color:#b00}.muted{color:#777}
 
 def _label(c) -> str:
     op = (c.op or {}).get("op")
-    return f"{c.id[:12]} {op or 'commit'}" + (" (rejected)" if c.status == "attempt" else "")
+    return _t(f"{c.id[:12]} {op or 'commit'}" + (" (rejected)" if c.status == "attempt" else ""))
 
 
 # -- sections ---------------------------------------------------------------------
@@ -111,18 +116,19 @@ def _timeline(p: _Page, rep: Report) -> None:
     for op in sorted({(c.op or {}).get("op") for c in hist}, key=str):
         sel = [c for c in hist if (c.op or {}).get("op") == op]
         fig.add_trace(go.Scatter(
-            x=[order[c.id] for c in sel], y=[c.metric for c in sel], mode="markers+text", name=op or "commit",
-            text=[op or "" for c in sel], textposition="top center",
+            x=[order[c.id] for c in sel], y=[c.metric for c in sel], mode="markers+text", name=_t(op or "commit"),
+            text=[_t(op or "") for c in sel], textposition="top center",
             marker={"size": 11, "color": OP_COLORS.get(op, "#444")},
-            hovertext=[f"{c.id[:12]} {c.message.splitlines()[0][:60]}" for c in sel], hoverinfo="text+y"))
+            hovertext=[_t(f"{c.id[:12]} {(c.message.splitlines() or [''])[0][:60]}") for c in sel],
+            hoverinfo="text+y"))
     att = [c for c in cs if c.status == "attempt"]
     if att:
         fig.add_trace(go.Scatter(
             x=[order.get(c.parents[0], 0) + 0.5 for c in att], y=[c.metric for c in att], mode="markers",
             name="rejected attempt", marker={"symbol": "x", "size": 13, "color": "#d00"},
-            hovertext=[f"{c.id[:12]} {c.ref}" for c in att], hoverinfo="text+y"))
+            hovertext=[_t(f"{c.id[:12]} {c.ref}") for c in att], hoverinfo="text+y"))
     for step in _guards(rep):
-        fig.add_trace(go.Scatter(x=step["x"], y=[step["limit"]] * 2, mode="lines", name=f"guard ({step['op']})",
+        fig.add_trace(go.Scatter(x=step["x"], y=[step["limit"]] * 2, mode="lines", name=_t(f"guard ({step['op']})"),
                                  line={"dash": "dash", "color": OP_COLORS.get(step["op"], "#444")},
                                  hoverinfo="name+y"))
     fig.update_xaxes(title="commit (oldest first)", tickvals=list(order.values()),
@@ -136,7 +142,7 @@ def _timeline(p: _Page, rep: Report) -> None:
     for c in cs:
         op = (c.op or {}).get("op")
         fig.add_trace(go.Scatter(
-            x=[c.weights_bytes / 2**20], y=[c.metric], mode="markers+text", text=[op or "base"],
+            x=[c.weights_bytes / 2**20], y=[c.metric], mode="markers+text", text=[_t(op or "base")],
             textposition="top center", showlegend=False,
             marker={"size": 12, "symbol": "x" if c.status == "attempt" else "circle",
                     "color": "#d00" if c.status == "attempt" else OP_COLORS.get(op, "#444")},
@@ -155,7 +161,7 @@ def _timeline(p: _Page, rep: Report) -> None:
             continue
         op = (c.op or {}).get("op")
         fig.add_trace(go.Scatter(
-            x=[x / 2**20], y=[c.metric], mode="markers+text", text=[op or "base"], textposition="top center",
+            x=[x / 2**20], y=[c.metric], mode="markers+text", text=[_t(op or "base")], textposition="top center",
             showlegend=False, hovertext=[_label(c)], hoverinfo="text+x+y",
             marker={"size": 12, "symbol": "x" if c.status == "attempt" else "circle",
                     "color": "#d00" if c.status == "attempt" else OP_COLORS.get(op, "#444")}))
@@ -219,7 +225,7 @@ def _layers(p: _Page, layers: dict) -> None:
     steps = layers.get("steps") or {}
     if steps.get("rows") and steps.get("columns"):
         go = p.go
-        labels = [r["label"] for r in steps["rows"]]
+        labels = [_t(r["label"]) for r in steps["rows"]]
         for key, title, zmax, scale in (
                 ("changed", "which matrices each step changed (fraction of elements)", 1, "Reds"),
                 ("rel_l2", "relative L2 of each step's change (blank: reshaped or re-encoded)", None, "Magma")):
@@ -228,8 +234,8 @@ def _layers(p: _Page, layers: dict) -> None:
                 hovertemplate="%{y}<br>%{x}: %{z:.4g}<extra></extra>"))
             fig.update_yaxes(autorange="reversed")
             fig.update_layout(height=max(280, 80 + 26 * len(labels)))
-            rows = [[_e(lab)] + [_num(v) for v in vals] for lab, vals in zip(labels, steps[key])]
-            p.chart("layers", fig, title, _table(["step", *steps["columns"]], rows, title))
+            rows = [[lab] + [_num(v) for v in vals] for lab, vals in zip(labels, steps[key])]
+            p.chart("layers", fig, title, _table(["step", *steps["columns"]], rows, title))  # labels escaped
 
 
 def _importance(p: _Page, scores: dict | None, clusters: dict | None) -> None:
@@ -303,7 +309,7 @@ def _waves(p: _Page, rep: Report) -> None:
           "<code>--spike-z</code> stops the step).</p>")
     for s in steps:
         ws = s["waves"]
-        label = f"{s['op']} {s['method']} ({len(ws)} of {s['of']} waves)"
+        label = f"{s['op']} {s['method']} ({len(ws)} of {s['of']} waves)"  # escaped by chart()
         fig = go.Figure()
         fig.add_trace(go.Scatter(x=[0] + [w["wave"] for w in ws], y=[s["before"]] + [w["metric"] for w in ws],
                                  mode="lines+markers", name=rep.metric,
@@ -352,7 +358,7 @@ def _storage(p: _Page, rep: Report) -> None:
     ts = st.get("tensors") or []
     if ts:
         fig = go.Figure()
-        names = [t["name"] for t in ts]
+        names = [_t(t["name"]) for t in ts]
         fig.add_trace(go.Bar(y=names, x=[t["raw"] / 2**10 for t in ts], orientation="h", name="raw",
                              marker={"color": "#c7c7c7"}))
         fig.add_trace(go.Bar(y=names, x=[t["stored"] / 2**10 for t in ts], orientation="h", name="stored",
