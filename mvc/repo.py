@@ -457,12 +457,12 @@ class Repo:
         return changes
 
     def report(self, rev_range: str | None = None, path: str = "report.html", scores: str | None = None,
-               progress: Progress = NULL):
+               progress: Progress = NULL, read_tensors: bool = True):
         """Write `mvc report`'s HTML file of *rev_range* (REV or A..B; default HEAD's history) to
         *path*; returns the report's data (mvc.report.data.Report). Needs the ``report`` extra."""
         from .report import write
 
-        return write(self, path, rev_range, scores, progress)
+        return write(self, path, rev_range, scores, progress, read_tensors)
 
     def diff_root(self, rev: str) -> list[FileChange]:
         """Everything a root commit added."""

@@ -285,3 +285,20 @@ def test_hostile_op_records_and_messages_are_drawn_as_text(tmp_path, chromium, r
     dom, console, _ = render(chromium, out, tmp_path)
     assert console == [] and "alert" not in "".join(console)
     assert "<img src=\"x\"" not in dom and "<script>alert" not in dom
+
+
+def test_no_tensor_stats_reads_no_values(history, tmp_path, monkeypatch):
+    from mvc.report import build
+    from mvc.store.odb import ObjectDB
+
+    def no_chunks(self, *a, **k):
+        raise AssertionError("a chunk was read")
+
+    monkeypatch.setattr(ObjectDB, "read_chunk", no_chunks)
+    monkeypatch.setattr(ObjectDB, "read_chunks", no_chunks)
+    rep = build(_open(history), None, read_tensors=False)
+    rng = rep.layers["range"]
+    assert all(v is None for row in rng["sparsity"]["values"] for v in row)
+    assert {m for row in rng["method"]["values"] for m in row} == {"nf4"}
+    res = mvc_proc("report", "--no-tensor-stats", "-o", tmp_path / "q.html", cwd=history)
+    assert res.returncode == 0 and "sparsity (fraction" not in (tmp_path / "q.html").read_text()

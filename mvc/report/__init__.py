@@ -26,11 +26,13 @@ def _write_atomic(path: str, text: str) -> None:
             os.remove(tmp)
 
 
-def write(repo, path: str, spec: str | None = None, scores: str | None = None, progress: Progress = NULL) -> Report:
-    """Write the report of *spec* (a revision or A..B; default HEAD's history) to *path*."""
+def write(repo, path: str, spec: str | None = None, scores: str | None = None, progress: Progress = NULL,
+          read_tensors: bool = True) -> Report:
+    """Write the report of *spec* (a revision or A..B; default HEAD's history) to *path*; with
+    *read_tensors* False, no statistic that reads tensor values (a quick report of a big model)."""
     from .html import render
 
-    rep = build(repo, spec, scores, progress=progress)
+    rep = build(repo, spec, scores, progress=progress, read_tensors=read_tensors)
     _write_atomic(path, render(rep))
     return rep
 

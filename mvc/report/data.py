@@ -35,6 +35,7 @@ _AUX = ((".weight.quant_state.bitsandbytes__nf4", "nf4"), (".weight.quant_state.
 _BITS = {"BOOL": 1, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "U16": 16, "I16": 16,
          "F16": 16, "BF16": 16, "U32": 32, "I32": 32, "F32": 32, "U64": 64, "I64": 64, "F64": 64, "C64": 64}
 MAX_SCORES_BYTES = 64 << 20
+PACKED = ("nf4", "fp4", "rtn-int4")  # values packed below a byte: no elements to count or compare
 
 
 def layer_role(name: str) -> tuple[int, str] | None:
@@ -270,11 +271,13 @@ def _columns(keys) -> list[str]:
 class LayerStats:
     """Per-tensor statistics, each tensor read once (tensors shared by commits are not read again)."""
 
-    def __init__(self, repo, progress: Progress = NULL):
+    def __init__(self, repo, progress: Progress = NULL, read: bool = True):
         from ..pipeline import Materializer
 
         self.repo = repo
         self.progress = progress
+        #: False: nothing that needs a tensor's values (sparsity, elements changed, L2) is measured
+        self.read = read
         self._mat = Materializer(repo.odb)
         self._sparsity: dict[str, float | None] = {}
         self._pairs: dict[tuple[str, str], dict] = {}
@@ -287,7 +290,7 @@ class LayerStats:
 
     def sparsity(self, m: Matrix) -> float | None:
         """Fraction of zero elements; None for packed low-bit values (no elements to count)."""
-        if m.method in ("nf4", "fp4", "rtn-int4"):
+        if m.method in PACKED or not self.read:
             return None
         if m.tensor not in self._sparsity:
             from ..diff.stats import _one_side
@@ -308,6 +311,8 @@ class LayerStats:
         if (a.dtype, a.shape, a.chunk_size) != (b.dtype, b.shape, b.chunk_size):
             note = "re-encoded" if a.dtype != b.dtype or old.method != new.method else "reshaped"
             return {"changed": 1.0, "rel_l2": None, "note": note}
+        if not self.read:
+            return {"changed": None, "rel_l2": None, "note": ""}
         key = (old.tensor, new.tensor)
         if key not in self._pairs:
             from ..diff.stats import tensor_stats
@@ -325,9 +330,6 @@ def grid(ms: dict[str, Matrix], value) -> dict:
     cell = {(m.layer, m.role): m for m in ms.values()}
     values = [[value(cell[(li, r)]) if (li, r) in cell else None for r in roles] for li in layers]
     return {"layers": layers, "roles": roles, "values": values}
-
-
-PACKED = ("nf4", "fp4", "rtn-int4")  # values packed below a byte: no elements to count or compare
 
 
 def layer_heatmaps(stats: LayerStats, new_tree: str, old_tree: str | None = None,
@@ -505,9 +507,9 @@ def clusters(commits: list[CommitInfo]) -> dict | None:
 
 # -- all together ----------------------------------------------------------------------
 def build(repo, spec: str | None = None, scores: str | None = None, layers: bool = True,
-          progress: Progress = NULL) -> Report:
-    """The report's data. Per-layer statistics read the tensors they compare (each once); the
-    rest is metadata."""
+          progress: Progress = NULL, read_tensors: bool = True) -> Report:
+    """The report's data. Per-layer statistics read the tensors they compare (each once; with
+    *read_tensors* False, none: bits and methods only); the rest is metadata."""
     commits, metric = collect_commits(repo, spec)
     history = [c for c in commits if c.status == "history"]
     head = history[-1].id
@@ -519,7 +521,7 @@ def build(repo, spec: str | None = None, scores: str | None = None, layers: bool
         rep.scores = read_scores(scores)
     rep.clusters = clusters([c for c in commits if c.status == "history"])
     if layers:
-        stats = LayerStats(repo, progress)
+        stats = LayerStats(repo, progress, read_tensors)
         progress.start("reading tensors", 0)
         try:
             rep.layers = range_layers(repo, stats, history)

@@ -193,7 +193,7 @@ def _guards(rep: Report) -> list[dict]:
 
 def _heat(p: _Page, section: str, g: dict, title: str, zmin=None, zmax=None, text=None, colorscale="Viridis"):
     go = p.go
-    if not g.get("layers"):
+    if not g.get("layers") or all(v is None for row in g["values"] for v in row):
         return
     z = [[v for v in row] for row in g["values"]]
     fig = go.Figure(go.Heatmap(
@@ -229,6 +229,8 @@ def _layers(p: _Page, layers: dict) -> None:
         for key, title, zmax, scale in (
                 ("changed", "which matrices each step changed (fraction of elements)", 1, "Reds"),
                 ("rel_l2", "relative L2 of each step's change (blank: reshaped or re-encoded)", None, "Magma")):
+            if all(v is None for row in steps[key] for v in row):
+                continue
             fig = go.Figure(go.Heatmap(
                 z=steps[key], x=steps["columns"], y=labels, zmin=0, zmax=zmax, colorscale=scale, hoverongaps=False,
                 hovertemplate="%{y}<br>%{x}: %{z:.4g}<extra></extra>"))
