@@ -537,7 +537,11 @@ def build_diff(repo, a: str, b: str, progress: Progress = NULL) -> dict:
     stats = LayerStats(repo, progress)
     try:
         ca, cb = repo.resolve(a), repo.resolve(b)
-        return {"at": cb, "sparsity_at": cb, "from": ca, "to": cb,
-                "range": layer_heatmaps(stats, repo.commit_obj(cb).tree, repo.commit_obj(ca).tree)}
+        ta, tb = repo.commit_obj(ca).tree, repo.commit_obj(cb).tree
+        # the sparsity of B, or of A where B's values are packed (a quantizing step)
+        packed = any(m.method in PACKED for m in matrices(repo, tb).values())
+        sp, sp_tree = (ca, ta) if packed else (cb, tb)
+        return {"at": cb, "sparsity_at": sp, "from": ca, "to": cb,
+                "range": layer_heatmaps(stats, tb, ta, sp_tree)}
     finally:
         stats.close()

@@ -216,10 +216,11 @@ def _layers(p: _Page, layers: dict) -> None:
     _heat(p, "layers", rng["bits"], f"bits per stored element at {at[:12]} (text: the method)", 0, 32,
           text=methods, colorscale="Blues")
     _heat(p, "layers", rng["sparsity"], f"sparsity (fraction of zero elements) at {sp[:12]}"
-          + (" (the newest commit whose values are not packed)" if sp != at else ""), 0, 1)
+          + (" (values at the head are packed)" if sp != at else ""), 0, 1)
     if frm and "changed" in rng:
         what = f"{frm[:12]} → {to[:12]}"
-        _heat(p, "layers", rng["changed"], f"fraction of elements changed, {what}", 0, 1, colorscale="Reds")
+        _heat(p, "layers", rng["changed"], f"fraction of elements changed, {what} (text: how else it changed)", 0, 1,
+              text=rng.get("note", {}).get("values"), colorscale="Reds")
         _heat(p, "layers", rng["rel_l2"], f"relative L2 of the change, {what} (blank: reshaped)", 0, None,
               text=rng.get("note", {}).get("values"), colorscale="Magma")
     steps = layers.get("steps") or {}
