@@ -70,6 +70,45 @@ def test_wanda_and_sparsegpt_beat_magnitude_at_half_sparsity(demo):
     assert ppl["sparsegpt"] < ppl["magnitude"]
 
 
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_layer_by_layer_inputs_prune_exactly_as_whole_model_passes(demo, method):
+    """LayerInputs runs each decoder layer on its own; measuring each layer through whole-model
+    passes (as before) gives the same inputs: the same pruned weights, bit for bit."""
+    from mvc.compress.calib import collect_inputs, make_calib, windows
+    from mvc.compress.model import Model, open_source
+
+    repo = _open(demo)
+    cal = make_calib(repo, None)
+
+    def whole_model_passes(model, linears):
+        batches = windows(repo, model, cal)
+        for layer in sorted({li.layer for li in linears}):
+            group = [li for li in linears if li.layer == layer]
+            stats = collect_inputs(model, group, batches, gram=method == "sparsegpt")
+            for li in group:
+                w = li.weight()
+                if method == "sparsegpt":
+                    prune.sparsegpt(w, stats[li.name].gram, stats[li.name].n, 0.5)
+                else:
+                    w[prune.mask_for(w.abs().float() * stats[li.name].sq.sqrt().float()[None, :], 0.5, "row")] = 0
+                model.round_to_stored(li)
+
+    models = []
+    for way in ("layer by layer", "whole model"):
+        model = Model(repo, open_source(repo, "HEAD"))
+        lin = model.linears(["model.layers.[13].*"])  # two layers, one skipped between them
+        if way == "whole model":
+            whole_model_passes(model, lin)
+        else:
+            prune.apply_masks(repo, model, lin, method, lambda _n: 0.5, calib=cal)
+        models.append(model)
+    a, b = (m.state() for m in models)
+    assert a.keys() == b.keys()
+    changed = [k for k in a if not torch.equal(a[k], models[0].originals[k])]
+    assert len(changed) == 14  # 7 matrices in each of layers 1 and 3
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_2_of_4_masks_are_exact(demo, method):
     res = mvc("compress", "prune", "--method", method, "--pattern", "2:4", "--max-drop", "off", cwd=demo)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..errors import UsageError
+from ..errors import MvcError, UsageError
 from ..state import CFG_CALIB
 from .evaluate import read_text, text_windows
 
@@ -73,6 +73,101 @@ def collect_inputs(model, linears, batches, gram: bool = False, batch: int = 8) 
         for h in hooks:
             h.remove()
     return stats
+
+
+class _Stop(Exception):
+    """Raised by the hook that captures the first decoder layer's inputs: nothing after it runs."""
+
+
+class LayerInputs:
+    """The calibration windows' hidden states at the input of one decoder layer at a time.
+
+    The model runs once, up to its first decoder layer (whose inputs, with every keyword the model
+    passes it — attention mask, position embeddings — are kept); after that each layer runs on
+    its own: ``stats`` measures the inputs of some of the current layer's linears, ``advance``
+    runs the layer (as it is now: pruned) to make the next layer's inputs. L layers cost L layer
+    passes, not the L whole-model passes of measuring each layer through the model, and the
+    inputs are the same: those of the model with every earlier layer already changed."""
+
+    def __init__(self, model, batches, batch: int = 8):
+        import torch
+
+        self.model = model
+        self.layers = decoder_layers(model)
+        self.index = 0
+        self.items: list[tuple[tuple, dict]] = []
+
+        def capture(_module, args, kwargs):
+            self.items.append((args, kwargs))
+            raise _Stop
+
+        hook = self.layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+        # no KV cache: each layer runs more than once on the same inputs
+        extra = {"use_cache": False} if getattr(model.hf_config, "use_cache", None) is not None else {}
+        try:
+            with torch.no_grad():
+                for i in range(0, batches.shape[0], batch):
+                    try:
+                        model.model(input_ids=batches[i:i + batch], **extra)
+                    except _Stop:
+                        pass
+        finally:
+            hook.remove()
+        if len(self.items) != -(-batches.shape[0] // batch):
+            raise MvcError("the model did not reach its first decoder layer on the calibration text")
+
+    def _run(self, layer: int):
+        import torch
+
+        with torch.no_grad():
+            return [self.layers[layer](*args, **kwargs) for args, kwargs in self.items]
+
+    def stats(self, linears, gram: bool = False) -> dict:
+        """InputStats of *linears* (all in one layer, at or after the current one)."""
+        import torch
+
+        layer = linears[0].layer
+        self.advance_to(layer)
+        stats, hooks = {}, []
+        for li in linears:
+            st = stats[li.name] = InputStats(li.weight().shape[1], gram)
+            hooks.append(li.module.register_forward_hook(lambda _m, inp, _out, st=st: st.add(inp[0])))
+        try:
+            with torch.no_grad():
+                self._run(layer)
+        finally:
+            for h in hooks:
+                h.remove()
+        return stats
+
+    def advance_to(self, layer: int) -> None:
+        """Run the layers before *layer* (as they are now) on the kept inputs."""
+        while self.index < layer:
+            items = []
+            for (args, kwargs), out in zip(self.items, self._run(self.index)):
+                hidden = out[0] if isinstance(out, tuple) else out
+                if args:
+                    items.append(((hidden, *args[1:]), kwargs))
+                else:  # the hidden states passed by keyword
+                    items.append(((), {**kwargs, "hidden_states": hidden}))
+            self.items = items
+            self.index += 1
+
+
+def decoder_layers(model):
+    """The model's list of decoder (or encoder) layers, found from its matrices' names."""
+    import re
+
+    pat = re.compile(model.src.arch.layers)
+    for name in model.src.where:
+        m = pat.search(name)
+        if m is not None:
+            path = name[:m.start(1)].rstrip(".")
+            try:
+                return model.model.get_submodule(path)
+            except AttributeError as e:
+                raise MvcError(f"no module {path!r} holds the layers of {name!r}") from e
+    raise MvcError("the model has no decoder layers mvc can find")
 
 
 def collect_grads(model, linears, batches, batch: int = 4) -> tuple[dict, dict]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from ..errors import UsageError
-from .calib import collect_inputs, make_calib, windows
+from .calib import LayerInputs, make_calib, windows
 from .model import Model, linear_names, open_source
 from .runner import Change, Outcome, StepOptions, calib_desc, parse_assignments, waves_of
 from .runner import run as run_step
@@ -191,8 +191,9 @@ def apply_masks(repo, model, linears, method: str, sparsity_of, pattern: Pattern
         batches = windows(repo, model, calib)
         layers = sorted({li.layer for li in linears})
         groups = [[li for li in linears if li.layer == layer] for layer in layers]
+    inputs = LayerInputs(model, batches) if batches is not None else None
     for group in groups:
-        stats = collect_inputs(model, group, batches, gram=method == "sparsegpt") if batches is not None else {}
+        stats = inputs.stats(group, gram=method == "sparsegpt") if inputs is not None else {}
         for li in group:
             w = li.weight()
             s = sparsity_of(li.name)
