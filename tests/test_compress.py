@@ -416,6 +416,41 @@ def test_other_architectures_prune_and_shed(tmp_path, kind):
             assert w.shape[0] == width
 
 
+@pytest.mark.parametrize("kind", ["llama", "llama-nf4", "llama-rtn-int4", "gpt2", "mistral"])
+def test_layer_by_layer_perplexity_is_the_whole_models(demo, tmp_path, kind):
+    """`mvc eval` measures from the store one decoder layer at a time: the same number as the
+    whole model in memory, to the last bit (dequantized layers included)."""
+    import transformers as T
+
+    from mvc.compress import layerwise, quantize
+    from mvc.compress.demo_model import DEMO_DIR
+    from mvc.compress.evaluate import perplexity, text_windows
+    from mvc.compress.model import Model, open_source
+
+    work = demo
+    if kind in ("gpt2", "mistral"):
+        torch.manual_seed(0)
+        model = (T.GPT2LMHeadModel(T.GPT2Config(vocab_size=1024, n_embd=64, n_layer=3, n_head=4, n_positions=128))
+                 if kind == "gpt2" else
+                 T.MistralForCausalLM(T.MistralConfig(vocab_size=1024, hidden_size=64, intermediate_size=128,
+                                                      num_hidden_layers=3, num_attention_heads=4,
+                                                      num_key_value_heads=2, max_position_embeddings=128)))
+        work = tmp_path / kind
+        work.mkdir()
+        _save_model(work, model, DEMO_DIR)
+        shutil.copy(os.path.join(DEMO_DIR, "eval.txt"), work / "eval.txt")
+        mvc("init", work)
+        mvc("commit", "-m", kind, cwd=work)
+    repo = _open(work)
+    if kind.startswith("llama-"):
+        quantize.run(repo, StepOptions(make_spec(repo), max_drop=math.inf), kind[len("llama-"):])
+    src = open_source(repo, "HEAD", allow_quantized=True)
+    windows = text_windows(repo, src, str(work / "eval.txt"), 1024, 64)
+    whole = perplexity(Model(repo, src).model, windows)
+    assert layerwise.perplexity(repo, src, windows) == whole
+    assert 1 < whole < 2000
+
+
 def test_heads_of_gpt2_are_refused(tmp_path):
     import transformers as T
 

@@ -214,6 +214,7 @@ def evaluate_tree(repo, tree_id: str, spec: EvalSpec, commit: str | None, model=
                   model_dir: str = "", use_cache: bool = True) -> dict:
     """Evaluate a stored tree (cached by tree id). *model* (a compress.model.Model holding exactly
     this tree's tensors) saves loading it; *commit* names the tree for --cmd and for loading."""
+    from . import layerwise
     from .model import Model, open_source
 
     if use_cache and (hit := cached(repo, tree_id, spec)) is not None:
@@ -226,8 +227,13 @@ def evaluate_tree(repo, tree_id: str, spec: EvalSpec, commit: str | None, model=
             raise UsageError(f"perplexity needs a causal language model; {src.arch.model_type} is an encoder",
                              hint="evaluate it with --cmd CMD")
         windows = text_windows(repo, src, spec.text, spec.tokens, spec.seq_len)
-        m = model if model is not None else Model(repo, src)
-        result = {"ppl": perplexity(m.model, windows), "tokens": int(windows.numel())}
+        if model is not None:
+            ppl = perplexity(model.model, windows)
+        elif src.arch.model_type in layerwise.TAIL:  # from the store, one layer in memory at a time
+            ppl = layerwise.perplexity(repo, src, windows)
+        else:
+            ppl = perplexity(Model(repo, src).model, windows)
+        result = {"ppl": ppl, "tokens": int(windows.numel())}
     remember(repo, tree_id, spec, result)
     return dict(result, cached=False)
 

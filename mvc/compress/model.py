@@ -168,12 +168,37 @@ def linear_names(src: Source, scope: list[str] | None = None, embeddings: bool =
     return out
 
 
+def model_class(src: Source) -> tuple:
+    """(the transformers class, its config) for *src*'s config.json: the class its
+    ``architectures`` names if transformers ships it, else the auto class for its model type."""
+    import transformers
+
+    try:
+        hf_config = transformers.AutoConfig.for_model(
+            **{k: v for k, v in src.config.items() if k not in ("transformers_version", "quantization_config")})
+    except _config_errors() as e:
+        raise MvcError(f"config.json cannot be read by transformers: {e}") from e
+    arch_names = src.config.get("architectures") or []
+    cls = getattr(transformers, arch_names[0], None) if arch_names else None
+    if cls is None or not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
+        cls = (transformers.AutoModelForCausalLM if src.arch.causal else transformers.AutoModel)._model_mapping[
+            type(hf_config)]
+    return cls, hf_config
+
+
+def install_low_rank(model, config: dict) -> None:
+    """Replace the linears a factorized config names by their two low-rank factors."""
+    from .factorize import CONFIG_KEY, install
+
+    if config.get(CONFIG_KEY):
+        install(model, config[CONFIG_KEY])
+
+
 class Model:
     """A transformers model built from a Source, in float32 for the math, plus the stored tensors."""
 
     def __init__(self, repo, src: Source):
         import torch
-        import transformers
 
         self.repo = repo
         self.src = src
@@ -181,17 +206,7 @@ class Model:
         for path in src.files:
             self.originals.update(repo.load(src.commit, path=path, dequantize=src.quantized))
         self.cast = None  # a torch dtype every floating tensor is stored as (quantize --method fp16|bf16)
-        cfg_cls = transformers.AutoConfig.for_model
-        try:
-            self.hf_config = cfg_cls(**{k: v for k, v in src.config.items()
-                                        if k not in ("transformers_version", "quantization_config")})
-        except _config_errors() as e:
-            raise MvcError(f"config.json cannot be read by transformers: {e}") from e
-        arch_names = src.config.get("architectures") or []
-        cls = getattr(transformers, arch_names[0], None) if arch_names else None
-        if cls is None or not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
-            cls = (transformers.AutoModelForCausalLM if src.arch.causal else transformers.AutoModel)._model_mapping[
-                type(self.hf_config)]
+        cls, self.hf_config = model_class(src)
         torch.manual_seed(0)
         self.model = cls(self.hf_config).float().eval()
         self.removed: set = set()  # stored tensors the step dropped (factorized weights)
@@ -214,10 +229,7 @@ class Model:
         self.params = dict(self.model.named_parameters())
 
     def _install_low_rank(self, config: dict) -> None:
-        from .factorize import CONFIG_KEY, install
-
-        if config.get(CONFIG_KEY):
-            install(self.model, config[CONFIG_KEY])
+        install_low_rank(self.model, config)
 
     def round_to_stored(self, li: Linear) -> None:
         """Round a changed weight to its stored dtype, so the model in memory is the one committed."""
