@@ -416,6 +416,28 @@ def test_other_architectures_prune_and_shed(tmp_path, kind):
             assert w.shape[0] == width
 
 
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_prune_from_the_store_equals_the_model_in_memory(demo, method):
+    """`mvc compress prune` runs from the store a decoder layer at a time; the model in memory
+    (Model + apply_masks) gives the same tensors bit for bit and the same perplexity."""
+    from mvc.compress.calib import make_calib
+    from mvc.compress.evaluate import perplexity, text_windows
+    from mvc.compress.model import Model, open_source
+
+    repo = _open(demo)
+    spec = make_spec(repo)
+    src = open_source(repo, "HEAD")
+    model = Model(repo, src)
+    prune.apply_masks(repo, model, model.linears(), method, lambda _n: 0.5, calib=make_calib(repo, None))
+    out = prune.run(repo, StepOptions(spec, max_drop=math.inf), method, 0.5)
+    stored = repo.load(out.head, path="model.safetensors")
+    state = model.state()
+    assert stored.keys() == state.keys()
+    assert all(torch.equal(stored[k], state[k]) for k in state)
+    windows = text_windows(repo, src, spec.text, spec.tokens, spec.seq_len)
+    assert repo.commit_obj(out.head).op["metrics"]["after"]["ppl"] == perplexity(model.model, windows)
+
+
 @pytest.mark.parametrize("kind", ["llama", "llama-nf4", "llama-rtn-int4", "gpt2", "mistral"])
 def test_layer_by_layer_perplexity_is_the_whole_models(demo, tmp_path, kind):
     """`mvc eval` measures from the store one decoder layer at a time: the same number as the

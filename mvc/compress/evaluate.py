@@ -211,9 +211,10 @@ def evaluate(repo, rev: str, spec: EvalSpec, model_dir: str = "", use_cache: boo
 
 
 def evaluate_tree(repo, tree_id: str, spec: EvalSpec, commit: str | None, model=None, tree=None,
-                  model_dir: str = "", use_cache: bool = True) -> dict:
+                  model_dir: str = "", use_cache: bool = True, src=None) -> dict:
     """Evaluate a stored tree (cached by tree id). *model* (a compress.model.Model holding exactly
-    this tree's tensors) saves loading it; *commit* names the tree for --cmd and for loading."""
+    this tree's tensors) saves loading it; *commit* names the tree for --cmd and for loading;
+    *src* (a Source of the tree) stands for a tree not committed yet."""
     from . import layerwise
     from .model import Model, open_source
 
@@ -222,7 +223,8 @@ def evaluate_tree(repo, tree_id: str, spec: EvalSpec, commit: str | None, model=
     if spec.kind == "cmd":
         result = run_command(repo, tree or repo.odb.get(tree_id, "tree"), spec, commit or tree_id)
     else:
-        src = model.src if model is not None else open_source(repo, commit, model_dir, allow_quantized=True)
+        if src is None:
+            src = model.src if model is not None else open_source(repo, commit, model_dir, allow_quantized=True)
         if not src.arch.causal:
             raise UsageError(f"perplexity needs a causal language model; {src.arch.model_type} is an encoder",
                              hint="evaluate it with --cmd CMD")

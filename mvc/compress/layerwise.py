@@ -20,6 +20,18 @@ TAIL = {"llama": ("model.norm", "lm_head"), "mistral": ("model.norm", "lm_head")
          "qwen2": ("model.norm", "lm_head"), "gpt2": ("transformer.ln_f", "lm_head")}
 
 
+def _trim() -> None:
+    """Hand the memory a dropped layer held back to the system (glibc keeps freed blocks under its
+    mmap threshold in the heap, so RSS would grow by a layer per layer)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 class StreamedModel:
     """A transformers model built on the meta device whose decoder layers are loaded one at a
     time from *src*'s revision (dequantized where the revision is quantized)."""
@@ -74,7 +86,11 @@ class StreamedModel:
     @staticmethod
     def _assign(module, state: dict, prefix: str) -> None:
         own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        missing, unexpected = module.load_state_dict(own, strict=False, assign=True)
+        _missing, unexpected = module.load_state_dict(own, strict=False, assign=True)
+        # as Model: what transformers itself ignores (non-persistent buffers old checkpoints saved)
+        ignored = getattr(module, "_keys_to_ignore_on_load_unexpected", None) or []
+        buffers = {n for n, _ in module.named_buffers()}
+        unexpected = [u for u in unexpected if u not in buffers and not any(re.search(p, u) for p in ignored)]
         if unexpected:
             raise MvcError(f"the weights do not fit {type(module).__name__}: unexpected tensor {unexpected[0]!r}")
 
@@ -95,6 +111,7 @@ class StreamedModel:
 
     def release(self, layer: int) -> None:
         self.model.get_submodule(f"{self.layers_path}.{layer}").to("meta")
+        _trim()
 
     @property
     def num_layers(self) -> int:
@@ -126,3 +143,99 @@ def perplexity(repo, src: Source, windows, batch: int = 8) -> float:
             total += nll.item()
             count += x[:, 1:].numel()
     return math.exp(total / count)
+
+
+def source_with_tree(repo, src: Source, tree) -> Source:
+    """*src* for another tree of the same model whose files hold the same tensor names (a pruned
+    wave): its tensors' metadata read from the tree."""
+    import dataclasses
+
+    entries = tree.as_dict()
+    files, where = {}, {}
+    for path in src.files:
+        f = repo.odb.get(entries[path].oid, "file")
+        metas = repo.odb.get_many([tid for _n, tid in f.tensors], "tensor")
+        files[path] = [(n, t) for (n, _tid), t in zip(f.tensors, metas)]
+        where.update({n: path for n, _tid in f.tensors})
+    return dataclasses.replace(src, tree=tree, files=files, where=where)
+
+
+def _store_tensor(ing, value, meta) -> str:
+    """Store a tensor made in memory (its stored dtype and shape, as *meta*), each chunk tried as a
+    delta against the same chunk of *meta*; returns its id."""
+    import torch
+
+    from ..pipeline import CHUNK_SIZE
+    from ..store.objects import DTYPES, Tensor
+
+    data = value.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    if len(data) != meta.nbytes:
+        raise MvcError(f"a pruned tensor of {len(data)} bytes where {meta.nbytes} were stored")
+    size, is_float = DTYPES[meta.dtype]
+    fs = size if is_float and size > 1 else 0
+    chunks = []
+    for k, i in enumerate(range(0, len(data), CHUNK_SIZE)):
+        base = [meta.chunks[k]] if k < len(meta.chunks) and meta.chunk_size == CHUNK_SIZE else []
+        chunks.append(ing.add_chunk(data[i:i + CHUNK_SIZE], fs, base))
+    return ing.add_meta(Tensor(meta.dtype, tuple(meta.shape), CHUNK_SIZE, tuple(chunks)))
+
+
+def prune(repo, src: Source, method: str, sparsity_of, pattern, clusters: int, seed: int, calib,
+          scope=None, embeddings: bool = False, progress=None, cluster_info: dict | None = None):
+    """The prune step from the store, one decoder layer in memory at a time: each layer is loaded,
+    measured on the calibration inputs (Wanda, SparseGPT), pruned, rounded to its stored dtype,
+    its changed matrices stored, the pruned layer run to make the next layer's inputs, and the
+    layer dropped. Returns (the new tree, {tensor: (pruned, total)}). The files keep their headers
+    (a prune changes values, not shapes or dtypes)."""
+    import torch
+
+    from ..load import _TORCH_DTYPES
+    from ..pipeline import Ingestor
+    from ..store.objects import File, Tree
+    from .calib import windows
+    from .model import Linear, linear_names
+    from .prune import prune_matrix
+
+    names = linear_names(src, scope, embeddings)
+    sm = StreamedModel(repo, src)
+    batches = windows(repo, sm, calib) if method != "magnitude" else None
+    inputs = LayerInputs(sm, batches) if batches is not None else None
+    last = max(layer for _n, _r, layer in names)
+    counts: dict = {}
+    new_ids: dict[str, str] = {}
+    entries = src.tree.as_dict()
+    with Ingestor(repo.odb, store=True, workers=repo.workers,
+                  bases=repo.delta_bases([src.commit] if src.commit else [])) as ing:
+        for layer in ([-1] if any(n[2] < 0 for n in names) else []) + list(range(last + 1)):
+            group = [Linear(n, role, i, sm.model.get_submodule(n[:-len(".weight")]))
+                     for n, role, i in names if i == layer]
+            if layer >= 0 and (group or inputs is not None):
+                sm.materialize(layer)
+                group = [Linear(li.name, li.role, li.layer, sm.model.get_submodule(li.name[:-len(".weight")]))
+                         for li in group]
+            stats = inputs.stats(group, gram=method == "sparsegpt") if inputs is not None and group else {}
+            for li in group:
+                counts[li.name] = prune_matrix(li, method, stats, sparsity_of(li.name), pattern, clusters, seed,
+                                               cluster_info)
+                meta = src.tensor_meta(li.name)
+                w = li.module.weight.data  # as stored: GPT-2's Conv1D keeps (in, out)
+                stored = w.to(getattr(torch, _TORCH_DTYPES[meta.dtype]))
+                w.copy_(stored.float())  # the model that runs on is the one stored
+                new_ids[li.name] = _store_tensor(ing, stored, meta)
+                del stored
+                _trim()
+                if progress is not None:
+                    progress.advance(nbytes=w.numel() * 4, tensors=1)
+            if inputs is not None and layer >= 0 and layer < last:
+                inputs.advance_to(layer + 1)
+            if layer >= 0 and layer in sm.layer_of.values():
+                sm.release(layer)
+        changed = {}
+        for path in src.files:
+            f = repo.odb.get(entries[path].oid, "file")
+            if any(n in new_ids for n, _ in f.tensors):
+                nf = File(f.format, f.size, f.chunks, tuple((n, new_ids.get(n, tid)) for n, tid in f.tensors))
+                changed[path] = (entries[path].mode, ing.add_meta(nf))
+        ing.flush(wait=True)
+    tree = Tree.build({**{p: (e.mode, e.oid) for p, e in entries.items()}, **changed})
+    return tree, counts

@@ -15,7 +15,7 @@ from fnmatch import fnmatchcase
 
 from ..errors import UsageError
 from .calib import LayerInputs, make_calib, windows
-from .model import Model, linear_names, open_source
+from .model import linear_names, open_source
 from .runner import Change, Outcome, StepOptions, calib_desc, parse_assignments, waves_of
 from .runner import run as run_step
 
@@ -142,7 +142,11 @@ def sparsegpt(weight, gram, n: int, sparsity: float, pattern: Pattern | None = N
     W[:, dead] = 0
     H += damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
     L = torch.linalg.cholesky(H)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+    del H  # float64 (in, in) matrices: a 14k-wide MLP's are 1.5 GB each; hold as few at once as the math needs
+    inv = torch.cholesky_inverse(L)
+    del L
+    Hinv = torch.linalg.cholesky(inv, upper=True).float()
+    del inv
     rows, cols = W.shape
     mask_all = torch.zeros_like(W, dtype=torch.bool)
     for i1 in range(0, cols, block):
@@ -195,25 +199,32 @@ def apply_masks(repo, model, linears, method: str, sparsity_of, pattern: Pattern
     for group in groups:
         stats = inputs.stats(group, gram=method == "sparsegpt") if inputs is not None else {}
         for li in group:
-            w = li.weight()
-            s = sparsity_of(li.name)
-            if method == "sparsegpt":
-                st = stats[li.name]
-                mask = sparsegpt(w, st.gram, st.n, s, pattern)
-            else:
-                score = w.abs().float()
-                if method == "wanda":
-                    score = score * stats[li.name].sq.sqrt().float()[None, :]
-                info: dict = {}
-                mask = mask_for(score, s, "row" if method == "wanda" else "matrix", pattern, clusters, seed, info)
-                if info and cluster_info is not None:
-                    cluster_info[li.name] = info
-                w[mask] = 0
+            counts[li.name] = prune_matrix(li, method, stats, sparsity_of(li.name), pattern, clusters, seed,
+                                           cluster_info)
             model.round_to_stored(li)
-            counts[li.name] = (int(mask.sum()), w.numel())
             if progress is not None:
-                progress.advance(nbytes=w.numel() * 4, tensors=1)  # float32 in memory
+                progress.advance(nbytes=li.weight().numel() * 4, tensors=1)  # float32 in memory
     return counts
+
+
+def prune_matrix(li, method: str, stats: dict, s: float, pattern: Pattern | None, clusters: int, seed: int,
+                 cluster_info: dict | None) -> tuple[int, int]:
+    """Prune one linear in place to sparsity *s* by *method* (*stats*: its layer's input
+    statistics); returns (pruned, total) elements."""
+    w = li.weight()
+    if method == "sparsegpt":
+        st = stats[li.name]
+        mask = sparsegpt(w, st.gram, st.n, s, pattern)
+    else:
+        score = w.abs().float()
+        if method == "wanda":
+            score = score * stats[li.name].sq.sqrt().float()[None, :]
+        info: dict = {}
+        mask = mask_for(score, s, "row" if method == "wanda" else "matrix", pattern, clusters, seed, info)
+        if info and cluster_info is not None:
+            cluster_info[li.name] = info
+        w[mask] = 0
+    return int(mask.sum()), w.numel()
 
 
 @dataclass
@@ -279,16 +290,20 @@ def run(repo, opts: StepOptions, method: str, sparsity: float, pattern: str | No
               "layer_sparsity": dict(overrides) or None, "calib": calib_desc(cal)}
     params = {k: v for k, v in params.items() if v is not None}
 
-    def apply(model: Model, strength: float, scratch: str):
-        lin = model.linears(scope, embeddings)
-        opts.progress.start(f"pruning ({method})", sum(li.weight().numel() * 4 for li in lin), len(lin))
+    def apply(source, strength: float, scratch: str):
+        """One wave from the store, a decoder layer at a time (layerwise.prune)."""
+        from .layerwise import prune as prune_streamed
+
+        of = _sparsity_of(strength, overrides, strength / target if target else 0.0) if overrides else \
+            _sparsity_of(strength, [])
+        lin = linear_names(source, scope, embeddings)
+        elements = sum(math.prod(source.tensor_meta(n).shape) for n, _r, _l in lin)
+        opts.progress.start(f"pruning ({method})", elements * 4, len(lin))
         found: dict = {}
-        counts = apply_masks(repo, model, lin, method, _sparsity_of(strength, overrides, strength / target
-                                                                       if target else 0.0)
-                                 if overrides else _sparsity_of(strength, []),
-                                 pat, clusters, opts.seed, cal, opts.progress, found)
+        tree, counts = prune_streamed(repo, source, method, of, pat, clusters, opts.seed, cal, scope, embeddings,
+                                      opts.progress, found)
         opts.progress.finish()
-        return Change(counts, extra={"cluster_detail": found} if found else {})
+        return Change(counts, extra={"cluster_detail": found} if found else {}, tree=tree)
 
     return run_step(repo, opts, op="prune", method=method, params=params, strengths=strengths, apply=apply,
-                    scope=scope)
+                    scope=scope, streamed=True)

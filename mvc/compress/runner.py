@@ -26,6 +26,7 @@ from ..guard import spike  # noqa: F401 - the spike rule, shared with mvc report
 from ..progress import NULL, Progress
 from ..state import ATTEMPTS
 from .evaluate import EvalSpec, drop, evaluate_tree
+from .layerwise import source_with_tree
 from .model import Model, build_tree, open_source, tree_from_dir, with_files
 
 #: set while a recipe runs ({id, name, step}): run() copies it into every op record
@@ -57,6 +58,7 @@ class Change:
     config: dict | None = None  # a new config.json (shapes changed)
     out_dir: str | None = None  # the step wrote the model's files here itself (quantization)
     add_files: dict = field(default_factory=dict)  # tree path -> local file to add (an adapter)
+    tree: object = None  # the step stored its tensors and made the tree itself (from the store, layer-wise)
 
 
 def scratch_dir(repo) -> str:
@@ -123,9 +125,12 @@ def _clean_metrics(m: dict) -> dict:
 
 
 def run(repo, opts: StepOptions, *, op: str, method: str, params: dict, strengths: list[float], apply,
-        scope: list | None = None) -> Outcome:
+        scope: list | None = None, streamed: bool = False) -> Outcome:
     """Run one compression step. *apply(model, strength, scratch)* changes the model in place and
-    returns a Change; files it writes go into the directory *scratch*, removed after the wave."""
+    returns a Change; files it writes go into the directory *scratch*, removed after the wave.
+    *streamed*: no model is held in memory; *apply(source, strength, scratch)* reads the wave's
+    starting point from the store and returns a Change with the tree it stored, and evaluations
+    read each tree from the store a layer at a time."""
     spec, max_drop, spike_z, seed = opts.spec, opts.max_drop, opts.spike_z, opts.seed
     model_dir, message, author, progress = opts.model_dir, opts.message, opts.author, opts.progress
     if max_drop < 0:
@@ -141,18 +146,21 @@ def run(repo, opts: StepOptions, *, op: str, method: str, params: dict, strength
         if dirty:  # the step rewrites these from HEAD: local edits would be lost
             raise DirtyWorkTreeError(f"{dirty[0]} has uncommitted changes",
                                      hint="commit or discard them first (`mvc status`)")
-        model = Model(repo, src)
+        model = None if streamed else Model(repo, src)
         base_tree = repo.commit_obj(base).tree
         before = _clean_metrics(evaluate_tree(repo, base_tree, spec, base, model=model))
         out = Outcome(base, base, before, len(strengths), op)
         values = [_value(spec, before)]
         parent, parent_metrics, config = base, before, None
+        current = src  # streamed: where the next wave starts
         for k, strength in enumerate(strengths, 1):
             t0 = time.time()
             scratch = scratch_dir(repo)
             try:
-                ch = apply(model, strength, scratch)
-                if ch.out_dir is not None:  # the step wrote the model's files itself (quantization)
+                ch = apply(current if streamed else model, strength, scratch)
+                if ch.tree is not None:
+                    tree = ch.tree
+                elif ch.out_dir is not None:  # the step wrote the model's files itself (quantization)
                     tree = tree_from_dir(repo, src, ch.out_dir)
                 else:
                     if ch.config is not None:
@@ -165,7 +173,10 @@ def run(repo, opts: StepOptions, *, op: str, method: str, params: dict, strength
                 shutil.rmtree(scratch, ignore_errors=True)
             extra, counts = ch.extra, ch.counts
             tree_oid = repo.odb.encode_meta(tree)
-            after = _clean_metrics(evaluate_tree(repo, tree_oid[0].hex(), spec, None, model=model, tree=tree))
+            if streamed:
+                current = source_with_tree(repo, src, tree)
+            after = _clean_metrics(evaluate_tree(repo, tree_oid[0].hex(), spec, None, model=model, tree=tree,
+                                                 src=current if streamed else None))
             values.append(_value(spec, after))
             d = drop(spec, before, after)
             z = spike(values, spike_z)
