@@ -57,8 +57,8 @@ class InputStats:
         self.n += x.shape[0]
 
 
-def collect_inputs(model, linears, batches, gram: bool = False, batch: int = 8) -> dict:
-    """Run the calibration windows through the model and gather InputStats for each of *linears*."""
+def _gather(linears, gram: bool, run) -> dict:
+    """InputStats of each of *linears*, from their inputs while *run()* runs (without gradients)."""
     import torch
 
     stats, hooks = {}, []
@@ -67,12 +67,20 @@ def collect_inputs(model, linears, batches, gram: bool = False, batch: int = 8) 
         hooks.append(li.module.register_forward_hook(lambda _m, inp, _out, st=st: st.add(inp[0])))
     try:
         with torch.no_grad():
-            for i in range(0, batches.shape[0], batch):
-                model.model(input_ids=batches[i:i + batch])
+            run()
     finally:
         for h in hooks:
             h.remove()
     return stats
+
+
+def collect_inputs(model, linears, batches, gram: bool = False, batch: int = 8) -> dict:
+    """Run the calibration windows through the model and gather InputStats for each of *linears*."""
+    def run():
+        for i in range(0, batches.shape[0], batch):
+            model.model(input_ids=batches[i:i + batch])
+
+    return _gather(linears, gram, run)
 
 
 class _Stop(Exception):
@@ -124,21 +132,9 @@ class LayerInputs:
 
     def stats(self, linears, gram: bool = False) -> dict:
         """InputStats of *linears* (all in one layer, at or after the current one)."""
-        import torch
-
         layer = linears[0].layer
         self.advance_to(layer)
-        stats, hooks = {}, []
-        for li in linears:
-            st = stats[li.name] = InputStats(li.weight().shape[1], gram)
-            hooks.append(li.module.register_forward_hook(lambda _m, inp, _out, st=st: st.add(inp[0])))
-        try:
-            with torch.no_grad():
-                self._run(layer)
-        finally:
-            for h in hooks:
-                h.remove()
-        return stats
+        return _gather(linears, gram, lambda: self._run(layer))
 
     def advance_to(self, layer: int) -> None:
         """Run the layers before *layer* (as they are now) on the kept inputs."""
