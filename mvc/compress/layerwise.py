@@ -61,6 +61,8 @@ class StreamedModel:
     def _load(self, names: list[str]) -> dict:
         """The named stored tensors (and their quantization companions) as float32, dequantized."""
 
+        import json
+
         from ..formats.quantized import RTN_META, dequantize_state
         from ..load import safetensors_metadata, tensor_bytes, to_torch
         from ..pipeline import Materializer
@@ -75,8 +77,6 @@ class StreamedModel:
                     f = self.repo.odb.get(self.src.tree.as_dict()[path].oid, "file")
                     meta = safetensors_metadata(mat, f) or {}
                     if RTN_META in meta:  # only this subset's entries
-                        import json
-
                         rtn = {k: v for k, v in json.loads(meta[RTN_META]).items() if k + ".qweight" in state}
                         meta = {**meta, RTN_META: json.dumps(rtn)}
                     state = dequantize_state(state, meta)
@@ -207,12 +207,11 @@ def prune(repo, src: Source, method: str, sparsity_of, pattern, clusters: int, s
     with Ingestor(repo.odb, store=True, workers=repo.workers,
                   bases=repo.delta_bases([src.commit] if src.commit else [])) as ing:
         for layer in ([-1] if any(n[2] < 0 for n in names) else []) + list(range(last + 1)):
-            group = [Linear(n, role, i, sm.model.get_submodule(n[:-len(".weight")]))
-                     for n, role, i in names if i == layer]
-            if layer >= 0 and (group or inputs is not None):
+            mine = [(n, role) for n, role, i in names if i == layer]
+            loaded = layer >= 0 and bool(mine or inputs is not None)  # layer -1: embeddings, always loaded
+            if loaded:
                 sm.materialize(layer)
-                group = [Linear(li.name, li.role, li.layer, sm.model.get_submodule(li.name[:-len(".weight")]))
-                         for li in group]
+            group = [Linear(n, role, layer, sm.model.get_submodule(n[:-len(".weight")])) for n, role in mine]
             stats = inputs.stats(group, gram=method == "sparsegpt") if inputs is not None and group else {}
             for li in group:
                 counts[li.name] = prune_matrix(li, method, stats, sparsity_of(li.name), pattern, clusters, seed,
@@ -228,7 +227,7 @@ def prune(repo, src: Source, method: str, sparsity_of, pattern, clusters: int, s
                     progress.advance(nbytes=w.numel() * 4, tensors=1)
             if inputs is not None and layer >= 0 and layer < last:
                 inputs.advance_to(layer + 1)
-            if layer >= 0 and layer in sm.layer_of.values():
+            if loaded:
                 sm.release(layer)
         changed = {}
         for path in src.files:

@@ -107,8 +107,6 @@ def parse_pct(value, option: str = "--max-drop") -> float:
     return v / 100
 
 
-
-
 def next_attempt_ref(repo) -> str:
     branch = repo.refs.current_branch() or "detached"
     taken = repo.backend.list_refs(ATTEMPTS + branch + "/")
