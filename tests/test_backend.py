@@ -96,3 +96,9 @@ def test_batch_reads_match_single_reads(backend):
     assert backend.get_many(asked) == [backend.get(o) for o in asked] == [b"\x03" * 4, None, b"\x01" * 2, b"\x05" * 6]
     assert backend.has_many(asked) == {oid(3), oid(1), oid(5)}
     assert backend.get_many([]) == [] and backend.has_many([]) == set()
+
+
+def test_stored_size_without_reading(backend):
+    backend.put_many([(oid(1), b"x" * 70_000), (oid(2), b"abc")])
+    assert backend.stored_size(oid(1)) == 70_000 and backend.stored_size(oid(2)) == 3
+    assert backend.stored_size(oid(9)) is None

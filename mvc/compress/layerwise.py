@@ -13,7 +13,7 @@ import re
 
 from ..errors import MvcError
 from .calib import LayerInputs
-from .model import Source, install_low_rank, model_class
+from .model import Source, install_low_rank, model_class, really_unexpected
 
 #: per causal architecture: the final norm and the head, applied to the last layer's output
 TAIL = {"llama": ("model.norm", "lm_head"), "mistral": ("model.norm", "lm_head"),
@@ -87,10 +87,7 @@ class StreamedModel:
     def _assign(module, state: dict, prefix: str) -> None:
         own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         _missing, unexpected = module.load_state_dict(own, strict=False, assign=True)
-        # as Model: what transformers itself ignores (non-persistent buffers old checkpoints saved)
-        ignored = getattr(module, "_keys_to_ignore_on_load_unexpected", None) or []
-        buffers = {n for n, _ in module.named_buffers()}
-        unexpected = [u for u in unexpected if u not in buffers and not any(re.search(p, u) for p in ignored)]
+        unexpected = really_unexpected(module, unexpected)
         if unexpected:
             raise MvcError(f"the weights do not fit {type(module).__name__}: unexpected tensor {unexpected[0]!r}")
 

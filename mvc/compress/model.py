@@ -186,6 +186,15 @@ def model_class(src: Source) -> tuple:
     return cls, hf_config
 
 
+def really_unexpected(model, unexpected: list[str]) -> list[str]:
+    """The unexpected tensors of a load that matter: not what transformers itself ignores when
+    loading (non-persistent buffers old checkpoints saved, BERT's `position_ids`; its own ignore
+    patterns). Such tensors are written back as they were."""
+    ignored = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []
+    buffers = {n for n, _ in model.named_buffers()}
+    return [u for u in unexpected if u not in buffers and not any(re.search(p, u) for p in ignored)]
+
+
 def install_low_rank(model, config: dict) -> None:
     """Replace the linears a factorized config names by their two low-rank factors."""
     from .factorize import CONFIG_KEY, install
@@ -216,12 +225,7 @@ class Model:
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         tied = set(getattr(self.model, "_tied_weights_keys", None) or [])
         missing = [m for m in missing if m not in tied and not m.endswith("lm_head.weight")]
-        # what transformers itself ignores when loading: non-persistent buffers that old checkpoints
-        # saved (BERT's `position_ids`) and its own ignore patterns; such tensors are written back as
-        # they were
-        ignored = getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or []
-        buffers = {n for n, _ in self.model.named_buffers()}
-        unexpected = [u for u in unexpected if u not in buffers and not any(re.search(p, u) for p in ignored)]
+        unexpected = really_unexpected(self.model, unexpected)
         if missing or unexpected:
             bad = (missing or unexpected)[0]
             raise MvcError(f"the weights do not fit {cls.__name__}: "

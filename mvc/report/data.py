@@ -156,10 +156,10 @@ def _number(v) -> float | None:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
-def weights_bytes(repo, tree_id: str) -> int:
-    """Bytes of the tree's .safetensors files."""
+def file_bytes(repo, tree_id: str, suffix: str = "") -> int:
+    """Bytes of the tree's files (only those ending in *suffix*)."""
     tree = repo.odb.get(tree_id, "tree")
-    return sum(repo.odb.get(e.oid, "file").size for e in tree.entries if e.path.endswith(".safetensors"))
+    return sum(repo.odb.get(e.oid, "file").size for e in tree.entries if e.path.endswith(suffix))
 
 
 def collect_commits(repo, spec: str | None) -> tuple[list[CommitInfo], str]:
@@ -176,7 +176,7 @@ def collect_commits(repo, spec: str | None) -> tuple[list[CommitInfo], str]:
         c = repo.commit_obj(oid)
         op = clean_op(c.op)
         infos.append(CommitInfo(oid, c.message, c.time, list(c.parents), op, status, ref,
-                                weights_bytes=weights_bytes(repo, c.tree), store=added_by(repo, oid)))
+                                weights_bytes=file_bytes(repo, c.tree, ".safetensors"), store=added_by(repo, oid)))
     metric = _metric_name([i.op for i in infos if i.op])
     by_id = {i.id: i for i in infos}
     for i in infos:
@@ -280,10 +280,17 @@ class LayerStats:
         self.read = read
         self._mat = Materializer(repo.odb)
         self._sparsity: dict[str, float | None] = {}
+        self._matrices: dict[str, dict[str, Matrix]] = {}
         self._pairs: dict[tuple[str, str], dict] = {}
 
     def close(self):
         self._mat.close()
+
+    def matrices(self, tree_id: str) -> dict[str, Matrix]:
+        """matrices() of a tree, each tree read once (the range, its steps and their parents share trees)."""
+        if tree_id not in self._matrices:
+            self._matrices[tree_id] = matrices(self.repo, tree_id)
+        return self._matrices[tree_id]
 
     def _read(self, chunks):
         return self._mat.chunks(chunks)
@@ -337,17 +344,17 @@ def layer_heatmaps(stats: LayerStats, new_tree: str, old_tree: str | None = None
     """Per layer x role: bits and method of *new_tree*'s matrices, sparsity of *sparsity_tree*'s
     (default the same), and for the change *old_tree* -> *new_tree* the fraction of elements
     changed and the relative L2 of the change."""
-    new = matrices(stats.repo, new_tree)
+    new = stats.matrices(new_tree)
     out = {
         "bits": grid(new, lambda m: m.bits),
         "method": grid(new, lambda m: m.method),
-        "sparsity": grid(matrices(stats.repo, sparsity_tree) if sparsity_tree else new, stats.sparsity),
+        "sparsity": grid(stats.matrices(sparsity_tree) if sparsity_tree else new, stats.sparsity),
     }
     if old_tree:
-        old = matrices(stats.repo, old_tree)
-        out["changed"] = grid(new, lambda m: stats.change(old.get(m.name), m)["changed"])
-        out["rel_l2"] = grid(new, lambda m: stats.change(old.get(m.name), m)["rel_l2"])
-        out["note"] = grid(new, lambda m: stats.change(old.get(m.name), m)["note"])
+        old = stats.matrices(old_tree)
+        change = {m.name: stats.change(old.get(m.name), m) for m in new.values()}
+        for key in ("changed", "rel_l2", "note"):
+            out[key] = grid(new, lambda m, key=key: change[m.name][key])
     return out
 
 
@@ -362,7 +369,7 @@ def range_layers(repo, stats: LayerStats, history: list[CommitInfo]) -> dict:
     not packed; the change from the range's first commit to the newest commit whose matrices
     compare with it element by element (a quantized head does not)."""
     trees = [(c.id, repo.commit_obj(c.id).tree) for c in history]
-    ms = {cid: matrices(repo, t) for cid, t in trees}
+    ms = {cid: stats.matrices(t) for cid, t in trees}
     head, head_tree = trees[-1]
     at_sparsity = next(((cid, t) for cid, t in reversed(trees)
                         if ms[cid] and not any(m.method in PACKED for m in ms[cid].values())), (head, head_tree))
@@ -390,8 +397,8 @@ def step_matrix(repo, stats: LayerStats, commits: list[CommitInfo]) -> dict:
     for c in commits:
         if not c.op or not c.parents:
             continue
-        new = matrices(repo, repo.commit_obj(c.id).tree)
-        old = matrices(repo, repo.commit_obj(c.parents[0]).tree)
+        new = stats.matrices(repo.commit_obj(c.id).tree)
+        old = stats.matrices(repo.commit_obj(c.parents[0]).tree)
         row = {}
         for m in sorted(new.values(), key=_matrix_order):
             key = f"{m.layer}.{m.role}"
@@ -412,7 +419,7 @@ def storage(repo, commits: list[CommitInfo], head_tree: str, top: int = 40) -> d
     dedup kept from being stored again). Per tensor of the head: raw and stored bytes."""
     per_commit = []
     for c in commits:
-        tree_raw = _tree_tensor_bytes(repo, repo.commit_obj(c.id).tree)
+        tree_raw = file_bytes(repo, repo.commit_obj(c.id).tree)
         per_commit.append({"commit": c.id, "status": c.status, "stored": c.store.get("stored", 0),
                            "raw_new": c.store.get("raw", 0), "tree_raw": tree_raw,
                            "encodings": c.store.get("encodings", {})})
@@ -424,26 +431,11 @@ def storage(repo, commits: list[CommitInfo], head_tree: str, top: int = 40) -> d
         f = repo.odb.get(e.oid, "file")
         ids = [tid for _, tid in f.tensors]
         for (name, _), t in zip(f.tensors, repo.odb.get_many(ids, "tensor")):
-            stored = sum(_stored_size(repo, ch) for ch in t.chunks)
+            stored = sum(repo.backend.stored_size(bytes.fromhex(ch)) or 0 for ch in t.chunks)
             tensors.append({"path": e.path, "name": name, "raw": t.nbytes, "stored": stored, "dtype": t.dtype})
     tensors.sort(key=lambda x: -x["raw"])
     return {"commits": per_commit, "tensors": tensors[:top], "tensor_count": len(tensors),
             "store": repo.backend.stats()}
-
-
-def _stored_size(repo, chunk_id: str) -> int:
-    from ..store.packs import LOC_SIZE, parse_locator
-
-    v = repo.backend.get(bytes.fromhex(chunk_id))
-    if v is None:
-        return 0
-    loc = parse_locator(v) if len(v) == LOC_SIZE else None
-    return loc[2] if loc else len(v)
-
-
-def _tree_tensor_bytes(repo, tree_id: str) -> int:
-    tree = repo.odb.get(tree_id, "tree")
-    return sum(repo.odb.get(e.oid, "file").size for e in tree.entries)
 
 
 # -- scores --------------------------------------------------------------------------
@@ -539,7 +531,7 @@ def build_diff(repo, a: str, b: str, progress: Progress = NULL) -> dict:
         ca, cb = repo.resolve(a), repo.resolve(b)
         ta, tb = repo.commit_obj(ca).tree, repo.commit_obj(cb).tree
         # the sparsity of B, or of A where B's values are packed (a quantizing step)
-        packed = any(m.method in PACKED for m in matrices(repo, tb).values())
+        packed = any(m.method in PACKED for m in stats.matrices(tb).values())
         sp, sp_tree = (ca, ta) if packed else (cb, tb)
         return {"at": cb, "sparsity_at": sp, "from": ca, "to": cb,
                 "range": layer_heatmaps(stats, tb, ta, sp_tree)}

@@ -32,6 +32,11 @@ class Backend(ABC):
         where the backend has them: for many small objects, not for chunk payloads."""
         return [self.get(o) for o in oids]
 
+    def stored_size(self, oid: bytes) -> int | None:
+        """Bytes the object's stored value takes (None when absent), without reading the value."""
+        v = self.get(oid)
+        return None if v is None else len(v)
+
     def read_with(self, oid: bytes, fn):
         """fn(stored value) for an object, or None when absent. A backend may hand *fn* a view of
         its storage that is valid only during the call (no copy): *fn* must not keep it."""

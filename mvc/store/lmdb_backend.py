@@ -203,6 +203,13 @@ class LmdbBackend(Backend):
     def get(self, oid):
         return self.read_with(oid, bytes)
 
+    def stored_size(self, oid):
+        def fn(txn):  # the index entry only: a packed value's locator carries its length
+            v = txn.get(oid, db=self._objects)
+            return None if v is None else _stored_len(v)
+
+        return self._txn(fn)
+
     def has_many(self, oids):
         def fn(txn):
             with txn.cursor(db=self._objects) as cur:
