@@ -372,14 +372,33 @@ def main(argv: list[str] | None = None) -> None:
                     help="instead: commit, status, diff and checkout of one file of N tiny tensors")
     ap.add_argument("--compression", action="store_true",
                     help="instead: every compression method on the shipped demo model (perplexity table)")
+    ap.add_argument("--compress-scale", action="store_true",
+                    help="instead: compression steps on a generated Llama of --size-mib (default 1570: 0.8 B "
+                         "parameters), time and peak RSS of each")
+    ap.add_argument("--tokens", type=int, default=2048, help="--compress-scale: evaluation tokens")
+    ap.add_argument("--steps", default="eval,prune-magnitude,prune-wanda,prune-sparsegpt,quantize-rtn-int8,"
+                                       "quantize-nf4,score-wanda",
+                    help="--compress-scale: which steps, comma-separated")
     args = ap.parse_args(argv)
     if args.install_peers:
         peers_mod.install()
         return
     side_by_side = not (args.store or args.merge or args.git or args.remote or args.codec or args.compression
-                        or args.many_tensors or args.git_transfer)
+                        or args.many_tensors or args.git_transfer or args.compress_scale)
     if side_by_side:
         _peers(args, argv)
+        return
+    if args.compress_scale:
+        from . import compress_scale
+
+        workdir = args.workdir or tempfile.mkdtemp(prefix="mvc-bench-")
+        try:
+            res = compress_scale.run(args.size_mib or 1570, workdir, args.tokens, args.steps.split(","),
+                                     mvc_cmd, timed, machine)
+        finally:
+            if not args.workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+        _print_table(res, compress_scale.report, argv, args.out)
         return
     args.size_mib = args.size_mib or 1024
     if args.compression:
