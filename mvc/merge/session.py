@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ..errors import DirtyWorkTreeError, MvcError, UsageError
 from ..progress import NULL
 from ..state import KV_MERGE
 from ..store.objects import DTYPES, Tree
-from .engine import _UINT, Conflict, Merger, check_weights, merge_bases
 
+if TYPE_CHECKING:  # the engine (and numpy) load when a merge runs: `mvc status` reads only the state
+    from .engine import Conflict
 
 @dataclass
 class MergeOutcome:
@@ -40,6 +40,8 @@ def _save(repo, st: dict | None) -> None:
 def merge(repo, rev: str, message: str | None = None, strategy: str | None = None,
           weights: tuple[float, ...] | None = None, author: str | None = None, progress=None,
           density: float = 0.2) -> MergeOutcome:
+    from .engine import Merger, check_weights, merge_bases
+
     w = check_weights(weights)
     theirs = repo.resolve(rev)
     ours = repo.refs.head_commit()
@@ -107,6 +109,8 @@ def _resume(repo, st: dict, author: str | None, progress) -> MergeOutcome:
 def pick(repo, rev: str, kind: str, message: str | None = None, strategy: str | None = None,
          author: str | None = None, progress=None) -> MergeOutcome:
     """Revert REV (kind "revert") or apply it again (kind "cherry-pick") as a new one-parent commit."""
+    from .engine import Merger
+
     oid = repo.resolve(rev)
     st = state(repo)
     if st is not None:
@@ -204,8 +208,11 @@ def _restore_whole(repo, rev: str | None, path: str, tensor: str | None) -> None
 
 def _write_tensor_elements(repo, st: dict, path: str, name: str) -> None:
     """Overwrite the conflicting elements of one tensor in the work-tree file with theirs' values."""
+    import numpy as np
+
     from ..formats import safetensors as stf
     from ..pipeline import Materializer
+    from .engine import _UINT
 
     ids = {}
     for key in ("base", "ours", "theirs"):
