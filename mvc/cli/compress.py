@@ -8,8 +8,8 @@ import sys
 
 import click
 
-from ..compress.runner import parse_pct
 from ..errors import UsageError
+from ..state import CFG_EVAL
 from . import render
 from .context import default_author, options, pass_ctx
 
@@ -26,7 +26,11 @@ _eval_options = options(
                  help="A command run in a checkout: exit 0 good, 1-124 bad, 125 skip."),
     click.option("--tokens", type=int, default=None, help="Token budget of the evaluation text."),
     click.option("--seq-len", type=int, default=None, help="Window length for perplexity."),
-    click.option("--model", "model_dir", default="", metavar="DIR", help="The model's directory in the tree."))
+    click.option("--model", "model_dir", default="", metavar="DIR", help="The model's directory in the tree."),
+    click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+                 help="Where layer-by-layer work runs (prune, eval); auto: CUDA when available."),
+    click.option("--max-memory", default=None, metavar="SIZE",
+                 help="Refuse to start when the step's planned peak memory exceeds SIZE (e.g. 8GiB)."))
 
 #: steps that can run in waves (prune, shed)
 _wave_step_options = options(
@@ -43,17 +47,27 @@ _wave_step_options = options(
 _single_step_options = options(_MAX_DROP, *_RECORD)
 
 
-def _spec(c, repo, ppl, cmd, tokens, seq_len):
+def _spec(c, repo, ppl, cmd, tokens, seq_len, device=None, max_memory=None):
+    from ..compress.device import parse_size
     from ..compress.evaluate import make_spec
 
-    return make_spec(repo, ppl, cmd, tokens, seq_len, env=dict(os.environ))
+    return make_spec(repo, ppl, cmd, tokens, seq_len, env=dict(os.environ), device=device,
+                     max_memory=parse_size(max_memory))
 
 
-def _stepoptions(c, repo, common: dict):
-    """The one place a step's shared options (evaluation, guard, waves, calibration, record) are built."""
-    from ..compress.runner import StepOptions
+def _stepoptions(c, repo, common: dict, whole_model: bool = True):
+    """The one place a step's shared options (evaluation, guard, waves, calibration, record) are built.
+    *whole_model* steps (all but prune) hold the whole model in memory on the CPU: --device cuda is
+    refused for them, and auto means the CPU."""
+    from ..compress.device import resolve
+    from ..compress.runner import StepOptions, parse_pct
 
-    spec = _spec(c, repo, common["ppl"], common["cmd"], common["tokens"], common["seq_len"])
+    device = common["device"]
+    if whole_model:
+        resolve(device, whole_model=True)
+        device = "cpu"
+    spec = _spec(c, repo, common["ppl"], common["cmd"], common["tokens"], common["seq_len"], device,
+                 common["max_memory"])
     return StepOptions(spec, max_drop=parse_pct(common["max_drop"]), waves=common.get("waves", 1),
                        spike_z=common.get("spike_z", 3.0), calib=common.get("calib"), seed=common["seed"],
                        model_dir=common["model_dir"], message=common["message"], author=default_author(),
@@ -109,7 +123,8 @@ def _render_outcome(c, out, opts, as_json: bool) -> None:
               help="Print only the number (for scripts and `mvc bisect run --metric`).")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
-def eval_cmd(c, rev, ppl, cmd, tokens, seq_len, model_dir, work_tree, no_cache, set_default, value_only, as_json):
+def eval_cmd(c, rev, ppl, cmd, tokens, seq_len, model_dir, device, max_memory, work_tree, no_cache, set_default,
+             value_only, as_json):
     """Evaluate REV: perplexity on a text, or a command (cached per tree and evaluation)."""
     from ..compress import require
 
@@ -117,14 +132,16 @@ def eval_cmd(c, rev, ppl, cmd, tokens, seq_len, model_dir, work_tree, no_cache, 
     from ..compress.evaluate import evaluate, spec_config
 
     repo = c.repo()
-    spec = _spec(c, repo, ppl, cmd, tokens, seq_len)
+    spec = _spec(c, repo, ppl, cmd, tokens, seq_len, device, max_memory)
     if work_tree:
         if rev != "HEAD":
             raise UsageError("pass REV or --work-tree, not both")
         rev = repo.snapshot(progress=c.progress())
     if set_default:
         repo.update_config(lambda cfg: cfg.update(eval=spec_config(spec, repo.root)))
-    res = evaluate(repo, rev, spec, model_dir=model_dir, use_cache=not no_cache)
+    progress = c.progress()
+    res = evaluate(repo, rev, spec, model_dir=model_dir, use_cache=not no_cache, progress=progress)
+    progress.finish()
     if as_json:
         render.emit_json({"rev": repo.resolve(rev), "eval": spec.describe(), **res})
         return
@@ -155,14 +172,20 @@ def compress_group():
               help="Write the report: .json or .csv (per structure).")
 @click.option("--elements", type=click.Path(dir_okay=False), default=None,
               help="Also write every element's score as a .safetensors file.")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:N]",
+              help="Where magnitude and Wanda scores are computed, layer by layer.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
-def score_cmd(c, rev, method, calib, scope, model_dir, output, elements, as_json):
+def score_cmd(c, rev, method, calib, scope, model_dir, output, elements, device, as_json):
     """Importance scores per element, MLP neuron and attention head, with a layer-wise summary."""
     from ..compress import score as score_mod
 
     repo = c.repo()
-    report, scores = score_mod.run(repo, rev, method, calib, list(scope) or None, model_dir)
+    from ..compress.device import resolve
+
+    resolve(device, whole_model=method not in ("magnitude", "wanda"))
+    report, scores = score_mod.run(repo, rev, method, calib, list(scope) or None, model_dir,
+                                   elements=bool(elements), device=device, progress=c.progress())
     if output:
         with open(output, "w", encoding="utf-8") as f:
             if output.endswith(".csv"):
@@ -210,24 +233,33 @@ def prune_cmd(c, method, sparsity, pattern, layer_sparsity, clusters, scope, emb
         raise UsageError("pass --sparsity S (or --pattern N:M)")
     repo = c.repo()
     if dry_run:
+        from ..compress.calib import make_calib
+
         rows = prune.plan(repo, "HEAD", sparsity or 0.0, pattern, list(scope) or None, embeddings,
                           layer_sparsity, common["model_dir"])
-        _render_plan(rows, as_json)
+        cal = make_calib(repo, common["calib"]) if method != "magnitude" else None
+        spec = None  # the evaluation after the prune, if there is one
+        if common["ppl"] or common["cmd"] or repo.config.get(CFG_EVAL):
+            spec = _spec(c, repo, common["ppl"], common["cmd"], common["tokens"], common["seq_len"])
+        memory = prune.memory_plan(repo, "HEAD", method, cal, common["model_dir"], spec)
+        _render_plan(rows, as_json, memory)
         return
-    opts = _stepoptions(c, repo, common)
+    opts = _stepoptions(c, repo, common, whole_model=False)
     out = prune.run(repo, opts, method, sparsity if sparsity is not None else 0.0, pattern=pattern,
                     scope=list(scope) or None, embeddings=embeddings, layer_sparsity=layer_sparsity,
                     clusters=clusters)
     _render_outcome(c, out, opts, as_json)
 
 
-def _render_plan(rows, as_json: bool) -> None:
+def _render_plan(rows, as_json: bool, memory=None) -> None:
     if as_json:
-        render.emit_json([{"tensor": r.tensor, "shape": list(r.shape), "elements": r.elements, "prune": r.change}
-                          for r in rows])
+        out = [{"tensor": r.tensor, "shape": list(r.shape), "elements": r.elements, "prune": r.change} for r in rows]
+        render.emit_json({"tensors": out, "memory": memory.as_dict()} if memory is not None else out)
         return
     for r in rows:
         click.echo(f"{r.tensor}  {list(r.shape)}  {r.change}/{r.elements} to zero")
+    if memory is not None:
+        click.echo(f"{memory.describe()}; one of {memory.layers} layers in memory at a time")
     tot, ch = sum(r.elements for r in rows), sum(r.change for r in rows)
     click.echo(f"dry run: {len(rows)} tensors, {ch}/{tot} elements ({ch / max(1, tot):.1%}) would be zeroed; "
                "nothing written")

@@ -42,11 +42,11 @@ def windows(repo, model, calib: Calib):
 class InputStats:
     """Per-column sums of squares of a layer's inputs (and, with gram=True, X^T X)."""
 
-    def __init__(self, cols: int, gram: bool):
+    def __init__(self, cols: int, gram: bool, device=None):
         import torch
 
-        self.sq = torch.zeros(cols, dtype=torch.float64)
-        self.gram = torch.zeros(cols, cols, dtype=torch.float32) if gram else None
+        self.sq = torch.zeros(cols, dtype=torch.float64, device=device)
+        self.gram = torch.zeros(cols, cols, dtype=torch.float32, device=device) if gram else None
         self.n = 0
 
     def add(self, x) -> None:
@@ -58,17 +58,38 @@ class InputStats:
 
 
 def _gather(linears, gram: bool, run) -> dict:
-    """InputStats of each of *linears*, from their inputs while *run()* runs (without gradients)."""
+    """InputStats of each of *linears*, from their inputs while *run()* runs (without gradients).
+    Linears fed the very same tensor (q, k and v; gate and up) share one InputStats: it is
+    measured once, and a layer holds one X^T X per distinct input."""
     import torch
 
-    stats, hooks = {}, []
+    stats, hooks, followers = {}, [], set()
+    last: list = []  # [the tensor last measured, its stats]
+
+    def hook(li):
+        def measure(_m, inp, _out):
+            x = inp[0]
+            st = stats.get(li.name)
+            if last and last[0] is x and (st is None or st is last[1]):
+                if st is None:  # first batch: found to share its input with the linear before
+                    stats[li.name] = last[1]
+                    followers.add(li.name)
+                return
+            if li.name in followers:
+                raise MvcError(f"{li.name} no longer shares its input with the linear run before it")
+            if st is None:
+                st = stats[li.name] = InputStats(li.weight().shape[1], gram, x.device)
+            st.add(x)
+            last[:] = [x, st]
+        return measure
+
     for li in linears:
-        st = stats[li.name] = InputStats(li.weight().shape[1], gram)
-        hooks.append(li.module.register_forward_hook(lambda _m, inp, _out, st=st: st.add(inp[0])))
+        hooks.append(li.module.register_forward_hook(hook(li)))
     try:
         with torch.no_grad():
             run()
     finally:
+        last.clear()
         for h in hooks:
             h.remove()
     return stats

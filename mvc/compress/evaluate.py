@@ -35,6 +35,10 @@ class EvalSpec:
     cmd: str | None = None
     seed: int = 0
     env: dict | None = field(default=None, compare=False, hash=False)  # --cmd's environment (the CLI's)
+    #: where perplexity is computed (--device; None: auto) and the memory it may take (--max-memory):
+    #: how, not what, so neither is part of the cached result's key
+    device: str | None = field(default=None, compare=False, hash=False)
+    max_memory: int | None = field(default=None, compare=False, hash=False)
 
     @property
     def metric(self) -> str:
@@ -42,8 +46,8 @@ class EvalSpec:
 
     def key(self) -> dict:
         d = asdict(self)
-        d.pop("text")
-        d.pop("env")
+        for k in ("text", "env", "device", "max_memory"):
+            d.pop(k)
         return d
 
     def describe(self) -> str:
@@ -64,7 +68,8 @@ def read_text(path: str) -> str:
 
 
 def make_spec(repo, ppl: str | None = None, cmd: str | None = None, tokens: int | None = None,
-              seq_len: int | None = None, base_dir: str | None = None, env: dict | None = None) -> EvalSpec:
+              seq_len: int | None = None, base_dir: str | None = None, env: dict | None = None,
+              device: str | None = None, max_memory: int | None = None) -> EvalSpec:
     """The evaluation asked for, else the repository's default (config ``eval``), else an error."""
     if ppl and cmd:
         raise UsageError("pass --ppl or --cmd, not both")
@@ -83,11 +88,11 @@ def make_spec(repo, ppl: str | None = None, cmd: str | None = None, tokens: int 
         raise UsageError("--tokens and --seq-len must be at least 2")
     if cmd:
         shlex.split(cmd)
-        return EvalSpec("cmd", cmd=cmd, env=env)
+        return EvalSpec("cmd", cmd=cmd, env=env, device=device, max_memory=max_memory)
     path = os.path.join(base_dir or repo.cwd or os.getcwd(), ppl)
     text = read_text(path)
     return EvalSpec("ppl", text=os.path.abspath(path), text_id=hash_object("chunk", text.encode()).hex(),
-                    tokens=tokens, seq_len=seq_len)
+                    tokens=tokens, seq_len=seq_len, device=device, max_memory=max_memory)
 
 
 def spec_config(spec: EvalSpec, root: str) -> dict:
@@ -203,15 +208,15 @@ def run_command(repo, tree, spec: EvalSpec, rev: str) -> dict:
     return out
 
 
-def evaluate(repo, rev: str, spec: EvalSpec, model_dir: str = "", use_cache: bool = True) -> dict:
+def evaluate(repo, rev: str, spec: EvalSpec, model_dir: str = "", use_cache: bool = True, progress=None) -> dict:
     """The metrics of *rev* under *spec*: {"ppl": ..., "tokens": ...} or {"pass": ..., "exit": ...}."""
     commit = repo.resolve(rev)
     return evaluate_tree(repo, repo.commit_obj(commit).tree, spec, commit, model_dir=model_dir,
-                         use_cache=use_cache)
+                         use_cache=use_cache, progress=progress)
 
 
 def evaluate_tree(repo, tree_id: str, spec: EvalSpec, commit: str | None, model=None, tree=None,
-                  model_dir: str = "", use_cache: bool = True, src=None) -> dict:
+                  model_dir: str = "", use_cache: bool = True, src=None, progress=None) -> dict:
     """Evaluate a stored tree (cached by tree id). *model* (a compress.model.Model holding exactly
     this tree's tensors) saves loading it; *commit* names the tree for --cmd and for loading;
     *src* (a Source of the tree) stands for a tree not committed yet."""
@@ -232,7 +237,8 @@ def evaluate_tree(repo, tree_id: str, spec: EvalSpec, commit: str | None, model=
         if model is not None:
             ppl = perplexity(model.model, windows)
         elif src.arch.model_type in layerwise.TAIL:  # from the store, one layer in memory at a time
-            ppl = layerwise.perplexity(repo, src, windows)
+            ppl = layerwise.perplexity(repo, src, windows, device=spec.device, max_memory=spec.max_memory,
+                                       progress=progress)
         else:
             ppl = perplexity(Model(repo, src).model, windows)
         result = {"ppl": ppl, "tokens": int(windows.numel())}

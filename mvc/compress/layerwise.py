@@ -9,6 +9,7 @@ in memory gives (same operations, same order: tests/test_compress.py checks it).
 from __future__ import annotations
 
 import math
+import os
 import re
 
 from ..errors import MvcError
@@ -32,20 +33,59 @@ def _trim() -> None:
         pass
 
 
+def _memory(device) -> str:
+    """This process's resident memory (the CPU) or torch's allocation on a CUDA device, in words."""
+    if device.type == "cuda":
+        import torch
+
+        return f"{torch.cuda.memory_allocated(device) / 2**30:.1f} GiB on {device}"
+    try:
+        with open("/proc/self/statm") as f:
+            return f"{int(f.read().split()[1]) * 4096 / 2**30:.1f} GiB"
+    except OSError:
+        return "?"
+
+
+class LayerClock:
+    """``layer i/N, tokens/s, memory`` for a progress note after each layer."""
+
+    def __init__(self, layers: int, tokens: int, device):
+        import time
+
+        self.layers, self.tokens, self.device = layers, tokens, device
+        self.t = time.perf_counter()
+
+    def note(self, progress, layer: int) -> None:
+        import time
+
+        now = time.perf_counter()
+        rate = f", {self.tokens / max(now - self.t, 1e-9):,.0f} tokens/s" if self.tokens else ""
+        self.t = now
+        if progress is not None:
+            progress.note(f"layer {layer + 1}/{self.layers}{rate}, {_memory(self.device)}")
+
+
 class StreamedModel:
     """A transformers model built on the meta device whose decoder layers are loaded one at a
-    time from *src*'s revision (dequantized where the revision is quantized)."""
+    time from *src*'s revision (dequantized where the revision is quantized) onto *device*."""
 
-    def __init__(self, repo, src: Source):
+    def __init__(self, repo, src: Source, device=None):
+        import torch
         from accelerate import init_empty_weights
 
         self.repo = repo
         self.src = src
+        self.device = device if device is not None else torch.device("cpu")
         cls, self.hf_config = model_class(src)
         with init_empty_weights():  # parameters on meta; buffers (rotary frequencies) real
             self.model = cls(self.hf_config)
             install_low_rank(self.model, src.config)
         self.model.float().eval()
+        if self.device.type != "cpu":  # the real buffers (rotary frequencies); parameters come later
+            for module in self.model.modules():
+                for k, b in module._buffers.items():
+                    if b is not None and not b.is_meta:
+                        module._buffers[k] = b.to(self.device)
         pat = re.compile(src.arch.layers)
         self.layer_of: dict[str, int] = {}
         self.layers_path = ""
@@ -63,6 +103,8 @@ class StreamedModel:
 
         import json
 
+        import torch
+
         from ..formats.quantized import RTN_META, dequantize_state
         from ..load import safetensors_metadata, tensor_bytes, to_torch
         from ..pipeline import Materializer
@@ -79,8 +121,12 @@ class StreamedModel:
                     if RTN_META in meta:  # only this subset's entries
                         rtn = {k: v for k, v in json.loads(meta[RTN_META]).items() if k + ".qweight" in state}
                         meta = {**meta, RTN_META: json.dumps(rtn)}
-                    state = dequantize_state(state, meta)
-                out.update({n: v.float() if v.is_floating_point() else v for n, v in state.items()})
+                    # in float32, as the quantize step evaluates it (bf16 would round the products)
+                    state = dequantize_state(state, meta, dtype=torch.float32)
+                out.update({n: (v.float() if v.is_floating_point() else v).to(self.device) for n, v in state.items()})
+        # the stored bytes were read through the store's maps: their pages would stay in this
+        # process's RSS, the whole compressed model by the last layer
+        self.repo.backend.release_pages()
         return out
 
     @staticmethod
@@ -114,20 +160,42 @@ class StreamedModel:
     def num_layers(self) -> int:
         return max(self.layer_of.values()) + 1
 
+    def linears(self, scope=None, embeddings=False) -> list:
+        """Model.linears(): each prunable matrix and its module (on the meta device unless its
+        layer is loaded: shapes are always there)."""
+        from .model import Linear, linear_names
 
-def perplexity(repo, src: Source, windows, batch: int = 8) -> float:
-    """The perplexity() of evaluate.py, one decoder layer in memory at a time."""
+        return [Linear(n, role, layer, self.model.get_submodule(n[:-len(".weight")]))
+                for n, role, layer in linear_names(self.src, scope, embeddings)]
+
+
+def perplexity(repo, src: Source, windows, batch: int = 8, device: str | None = None,
+               max_memory: int | None = None, progress=None) -> float:
+    """The perplexity() of evaluate.py, one decoder layer in memory at a time, on *device*
+    (``--device``; refused when its plan does not fit the device or *max_memory*)."""
     import torch
+
+    from . import device as dev
 
     tail = TAIL.get(src.arch.model_type)
     if tail is None:
         raise MvcError(f"no layer-by-layer evaluation for {src.arch.model_type}")
-    sm = StreamedModel(repo, src)
+    where = dev.resolve(device)
+    dev.check(dev.plan(src, "eval", eval_tokens=int(windows.numel()), eval_seq_len=int(windows.shape[1]),
+                       batch=batch), where, max_memory)
+    sm = StreamedModel(repo, src, where)
+    windows = windows.to(where)
     inputs = LayerInputs(sm, windows, batch)
+    clock = LayerClock(sm.num_layers, int(windows.numel()), where)
+    if progress is not None:
+        progress.start("evaluating", sm.num_layers, unit="layer")
     for layer in range(sm.num_layers):
         sm.materialize(layer)
         inputs.advance_to(layer + 1)
         sm.release(layer)
+        if progress is not None:
+            progress.advance(nbytes=1)
+            clock.note(progress, layer)
     norm, head = (sm.model.get_submodule(p) for p in tail)
     total, count = 0.0, 0
     with torch.no_grad():
@@ -142,19 +210,147 @@ def perplexity(repo, src: Source, windows, batch: int = 8) -> float:
     return math.exp(total / count)
 
 
+def score(repo, src: Source, method: str, calib, scope=None, elements: bool = False, device=None,
+          progress=None) -> tuple[dict, dict]:
+    """score.run's report for magnitude or Wanda scores, one decoder layer in memory at a time:
+    each layer is loaded, its inputs measured (Wanda), its matrices scored and summarized, and the
+    layer dropped. The scores are those of the whole model in memory (same inputs, same order).
+    Returns (report, {tensor: scores} when *elements*, else {})."""
+    from . import device as dev
+    from .calib import windows
+    from .score import layer_summary, tensor_summary
+
+    where = dev.resolve(device)
+    sm = StreamedModel(repo, src, where)
+    every = sm.linears()
+    chosen = {li.name for li in sm.linears(scope)}
+    inputs = LayerInputs(sm, windows(repo, sm, calib).to(where)) if method == "wanda" else None
+    layers = sorted({li.layer for li in every if li.layer >= 0})
+    clock = LayerClock(len(layers), 0, where)
+    if progress is not None:
+        progress.start(f"scoring ({method})", len(layers), unit="layer")
+    report: dict = {"tensors": [], "layers": []}
+    kept: dict = {}
+    for layer in layers:
+        group = [li for li in every if li.layer == layer and li.name in chosen]
+        if group or inputs is not None:
+            sm.materialize(layer)
+        stats = inputs.stats(group) if inputs is not None and group else {}
+        scores = {}
+        for li in group:
+            s = li.weight().abs().float()
+            if method == "wanda":
+                s = s * stats[li.name].sq.sqrt().float()[None, :]
+            scores[li.name] = s.cpu()
+            report["tensors"].append(tensor_summary(li.name, scores[li.name]))
+        report["layers"].append(layer_summary(sm, layer, every, scores))
+        if elements:
+            kept.update(scores)
+        del scores, stats
+        if inputs is not None and layer < layers[-1]:
+            inputs.advance_to(layer + 1)
+        sm.release(layer)
+        if progress is not None:
+            progress.advance(nbytes=1)
+            clock.note(progress, layer)
+    if progress is not None:
+        progress.finish()
+    return report, kept
+
+
 def source_with_tree(repo, src: Source, tree) -> Source:
-    """*src* for another tree of the same model whose files hold the same tensor names (a pruned
-    wave): its tensors' metadata read from the tree."""
+    """*src* for another tree of the same model (a pruned wave, a quantized model): its tensors'
+    metadata and its config.json read from the tree (a quantized tree says so there)."""
     import dataclasses
+    import json
+
+    from .model import read_file
 
     entries = tree.as_dict()
     files, where = {}, {}
-    for path in src.files:
+    paths = [p for p in entries if p.startswith(src.prefix) and "/" not in p[len(src.prefix):]
+             and p.endswith(".safetensors")]
+    for path in sorted(paths):
         f = repo.odb.get(entries[path].oid, "file")
         metas = repo.odb.get_many([tid for _n, tid in f.tensors], "tensor")
         files[path] = [(n, t) for (n, _tid), t in zip(f.tensors, metas)]
         where.update({n: path for n, _tid in f.tensors})
-    return dataclasses.replace(src, tree=tree, files=files, where=where)
+    cfg_entry = entries.get(src.prefix + "config.json")
+    config = json.loads(read_file(repo, cfg_entry.oid)) if cfg_entry is not None else src.config
+    out = dataclasses.replace(src, tree=tree, files=files, where=where, config=config)
+    out.quantized = bool(config.get("quantization_config"))
+    return out
+
+
+def rtn_quantize_files(repo, src: Source, targets: set, bits_of, group_size: int, out_dir: str) -> dict:
+    """quantize.rtn_quantize_dir from the store, a tensor at a time: each weight file is written into
+    *out_dir* with every target's qweight and scales in place of its weight (the other tensors'
+    bytes copied), and config.json says how. Memory is one tensor, whatever the model's size.
+    Returns {tensor: (quantized, total)}."""
+    import json
+    import struct
+
+    from ..errors import UsageError
+    from ..formats.quantized import RTN_META, rtn_quantize
+    from ..load import tensor_bytes, to_torch
+    from ..pipeline import Materializer
+    from ..store.objects import DTYPES
+
+    counts: dict = {}
+    with Materializer(repo.odb, workers=repo.workers) as mat:
+        for path, items in src.files.items():
+            layout, info = [], {}  # (name, dtype, shape, nbytes)
+            for name, meta in items:
+                if name not in targets:
+                    layout.append((name, meta.dtype, tuple(meta.shape), meta.nbytes))
+                    continue
+                rows, cols = meta.shape
+                bits = bits_of(name)
+                g = group_size or cols
+                if cols % g or (bits == 4 and cols % 2):
+                    why = f"{cols} inputs are not a multiple of the group size {g}" if cols % g else \
+                        "int4 packing needs an even number of inputs"
+                    raise UsageError(f"{name} {[rows, cols]}: {why}")
+                qcols = cols if bits == 8 else cols // 2
+                layout.append((name + ".qweight", "I8" if bits == 8 else "U8", (rows, qcols), rows * qcols))
+                layout.append((name + ".scales", "F32", (rows, cols // g), 4 * rows * (cols // g)))
+                info[name] = {"bits": bits, "group_size": group_size, "shape": [rows, cols],
+                              "dtype": meta.dtype if meta.dtype in ("BF16", "F16") else "F32"}
+                counts[name] = (rows * cols, rows * cols)
+            # safetensors' own order: wider elements first (every tensor stays aligned), then by name
+            layout.sort(key=lambda e: (-DTYPES[e[1]][0], e[0]))
+            header: dict = {"__metadata__": {"format": "pt", **({RTN_META: json.dumps(info, sort_keys=True)}
+                                                              if info else {})}}
+            offsets, at = {}, 0
+            for name, dtype, shape, nbytes in layout:
+                header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [at, at + nbytes]}
+                offsets[name] = at
+                at += nbytes
+            head = json.dumps(header, separators=(",", ":")).encode()
+            head += b" " * (-len(head) % 8)
+            base = 8 + len(head)
+            with open(os.path.join(out_dir, os.path.basename(path)), "wb") as f:
+                f.write(struct.pack("<Q", len(head)) + head)
+                f.truncate(base + at)
+                fd = f.fileno()
+                for name, meta in items:  # one source tensor at a time
+                    raw = tensor_bytes(mat, meta)
+                    if name not in targets:
+                        os.pwrite(fd, raw, base + offsets[name])
+                        continue
+                    q, scales = rtn_quantize(to_torch(meta, raw), info[name]["bits"], group_size)
+                    os.pwrite(fd, q.contiguous().view(-1).numpy().tobytes(), base + offsets[name + ".qweight"])
+                    os.pwrite(fd, scales.contiguous().view(-1).numpy().tobytes(), base + offsets[name + ".scales"])
+                    del raw, q, scales
+                    _trim()
+    cfg = dict(src.config)
+    # transformers does not know this method and refuses to load the model; mvc dequantizes it
+    cfg["quantization_config"] = {"quant_method": "mvc-rtn", "bits": sorted({bits_of(n) for n in counts}),
+                                  "group_size": group_size}
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return counts
 
 
 def _store_tensor(ing, value, meta) -> str:
@@ -178,7 +374,8 @@ def _store_tensor(ing, value, meta) -> str:
 
 
 def prune(repo, src: Source, method: str, sparsity_of, pattern, clusters: int, seed: int, calib,
-          scope=None, embeddings: bool = False, progress=None, cluster_info: dict | None = None):
+          scope=None, embeddings: bool = False, progress=None, cluster_info: dict | None = None,
+          device=None, max_memory: int | None = None):
     """The prune step from the store, one decoder layer in memory at a time: each layer is loaded,
     measured on the calibration inputs (Wanda, SparseGPT), pruned, rounded to its stored dtype,
     its changed matrices stored, the pruned layer run to make the next layer's inputs, and the
@@ -189,15 +386,20 @@ def prune(repo, src: Source, method: str, sparsity_of, pattern, clusters: int, s
     from ..load import _TORCH_DTYPES
     from ..pipeline import Ingestor
     from ..store.objects import File, Tree
+    from . import device as dev
     from .calib import windows
     from .model import Linear, linear_names
     from .prune import prune_matrix
 
     names = linear_names(src, scope, embeddings)
-    sm = StreamedModel(repo, src)
-    batches = windows(repo, sm, calib) if method != "magnitude" else None
+    where = dev.resolve(device)
+    dev.check(dev.plan(src, "prune", method, calib.tokens if calib else 0, calib.seq_len if calib else 128),
+              where, max_memory)
+    sm = StreamedModel(repo, src, where)
+    batches = windows(repo, sm, calib).to(where) if method != "magnitude" else None
     inputs = LayerInputs(sm, batches) if batches is not None else None
     last = max(layer for _n, _r, layer in names)
+    clock = LayerClock(last + 1, int(batches.numel()) if batches is not None else 0, where)
     counts: dict = {}
     new_ids: dict[str, str] = {}
     entries = src.tree.as_dict()
@@ -210,14 +412,16 @@ def prune(repo, src: Source, method: str, sparsity_of, pattern, clusters: int, s
                 sm.materialize(layer)
             group = [Linear(n, role, layer, sm.model.get_submodule(n[:-len(".weight")])) for n, role in mine]
             stats = inputs.stats(group, gram=method == "sparsegpt") if inputs is not None and group else {}
-            for li in group:
+            for k, li in enumerate(group):
+                last_use = not any(stats.get(o.name) is stats.get(li.name) for o in group[k + 1:])
                 counts[li.name] = prune_matrix(li, method, stats, sparsity_of(li.name), pattern, clusters, seed,
-                                               cluster_info)
+                                               cluster_info, last_use)
+                stats.pop(li.name, None)  # its X^T X goes with the last linear that reads it
                 meta = src.tensor_meta(li.name)
                 w = li.module.weight.data  # as stored: GPT-2's Conv1D keeps (in, out)
                 stored = w.to(getattr(torch, _TORCH_DTYPES[meta.dtype]))
                 w.copy_(stored.float())  # the model that runs on is the one stored
-                new_ids[li.name] = _store_tensor(ing, stored, meta)
+                new_ids[li.name] = _store_tensor(ing, stored.cpu(), meta)
                 del stored
                 _trim()
                 if progress is not None:
@@ -226,6 +430,8 @@ def prune(repo, src: Source, method: str, sparsity_of, pattern, clusters: int, s
                 inputs.advance_to(layer + 1)
             if loaded:
                 sm.release(layer)
+            if layer >= 0:
+                clock.note(progress, layer)
         changed = {}
         for path in src.files:
             f = repo.odb.get(entries[path].oid, "file")

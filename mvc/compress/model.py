@@ -213,7 +213,13 @@ class Model:
         self.src = src
         self.originals = {}
         for path in src.files:
-            self.originals.update(repo.load(src.commit, path=path, dequantize=src.quantized))
+            if src.quantized:  # evaluated in float32, as the quantize step does (StreamedModel too)
+                from ..formats.quantized import dequantize_state
+
+                meta = file_metadata(repo, src.tree.as_dict()[path].oid) or {}
+                self.originals.update(dequantize_state(repo.load(src.commit, path=path), meta, dtype=torch.float32))
+            else:
+                self.originals.update(repo.load(src.commit, path=path))
         self.cast = None  # a torch dtype every floating tensor is stored as (quantize --method fp16|bf16)
         cls, self.hf_config = model_class(src)
         torch.manual_seed(0)

@@ -130,29 +130,40 @@ def mask_for(scores, sparsity: float, per: str, pattern: Pattern | None = None, 
 
 
 def sparsegpt(weight, gram, n: int, sparsity: float, pattern: Pattern | None = None,
-              block: int = 128, damp: float = 0.01):
+              block: int = 128, damp: float = 0.01, release: bool = False):
     """Prune *weight* (out, in) in place by SparseGPT: OBS updates with the upper Cholesky factor of
-    the inverse calibration Hessian H = 2/n X^T X (+ damp * mean diag), block by block of columns."""
+    the inverse calibration Hessian H = 2/n X^T X (+ damp * mean diag), block by block of columns.
+    *gram*: X^T X, or the calib.InputStats holding it; with *release* (the last matrix reading
+    it), the InputStats lets go of it as soon as H is made."""
     import torch
 
     W = weight.float().contiguous().clone()
-    H = gram.double() * (2.0 / max(1, n))
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    # one float64 (in, in) matrix, factored and inverted in place: a 14k-wide MLP's is 1.5 GB, and
+    # the 5632-wide one of a 0.8 B Llama held three at once before (H, the damping's identity, its
+    # product). LAPACK works in place on column-major storage; H is symmetric, so its transpose
+    # view is the same matrix in that order, and torch writes through out= without a copy.
+    holder = None if torch.is_tensor(gram) else gram
+    H = (gram if holder is None else holder.gram).double()
+    if holder is not None and release:
+        holder.gram = None
+    H.mul_(2.0 / max(1, n))
+    diag = H.diagonal()
+    dead = diag == 0
+    diag[dead] = 1
     W[:, dead] = 0
-    H += damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
-    L = torch.linalg.cholesky(H)
-    del H  # float64 (in, in) matrices: a 14k-wide MLP's are 1.5 GB each; hold as few at once as the math needs
-    inv = torch.cholesky_inverse(L)
-    del L
-    Hinv = torch.linalg.cholesky(inv, upper=True).float()
-    del inv
+    diag.add_(damp * diag.mean())
+    Ht = H.mT
+    torch.linalg.cholesky(Ht, upper=True, out=Ht)  # H = U^T U
+    torch.cholesky_inverse(Ht, upper=True, out=Ht)  # H^-1
+    torch.linalg.cholesky(Ht, out=Ht)  # H^-1 = L L^T: H (row-major) holds L^T, the upper factor
+    del Ht, diag
     rows, cols = W.shape
     mask_all = torch.zeros_like(W, dtype=torch.bool)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1 = W[:, i1:i2].clone()
-        Hi = Hinv[i1:i2, i1:i2]
+        Hrows = H[i1:i2].float()  # the block's rows of the factor in float32, not a float32 copy of all of it
+        Hi = Hrows[:, i1:i2]
         d = torch.diag(Hi)
         err = torch.zeros_like(W1)
         if pattern is None:
@@ -171,7 +182,7 @@ def sparsegpt(weight, gram, n: int, sparsity: float, pattern: Pattern | None = N
             W1[:, i] = q
             err[:, i] = e
         W[:, i1:i2] = W1
-        W[:, i2:] -= err @ Hinv[i1:i2, i2:]
+        W[:, i2:] -= err @ Hrows[:, i2:]
         mask_all[:, i1:i2] = mask1
     W[mask_all] = 0
     weight.copy_(W.to(weight.dtype))
@@ -208,13 +219,14 @@ def apply_masks(repo, model, linears, method: str, sparsity_of, pattern: Pattern
 
 
 def prune_matrix(li, method: str, stats: dict, s: float, pattern: Pattern | None, clusters: int, seed: int,
-                 cluster_info: dict | None) -> tuple[int, int]:
+                 cluster_info: dict | None, last_use: bool = False) -> tuple[int, int]:
     """Prune one linear in place to sparsity *s* by *method* (*stats*: its layer's input
-    statistics); returns (pruned, total) elements."""
+    statistics; *last_use*: no later matrix reads this one's, so SparseGPT may free its X^T X
+    early); returns (pruned, total) elements."""
     w = li.weight()
     if method == "sparsegpt":
         st = stats[li.name]
-        mask = sparsegpt(w, st.gram, st.n, s, pattern)
+        mask = sparsegpt(w, st, st.n, s, pattern, release=last_use)
     else:
         score = w.abs().float()
         if method == "wanda":
@@ -270,6 +282,17 @@ def plan(repo, rev: str, sparsity: float, pattern: str | None, scope, embeddings
     return rows
 
 
+def memory_plan(repo, rev: str, method: str, calib=None, model_dir: str = "", spec=None):
+    """The layer-by-layer prune's memory plan (compress.device.plan) on the model in *rev*: the
+    calibration tokens of *calib* and, with a perplexity *spec*, the evaluation after each wave."""
+    from .device import plan as device_plan
+
+    src = open_source(repo, rev, model_dir)
+    cal_tokens, cal_seq = (calib.tokens, calib.seq_len) if calib is not None and method != "magnitude" else (0, 128)
+    ev = spec if spec is not None and spec.kind == "ppl" else None
+    return device_plan(src, "prune", method, cal_tokens, cal_seq, ev.tokens if ev else 0, ev.seq_len if ev else 256)
+
+
 def run(repo, opts: StepOptions, method: str, sparsity: float, pattern: str | None = None, scope=None,
         embeddings: bool = False, layer_sparsity=(), clusters: int = 0) -> Outcome:
     """Zero weights by *method* (magnitude, wanda, sparsegpt) to *sparsity*, or to an N:M *pattern*."""
@@ -284,6 +307,10 @@ def run(repo, opts: StepOptions, method: str, sparsity: float, pattern: str | No
         raise UsageError("--clusters must be 0 (off) or more")
     cal = make_calib(repo, opts.calib) if method != "magnitude" else None
     plan(repo, "HEAD", sparsity, pattern, scope, embeddings, layer_sparsity, opts.model_dir)  # checks shapes
+    from . import device as dev
+
+    dev.check(memory_plan(repo, "HEAD", method, cal, opts.model_dir, opts.spec), dev.resolve(opts.spec.device),
+              opts.spec.max_memory)  # before anything runs, the evaluation of the start included
     target = pat.sparsity if pat else sparsity
     strengths = waves_of(target, opts.waves)
     params = {"sparsity": target, "pattern": pattern, "clusters": clusters or None,
@@ -301,7 +328,8 @@ def run(repo, opts: StepOptions, method: str, sparsity: float, pattern: str | No
         opts.progress.start(f"pruning ({method})", elements * 4, len(lin))
         found: dict = {}
         tree, counts = prune_streamed(repo, source, method, of, pat, clusters, opts.seed, cal, scope, embeddings,
-                                      opts.progress, found)
+                                      opts.progress, found, device=opts.spec.device,
+                                      max_memory=opts.spec.max_memory)
         opts.progress.finish()
         return Change(counts, extra={"cluster_detail": found} if found else {}, tree=tree)
 

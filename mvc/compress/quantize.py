@@ -13,6 +13,7 @@ from fnmatch import fnmatchcase
 
 from ..errors import MvcError, UsageError
 from ..formats.quantized import RTN_META, dequantize_state, rtn_quantize
+from .layerwise import TAIL
 from .model import Model, linear_names, open_source
 from .runner import Change, Outcome, StepOptions
 from .runner import run as run_step
@@ -199,6 +200,27 @@ def run(repo, opts: StepOptions, method: str, group_size: int = 0, double_quant:
     params = {"group_size": group_size or None, "double_quant": double_quant or None,
               "skip": list(skip) or None, "bits": bits or None, "budget_bits": budget_bits}
     params = {k: v for k, v in params.items() if v is not None}
+
+    def bits_of(name: str) -> int:
+        for glob, b in (bits or {}).items():
+            if fnmatchcase(name, glob):
+                return b
+        return RTN[method]
+
+    if method in RTN and budget_bits is None and src.arch.model_type in TAIL:
+        def streamed(source, strength: float, scratch: str):
+            """From the store, a tensor at a time (layerwise.rtn_quantize_files)."""
+            from .layerwise import rtn_quantize_files
+
+            targets = {n for n, _r, _l in linear_names(source, scope) if not any(fnmatchcase(n, g) for g in skip)}
+            if not targets:
+                raise UsageError("every layer in scope is skipped: nothing to quantize")
+            out_dir = os.path.join(scratch, "model")
+            os.makedirs(out_dir)
+            return Change(rtn_quantize_files(repo, source, targets, bits_of, group_size, out_dir), {}, out_dir=out_dir)
+
+        return run_step(repo, opts, op="quantize", method=method, params=params, strengths=[1.0], apply=streamed,
+                        scope=scope, streamed=True)
 
     def apply(model: Model, strength: float, scratch: str):
         if method in CASTS:

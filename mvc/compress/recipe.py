@@ -241,7 +241,8 @@ def run(repo, recipe: Recipe, env: dict | None = None, author: str | None = None
         p = _kwargs(step, recipe)
         try:
             if step.kind == "score":
-                report, _scores = score.run(repo, "HEAD", p.get("method", "magnitude"), p.get("calib"), p.get("scope"))
+                report, _scores = score.run(repo, "HEAD", p.get("method", "magnitude"), p.get("calib"), p.get("scope"),
+                                           elements=False)
                 if p.get("output"):
                     with open(os.path.join(repo.root, p["output"]), "w", encoding="utf-8") as f:
                         json.dump(report, f, indent=1)

@@ -146,7 +146,8 @@ def run(repo, opts: StepOptions, *, op: str, method: str, params: dict, strength
                                      hint="commit or discard them first (`mvc status`)")
         model = None if streamed else Model(repo, src)
         base_tree = repo.commit_obj(base).tree
-        before = _clean_metrics(evaluate_tree(repo, base_tree, spec, base, model=model))
+        before = _clean_metrics(evaluate_tree(repo, base_tree, spec, base, model=model, progress=opts.progress))
+        opts.progress.finish()
         out = Outcome(base, base, before, len(strengths), op)
         values = [_value(spec, before)]
         parent, parent_metrics, config = base, before, None
@@ -174,7 +175,8 @@ def run(repo, opts: StepOptions, *, op: str, method: str, params: dict, strength
             if streamed:
                 current = source_with_tree(repo, src, tree)
             after = _clean_metrics(evaluate_tree(repo, tree_oid[0].hex(), spec, None, model=model, tree=tree,
-                                                 src=current if streamed else None))
+                                                 src=current if streamed else None, progress=opts.progress))
+            opts.progress.finish()
             values.append(_value(spec, after))
             d = drop(spec, before, after)
             z = spike(values, spike_z)

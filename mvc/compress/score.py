@@ -90,30 +90,39 @@ def unit_scores(units: Units, scores: dict):
     return total
 
 
+def tensor_summary(name: str, s) -> dict:
+    """A tensor's line of the report: shape, mean and (up to 16 M elements) quantiles."""
+    flat = s.reshape(-1).double()
+    q = flat.quantile(flat.new_tensor([0.1, 0.5, 0.9])) if flat.numel() <= 16_000_000 else None
+    return {"name": name, "shape": list(s.shape), "mean": flat.mean().item(),
+            "p10": q[0].item() if q is not None else None,
+            "median": q[1].item() if q is not None else None,
+            "p90": q[2].item() if q is not None else None}
+
+
+def layer_summary(model, layer: int, linears, scores: dict, kinds=("neuron", "head")) -> dict:
+    """A layer's line of the report: its mean score and each unit's (neurons, heads). *model*
+    only lends shapes (its weights may be on the meta device)."""
+    row: dict = {"layer": layer}
+    names = [li.name for li in linears if li.layer == layer and li.name in scores]
+    row["mean"] = sum(scores[n].double().mean().item() for n in names) / max(1, len(names))
+    for kind in kinds:
+        try:
+            u = layer_units(model, layer, kind)
+            if not all(sp[0] in scores for sp in u.spans):
+                continue
+        except KeyError:
+            continue
+        row[kind + "s"] = [round(v, 9) for v in unit_scores(u, scores).tolist()]
+    return row
+
+
 def summarize(model, scores: dict, kinds=("neuron", "head")) -> dict:
     """The report `mvc compress score` writes: per tensor, per layer, per structure."""
-    out: dict = {"tensors": [], "layers": []}
-    for name, s in scores.items():
-        flat = s.reshape(-1).double()
-        q = flat.quantile(flat.new_tensor([0.1, 0.5, 0.9])) if flat.numel() <= 16_000_000 else None
-        out["tensors"].append({"name": name, "shape": list(s.shape), "mean": flat.mean().item(),
-                               "p10": q[0].item() if q is not None else None,
-                               "median": q[1].item() if q is not None else None,
-                               "p90": q[2].item() if q is not None else None})
+    out: dict = {"tensors": [tensor_summary(name, s) for name, s in scores.items()], "layers": []}
     linears = model.linears()
     for layer in sorted({li.layer for li in linears if li.layer >= 0}):
-        row: dict = {"layer": layer}
-        names = [li.name for li in linears if li.layer == layer and li.name in scores]
-        row["mean"] = sum(scores[n].double().mean().item() for n in names) / max(1, len(names))
-        for kind in kinds:
-            try:
-                u = layer_units(model, layer, kind)
-                if not all(sp[0] in scores for sp in u.spans):
-                    continue
-            except KeyError:
-                continue
-            row[kind + "s"] = [round(v, 9) for v in unit_scores(u, scores).tolist()]
-        out["layers"].append(row)
+        out["layers"].append(layer_summary(model, layer, linears, scores, kinds))
     return out
 
 
@@ -127,15 +136,24 @@ def to_csv(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(repo, rev: str, method: str, calib: str | None = None, scope=None, model_dir: str = "") -> tuple:
-    """(report, element scores) for *rev* under *method* (nothing is written to the repository)."""
+def run(repo, rev: str, method: str, calib: str | None = None, scope=None, model_dir: str = "",
+        elements: bool = True, device: str | None = None, progress=None) -> tuple:
+    """(report, element scores) for *rev* under *method* (nothing is written to the repository).
+    Magnitude and Wanda scores of a causal model are made layer by layer from the store
+    (layerwise.score: one decoder layer in memory, on *device*); they keep every element's score
+    only when *elements* asks for them. Taylor and Fisher need the whole model's gradients."""
+    from . import layerwise
+
     if method not in METHODS:
         raise UsageError(f"unknown scoring method {method!r}", hint=f"choose one of {', '.join(METHODS)}")
     cal = make_calib(repo, calib) if needs_calib(method) else None
-    model = Model(repo, open_source(repo, rev, model_dir))
-    lin = model.linears(scope)
-    scores = element_scores(repo, model, lin, method, cal)
-    report = summarize(model, scores)
+    src = open_source(repo, rev, model_dir)
+    if method in ("magnitude", "wanda") and src.arch.model_type in layerwise.TAIL:
+        report, scores = layerwise.score(repo, src, method, cal, scope, elements, device, progress)
+    else:
+        model = Model(repo, src)
+        scores = element_scores(repo, model, model.linears(scope), method, cal)
+        report = summarize(model, scores)
     report["method"] = method
-    report["rev"] = model.src.commit
+    report["rev"] = src.commit
     return report, scores
