@@ -16,13 +16,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 
 import numpy as np
 
-from mvc.synth import bf16_normal
+from mvc.synth import write_bf16_file
 
 HIDDEN, INTER, HEADS = 2048, 5632, 16
 LAYER_MIB = 2 * (4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTER) / 2**20
@@ -62,24 +61,8 @@ def write_llama(directory: str, layers: int, seed: int = 0) -> int:
                    (p + "mlp.down_proj.weight", (HIDDEN, INTER)),
                    (p + "input_layernorm.weight", (HIDDEN,)), (p + "post_attention_layernorm.weight", (HIDDEN,))]
     shapes += [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (vocab, HIDDEN))]
-    header, off = {}, 0
-    for name, shape in shapes:
-        n = 2 * int(np.prod(shape))
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + n]}
-        off += n
-    header["__metadata__"] = {"format": "pt"}
-    h = json.dumps(header, separators=(",", ":")).encode()
-    h += b" " * (-len(h) % 8)
-    rng = np.random.default_rng(seed)
-    with open(os.path.join(directory, "model.safetensors"), "wb") as f:
-        f.write(struct.pack("<Q", len(h)) + h)
-        for name, shape in shapes:
-            n = int(np.prod(shape))
-            if name.endswith("norm.weight"):
-                f.write(np.full(n, 0x3F80, dtype="<u2").tobytes())  # 1.0
-                continue
-            for i in range(0, n, 1 << 24):
-                f.write(bf16_normal(rng, min(1 << 24, n - i)).tobytes())
+    write_bf16_file(os.path.join(directory, "model.safetensors"), shapes, np.random.default_rng(seed),
+                    ones=lambda name: name.endswith("norm.weight"))
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "eval.txt", "calib.txt"):

@@ -37,6 +37,29 @@ def bf16_normal(rng: np.random.Generator, n: int, std: float = 0.02) -> np.ndarr
     return (x.view(np.uint32) >> 16).astype("<u2")
 
 
+def write_bf16_file(fp: str, shapes: list, rng: np.random.Generator, ones=lambda name: False) -> None:
+    """One safetensors file of bf16 tensors N(0, 0.02) (those *ones* names: all 1.0, as norms are),
+    written a tensor at a time."""
+    header, off = {}, 0
+    for name, shape in shapes:
+        n = 2 * int(np.prod(shape))
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    header["__metadata__"] = {"format": "pt"}
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    os.makedirs(os.path.dirname(fp) or ".", exist_ok=True)
+    with open(fp, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h)
+        for name, shape in shapes:
+            n = int(np.prod(shape))
+            if ones(name):
+                f.write(np.full(n, 0x3F80, dtype="<u2").tobytes())
+                continue
+            for i in range(0, n, 1 << 24):
+                f.write(bf16_normal(rng, min(1 << 24, n - i)).tobytes())
+
+
 def write_model(path: str, size_mib: int, seed: int = 0, largest_mib: int | None = None,
                 shards: int = 1) -> list[str]:
     """Write the model (streaming, one tensor at a time); return the file paths written."""
@@ -45,22 +68,7 @@ def write_model(path: str, size_mib: int, seed: int = 0, largest_mib: int | None
     per = -(-len(shapes) // shards)
     paths = []
     for s in range(shards):
-        part = shapes[s * per:(s + 1) * per]
-        header, off = {}, 0
-        for name, shape in part:
-            n = 2 * int(np.prod(shape))
-            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + n]}
-            off += n
-        header["__metadata__"] = {"format": "pt"}
-        h = json.dumps(header, separators=(",", ":")).encode()
-        h += b" " * (-len(h) % 8)
         fp = path if shards == 1 else path.replace(".safetensors", f"-{s + 1:05d}-of-{shards:05d}.safetensors")
-        os.makedirs(os.path.dirname(fp) or ".", exist_ok=True)
-        with open(fp, "wb") as f:
-            f.write(struct.pack("<Q", len(h)) + h)
-            for _name, shape in part:
-                n = int(np.prod(shape))
-                for i in range(0, n, 1 << 24):
-                    f.write(bf16_normal(rng, min(1 << 24, n - i)).tobytes())
+        write_bf16_file(fp, shapes[s * per:(s + 1) * per], rng)
         paths.append(fp)
     return paths

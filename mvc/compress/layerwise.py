@@ -291,7 +291,7 @@ def rtn_quantize_files(repo, src: Source, targets: set, bits_of, group_size: int
     import struct
 
     from ..errors import UsageError
-    from ..formats.quantized import RTN_META, rtn_quantize
+    from ..formats.quantized import RTN_META, rtn_quantize, write_rtn_config
     from ..load import tensor_bytes, to_torch
     from ..pipeline import Materializer
     from ..store.objects import DTYPES
@@ -343,13 +343,7 @@ def rtn_quantize_files(repo, src: Source, targets: set, bits_of, group_size: int
                     os.pwrite(fd, scales.contiguous().view(-1).numpy().tobytes(), base + offsets[name + ".scales"])
                     del raw, q, scales
                     _trim()
-    cfg = dict(src.config)
-    # transformers does not know this method and refuses to load the model; mvc dequantizes it
-    cfg["quantization_config"] = {"quant_method": "mvc-rtn", "bits": sorted({bits_of(n) for n in counts}),
-                                  "group_size": group_size}
-    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
-        f.write("\n")
+    write_rtn_config(src.config, [bits_of(n) for n in counts], group_size, out_dir)
     return counts
 
 
@@ -403,7 +397,9 @@ def prune(repo, src: Source, method: str, sparsity_of, pattern, clusters: int, s
     counts: dict = {}
     new_ids: dict[str, str] = {}
     entries = src.tree.as_dict()
-    with Ingestor(repo.odb, store=True, workers=repo.workers,
+    # small write batches: a layer's changed matrices are stored while the next layer's work holds
+    # the memory (the default 32 MiB batch, one more in flight, would sit beside SparseGPT's Hessian)
+    with Ingestor(repo.odb, store=True, workers=repo.workers, batch_bytes=8 << 20,
                   bases=repo.delta_bases([src.commit] if src.commit else [])) as ing:
         for layer in ([-1] if any(n[2] < 0 for n in names) else []) + list(range(last + 1)):
             mine = [(n, role) for n, role, i in names if i == layer]

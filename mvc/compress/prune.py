@@ -137,7 +137,8 @@ def sparsegpt(weight, gram, n: int, sparsity: float, pattern: Pattern | None = N
     it), the InputStats lets go of it as soon as H is made."""
     import torch
 
-    W = weight.float().contiguous().clone()
+    # the algorithm works on float32 weights in place: the model's own, when they already are
+    W = weight if weight.dtype == torch.float32 and weight.is_contiguous() else weight.float().contiguous().clone()
     # one float64 (in, in) matrix, factored and inverted in place: a 14k-wide MLP's is 1.5 GB, and
     # the 5632-wide one of a 0.8 B Llama held three at once before (H, the damping's identity, its
     # product). LAPACK works in place on column-major storage; H is symmetric, so its transpose
@@ -185,7 +186,8 @@ def sparsegpt(weight, gram, n: int, sparsity: float, pattern: Pattern | None = N
         W[:, i2:] -= err @ Hrows[:, i2:]
         mask_all[:, i1:i2] = mask1
     W[mask_all] = 0
-    weight.copy_(W.to(weight.dtype))
+    if W is not weight:
+        weight.copy_(W.to(weight.dtype))
     return mask_all
 
 

@@ -12,7 +12,7 @@ import tempfile
 from fnmatch import fnmatchcase
 
 from ..errors import MvcError, UsageError
-from ..formats.quantized import RTN_META, dequantize_state, rtn_quantize
+from ..formats.quantized import RTN_META, dequantize_state, rtn_quantize, write_rtn_config
 from .layerwise import TAIL
 from .model import Model, linear_names, open_source
 from .runner import Change, Outcome, StepOptions
@@ -102,13 +102,7 @@ def rtn_quantize_dir(model, method: str, group_size: int, linears, bits_of, out_
         if info:
             meta[RTN_META] = json.dumps(info, sort_keys=True)
         save_file(tensors, os.path.join(out_dir, os.path.basename(path)), metadata=meta)
-    cfg = dict(model.src.config)
-    # transformers does not know this method and refuses to load the model; mvc dequantizes it
-    cfg["quantization_config"] = {"quant_method": "mvc-rtn", "bits": sorted({bits_of(n) for n in counts}),
-                                  "group_size": group_size}
-    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
-        f.write("\n")
+    write_rtn_config(model.src.config, [bits_of(n) for n in counts], group_size, out_dir)
     return counts
 
 

@@ -102,3 +102,15 @@ def rtn_dequantize(q, scales, info: dict):
         vals = q.to(torch.int16)
     g = info.get("group_size") or cols
     return (vals.float().reshape(rows, cols // g, g) * scales.float()[..., None]).reshape(rows, cols)
+
+
+def write_rtn_config(config: dict, bits: list[int], group_size: int, out_dir: str) -> None:
+    """config.json of an rtn-quantized model into *out_dir*: *config* with a quantization_config
+    that transformers does not know (it refuses to load the model by name; mvc dequantizes it)."""
+    import os
+
+    cfg = dict(config)
+    cfg["quantization_config"] = {"quant_method": "mvc-rtn", "bits": sorted(set(bits)), "group_size": group_size}
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
