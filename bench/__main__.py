@@ -265,6 +265,13 @@ def run_remote(size_mib: int, workdir: str) -> dict:
         from mvc.remote.s3 import S3Remote
         from mvc.remote.sync import add_remote, fetch
 
+        # the same through a file:// remote (a directory: a shared filesystem)
+        fileurl = "file://" + os.path.join(workdir, "file-remote")
+        subprocess.run(mvc_cmd() + ["remote", "add", "shared", fileurl], cwd=src, check=True, stdout=subprocess.DEVNULL)
+        fpush_s, _ = timed(["-q", "push", "shared"], src)
+        fclone_s, _ = timed(["-q", "clone", fileurl, "file-copy"], workdir)
+        exact = exact and sha256(os.path.join(src, "model.safetensors")) == sha256(
+            os.path.join(workdir, "file-copy", "model.safetensors"))
         lazy = Repo.init(os.path.join(workdir, "lazy"))
         add_remote(lazy, "origin", "s3://mvc-bench/m", endpoint)
         remote = S3Remote("s3://mvc-bench/m", endpoint_url=endpoint)
@@ -272,6 +279,7 @@ def run_remote(size_mib: int, workdir: str) -> dict:
         return {"size_bytes": raw, "push_s": push_s, "push_gbps": raw / push_s / 1e9, "push_peak_rss_mib":
                 push_rss / 2**20, "clone_s": clone_s, "clone_gbps": raw / clone_s / 1e9,
                 "clone_peak_rss_mib": clone_rss / 2**20, "bit_exact": exact, "lazy_clone_bytes": remote.received,
+                "file_push_gbps": raw / fpush_s / 1e9, "file_clone_gbps": raw / fclone_s / 1e9,
                 "machine": machine()}
     finally:
         server.terminate()
@@ -435,7 +443,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {res['size_bytes'] / 2**30:.2f} GiB | push {res['push_gbps']:.2f} GB/s ({res['push_s']:.1f} s, "
               f"{res['push_peak_rss_mib']:.0f} MiB) | clone {res['clone_gbps']:.2f} GB/s ({res['clone_s']:.1f} s, "
               f"{res['clone_peak_rss_mib']:.0f} MiB), bit-exact {res['bit_exact']} | lazy clone "
-              f"{res['lazy_clone_bytes'] / 1e6:.2f} MB |")
+              f"{res['lazy_clone_bytes'] / 1e6:.2f} MB | file:// push {res['file_push_gbps']:.2f} GB/s, clone "
+              f"{res['file_clone_gbps']:.2f} GB/s |")
         return
     if args.git_transfer:
         from .gittransfer import render
