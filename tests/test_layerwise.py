@@ -143,6 +143,9 @@ def test_dry_run_plans_a_7b_model_without_loading_it(tmp_path):
     text = mvc("compress", "prune", "--method", "wanda", "--sparsity", "0.5", "--calib", "calib.txt",
                "--dry-run", cwd=repo_dir).output
     assert "planned peak memory" in text and "one of 32 layers in memory at a time" in text
+    # no calibration text configured: the dry run still plans (the step itself would ask for it)
+    text = mvc("compress", "prune", "--method", "sparsegpt", "--sparsity", "0.5", "--dry-run", cwd=repo_dir).output
+    assert "planned peak memory" in text and "SparseGPT Hessian" in text
 
 
 # -- progress ---------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import sys
 import click
 
 from ..errors import UsageError
-from ..state import CFG_EVAL
+from ..state import CFG_CALIB, CFG_EVAL
 from . import render
 from .context import default_author, options, pass_ctx
 
@@ -237,7 +237,9 @@ def prune_cmd(c, method, sparsity, pattern, layer_sparsity, clusters, scope, emb
 
         rows = prune.plan(repo, "HEAD", sparsity or 0.0, pattern, list(scope) or None, embeddings,
                           layer_sparsity, common["model_dir"])
-        cal = make_calib(repo, common["calib"]) if method != "magnitude" else None
+        # the calibration text, when there is one (the dry run itself does not need it)
+        known = common["calib"] or repo.config.get(CFG_CALIB)
+        cal = make_calib(repo, common["calib"]) if method != "magnitude" and known else None
         spec = None  # the evaluation after the prune, if there is one
         if common["ppl"] or common["cmd"] or repo.config.get(CFG_EVAL):
             spec = _spec(c, repo, common["ppl"], common["cmd"], common["tokens"], common["seq_len"])
