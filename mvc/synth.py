@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 
 import numpy as np
 
@@ -40,17 +38,12 @@ def bf16_normal(rng: np.random.Generator, n: int, std: float = 0.02) -> np.ndarr
 def write_bf16_file(fp: str, shapes: list, rng: np.random.Generator, ones=lambda name: False) -> None:
     """One safetensors file of bf16 tensors N(0, 0.02) (those *ones* names: all 1.0, as norms are),
     written a tensor at a time."""
-    header, off = {}, 0
-    for name, shape in shapes:
-        n = 2 * int(np.prod(shape))
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + n]}
-        off += n
-    header["__metadata__"] = {"format": "pt"}
-    h = json.dumps(header, separators=(",", ":")).encode()
-    h += b" " * (-len(h) % 8)
+    from .formats.safetensors import encode_header
+
+    head, _offsets, _size = encode_header([(name, "BF16", shape) for name, shape in shapes], {"format": "pt"})
     os.makedirs(os.path.dirname(fp) or ".", exist_ok=True)
     with open(fp, "wb") as f:
-        f.write(struct.pack("<Q", len(h)) + h)
+        f.write(head)
         for name, shape in shapes:
             n = int(np.prod(shape))
             if ones(name):

@@ -288,10 +288,10 @@ def rtn_quantize_files(repo, src: Source, targets: set, bits_of, group_size: int
     bytes copied), and config.json says how. Memory is one tensor, whatever the model's size.
     Returns {tensor: (quantized, total)}."""
     import json
-    import struct
 
     from ..errors import UsageError
     from ..formats.quantized import RTN_META, rtn_quantize, write_rtn_config
+    from ..formats.safetensors import encode_header
     from ..load import tensor_bytes, to_torch
     from ..pipeline import Materializer
     from ..store.objects import DTYPES
@@ -299,10 +299,10 @@ def rtn_quantize_files(repo, src: Source, targets: set, bits_of, group_size: int
     counts: dict = {}
     with Materializer(repo.odb, workers=repo.workers) as mat:
         for path, items in src.files.items():
-            layout, info = [], {}  # (name, dtype, shape, nbytes)
+            layout, info = [], {}  # (name, dtype, shape)
             for name, meta in items:
                 if name not in targets:
-                    layout.append((name, meta.dtype, tuple(meta.shape), meta.nbytes))
+                    layout.append((name, meta.dtype, tuple(meta.shape)))
                     continue
                 rows, cols = meta.shape
                 bits = bits_of(name)
@@ -312,26 +312,19 @@ def rtn_quantize_files(repo, src: Source, targets: set, bits_of, group_size: int
                         "int4 packing needs an even number of inputs"
                     raise UsageError(f"{name} {[rows, cols]}: {why}")
                 qcols = cols if bits == 8 else cols // 2
-                layout.append((name + ".qweight", "I8" if bits == 8 else "U8", (rows, qcols), rows * qcols))
-                layout.append((name + ".scales", "F32", (rows, cols // g), 4 * rows * (cols // g)))
+                layout.append((name + ".qweight", "I8" if bits == 8 else "U8", (rows, qcols)))
+                layout.append((name + ".scales", "F32", (rows, cols // g)))
                 info[name] = {"bits": bits, "group_size": group_size, "shape": [rows, cols],
                               "dtype": meta.dtype if meta.dtype in ("BF16", "F16") else "F32"}
                 counts[name] = (rows * cols, rows * cols)
             # safetensors' own order: wider elements first (every tensor stays aligned), then by name
             layout.sort(key=lambda e: (-DTYPES[e[1]][0], e[0]))
-            header: dict = {"__metadata__": {"format": "pt", **({RTN_META: json.dumps(info, sort_keys=True)}
-                                                              if info else {})}}
-            offsets, at = {}, 0
-            for name, dtype, shape, nbytes in layout:
-                header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [at, at + nbytes]}
-                offsets[name] = at
-                at += nbytes
-            head = json.dumps(header, separators=(",", ":")).encode()
-            head += b" " * (-len(head) % 8)
-            base = 8 + len(head)
+            meta_ = {"format": "pt", **({RTN_META: json.dumps(info, sort_keys=True)} if info else {})}
+            head, offsets, size = encode_header(layout, meta_)
+            base = len(head)
             with open(os.path.join(out_dir, os.path.basename(path)), "wb") as f:
-                f.write(struct.pack("<Q", len(head)) + head)
-                f.truncate(base + at)
+                f.write(head)
+                f.truncate(base + size)
                 fd = f.fileno()
                 for name, meta in items:  # one source tensor at a time
                     raw = tensor_bytes(mat, meta)

@@ -39,6 +39,23 @@ class Header:
 _by_offsets = operator.itemgetter(3, 4)  # Entry.begin, Entry.end
 
 
+def encode_header(tensors, metadata: dict | None = None) -> tuple[bytes, dict[str, int], int]:
+    """What precedes the data region of a file holding *tensors* [(name, dtype, shape)] back to
+    back in that order: (the u64 length and the compact JSON header, padded with spaces to a
+    multiple of 8, *metadata* last; {name: offset in the data region}; the data region's size)."""
+    head, offsets, off = {}, {}, 0
+    for name, dtype, shape in tensors:
+        nbytes = DTYPES[dtype][0] * math.prod(shape)
+        head[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + nbytes]}
+        offsets[name] = off
+        off += nbytes
+    if metadata is not None:
+        head["__metadata__"] = metadata
+    h = json.dumps(head, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    return struct.pack("<Q", len(h)) + h, offsets, off
+
+
 def _no_dupes(pairs):
     d = dict(pairs)
     if len(d) != len(pairs):

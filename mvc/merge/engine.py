@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from ..diff.stats import to_float64
 from ..errors import MvcError, UsageError
+from ..formats.safetensors import encode_header
 from ..pipeline import CHUNK_SIZE, Ingestor, Materializer
 from ..progress import NULL, Progress
 from ..store.objects import DTYPES, File, Tensor, Tree, TreeEntry
@@ -321,16 +321,7 @@ class Merger:
                 return self.ing.add_meta(File("safetensors", f.size, f.chunks, tuple(tensors)))
         header_bytes = b"".join(self.odb.read(c, "chunk")[1] for c in fo.chunks)
         meta = json.loads(header_bytes[8:]).get("__metadata__")
-        head, off = {}, 0
-        for n, dtype, shape in layout:
-            nbytes = info[n].nbytes
-            head[n] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + nbytes]}
-            off += nbytes
-        if meta is not None:
-            head["__metadata__"] = meta
-        h = json.dumps(head, separators=(",", ":")).encode()
-        h += b" " * (-len(h) % 8)
-        raw = struct.pack("<Q", len(h)) + h
+        raw, _offsets, off = encode_header(layout, meta)
         hchunks = tuple(self.ing.add_chunk(raw[i:i + CHUNK_SIZE], 0) for i in range(0, len(raw), CHUNK_SIZE))
         return self.ing.add_meta(File("safetensors", len(raw) + off, hchunks, tuple(tensors)))
 
