@@ -362,7 +362,7 @@ def _store_tensor(ing, value, meta) -> str:
 
 def prune(repo, src: Source, method: str, sparsity_of, pattern, clusters: int, seed: int, calib,
           scope=None, embeddings: bool = False, progress=None, cluster_info: dict | None = None,
-          device=None, max_memory: int | None = None):
+          device=None):
     """The prune step from the store, one decoder layer in memory at a time: each layer is loaded,
     measured on the calibration inputs (Wanda, SparseGPT), pruned, rounded to its stored dtype,
     its changed matrices stored, the pruned layer run to make the next layer's inputs, and the
@@ -379,9 +379,7 @@ def prune(repo, src: Source, method: str, sparsity_of, pattern, clusters: int, s
     from .prune import prune_matrix
 
     names = linear_names(src, scope, embeddings)
-    where = dev.resolve(device)
-    dev.check(dev.plan(src, "prune", method, calib.tokens if calib else 0, calib.seq_len if calib else 128),
-              where, max_memory)
+    where = dev.resolve(device)  # the memory plan was checked once, before the step began (prune.run)
     sm = StreamedModel(repo, src, where)
     batches = windows(repo, sm, calib).to(where) if method != "magnitude" else None
     inputs = LayerInputs(sm, batches) if batches is not None else None

@@ -330,8 +330,7 @@ def run(repo, opts: StepOptions, method: str, sparsity: float, pattern: str | No
         opts.progress.start(f"pruning ({method})", elements * 4, len(lin))
         found: dict = {}
         tree, counts = prune_streamed(repo, source, method, of, pat, clusters, opts.seed, cal, scope, embeddings,
-                                      opts.progress, found, device=opts.spec.device,
-                                      max_memory=opts.spec.max_memory)
+                                      opts.progress, found, device=opts.spec.device)
         opts.progress.finish()
         return Change(counts, extra={"cluster_detail": found} if found else {}, tree=tree)
 
