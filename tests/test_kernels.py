@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mvc.store import codec, kernels
 from mvc.store.ids import hash_object
@@ -100,3 +102,125 @@ def test_sparse_kernels_on_every_kind_of_mask(k, changed, rng):
         finally:
             kernels.use_native(True)
     assert out[True] == out[False]
+
+
+# -- the Huffman literal coder (kernels.huff): zstd frames that zstd itself decodes ------------
+def _inflate(frame, n):
+    import zstandard
+
+    assert zstandard.frame_content_size(frame) == n
+    return zstandard.ZstdDecompressor().decompress(frame, max_output_size=n)
+
+
+def _exponents(rng, n, scale=0.02):
+    """The top plane of bf16 N(0, scale) weights: what huff is for."""
+    u = ((rng.standard_normal(n, dtype=np.float32) * scale).view(np.uint32) >> 16).astype(np.uint16)
+    return kernels.split(u, 2, True)[0]
+
+
+@pytest.mark.parametrize("n", [1024, 1025, 4097, 128 * 1024 - 1, 128 * 1024, 128 * 1024 + 1, 3 * 128 * 1024 + 999,
+                               2 * 1024 * 1024])
+def test_huff_frames_decode_with_zstd_at_every_block_boundary(n, rng):
+    plane = _exponents(rng, n)
+    frame = kernels.huff(plane)
+    assert frame is not None and len(frame) < 0.45 * n  # ~0.33, and up to 80 bytes of headers
+    assert _inflate(frame, n) == plane.tobytes()
+
+
+def test_huff_codes_no_worse_than_zstd_on_exponents(rng):
+    """The exponent plane of bf16 weights: one exact code for the whole chunk is at least as small
+    as zstd's block by block (the store's ratio goal rests on it), also with one rare value far from
+    the rest (a zero weight), which a code from a sample would have missed."""
+    import zstandard
+
+    fast = codec._ctx()[0]
+    for plane in (_exponents(rng, 1 << 21), _exponents(rng, 1 << 21, 0.5)):
+        plane[12345] = 0
+        frame = kernels.huff(plane)
+        assert _inflate(frame, plane.size) == plane.tobytes()
+        assert len(frame) <= len(fast.compress(plane.tobytes()))
+        assert isinstance(zstandard.frame_content_size(frame), int)
+
+
+@pytest.mark.parametrize("kind", ["two", "skewed", "geometric", "dense", "max128", "runs"])
+def test_huff_round_trips_every_shape_of_histogram(kind, rng):
+    """Codes longer than 11 bits are limited (a heavily skewed histogram), two symbols, 129 symbols
+    (the largest alphabet the direct tree form holds), long runs of one value."""
+    n = 300_000
+    if kind == "two":
+        a = np.where(rng.random(n) < 0.999, 7, 100).astype(np.uint8)
+    elif kind == "skewed":  # counts 1, 2, 4, ... 2^17: Huffman's codes would be up to 17 bits long
+        a = np.repeat(np.arange(18, dtype=np.uint8), [1 << k for k in range(18)])
+        rng.shuffle(a)
+    elif kind == "geometric":
+        a = np.minimum(rng.geometric(0.3, n), 128).astype(np.uint8)
+    elif kind == "dense":
+        a = rng.integers(0, 129, n).astype(np.uint8)
+    elif kind == "max128":
+        a = rng.integers(0, 4, n).astype(np.uint8)
+        a[-1] = 128
+    else:
+        a = np.repeat(rng.integers(0, 50, n // 1000).astype(np.uint8), 1000)
+    frame = kernels.huff(a)
+    assert frame is not None
+    assert _inflate(frame, a.size) == a.tobytes()
+
+
+@pytest.mark.parametrize("case", ["one value", "value 129", "short", "all bytes"])
+def test_huff_declines_what_its_direct_tree_cannot_hold(case, rng):
+    a = {"one value": np.full(5000, 3, np.uint8), "value 129": np.r_[np.zeros(5000, np.uint8), [129]].astype(np.uint8),
+         "short": np.arange(1023, dtype=np.uint16).astype(np.uint8) % 7,
+         "all bytes": rng.integers(0, 256, 5000).astype(np.uint8)}[case]
+    assert kernels.huff(a) is None
+
+
+def test_huff_is_off_with_the_numpy_path(rng, numpy_path):
+    assert kernels.huff(_exponents(rng, 4096)) is None
+
+
+def test_incompressible_blocks_are_stored_raw(rng):
+    """A block whose code does not shrink it (128 values spread evenly cost 7+ bits) is a raw block."""
+    a = rng.integers(0, 129, 200_000).astype(np.uint8)
+    a[:128 * 1024] = rng.permutation(np.arange(128 * 1024) % 128).astype(np.uint8)
+    frame = kernels.huff(a)
+    assert _inflate(frame, a.size) == a.tobytes()
+    assert len(frame) > 128 * 1024  # the first block went raw, the second (129 values) too
+
+
+def test_float_chunks_decode_on_both_paths_though_their_bytes_differ(rng):
+    """With the C kernels the exponent plane is Huffman-coded by huff, without them by zstd: other
+    stored bytes, the same chunk decoded, each path reading what the other wrote."""
+    u = ((rng.standard_normal(1 << 20, dtype=np.float32) * 0.02).view(np.uint32) >> 16).astype(np.uint16)
+    base = u.copy()
+    base[::3] += 1
+    data = u.tobytes()
+    bid = hash_object("chunk", base.tobytes())
+    written = {}
+    try:
+        for on in (True, False):
+            kernels.use_native(on)
+            written[on] = (codec.encode(0, data, 2), codec.encode_diff(0, u, base, 2, True, bid, 1))
+        for on in (True, False):
+            kernels.use_native(on)
+            for value in written[not on]:
+                assert bytes(codec.decode(value, "x", lambda oid, k: base)[1]) == data
+    finally:
+        kernels.use_native(True)
+    assert written[True][0] != written[False][0]
+    assert len(written[True][0]) <= len(written[False][0])
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1024, 400_000), st.integers(2, 129), st.floats(0.05, 8.0), st.integers(0, 2**32 - 1))
+def test_huff_property_any_histogram_round_trips(n, values, skew, seed):
+    """Random sizes, alphabets and skews (Zipf-like: value v has weight (v + 1)^-skew, shuffled onto
+    byte values up to 128): zstd decodes every frame to the exact bytes, or huff declines."""
+    r = np.random.default_rng(seed)
+    symbols = r.choice(129, size=values, replace=False).astype(np.uint8)
+    p = (np.arange(values) + 1.0) ** -skew
+    a = symbols[r.choice(values, size=n, p=p / p.sum())]
+    frame = kernels.huff(a)
+    if np.unique(a).size < 2:
+        assert frame is None
+    else:
+        assert _inflate(frame, n) == a.tobytes()

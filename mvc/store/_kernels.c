@@ -24,6 +24,14 @@ static inline uint64_t le64(uint64_t w) {
 #endif
 }
 
+static inline uint16_t le16(uint16_t w) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    return __builtin_bswap16(w);
+#else
+    return w;
+#endif
+}
+
 static inline int ctz64(uint64_t w) { /* w != 0 */
 #if defined(__GNUC__) || defined(__clang__)
     return __builtin_ctzll(w);
@@ -304,6 +312,314 @@ static PyObject *sparse(PyObject *args, int scatter) {
     return PyLong_FromSsize_t(m);
 }
 
+/* huff(src) -> bytes | None: src as one zstd frame (RFC 8878) whose blocks hold Huffman-coded
+ * literals and no sequences: zstd's own entropy stage without its match finder, which finds
+ * nothing in an exponent plane or in delta noise but costs as much as the coding (measured:
+ * docs/format.md §5). Any zstd decoder reads the frame. One code, from the histogram of all of
+ * src, serves every block (each carries it: 1 + ceil(last/2) bytes). None when the code cannot be
+ * written in the direct form (a symbol above 128, or fewer than 2 symbols) or src is under
+ * HUF_MIN bytes: the caller then asks zstd. A block the code does not shrink is stored raw. */
+#define HUF_MAXBITS 11
+#define HUF_BLOCK (128 * 1024)
+#define HUF_MIN 1024
+
+typedef struct {
+    uint64_t elt[256]; /* a symbol's code in the top bits of a word: the container fills from the top */
+    uint8_t len[256];
+    /* the same for two symbols at once, indexed x << 8 | y (x coded first; the little-endian u16
+     * at the pair's first byte when coding backwards); only pairs of present symbols are set */
+    uint64_t *elt2;
+    uint8_t *len2;
+    uint8_t table[1 + 64]; /* the Huffman_Tree_Description, direct weights */
+    int table_size;
+} huf_code;
+
+/* Exact counts: a code for every byte value that occurs and for no other. (Counting a sample and
+ * giving a code to every unseen value between the least and the greatest was tried: one zero
+ * among 2 million exponents cost 4 % of the plane.) */
+static void histogram(const uint8_t *s, Py_ssize_t n, uint32_t *count) {
+    uint32_t c[4][256]; /* four tables: neighbouring equal bytes do not wait on one counter */
+    memset(c, 0, sizeof c);
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, s + i, 8);
+        w = le64(w);
+        c[0][w & 255]++; c[1][(w >> 8) & 255]++; c[2][(w >> 16) & 255]++; c[3][(w >> 24) & 255]++;
+        c[0][(w >> 32) & 255]++; c[1][(w >> 40) & 255]++; c[2][(w >> 48) & 255]++; c[3][w >> 56]++;
+    }
+    for (; i < n; i++) c[0][s[i]]++;
+    for (int k = 0; k < 256; k++) count[k] = c[0][k] + c[1][k] + c[2][k] + c[3][k];
+}
+
+
+/* Code lengths: Huffman's, then limited to HUF_MAXBITS by moving pairs of the deepest leaves up
+ * (JPEG's Annex K.3 procedure: the code stays complete), the shortest lengths to the most
+ * frequent symbols. Returns the number of symbols present. */
+static int huf_lengths(const uint32_t *count, uint8_t *len) {
+    int sym[256], n = 0;
+    for (int s = 0; s < 256; s++) {
+        len[s] = 0;
+        if (count[s]) sym[n++] = s;
+    }
+    if (n < 2) return n;
+    for (int i = 1; i < n; i++) { /* by count, then symbol: insertion sort of at most 256 */
+        int s = sym[i], j = i;
+        while (j > 0 && (count[sym[j - 1]] > count[s] || (count[sym[j - 1]] == count[s] && sym[j - 1] > s))) {
+            sym[j] = sym[j - 1];
+            j--;
+        }
+        sym[j] = s;
+    }
+    uint64_t w[512];
+    int parent[512], depth[512];
+    for (int i = 0; i < n; i++) w[i] = count[sym[i]];
+    int leaf = 0, inner = n;
+    for (int next = n; next < 2 * n - 1; next++) { /* two queues: leaves, then made nodes, both ascending */
+        int pick[2];
+        for (int k = 0; k < 2; k++) {
+            if (leaf < n && (inner >= next || w[leaf] <= w[inner])) pick[k] = leaf++;
+            else pick[k] = inner++;
+        }
+        w[next] = w[pick[0]] + w[pick[1]];
+        parent[pick[0]] = parent[pick[1]] = next;
+    }
+    depth[2 * n - 2] = 0;
+    for (int i = 2 * n - 3; i >= 0; i--) depth[i] = depth[parent[i]] + 1;
+    int per_len[256] = {0}, maxlen = 0;
+    for (int i = 0; i < n; i++) {
+        per_len[depth[i]]++;
+        if (depth[i] > maxlen) maxlen = depth[i];
+    }
+    for (int i = maxlen; i > HUF_MAXBITS; i--) {
+        while (per_len[i] > 0) {
+            int j = i - 2;
+            while (per_len[j] == 0) j--;
+            per_len[i] -= 2;
+            per_len[i - 1] += 1;
+            per_len[j + 1] += 2;
+            per_len[j] -= 1;
+        }
+    }
+    int l = 1;
+    for (int i = n - 1; i >= 0; i--) { /* most frequent first: shortest codes */
+        while (per_len[l] == 0) l++;
+        len[sym[i]] = (uint8_t)l;
+        per_len[l]--;
+    }
+    return n;
+}
+
+/* Weights, codes and the direct tree description; 0 when the direct form cannot hold them. */
+static int huf_build(const uint32_t *count, huf_code *h) {
+    if (huf_lengths(count, h->len) < 2) return 0;
+    int maxbits = 0, last = 0;
+    for (int s = 0; s < 256; s++) {
+        if (h->len[s]) {
+            last = s;
+            if (h->len[s] > maxbits) maxbits = h->len[s];
+        }
+    }
+    if (last > 128) return 0;
+    uint8_t weight[256];
+    for (int s = 0; s < 256; s++) weight[s] = h->len[s] ? (uint8_t)(maxbits + 1 - h->len[s]) : 0;
+    /* canonical codes: by weight, then symbol; each takes the next 2^(weight-1) of 2^maxbits */
+    uint32_t start = 0;
+    for (int wt = 1; wt <= maxbits; wt++) {
+        for (int s = 0; s <= last; s++) {
+            if (weight[s] == wt) {
+                h->elt[s] = (uint64_t)(start >> (wt - 1)) << (64 - h->len[s]);
+                start += 1u << (wt - 1);
+            }
+        }
+    }
+    if (start != (1u << maxbits)) return 0; /* not complete: cannot happen; never write a bad table */
+    h->table[0] = (uint8_t)(127 + last); /* weights of symbols 0 .. last-1; last's is implied */
+    memset(h->table + 1, 0, 64);
+    for (int s = 0; s < last; s++) h->table[1 + s / 2] |= (uint8_t)(s % 2 ? weight[s] : weight[s] << 4);
+    h->table_size = 1 + (last + 1) / 2;
+    for (int x = 0; x <= last; x++) {
+        if (!h->len[x]) continue;
+        for (int y = 0; y <= last; y++) {
+            if (!h->len[y]) continue;
+            h->elt2[x << 8 | y] = (h->elt[x] >> h->len[y]) | h->elt[y];
+            h->len2[x << 8 | y] = (uint8_t)(h->len[x] + h->len[y]);
+        }
+    }
+    return 1;
+}
+
+static inline void put_le64(uint8_t *p, uint64_t v) {
+    v = le64(v);
+    memcpy(p, &v, 8);
+}
+
+/* Two of a block's 4 streams, each its segment last symbol to first, interleaved (two
+ * independent containers keep the core busy; four would not fit the registers). A container
+ * takes codes at its top (acc >> len | elt), so the oldest code lies lowest, as the little-endian
+ * stream wants it; after 4 codes (at most 44 bits, plus at most 7 not yet stored) the filled top
+ * is stored whole and whole bytes are kept. Stream a is the longer (by at most 3 symbols). The
+ * body is compiled twice: with BMI2's shifts where the CPU has them, and plain. */
+#define HUF_PUT(acc, bits, c) (acc = (acc >> h->len[c]) | h->elt[c], bits += h->len[c])
+#define HUF_PUT2(acc, bits, p) do { /* the symbols p[1], then p[0] */                         \
+        uint16_t ix_;                                                                          \
+        memcpy(&ix_, p, 2);                                                                    \
+        ix_ = le16(ix_);                                                                       \
+        acc = (acc >> h->len2[ix_]) | h->elt2[ix_];                                            \
+        bits += h->len2[ix_];                                                                  \
+    } while (0)
+#define HUF_STORE(acc, bits, q) do {                                                          \
+        put_le64(q, acc >> (64 - bits));                                                       \
+        q += bits >> 3;                                                                        \
+        bits &= 7;                                                                             \
+    } while (0)
+#define HUF_END(acc, bits, q) do { /* the end mark: the decoder starts below the top set bit */ \
+        acc = (acc >> 1) | ((uint64_t)1 << 63);                                                \
+        bits += 1;                                                                             \
+        put_le64(q, acc >> (64 - bits));                                                       \
+        q += (bits + 7) >> 3;                                                                  \
+    } while (0)
+#define HUF_PAIR_BODY                                                                          \
+    {                                                                                          \
+        uint64_t a = 0, b = 0;                                                                 \
+        unsigned na = 0, nb = 0;                                                               \
+        uint8_t *qa = pa, *qb = pb;                                                            \
+        Py_ssize_t i = ma;                                                                     \
+        for (; i > mb; i--) HUF_PUT(a, na, sa[i - 1]);                                         \
+        if (na) HUF_STORE(a, na, qa);                                                          \
+        for (; i >= 4; i -= 4) {                                                               \
+            HUF_PUT2(a, na, sa + i - 2);                                                       \
+            HUF_PUT2(b, nb, sb + i - 2);                                                       \
+            HUF_PUT2(a, na, sa + i - 4);                                                       \
+            HUF_PUT2(b, nb, sb + i - 4);                                                       \
+            HUF_STORE(a, na, qa);                                                              \
+            HUF_STORE(b, nb, qb);                                                              \
+        }                                                                                      \
+        for (; i > 0; i--) {                                                                   \
+            HUF_PUT(a, na, sa[i - 1]);                                                         \
+            HUF_PUT(b, nb, sb[i - 1]);                                                         \
+        }                                                                                      \
+        HUF_END(a, na, qa);                                                                    \
+        HUF_END(b, nb, qb);                                                                    \
+        size[0] = qa - pa;                                                                     \
+        size[1] = qb - pb;                                                                     \
+    }
+
+static void huf_pair_plain(const huf_code *h, const uint8_t *sa, Py_ssize_t ma, const uint8_t *sb, Py_ssize_t mb,
+                           uint8_t *pa, uint8_t *pb, Py_ssize_t *size) HUF_PAIR_BODY
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HUF_BMI2 1
+__attribute__((target("bmi2")))
+static void huf_pair_bmi2(const huf_code *h, const uint8_t *sa, Py_ssize_t ma, const uint8_t *sb, Py_ssize_t mb,
+                          uint8_t *pa, uint8_t *pb, Py_ssize_t *size) HUF_PAIR_BODY
+#endif
+
+/* The 4 streams: stream k at dst[k * room], its length to size[k]. */
+static void huf_streams(const huf_code *h, const uint8_t *s, Py_ssize_t n, uint8_t *dst, Py_ssize_t room,
+                        Py_ssize_t *size) {
+    Py_ssize_t seg = (n + 3) / 4, last = n - 3 * seg;
+    void (*pair)(const huf_code *, const uint8_t *, Py_ssize_t, const uint8_t *, Py_ssize_t, uint8_t *, uint8_t *,
+                 Py_ssize_t *) = huf_pair_plain;
+#ifdef HUF_BMI2
+    if (__builtin_cpu_supports("bmi2")) pair = huf_pair_bmi2;
+#endif
+    pair(h, s, seg, s + seg, seg, dst, dst + room, size);
+    pair(h, s + 2 * seg, seg, s + 3 * seg, last, dst + 2 * room, dst + 3 * room, size + 2);
+}
+
+/* One block's content (literals section + an empty sequences section) at dst; its length, or -1
+ * when it would not be smaller than the block. dst has room for HUF_BLOCK_ROOM(n) bytes. */
+#define HUF_ROOM(n) (((n) + 3) / 4 * HUF_MAXBITS / 8 + 16)
+#define HUF_BLOCK_ROOM(n) (5 + 65 + 6 + 4 * HUF_ROOM(n) + 8)
+
+static Py_ssize_t huf_block(const huf_code *h, const uint8_t *s, Py_ssize_t n, uint8_t *dst) {
+    Py_ssize_t room = HUF_ROOM(n), sizes[4], head = 5 + h->table_size + 6, pos = head;
+    memcpy(dst + 5, h->table, (size_t)h->table_size);
+    huf_streams(h, s, n, dst + head, room, sizes);
+    for (int k = 0; k < 4; k++) { /* close the gaps between the streams */
+        if (sizes[k] > 0xFFFF || pos + sizes[k] + 1 >= n) return -1;
+        if (k) memmove(dst + pos, dst + head + k * room, (size_t)sizes[k]);
+        pos += sizes[k];
+    }
+    uint8_t *jump = dst + 5 + h->table_size;
+    for (int k = 0; k < 3; k++) {
+        jump[2 * k] = (uint8_t)sizes[k];
+        jump[2 * k + 1] = (uint8_t)(sizes[k] >> 8);
+    }
+    uint64_t csize = (uint64_t)(pos - 5); /* tree description, jump table and streams */
+    uint64_t lhc = 2 | (3 << 2) | ((uint64_t)n << 4) | (csize << 22); /* compressed, 4 streams, 18-bit sizes */
+    for (int k = 0; k < 5; k++) dst[k] = (uint8_t)(lhc >> (8 * k));
+    dst[pos++] = 0; /* Number_of_Sequences: 0 */
+    return pos;
+}
+
+static Py_ssize_t huf_frame(const huf_code *h, const uint8_t *s, Py_ssize_t n, uint8_t *dst) {
+    uint8_t *p = dst;
+    const uint8_t head[5] = {0x28, 0xB5, 0x2F, 0xFD, 0xA0}; /* magic; single segment, 4-byte content size */
+    memcpy(p, head, 5);
+    for (int k = 0; k < 4; k++) p[5 + k] = (uint8_t)((uint64_t)n >> (8 * k));
+    p += 9;
+    for (Py_ssize_t at = 0; at < n; at += HUF_BLOCK) {
+        Py_ssize_t m = n - at < HUF_BLOCK ? n - at : HUF_BLOCK;
+        int last = at + m == n;
+        Py_ssize_t got = m >= HUF_MIN ? huf_block(h, s + at, m, p + 3) : -1;
+        uint32_t bh;
+        if (got < 0) { /* raw block */
+            memcpy(p + 3, s + at, (size_t)m);
+            got = m;
+            bh = (uint32_t)last | (0u << 1) | ((uint32_t)m << 3);
+        } else {
+            bh = (uint32_t)last | (2u << 1) | ((uint32_t)got << 3);
+        }
+        p[0] = (uint8_t)bh;
+        p[1] = (uint8_t)(bh >> 8);
+        p[2] = (uint8_t)(bh >> 16);
+        p += 3 + got;
+    }
+    return p - dst;
+}
+
+static PyObject *k_huff(PyObject *self, PyObject *args) {
+    Py_buffer src;
+    if (!PyArg_ParseTuple(args, "y*", &src)) return NULL;
+    Py_ssize_t n = src.len;
+    if (n < HUF_MIN || n > ((Py_ssize_t)1 << 31)) {
+        PyBuffer_Release(&src);
+        Py_RETURN_NONE;
+    }
+    /* worst case while a block is tried: what came before (at most raw + 3 per block), then the
+     * block header and the room its streams are coded in */
+    Py_ssize_t cap = 9 + n + 3 * (n / HUF_BLOCK + 1) + HUF_BLOCK_ROOM(HUF_BLOCK);
+    uint8_t *buf = (uint8_t *)PyMem_RawMalloc((size_t)cap);
+    if (buf == NULL) {
+        PyBuffer_Release(&src);
+        return PyErr_NoMemory();
+    }
+    huf_code h;
+    h.elt2 = (uint64_t *)PyMem_RawMalloc(65536 * sizeof(uint64_t));
+    h.len2 = (uint8_t *)PyMem_RawMalloc(65536);
+    if (h.elt2 == NULL || h.len2 == NULL) {
+        PyMem_RawFree(h.elt2);
+        PyMem_RawFree(h.len2);
+        PyMem_RawFree(buf);
+        PyBuffer_Release(&src);
+        return PyErr_NoMemory();
+    }
+    uint32_t count[256];
+    Py_ssize_t got = -1;
+    Py_BEGIN_ALLOW_THREADS
+    histogram((const uint8_t *)src.buf, n, count);
+    if (huf_build(count, &h)) got = huf_frame(&h, (const uint8_t *)src.buf, n, buf);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src);
+    PyObject *ret = got < 0 ? (Py_INCREF(Py_None), Py_None) : PyBytes_FromStringAndSize((const char *)buf, got);
+    PyMem_RawFree(buf);
+    PyMem_RawFree(h.elt2);
+    PyMem_RawFree(h.len2);
+    return ret;
+}
+
 static PyObject *k_gather(PyObject *self, PyObject *args) { return sparse(args, 0); }
 static PyObject *k_scatter(PyObject *self, PyObject *args) { return sparse(args, 1); }
 
@@ -319,6 +635,7 @@ static PyMethodDef methods[] = {
     {"undiff", k_undiff, METH_VARARGS, "undiff(planes, base, dst, k, is_float): elements from k plane buffers of differences"},
     {"gather", k_gather, METH_VARARGS, "gather(new, base, mask, values, k) -> count: what changed"},
     {"scatter", k_scatter, METH_VARARGS, "scatter(base, mask, values, dst, k): base with the changes"},
+    {"huff", k_huff, METH_VARARGS, "huff(src) -> bytes | None: a zstd frame of Huffman-coded literal blocks"},
     {NULL, NULL, 0, NULL},
 };
 

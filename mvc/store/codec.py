@@ -86,6 +86,21 @@ def _zstd_or_raw(cctx, data) -> tuple[int, bytes]:
     return RAW, bytes(data)
 
 
+def _entropy(cctx, data) -> bytes:
+    """A zstd frame of *data* where only its byte statistics pay (an exponent plane, delta values):
+    Huffman-coded literals from the C kernels (zstd's own coder without its match finder, which
+    finds nothing here and costs as much: docs/format.md §5), else *cctx*."""
+    out = kernels.huff(data)
+    return cctx.compress(data) if out is None else out
+
+
+def _entropy_or_raw(cctx, data) -> tuple[int, bytes]:
+    out = _entropy(cctx, data)
+    if len(out) < len(data):
+        return ZSTD, out
+    return RAW, bytes(data)
+
+
 # -- planes ------------------------------------------------------------------------------------
 def split(data, k: int):
     """Bytes of k-byte elements -> planes (k, n) uint8, top plane first, sign rotated into bit 0
@@ -110,9 +125,9 @@ def _plane_body(planes, k: int, nonzero: bool = False) -> bytes:
 
 def _plane_parts(planes, k: int, nonzero: bool = False) -> list:
     """``[k u8][raw_len u32][k x (codec u8, length u32)][payloads]``: the top plane with the
-    exponent coder, the others zstd where a probe shows they compress, else raw; with *nonzero*
-    (delta values), a plane of at most a quarter non-zero bytes as NONZERO, and zstd level 1 where
-    level 3 gains nothing (delta planes are noise: no matches to find, measured the same size)."""
+    exponent coder (_entropy), the others zstd where a probe shows they compress, else raw; with
+    *nonzero* (delta values), a plane of at most a quarter non-zero bytes as NONZERO, and the
+    others entropy-coded only (delta planes are noise: no matches to find, measured the same size)."""
     import numpy as np
 
     fast, general, _ = _ctx()
@@ -124,11 +139,11 @@ def _plane_parts(planes, k: int, nonzero: bool = False) -> list:
         if nonzero and np.count_nonzero(plane) <= len(plane) // 4:
             codec, body = NONZERO, _nonzero_body(plane)
         elif i == 0:
-            codec, body = _zstd_or_raw(fast, plane)
+            codec, body = _entropy_or_raw(fast, plane)
         else:
-            probe = fast.compress(plane[:_PROBE])
+            probe = _entropy(fast, plane[:_PROBE]) if nonzero else fast.compress(plane[:_PROBE])
             if len(probe) < 0.9 * min(_PROBE, len(plane)):
-                codec, body = _zstd_or_raw(general, plane)
+                codec, body = _entropy_or_raw(general, plane) if nonzero else _zstd_or_raw(general, plane)
             else:
                 codec, body = RAW, memoryview(plane)  # no copy: joined once into the stored value
         heads.append(struct.pack("<BI", codec, len(body)))
@@ -141,8 +156,8 @@ def _nonzero_body(plane) -> bytes:
     non-zero bytes in order]."""
     fast = _ctx()[0]
     mask, values = kernels.gather(plane, _zeros(plane.size), 1)
-    m = fast.compress(mask.tobytes())
-    return struct.pack("<I", len(m)) + m + fast.compress(values.tobytes())
+    m = _entropy(fast, mask)
+    return struct.pack("<I", len(m)) + m + _entropy(fast, values)
 
 
 def _zeros(n: int):

@@ -24,6 +24,14 @@ def use_native(on: bool) -> bool:
     return _on
 
 
+def huff(data) -> bytes | None:
+    """*data* (a contiguous buffer) as one zstd frame of Huffman-coded literal blocks and no
+    sequences (_kernels.c), or None: the C kernels are off, or the data has fewer than two byte
+    values, a byte value above 128, or under 1 KiB; then zstd itself codes it. There is no numpy
+    version: without the C kernels zstd codes everything (other bytes, the same values decoded)."""
+    return _native.huff(data) if _on else None
+
+
 def split(u, k: int, rotate: bool):
     """Unsigned k-byte integers -> planes (k, n) uint8, top byte first; *rotate*: sign into bit 0."""
     import numpy as np
