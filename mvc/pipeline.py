@@ -660,6 +660,8 @@ def _reserve(fd: int, size: int) -> None:
 
 def _place(odb: ObjectDB, cid: str, loc, fd: int, offset: int, n: int, in_tensor: bool) -> None:
     """Read (store or work tree), decode, verify and write one chunk at *offset*. Worker thread."""
+    if loc is None and odb.place_chunk(cid, fd, offset, n):
+        return
     if loc is not None:
         data = _read_located(cid, *loc)
     else:

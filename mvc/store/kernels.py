@@ -52,15 +52,20 @@ def split(u, k: int, rotate: bool):
     return planes
 
 
-def merge(planes, k: int, rotate: bool):
+def merge(planes, k: int, rotate: bool, out=None):
     """The inverse of split: planes (k, n) -> unsigned k-byte integers. *planes* may also be a
-    sequence of k separate uint8 arrays of n bytes (what a decoder read, not copied together)."""
+    sequence of k separate uint8 arrays of n bytes (what a decoder read, not copied together).
+    *out* (C kernels only): an array of n elements to write them into."""
     import numpy as np
 
     if k == 1:
+        if out is not None:
+            out[:] = planes[0]
+            return out
         return np.ascontiguousarray(planes[0])
     if _on:
-        out = np.empty(len(planes[0]), dtype=_UINT[k])
+        if out is None:
+            out = np.empty(len(planes[0]), dtype=_UINT[k])
         _native.merge(planes, out, k, rotate)
         return out
     r = planes[0].astype(_UINT[k])

@@ -8,13 +8,16 @@ verified as a whole by the final hash, and a failure names the damaged base.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
+
+import blake3
 
 from ..errors import CorruptObjectError, ObjectMissingError
 from . import codec
 from .backend import Backend
-from .ids import TYPE_CODE, TYPES, hash_object
+from .ids import TYPE_CODE, TYPES, hash_object, header
 from .objects import encode_object, parse_object
 
 CHUNK = TYPE_CODE["chunk"]
@@ -109,6 +112,37 @@ class ObjectDB:
         self._account(size[0])  # after the read: handing pages back waits for every reader
         decoded, data = got
         return data if decoded else self.decode(oid, data, "chunk")[1]
+
+    def place_chunk(self, hex_id: str, fd: int, offset: int, n: int) -> bool:
+        """Decode a chunk stored as planes straight into file *fd* at *offset* (its *n* bytes), a
+        slice at a time (codec.decode_slices), hashing as it goes. False, with nothing written,
+        when the chunk is stored otherwise or is not *n* bytes long: the caller reads it whole.
+        The written bytes are verified only at the end: on a mismatch this raises, and the caller
+        must discard the file (checkout writes into a temporary file renamed on success)."""
+        oid = bytes.fromhex(hex_id)
+        size = [0]
+
+        def place(view):
+            size[0] = len(view)
+            got = codec.decode_slices(view, hex_id)
+            if got is None or got[0] != n:
+                return False
+            h = blake3.blake3(header("chunk", n))
+            pos = offset
+            for piece in got[1]:
+                h.update(piece)
+                done = 0
+                while done < len(piece):
+                    done += os.pwrite(fd, piece[done:], pos + done)
+                pos += len(piece)
+            if pos != offset + n or h.digest() != oid:
+                raise CorruptObjectError(hex_id, "content does not match its id")
+            return True
+
+        placed = self.backend.read_with(oid, place)
+        if placed:
+            self._account(size[0])
+        return bool(placed)
 
     def stored(self, hex_id: str, what: str = "object"):
         v = self.stored_or_none(bytes.fromhex(hex_id))
