@@ -50,13 +50,15 @@ static inline int popcount64(uint64_t w) {
 }
 
 #define KERNELS(T, K)                                                                          \
+    /* branch-free, so that loops using them vectorize: negative -> all bits flipped, else the */ \
+    /* sign bit set; and back */                                                              \
     static inline T order_##K(T u) {                                                           \
         T top = (T)1 << (8 * K - 1);                                                           \
-        return (u & top) ? (T)~u : (T)(u | top);                                               \
+        return (T)(u ^ ((T)(0 - (T)(u >> (8 * K - 1))) | top));                                \
     }                                                                                          \
     static inline T unorder_##K(T m) {                                                         \
         T top = (T)1 << (8 * K - 1);                                                           \
-        return (m & top) ? (T)(m & ~top) : (T)~m;                                              \
+        return (T)(m ^ ((T)((T)(m >> (8 * K - 1)) - 1) | top));                                \
     }                                                                                          \
     static void split_##K(const uint8_t *src, uint8_t *dst, Py_ssize_t n, int rot) {          \
         const T *u = (const T *)src;                                                           \
