@@ -8,4 +8,4 @@ fails quietly (optional=True) and mvc uses the same transforms written in numpy
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("mvc.store._kernels", ["mvc/store/_kernels.c"], optional=True,
-                             extra_compile_args=["-O3"])])
+                             extra_compile_args=["-O3", "-ffp-contract=off"])])

@@ -622,6 +622,94 @@ static PyObject *k_huff(PyObject *self, PyObject *args) {
     return ret;
 }
 
+/* merge3_bf16(base, ours, theirs, out, mode, w1, w2) -> conflicts: the three-way merge of bf16
+ * elements (mvc/merge/engine.py). An element changed on one side takes that side; changed on both
+ * to different values it is a conflict, left as theirs (mode 0: no strategy) or computed in
+ * float32 exactly as the numpy code does (mode 1: (w1*o + w2*t) / (w1+w2); mode 2: task arithmetic
+ * b + w1*(o-b) + w2*(t-b)), each operation rounded to float32 in that order (built with
+ * -ffp-contract=off: no fused multiply-add), then rounded to bf16 (nearest even; a NaN stays a
+ * quiet NaN). The weights arrive as the float32 values numpy uses. */
+static inline float bf16_f32(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_bf16(float f) { /* branch-free: the loops below vectorize */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint16_t nan = (uint16_t)((u >> 16) | 0x40), rounded = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    return f != f ? nan : rounded;
+}
+
+/* Every element's strategy value is computed (whole-array math beats a branch per element when
+ * most conflict, and costs little when few do: the loop vectorizes), then selected. */
+#define MERGE3_LOOP(VALUE)                                                                     \
+    for (Py_ssize_t i = 0; i < n; i++) {                                                       \
+        uint16_t vb = pb[i], vo = po[i], vt = pt[i];                                           \
+        int clash = (vo != vb) & (vt != vb) & (vo != vt);                                      \
+        uint16_t keep = vo != vb ? vo : vt;                                                    \
+        VALUE;                                                                                 \
+        pm[i] = clash ? r : keep;                                                              \
+        conflicts += clash;                                                                    \
+    }
+
+#define MERGE3_BODY                                                                            \
+    {                                                                                          \
+        Py_ssize_t conflicts = 0;                                                              \
+        if (mode == 0) {                                                                       \
+            MERGE3_LOOP(uint16_t r = keep) /* a conflict keeps ours: no --strategy */          \
+        } else if (mode == 1) { /* (w1*o + w2*t) / (w1+w2) */                                  \
+            MERGE3_LOOP(float x = w1 * bf16_f32(vo); float y = w2 * bf16_f32(vt); float sum = x + y; \
+                        uint16_t r = f32_bf16(sum / wsum))                                     \
+        } else { /* task arithmetic: b + w1*(o-b) + w2*(t-b) */                                \
+            MERGE3_LOOP(float fb = bf16_f32(vb); float x = bf16_f32(vo) - fb; float y = bf16_f32(vt) - fb; \
+                        float xo = w1 * x; float yt = w2 * y; float acc = fb + xo; uint16_t r = f32_bf16(acc + yt)) \
+        }                                                                                      \
+        return conflicts;                                                                      \
+    }
+
+typedef Py_ssize_t (*merge3_fn)(const uint16_t *, const uint16_t *, const uint16_t *, uint16_t *, Py_ssize_t, int,
+                                float, float, float);
+
+static Py_ssize_t merge3_plain(const uint16_t *pb, const uint16_t *po, const uint16_t *pt, uint16_t *pm, Py_ssize_t n,
+                               int mode, float w1, float w2, float wsum) MERGE3_BODY
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MERGE3_AVX2 1
+__attribute__((target("avx2")))
+static Py_ssize_t merge3_avx2(const uint16_t *pb, const uint16_t *po, const uint16_t *pt, uint16_t *pm, Py_ssize_t n,
+                              int mode, float w1, float w2, float wsum) MERGE3_BODY
+#endif
+
+static PyObject *k_merge3_bf16(PyObject *self, PyObject *args) {
+    Py_buffer b, o, t, out;
+    int mode;
+    float w1, w2, wsum;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*ifff", &b, &o, &t, &out, &mode, &w1, &w2, &wsum)) return NULL;
+    Py_ssize_t n = b.len / 2, conflicts = 0;
+    int ok = b.len % 2 == 0 && o.len == b.len && t.len == b.len && out.len == b.len && mode >= 0 && mode <= 2;
+    if (ok) {
+        const uint16_t *pb = (const uint16_t *)b.buf, *po = (const uint16_t *)o.buf, *pt = (const uint16_t *)t.buf;
+        uint16_t *pm = (uint16_t *)out.buf;
+        Py_BEGIN_ALLOW_THREADS
+        merge3_fn fn = merge3_plain;
+#ifdef MERGE3_AVX2
+        if (__builtin_cpu_supports("avx2")) fn = merge3_avx2;
+#endif
+        conflicts = fn(pb, po, pt, pm, n, mode, w1, w2, wsum);
+        Py_END_ALLOW_THREADS
+    } else {
+        PyErr_SetString(PyExc_ValueError, "bad buffer lengths or merge mode");
+    }
+    PyBuffer_Release(&b);
+    PyBuffer_Release(&o);
+    PyBuffer_Release(&t);
+    PyBuffer_Release(&out);
+    return ok ? PyLong_FromSsize_t(conflicts) : NULL;
+}
+
 static PyObject *k_gather(PyObject *self, PyObject *args) { return sparse(args, 0); }
 static PyObject *k_scatter(PyObject *self, PyObject *args) { return sparse(args, 1); }
 
@@ -637,6 +725,8 @@ static PyMethodDef methods[] = {
     {"undiff", k_undiff, METH_VARARGS, "undiff(planes, base, dst, k, is_float): elements from k plane buffers of differences"},
     {"gather", k_gather, METH_VARARGS, "gather(new, base, mask, values, k) -> count: what changed"},
     {"scatter", k_scatter, METH_VARARGS, "scatter(base, mask, values, dst, k): base with the changes"},
+    {"merge3_bf16", k_merge3_bf16, METH_VARARGS,
+     "merge3_bf16(base, ours, theirs, out, mode, w1, w2, w1 + w2) -> conflicts: a three-way merge of bf16 elements"},
     {"huff", k_huff, METH_VARARGS, "huff(src) -> bytes | None: a zstd frame of Huffman-coded literal blocks"},
     {NULL, NULL, 0, NULL},
 };

@@ -32,6 +32,24 @@ def huff(data) -> bytes | None:
     return _native.huff(data) if _on else None
 
 
+#: merge strategies the C kernel computes for bf16 (others: numpy, mvc/merge/engine.py)
+MERGE3_MODES = {None: 0, "average": 1, "task-arithmetic": 2}
+
+
+def merge3_bf16(b, o, t, strategy: str | None, weights: tuple[float, float]):
+    """(merged elements, conflicts) of a three-way merge of bf16 elements (uint16 arrays), or None
+    where the C kernels are off or *strategy* is not one they compute: the same bytes as the numpy
+    path of merge/engine.py (tests/test_merge.py compares them)."""
+    import numpy as np
+
+    if not _on or strategy not in MERGE3_MODES:
+        return None
+    out = np.empty_like(o)
+    w1, w2 = weights
+    n = _native.merge3_bf16(b, o, t, out, MERGE3_MODES[strategy], w1, w2, w1 + w2)
+    return out, n
+
+
 def split(u, k: int, rotate: bool):
     """Unsigned k-byte integers -> planes (k, n) uint8, top byte first; *rotate*: sign into bit 0."""
     import numpy as np
