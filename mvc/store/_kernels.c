@@ -108,6 +108,10 @@ static inline int popcount64(uint64_t w) {
         T *v = (T *)vals;                                                                      \
         Py_ssize_t m = 0, i = 0;                                                               \
         for (; i + 8 <= n; i += 8) {  /* one mask byte: write every element, keep the changed */ \
+            if (memcmp(x + i, y + i, 8 * K) == 0) { /* 8 unchanged (most of a sparse change) */ \
+                mask[i >> 3] = 0;                                                              \
+                continue;                                                                      \
+            }                                                                                  \
             unsigned bits = 0;                                                                 \
             for (int j = 0; j < 8; j++) {                                                      \
                 unsigned c = x[i + j] != y[i + j];                                             \
