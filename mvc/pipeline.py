@@ -203,7 +203,7 @@ class Ingestor:
         if self.backend.has(oid):
             return oid, None
         if not bases and predict is None:
-            return encode_chunk(data, float_size)
+            return encode_chunk(data, float_size, joined=True)  # the pack writer takes its parts
         return oid, encode_with_bases(self.odb, data, float_size, bases, self.bases.max_depth, predict)
 
     def _chunks(self, f, nbytes: int, float_size: int, pending: deque, tag, bases=(), predict=None):

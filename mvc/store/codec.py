@@ -215,17 +215,37 @@ def _read_plane_body(body: memoryview, limit: int, nonzero: bool = False):
 
 
 # -- full encodings ----------------------------------------------------------------------------
+class Joined:
+    """A stored value kept as the buffers it is made of (encode(..., joined=True)): a pack write
+    hands them to the kernel as they are (one pwritev), sparing a copy of the chunk; anywhere else
+    bytes() joins them. len() is the value's length in bytes."""
+
+    __slots__ = ("parts", "nbytes")
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.nbytes = sum(memoryview(p).nbytes for p in parts)
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+
 _RAW_BELOW = 128  # values shorter than this are stored raw
 _PLANES_FROM = 1024  # float chunks from this size are split into planes (below: one zstd call, or raw)
 
 
-def encode(type_code: int, data: bytes | bytearray | memoryview, float_size: int = 0) -> bytes:
-    """Encode *data* for storage. *float_size* is the element size of a floating dtype (2, 4, 8) or 0."""
+def encode(type_code: int, data: bytes | bytearray | memoryview, float_size: int = 0, joined: bool = False):
+    """Encode *data* for storage (bytes; with *joined*, a planes value may come as a Joined).
+    *float_size* is the element size of a floating dtype (2, 4, 8) or 0."""
     n = len(data)
     if n < _RAW_BELOW:  # nothing to gain that pays for a coder's call (100,000 tiny tensors: measured)
         return bytes((type_code, RAW)) + bytes(data)
     if float_size in _UINT and n >= _PLANES_FROM and n % float_size == 0:
-        return b"".join([bytes((type_code, PLANES)), *_plane_parts(split(data, float_size), float_size)])
+        parts = [bytes((type_code, PLANES)), *_plane_parts(split(data, float_size), float_size)]
+        return Joined(parts) if joined else b"".join(parts)
     codec, payload = _zstd_or_raw(_ctx()[1], data)
     return bytes((type_code, codec)) + payload
 

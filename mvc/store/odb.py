@@ -26,9 +26,10 @@ _RELEASE_BYTES = 32 * 1024 * 1024
 _MAX_CHAIN = 64  # a read refuses longer delta chains (the writer keeps them within delta.max_depth)
 
 
-def encode_chunk(data, float_size: int = 0) -> tuple[bytes, bytes]:
-    """Hash and encode one chunk in full: (32-byte id, stored value). Thread-safe."""
-    return hash_object("chunk", data), codec.encode(CHUNK, data, float_size)
+def encode_chunk(data, float_size: int = 0, joined: bool = False) -> tuple[bytes, bytes]:
+    """Hash and encode one chunk in full: (32-byte id, stored value; with *joined*, perhaps a
+    codec.Joined, which Backend.put_many takes too). Thread-safe."""
+    return hash_object("chunk", data), codec.encode(CHUNK, data, float_size, joined)
 
 
 def decode_verified(oid: bytes, stored, want: str | None = None, bases: codec.BaseReader | None = None):

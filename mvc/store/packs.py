@@ -36,6 +36,7 @@ import struct
 import threading
 
 from ..errors import CorruptObjectError, MvcError
+from .codec import Joined
 
 PACK_MIN = 32 << 10  # values this large or larger are packed
 PACK_MAX = 4 << 30  # a writer starts a new pack past this size
@@ -82,6 +83,22 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _pwrite_all(fd: int, buffers: list, pos: int) -> None:
+    """Write *buffers* one after the other at *pos* (one pwritev; again from where a short write
+    stopped)."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    while views:
+        done = os.pwritev(fd, views, pos)
+        if done <= 0:
+            raise OSError("short write")
+        pos += done
+        while views and done >= len(views[0]):
+            done -= len(views[0])
+            views.pop(0)
+        if views and done:
+            views[0] = views[0][done:]
 
 
 def _lock(fd: int) -> bool:
@@ -177,10 +194,9 @@ class PackSet:
             try:
                 pos = self._end
                 for oid, value in items:
-                    os.pwrite(self._fd, _REC.pack(oid, len(value)), pos)
+                    parts = value.parts if isinstance(value, Joined) else [value]
+                    _pwrite_all(self._fd, [_REC.pack(oid, len(value)), *parts], pos)
                     pos += _REC.size
-                    if os.pwrite(self._fd, value, pos) != len(value):
-                        raise OSError("short write")
                     out.append(locator(self._id, pos, len(value)))
                     pos += len(value)
                 os.fdatasync(self._fd)
