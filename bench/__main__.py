@@ -418,6 +418,7 @@ def main(argv: list[str] | None = None) -> None:
         from . import codec as codec_bench
 
         _print_table(codec_bench.run(args.size_mib), codec_bench.report, argv, args.out)
+        print(codec_bench.report_kernels(codec_bench.bench_kernels()))
         return
     workdir = args.workdir or tempfile.mkdtemp(prefix="mvc-bench-")
     try:

@@ -93,11 +93,65 @@ def bench_exponent_plane() -> list[dict]:
     return rows
 
 
+def bench_kernels() -> list[dict]:
+    """The element transforms of mvc/store/_kernels.c and their numpy fallback, on one 4 MiB bf16
+    chunk, one thread, GB/s of the chunk's bytes (docs/format.md §5): a fine-tune's base (a third
+    of the elements moved by one unit in the last place), the DIFF's mostly-zero top plane for
+    gather, and a merge where every element conflicts."""
+    from mvc.store import kernels
+
+    u = np.frombuffer(_data("bf16", 4), "<u2")
+    base = u.copy()
+    base[::3] += 1
+    rng = np.random.default_rng(1)
+    ours, theirs = u ^ rng.integers(1, 4, u.size).astype("<u2"), u ^ rng.integers(4, 8, u.size).astype("<u2")
+    top = kernels.diff(u, base, 2, True)[0]
+    zeros = np.zeros_like(top)
+    planes = kernels.split(u, 2, True)
+    d = kernels.diff(u, base, 2, True)
+    mask, values = kernels.gather(top, zeros, 1)
+    def merge3(numpy: bool):
+        if numpy:  # merge/engine.py's own numpy path: sides, conflicts, then the strategy's values
+            from mvc.merge.engine import resolve_elements
+
+            oc, tc = ours != base, theirs != base
+            clash = oc & tc & (ours != theirs)
+            full = resolve_elements("average", "BF16", base, ours, theirs, (1.0, 1.0))
+            return np.where(clash, full, np.where(oc, ours, theirs)), int(clash.sum())
+        return kernels.merge3_bf16(base, ours, theirs, "average", (1.0, 1.0))
+
+    steps = [("rotate + split", lambda _: kernels.split(u, 2, True)),
+             ("merge + rotate", lambda _: kernels.merge(planes, 2, True)),
+             ("DIFF encode", lambda _: kernels.diff(u, base, 2, True)),
+             ("DIFF decode", lambda _: kernels.undiff(d, base, 2, True)),
+             ("gather (a DIFF's top plane, 5 % non-zero)", lambda _: kernels.gather(top, zeros, 1)),
+             ("scatter (the same)", lambda _: kernels.scatter(zeros, mask, values, 1)),
+             ("three-way merge, every element conflicting, average", merge3)]
+    rows = []
+    for name, fn in steps:
+        speeds = {}
+        for on in (True, False):
+            kernels.use_native(on)
+            try:
+                t, _ = _time(lambda f=fn, numpy=not on: f(numpy), reps=5)
+                speeds[on] = u.nbytes / t / 1e9
+            finally:
+                kernels.use_native(True)
+        rows.append({"step": name, "c_gbps": speeds[True], "numpy_gbps": speeds[False]})
+    return rows
+
+
+def report_kernels(rows: list[dict]) -> str:
+    out = ["| step (4 MiB bf16 chunk, one thread) | C | numpy |", "|---|---|---|"]
+    out += [f"| {r['step']} | {r['c_gbps']:.1f} | {r['numpy_gbps']:.2f} |" for r in rows]
+    return "\n".join(out)
+
+
 def run(size_mib: int) -> list[dict]:
     rows = bench_exponent_plane()
     for dtype, k in (("bf16", 2), ("fp32", 4)):
         data = _data(dtype, size_mib)
-        for name, res in (("mvc (planes; exponents Huffman-coded where the C kernels are built)", bench_mvc(data, k)),
+        for name, res in (("mvc (planes, Huffman-coded exponents)", bench_mvc(data, k)),
                           ("ZipNN", bench_zipnn(data, dtype)),
                           ("zstd level 1", bench_zstd(data, 1)),
                           ("zstd level 3", bench_zstd(data, 3))):
