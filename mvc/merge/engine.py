@@ -257,22 +257,10 @@ class Merger:
             """On a worker: the merged chunk i, encoded (numpy, zstd and BLAKE3 release the GIL)."""
             vb, vo, vt = (np.frombuffer(v, dtype=view) for v in (cb, co, ct))
             fused = kernels.merge3_bf16(vb, vo, vt, self.strategy, self.weights) if o.dtype == "BF16" else None
-            if fused is not None:  # one pass in C, the same bytes as below
+            if fused is not None:  # one pass in C, the same bytes as _merge_elements
                 merged, n = fused
-                data = memoryview(merged).cast("B")
-                oid, stored = self.ing.encode_made(data, fs, [o.chunks[i], t.chunks[i], b.chunks[i]])
-                return oid, stored, len(data), n
-            oc, tc = vo != vb, vt != vb
-            merged = np.where(oc, vo, vt)
-            clash = oc & tc & (vo != vt)
-            n = int(np.count_nonzero(clash))
-            if n and self.strategy:
-                if n > clash.size // 8:  # most elements clash: whole-array math beats gather/scatter
-                    full = resolve_elements(self.strategy, o.dtype, vb, vo, vt, self.weights, thresholds)
-                    merged = np.where(clash, full, merged)
-                else:
-                    merged[clash] = resolve_elements(self.strategy, o.dtype, vb[clash], vo[clash], vt[clash],
-                                                     self.weights, thresholds)
+            else:
+                merged, n = self._merge_elements(o.dtype, vb, vo, vt, thresholds)
             data = memoryview(merged).cast("B")
             oid, stored = self.ing.encode_made(data, fs, [o.chunks[i], t.chunks[i], b.chunks[i]])
             return oid, stored, len(data), n
@@ -302,6 +290,22 @@ class Merger:
         tid = self.ing.add_meta(made)
         self._made[tid] = made
         return tid
+
+    def _merge_elements(self, dtype: str, vb, vo, vt, thresholds):
+        """(merged elements, conflicts) of one chunk in numpy: a side's change is taken, and where
+        both changed to different values the strategy (if any) decides."""
+        oc, tc = vo != vb, vt != vb
+        merged = np.where(oc, vo, vt)
+        clash = oc & tc & (vo != vt)
+        n = int(np.count_nonzero(clash))
+        if n and self.strategy:
+            if n > clash.size // 8:  # most elements clash: whole-array math beats gather/scatter
+                full = resolve_elements(self.strategy, dtype, vb, vo, vt, self.weights, thresholds)
+                merged = np.where(clash, full, merged)
+            else:
+                merged[clash] = resolve_elements(self.strategy, dtype, vb[clash], vo[clash], vt[clash],
+                                                 self.weights, thresholds)
+        return merged, n
 
     def _ties_thresholds(self, b: Tensor, o: Tensor, t: Tensor) -> tuple[float, float]:
         """Per task vector, the magnitude of its k-th largest delta, k = ceil(density * numel)."""

@@ -39,7 +39,7 @@ MERGE3_MODES = {None: 0, "average": 1, "task-arithmetic": 2}
 def merge3_bf16(b, o, t, strategy: str | None, weights: tuple[float, float]):
     """(merged elements, conflicts) of a three-way merge of bf16 elements (uint16 arrays), or None
     where the C kernels are off or *strategy* is not one they compute: the same bytes as the numpy
-    path of merge/engine.py (tests/test_merge.py compares them)."""
+    path of merge/engine.py (tests/test_kernels.py compares them)."""
     import numpy as np
 
     if not _on or strategy not in MERGE3_MODES:

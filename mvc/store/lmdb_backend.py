@@ -274,8 +274,9 @@ class LmdbBackend(Backend):
         """(id, value, what to index) for each item: large values are appended to a pack (made
         durable here, before the index transaction) and indexed by their locator. Only ids that
         are absent (put) or *present* (replace) are packed: the others would be garbage."""
-        items = [(oid, bytes(v) if isinstance(v, Joined) and not self._packs_it(v) else v) for oid, v in items]
-        big = [oid for oid, v in items if self._packs_it(v)]
+        limit = self.pack_min if self.pack_writes else float("inf")  # values this long go to a pack
+        items = [(oid, bytes(v) if type(v) is Joined and len(v) < limit else v) for oid, v in items]
+        big = [oid for oid, v in items if len(v) >= limit]
         if not big:
             return [(oid, v, v) for oid, v in items]
 
@@ -291,9 +292,6 @@ class LmdbBackend(Backend):
                 todo.append((oid, v))
         locs = dict(zip((oid for oid, _ in todo), self.packs.append(todo), strict=True))
         return [(oid, v, locs.get(oid, v)) for oid, v in items]
-
-    def _packs_it(self, value) -> bool:
-        return self.pack_writes and len(value) >= self.pack_min
 
     def put_many(self, items):
         packed = {}
