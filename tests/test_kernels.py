@@ -273,3 +273,18 @@ def test_merge3_declines_what_it_does_not_compute(rng, numpy_path):
     assert kernels.merge3_bf16(b, b, b, "ties", (1.0, 1.0)) is None
     with pytest.raises(ValueError):
         kernels._native.merge3_bf16(b, b, b[:4], np.empty_like(b), 1, 1.0, 1.0, 2.0)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_merge_writes_into_the_array_it_is_given(on, rng):
+    """decode_slices merges each slice into one reused buffer: kernels.merge(..., out) fills that
+    array and returns it, on either path."""
+    u = rng.integers(0, 65535, 1000, dtype=np.uint16)
+    planes = kernels.split(u, 2, True)
+    kernels.use_native(on)
+    try:
+        out = np.empty_like(u)
+        assert kernels.merge([planes[0], planes[1]], 2, True, out) is out
+    finally:
+        kernels.use_native(True)
+    assert np.array_equal(out, u)

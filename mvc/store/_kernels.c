@@ -358,7 +358,6 @@ static void histogram(const uint8_t *s, Py_ssize_t n, uint32_t *count) {
     for (int k = 0; k < 256; k++) count[k] = c[0][k] + c[1][k] + c[2][k] + c[3][k];
 }
 
-
 /* Code lengths: Huffman's, then limited to HUF_MAXBITS by moving pairs of the deepest leaves up
  * (JPEG's Annex K.3 procedure: the code stays complete), the shortest lengths to the most
  * frequent symbols. Returns the number of symbols present. */
@@ -628,7 +627,7 @@ static PyObject *k_huff(PyObject *self, PyObject *args) {
 
 /* merge3_bf16(base, ours, theirs, out, mode, w1, w2) -> conflicts: the three-way merge of bf16
  * elements (mvc/merge/engine.py). An element changed on one side takes that side; changed on both
- * to different values it is a conflict, left as theirs (mode 0: no strategy) or computed in
+ * to different values it is a conflict, left as ours (mode 0: no strategy) or computed in
  * float32 exactly as the numpy code does (mode 1: (w1*o + w2*t) / (w1+w2); mode 2: task arithmetic
  * b + w1*(o-b) + w2*(t-b)), each operation rounded to float32 in that order (built with
  * -ffp-contract=off: no fused multiply-add), then rounded to bf16 (nearest even; a NaN stays a

@@ -73,19 +73,26 @@ def split(u, k: int, rotate: bool):
 def merge(planes, k: int, rotate: bool, out=None):
     """The inverse of split: planes (k, n) -> unsigned k-byte integers. *planes* may also be a
     sequence of k separate uint8 arrays of n bytes (what a decoder read, not copied together).
-    *out* (C kernels only): an array of n elements to write them into."""
+    *out*: an array of n such integers to write them into (and return) instead of a new one."""
     import numpy as np
 
-    if k == 1:
-        if out is not None:
-            out[:] = planes[0]
-            return out
-        return np.ascontiguousarray(planes[0])
-    if _on:
+    if k > 1 and _on:
         if out is None:
             out = np.empty(len(planes[0]), dtype=_UINT[k])
         _native.merge(planes, out, k, rotate)
         return out
+    merged = _merge_numpy(planes, k, rotate)
+    if out is None:
+        return merged
+    out[:] = merged
+    return out
+
+
+def _merge_numpy(planes, k: int, rotate: bool):
+    import numpy as np
+
+    if k == 1:
+        return np.ascontiguousarray(planes[0])
     r = planes[0].astype(_UINT[k])
     for j in range(1, k):
         r <<= 8
