@@ -15,12 +15,14 @@ import stat
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor, wait
 
+import blake3
+
 from .delta import DeltaBases, Prediction, scales_fit, scales_of
 from .errors import CorruptObjectError, InvalidFileError, MvcError
 from .formats import safetensors as stf
 from .formats import torchfile
 from .progress import NULL, Progress
-from .store import codec
+from .store import codec, kernels
 from .store.backend import Backend
 from .store.ids import TYPE_CODE, hash_object
 from .store.objects import DTYPES, File, Tensor, encode_object
@@ -70,6 +72,40 @@ def tiny_tensor_json(chunk_hex: str, dtype: str, shape: tuple[int, ...]) -> byte
     return _TINY_HEAD + chunk_hex.encode() + tail
 
 
+def _tiny_tails(entries, lo: int, hi: int) -> dict:
+    """(dtype, shape) -> (what follows the chunk id in the tensor's JSON, the float size the chunk
+    codec takes) for the entries lo..hi-1, for kernels.tiny_run."""
+    out = {}
+    for key in {(e.dtype, e.shape) for e in entries[lo:hi]}:
+        size_, is_float = DTYPES[key[0]]
+        out[key] = (tiny_tensor_json("", *key)[len(_TINY_HEAD):], size_ if is_float and size_ > 1 else 0)
+    return out
+
+
+class Scratch(dict):
+    """Metadata objects that are not stored, by id (Ingestor with store=False). A tiny tensor's
+    entry may be held as (dtype, shape, chunk id) and is made a Tensor when it is read: a diff
+    against a work-tree file of 100,000 tensors reads the few that changed."""
+
+    __slots__ = ()
+
+    def __getitem__(self, oid):
+        v = dict.__getitem__(self, oid)
+        if type(v) is tuple:
+            v = Tensor(v[0], v[1], CHUNK_SIZE, (v[2],))
+            dict.__setitem__(self, oid, v)
+        return v
+
+    def get(self, oid, default=None):
+        return self[oid] if oid in self else default
+
+    def values(self):
+        return [self[k] for k in self]
+
+    def items(self):
+        return [(k, self[k]) for k in self]
+
+
 class _Done:
     """A finished job, for the queue of futures (tiny chunks are not sent to a worker)."""
 
@@ -114,7 +150,7 @@ class Ingestor:
         self._fd_of: tuple = (None, None)  # (the file being read, its descriptor or None)
         self.added_bytes = 0
         #: metadata objects computed but not stored (store=False), for diffs against the work tree
-        self.scratch: dict[str, object] = {}
+        self.scratch = Scratch()
         #: store=False: chunk id -> (path, offset, length), so the work tree's data can be read back
         self.locations: dict[str, tuple[str, int, int]] = {}
 
@@ -284,6 +320,46 @@ class Ingestor:
         self._drain(pending, lambda _t, h: chunks.append(h), 0, path)
         return self.add_meta(File("raw", size, tuple(chunks)))
 
+    @staticmethod
+    def _tiny_runs(entries) -> list[int]:
+        """For each entry i, where a run of tiny tensors that starts at i ends (i itself: not
+        tiny). A run's data spans at most _TINY_READ bytes."""
+        ends = list(range(len(entries)))
+        i = 0
+        while i < len(entries):
+            if not 0 < entries[i].end - entries[i].begin < _TINY:
+                i += 1
+                continue
+            j, start = i, entries[i].begin
+            while j < len(entries) and 0 < entries[j].end - entries[j].begin < _TINY \
+                    and entries[j].end - start <= _TINY_READ:
+                j += 1
+            ends[i:j] = [j] * (j - i)
+            i = j
+        return ends
+
+    def _tiny_run(self, fd: int, f, header, lo: int, hi: int, names: list, path: str) -> int:
+        """Tiny tensors lo..hi-1, read with one pread and done by kernels.tiny_run; returns hi."""
+        entries = header.entries
+        first, last = entries[lo], entries[hi - 1]
+        offset, n = header.header_size + first.begin, last.end - first.begin
+        buf = os.pread(fd, n, offset)
+        _check_read(f, buf, n)
+        tails = _tiny_tails(entries, lo, hi)
+        if self.store:
+            pairs: list = []
+            added = kernels.tiny_run(blake3.blake3, buf, offset, entries, lo, hi, header.header_size, tails,
+                                     _TINY_HEAD, codec.encode, codec.RAW_BELOW, pairs, names, path, None, None)
+            self._batch.extend(pairs)
+            self._batch_bytes += added
+            if self._batch_bytes >= self._batch_limit:
+                self.flush()
+        else:
+            kernels.tiny_run(blake3.blake3, buf, offset, entries, lo, hi, header.header_size, tails, _TINY_HEAD,
+                             codec.encode, codec.RAW_BELOW, None, names, path, self.locations, self.scratch)
+        self.progress.advance(nbytes=n, tensors=hi - lo)
+        return hi
+
     def _safetensors(self, f, size: int, rel: str, path: str) -> str:
         raw_header, header = stf.read_header(f, size, rel)
         header_chunks = []
@@ -317,7 +393,17 @@ class Ingestor:
         self._fd_of = (f, fd)
         buf, buf_at = b"", 0  # tiny tensors are read many at a time
         tiny_bytes = tiny_done = 0  # progress not yet reported
-        for idx, e in enumerate(header.entries):
+        entries = header.entries
+        runs = self._tiny_runs(entries) if fd is not None and kernels.native() else None
+        idx = 0
+        while idx < len(entries):
+            if runs is not None and done[0] == idx and runs[idx] > idx:
+                # a run of tiny tensors and nothing before it outstanding: one call of the C loop
+                idx = self._tiny_run(fd, f, header, idx, runs[idx], names, path)
+                done[0] = idx
+                continue
+            cur, idx = idx, idx + 1
+            e = entries[cur]
             size_, is_float = DTYPES[e.dtype]
             fs = size_ if is_float and size_ > 1 else 0
             n, offset = e.end - e.begin, header.header_size + e.begin
@@ -336,8 +422,8 @@ class Ingestor:
                 else:
                     self.locations[hex_id] = (path, offset, n)
                 tiny_bytes += n
-                if done[0] != idx:  # a larger tensor before it is still being worked on
-                    per_tensor[idx].append(hex_id)
+                if done[0] != cur:  # a larger tensor before it is still being worked on
+                    per_tensor[cur].append(hex_id)
                     finish_ready()
                     continue
                 # the tensor object, made here: what add_meta(Tensor(...)) stores, byte for byte
@@ -359,7 +445,7 @@ class Ingestor:
                 f.seek(offset)
             bases = self.bases.chunks_for(rel, e.name, e.dtype, e.shape, CHUNK_SIZE) if self.bases else ()
             predict = self._prediction(f, header, e, rel) if self.bases else None
-            for _ in self._chunks(f, n, fs, pending, idx, bases, predict):
+            for _ in self._chunks(f, n, fs, pending, cur, bases, predict):
                 self._drain(pending, sink, self.inflight, path)
                 finish_ready()
             finish_ready()
@@ -456,8 +542,12 @@ class Materializer:
     def _plan(self, file: File):
         """(chunk id, offset, length, tensor chunk?, starts a tensor) for every chunk of *file*:
         header or plain-file chunks 4 MiB each but the last, tensor chunks as their tensor says."""
-        tensors = self.odb.get_many([tid for _name, tid in file.tensors], "tensor")
-        head = file.size - sum(t.nbytes for t in tensors)
+        tids = [tid for _name, tid in file.tensors]
+        tiny = self.odb.tiny_tensors(tids, _TINY_HEAD)  # (chunk id, size) of raw-stored tiny ones
+        rest = [tid for tid, hit in zip(tids, tiny) if hit is None]
+        got = iter(self.odb.get_many(rest, "tensor") if rest else ())
+        tensors = [next(got) if hit is None else hit for hit in tiny]
+        head = file.size - sum(t[1] if type(t) is tuple else t.nbytes for t in tensors)
         if head < 0:
             raise CorruptObjectError("?", "a file object smaller than its tensors")
         out, offset = [], 0
@@ -470,6 +560,10 @@ class Materializer:
         if offset != head:
             raise _Misfit()
         for t in tensors:
+            if type(t) is tuple:  # a tiny tensor: one chunk
+                out.append((t[0], offset, t[1], True, True))
+                offset += t[1]
+                continue
             left = t.nbytes
             for j, c in enumerate(t.chunks):
                 n = min(t.chunk_size, left)

@@ -6,6 +6,8 @@ import os
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mvc import Repo
 from mvc.errors import DirtyWorkTreeError
@@ -347,3 +349,39 @@ def test_a_checkout_run_again_after_a_kill_is_not_blocked_by_its_own_writes(tmp_
         write_safetensors(model, {"w": ("BF16", (64, 64), bf16(rng, (64, 64)))})  # a real edit still blocks
         with pytest.raises(DirtyWorkTreeError):
             r.checkout("main")
+
+
+def _json_text(draw_pairs):
+    """JSON object text from (key, value) pairs, keys possibly repeated; values are numbers,
+    strings, lists or objects given the same way."""
+    def value(v):
+        if isinstance(v, list) and v and isinstance(v[0], tuple):
+            return _json_text(v)
+        if isinstance(v, list):
+            return "[" + ",".join(value(x) for x in v) + "]"
+        return json.dumps(v)
+    return "{" + ",".join(f"{json.dumps(k)}:{value(v)}" for k, v in draw_pairs) + "}"
+
+
+_keys = st.sampled_from(["a", "b", "a:b", "{", "x\"y", "dtype", "é", "\\u003a"])
+_leaf = st.one_of(st.integers(-5, 5), _keys, st.lists(st.integers(0, 3), max_size=3))
+_pairs = st.recursive(st.lists(st.tuples(_keys, _leaf), max_size=4),
+                      lambda inner: st.lists(st.tuples(_keys, st.one_of(_leaf, inner, st.lists(inner, max_size=2))),
+                                             max_size=4), max_leaves=12)
+
+
+@given(_pairs)
+@settings(max_examples=300, deadline=None)
+def test_header_json_refuses_every_repeated_key_as_the_checking_parser_does(pairs):
+    """The safetensors header's fast duplicate-key check (count pairs and objects outside strings)
+    accepts and refuses exactly what the parser that checks every object does."""
+    from mvc.formats.safetensors import _load, _no_dupes
+
+    text = _json_text(pairs)
+    try:
+        want = json.loads(text, object_pairs_hook=_no_dupes)
+    except ValueError:
+        with pytest.raises(ValueError):
+            _load(text)
+        return
+    assert _load(text) == want

@@ -3,6 +3,8 @@ for every element size; the codecs round-trip on either path."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -10,6 +12,7 @@ from hypothesis import strategies as st
 
 from mvc.store import codec, kernels
 from mvc.store.ids import hash_object
+from tests.helpers import write_safetensors
 
 pytestmark = pytest.mark.skipif(not kernels.native(), reason="the C kernels were not built (no compiler)")
 UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -288,3 +291,87 @@ def test_merge_writes_into_the_array_it_is_given(on, rng):
     finally:
         kernels.use_native(True)
     assert np.array_equal(out, u)
+
+
+def tiny_model(path, rng):
+    """Tiny tensors of several dtypes, raw-sized (< 128 bytes) and coded ones (up to 4095 bytes),
+    two with equal data, a large one between them."""
+    tensors = {}
+    for i in range(40):
+        n = [5, 31, 200, 1023][i % 4]
+        tensors[f"f32.{i}"] = ("F32", (n,), rng.standard_normal(n).astype(np.float32).tobytes())
+        tensors[f"bf16.{i}"] = ("BF16", (2, n // 2 or 1), rng.bytes(2 * 2 * (n // 2 or 1)))
+        tensors[f"i8.{i}"] = ("I8", (n,), rng.bytes(n))
+        tensors[f"bool.{i}"] = ("BOOL", (3,), bytes([1, 0, 1]))  # the same tensor, many times
+        if i == 20:
+            tensors["big"] = ("F32", (300, 300), rng.standard_normal(90000).astype(np.float32).tobytes())
+    tensors["zero"] = ("F32", (0,), b"")
+    write_safetensors(path, tensors)
+
+
+@pytest.mark.parametrize("store", [True, False])
+def test_tiny_runs_give_what_the_python_loop_gives(store, tmp_path, rng):
+    """The C loop over runs of tiny tensors (kernels.tiny_run) stores the same objects, names the
+    same tensors, and (hashing only) records the same locations and tensor objects as the Python
+    loop that does one tensor at a time."""
+    from mvc import Repo
+    from mvc.pipeline import Ingestor
+
+    tiny_model(tmp_path / "m.safetensors", rng)
+    seen = []
+    for on in (True, False):
+        repo = Repo.init(tmp_path / f"r{int(on)}")
+        try:
+            kernels.use_native(on)
+            with Ingestor(repo.odb, store=store) as ing:
+                fid = ing.ingest(str(tmp_path / "m.safetensors"), "m.safetensors")
+                extra = (dict(ing.scratch.items()), dict(ing.locations)) if not store else ()
+            oids = sorted(repo.backend.iter_oids(b""))
+            seen.append((fid, oids, repo.backend.stats()["objects"] if store else 0, extra))
+        finally:
+            kernels.use_native(True)
+            repo.close()
+    assert seen[0] == seen[1]
+    if store:
+        assert len(seen[0][1]) > 200  # chunks and tensor objects were stored
+        assert seen[0][2] == len(seen[0][1])  # the store's count: each id once, duplicates not again
+    else:
+        assert len(seen[0][3][1]) > 100 and not seen[0][1]  # located, nothing stored
+
+
+def test_verified_raw_gives_only_what_hashes_to_its_id():
+    good = b"x" * 40
+    oid = hash_object("chunk", good)
+    head = b'{"chunk_size":4194304,"chunks":["'
+    tensor = head + b"ab" * 32 + b'"],"dtype":"F32","shape":[3]}'
+    tid = hash_object("tensor", tensor)
+    bad_hex = head + b"AB" * 32 + b'"],"dtype":"F32","shape":[3]}'
+    oids = [oid, oid, oid, oid, oid, b"short"]
+    values = [b"\x00\x00" + good, b"\x00\x00" + good[:-1] + b"y", b"\x00\x01" + good, b"\x01\x00" + good, None,
+              b"\x00\x00" + good]
+    import blake3
+
+    assert kernels.verified_raw(blake3.blake3, "chunk", 0, oids, values) == [good, None, None, None, None, None]
+    got = kernels.verified_raw(blake3.blake3, "tensor", 1, [tid, hash_object("tensor", bad_hex)],
+                               [b"\x01\x00" + tensor, b"\x01\x00" + bad_hex], head)
+    assert got == [("ab" * 32, b'"],"dtype":"F32","shape":[3]}'), None]
+
+
+def test_a_damaged_tiny_tensor_object_is_refused_at_checkout(tmp_path, rng):
+    from mvc import Repo
+    from mvc.errors import CorruptObjectError
+    from tests.test_safety import flip_stored_byte
+
+    repo = Repo.init(tmp_path / "r")
+    try:
+        tiny_model(tmp_path / "r" / "m.safetensors", rng)
+        first = repo.commit("tiny")
+        file = repo.odb.get(repo.tree_of(first).entries[0].oid, "file")
+        flip_stored_byte(repo, dict(file.tensors)["f32.0"])
+        os.remove(tmp_path / "r" / "m.safetensors")
+        repo.odb._cache.clear()
+        with pytest.raises(CorruptObjectError):
+            repo.checkout(first, force=True)
+        assert not (tmp_path / "r" / "m.safetensors").exists()
+    finally:
+        repo.close()

@@ -721,6 +721,287 @@ static PyObject *k_merge(PyObject *self, PyObject *args) { return planar(args, 0
 static PyObject *k_diff(PyObject *self, PyObject *args) { return two(args, DIFF); }
 static PyObject *k_undiff(PyObject *self, PyObject *args) { return planar(args, 1); }
 
+/* ---- tiny tensors: the per-tensor work of ingesting a run of them, in one call ---------------
+ *
+ * tiny_run(hasher, buf, base, entries, lo, hi, data_start, tails, head, encode, raw_below,
+ *          pairs, names, path, locations, scratch) -> bytes stored
+ *
+ * For entries[lo:hi] (safetensors header entries: name, dtype, shape, begin, end; the data at file
+ * offset data_start + begin, which *buf* holds from file offset *base*), each a tensor of one
+ * chunk under 4 KiB, does what pipeline.Ingestor does for one tiny tensor: the chunk's id
+ * (hasher(b"chunk <n>\0" + data).digest()), the tensor object's canonical JSON
+ * (head + chunk id in hex + tails[(dtype, shape)][0]) and its id, and then
+ *   - with *pairs* a list: appends (chunk id, stored chunk) and (tensor id, stored tensor), a value
+ *     under *raw_below* bytes stored raw (type code, 0, bytes), others as encode(type code, bytes,
+ *     float size) returns it (codec.encode; the float size is tails[(dtype, shape)][1]);
+ *   - else: locations[chunk hex] = (path, file offset, n) and
+ *     scratch[tensor hex] = (dtype, shape, chunk hex) (pipeline.Scratch makes the Tensor when asked);
+ * and appends (name, tensor hex) to *names*. Returns the bytes of the values appended to pairs.
+ * The hasher is called, not reimplemented: the ids are exactly hash_object's. */
+#define TINY_MAX 4096
+
+static PyObject *hex_of(const unsigned char *d, Py_ssize_t n) {
+    static const char digits[] = "0123456789abcdef";
+    PyObject *s = PyUnicode_New(2 * n, 127);
+    if (s == NULL) return NULL;
+    Py_UCS1 *out = PyUnicode_1BYTE_DATA(s);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        out[2 * i] = (Py_UCS1)digits[d[i] >> 4];
+        out[2 * i + 1] = (Py_UCS1)digits[d[i] & 15];
+    }
+    return s;
+}
+
+/* hasher(b"<kind> <n>\0" + data).digest(): 32 bytes, or NULL with an exception set */
+static PyObject *object_id(PyObject *hasher, const char *kind, const char *data, Py_ssize_t n, char *scratch) {
+    int h = 0;
+    while (*kind) scratch[h++] = *kind++;
+    scratch[h++] = ' ';
+    char digits[24];
+    int d = 0;
+    Py_ssize_t v = n;
+    do {
+        digits[d++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    while (d) scratch[h++] = digits[--d];
+    scratch[h] = '\0';
+    memcpy(scratch + h + 1, data, (size_t)n);
+    PyObject *whole = PyBytes_FromStringAndSize(scratch, h + 1 + n);
+    if (whole == NULL) return NULL;
+    PyObject *hobj = PyObject_CallOneArg(hasher, whole);
+    Py_DECREF(whole);
+    if (hobj == NULL) return NULL;
+    static PyObject *name = NULL;
+    if (name == NULL && (name = PyUnicode_InternFromString("digest")) == NULL) {
+        Py_DECREF(hobj);
+        return NULL;
+    }
+    PyObject *digest = PyObject_CallMethodNoArgs(hobj, name);
+    Py_DECREF(hobj);
+    if (digest != NULL && (!PyBytes_Check(digest) || PyBytes_GET_SIZE(digest) != 32)) {
+        Py_DECREF(digest);
+        PyErr_SetString(PyExc_ValueError, "the hasher's digest is not 32 bytes");
+        return NULL;
+    }
+    return digest;
+}
+
+/* the stored value of an object: raw below raw_below bytes, else encode(type_code, bytes, fs) */
+static PyObject *stored_value(PyObject *encode, int type_code, const char *data, Py_ssize_t n, long fs,
+                              Py_ssize_t raw_below) {
+    if (n < raw_below) {
+        PyObject *v = PyBytes_FromStringAndSize(NULL, n + 2);
+        if (v == NULL) return NULL;
+        char *p = PyBytes_AS_STRING(v);
+        p[0] = (char)type_code;
+        p[1] = 0; /* RAW */
+        memcpy(p + 2, data, (size_t)n);
+        return v;
+    }
+    PyObject *b = PyBytes_FromStringAndSize(data, n);
+    if (b == NULL) return NULL;
+    PyObject *v = PyObject_CallFunction(encode, "iOl", type_code, b, fs);
+    Py_DECREF(b);
+    if (v != NULL && !PyBytes_Check(v)) {
+        Py_DECREF(v);
+        PyErr_SetString(PyExc_TypeError, "encode did not return bytes");
+        return NULL;
+    }
+    return v;
+}
+
+static int append_pair(PyObject *list, PyObject *a, PyObject *b) {
+    PyObject *t = PyTuple_Pack(2, a, b);
+    if (t == NULL) return -1;
+    int r = PyList_Append(list, t);
+    Py_DECREF(t);
+    return r;
+}
+
+static PyObject *k_tiny_run(PyObject *self, PyObject *args) {
+    PyObject *hasher, *entries, *tails, *encode, *pairs, *names, *path, *locations, *scratch;
+    Py_buffer buf, head;
+    Py_ssize_t base, lo, hi, data_start, raw_below;
+    if (!PyArg_ParseTuple(args, "Oy*nO!nnnO!y*OnOO!OOO", &hasher, &buf, &base, &PyTuple_Type, &entries, &lo,
+                          &hi, &data_start, &PyDict_Type, &tails, &head, &encode, &raw_below, &pairs,
+                          &PyList_Type, &names, &path, &locations, &scratch))
+        return NULL;
+    PyObject *result = NULL;
+    char *meta = NULL, *scratch_buf = NULL;
+    Py_ssize_t added = 0;
+    int store = PyList_Check(pairs);
+    if (!store && !(PyDict_Check(locations) && PyDict_Check(scratch))) {
+        PyErr_SetString(PyExc_TypeError, "tiny_run: pairs must be a list, or locations and scratch dicts");
+        goto done;
+    }
+    if (lo < 0 || hi > PyTuple_GET_SIZE(entries) || lo > hi || head.len > 256) {
+        PyErr_SetString(PyExc_ValueError, "tiny_run: bad entry range or head");
+        goto done;
+    }
+    meta = (char *)PyMem_Malloc(1024);
+    scratch_buf = (char *)PyMem_Malloc(TINY_MAX + 1024 + 64);
+    if (meta == NULL || scratch_buf == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    memcpy(meta, head.buf, (size_t)head.len);
+    for (Py_ssize_t i = lo; i < hi; i++) {
+        PyObject *e = PyTuple_GET_ITEM(entries, i);
+        if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) != 5) {
+            PyErr_SetString(PyExc_TypeError, "tiny_run: an entry is not a 5-tuple");
+            goto done;
+        }
+        PyObject *name = PyTuple_GET_ITEM(e, 0), *dtype = PyTuple_GET_ITEM(e, 1), *shape = PyTuple_GET_ITEM(e, 2);
+        Py_ssize_t begin = PyLong_AsSsize_t(PyTuple_GET_ITEM(e, 3));
+        Py_ssize_t end = PyLong_AsSsize_t(PyTuple_GET_ITEM(e, 4));
+        if ((begin == -1 || end == -1) && PyErr_Occurred()) goto done;
+        Py_ssize_t n = end - begin, at = data_start + begin - base;
+        if (begin < 0 || n <= 0 || n >= TINY_MAX || at < 0 || at > buf.len - n) {
+            PyErr_SetString(PyExc_ValueError, "tiny_run: an entry is not a tiny tensor inside the buffer");
+            goto done;
+        }
+        const char *data = (const char *)buf.buf + at;
+        PyObject *key = PyTuple_Pack(2, dtype, shape);
+        if (key == NULL) goto done;
+        PyObject *tail_fs = PyDict_GetItemWithError(tails, key); /* borrowed */
+        Py_DECREF(key);
+        if (tail_fs == NULL) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_KeyError, "tiny_run: no tail for a dtype and shape");
+            goto done;
+        }
+        PyObject *tail;
+        long fs;
+        if (!PyTuple_Check(tail_fs) || PyTuple_GET_SIZE(tail_fs) != 2 || !PyBytes_Check(tail = PyTuple_GET_ITEM(tail_fs, 0))
+            || PyBytes_GET_SIZE(tail) > 1024 - 64 - head.len) {
+            PyErr_SetString(PyExc_TypeError, "tiny_run: a tail is not (bytes, float size)");
+            goto done;
+        }
+        fs = PyLong_AsLong(PyTuple_GET_ITEM(tail_fs, 1));
+        if (fs == -1 && PyErr_Occurred()) goto done;
+
+        PyObject *cid = NULL, *chex = NULL, *tid = NULL, *thex = NULL, *cval = NULL, *tval = NULL, *t = NULL;
+        int ok = 0;
+        cid = object_id(hasher, "chunk", data, n, scratch_buf);
+        if (cid == NULL) goto one_done;
+        chex = hex_of((const unsigned char *)PyBytes_AS_STRING(cid), 32);
+        if (chex == NULL) goto one_done;
+        Py_ssize_t mlen = head.len;
+        memcpy(meta + mlen, PyUnicode_1BYTE_DATA(chex), 64);
+        mlen += 64;
+        memcpy(meta + mlen, PyBytes_AS_STRING(tail), (size_t)PyBytes_GET_SIZE(tail));
+        mlen += PyBytes_GET_SIZE(tail);
+        tid = object_id(hasher, "tensor", meta, mlen, scratch_buf);
+        if (tid == NULL) goto one_done;
+        thex = hex_of((const unsigned char *)PyBytes_AS_STRING(tid), 32);
+        if (thex == NULL) goto one_done;
+        if (store) {
+            cval = stored_value(encode, 0, data, n, fs, raw_below);
+            if (cval == NULL || append_pair(pairs, cid, cval)) goto one_done;
+            tval = stored_value(encode, 1, meta, mlen, 0, raw_below);
+            if (tval == NULL || append_pair(pairs, tid, tval)) goto one_done;
+            added += PyBytes_GET_SIZE(cval) + PyBytes_GET_SIZE(tval);
+        } else {
+            t = Py_BuildValue("(Onn)", path, data_start + begin, n);
+            if (t == NULL || PyDict_SetItem(locations, chex, t)) goto one_done;
+            Py_CLEAR(t);
+            t = PyTuple_Pack(3, dtype, shape, chex);
+            if (t == NULL || PyDict_SetItem(scratch, thex, t)) goto one_done;
+        }
+        if (append_pair(names, name, thex)) goto one_done;
+        ok = 1;
+    one_done:
+        Py_XDECREF(cid);
+        Py_XDECREF(chex);
+        Py_XDECREF(tid);
+        Py_XDECREF(thex);
+        Py_XDECREF(cval);
+        Py_XDECREF(tval);
+        Py_XDECREF(t);
+        if (!ok) goto done;
+    }
+    result = PyLong_FromSsize_t(added);
+done:
+    PyMem_Free(meta);
+    PyMem_Free(scratch_buf);
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&head);
+    return result;
+}
+
+/* verified_raw(hasher, kind, type_code, oids, values, head) -> list
+ *
+ * For stored values read from the store (bytes or None) of objects *oids* (32-byte ids): each
+ * value stored raw (type code, 0, content) whose content hashes to its id gives its content; any
+ * other (None, another codec or type, a wrong hash) gives None, and the caller decodes it the
+ * general way, which also raises the error that names what is wrong. With *head* (bytes, not
+ * None) the content must also begin as a tiny tensor's JSON does, head + 64 lowercase hex digits,
+ * and gives (those digits, the bytes after them): the caller checks that rest. */
+static PyObject *k_verified_raw(PyObject *self, PyObject *args) {
+    PyObject *hasher, *kind_obj, *oids, *values, *head;
+    int type_code;
+    if (!PyArg_ParseTuple(args, "OUiO!O!O", &hasher, &kind_obj, &type_code, &PyList_Type, &oids, &PyList_Type,
+                          &values, &head))
+        return NULL;
+    const char *kind = PyUnicode_AsUTF8(kind_obj);
+    if (kind == NULL) return NULL;
+    if (strlen(kind) > 16 || PyList_GET_SIZE(oids) != PyList_GET_SIZE(values)
+        || (head != Py_None && !PyBytes_Check(head))) {
+        PyErr_SetString(PyExc_ValueError, "verified_raw: bad arguments");
+        return NULL;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(values), hlen = head == Py_None ? 0 : PyBytes_GET_SIZE(head);
+    PyObject *out = PyList_New(count);
+    char *scratch = (char *)PyMem_Malloc(TINY_MAX + 64);
+    if (out == NULL || scratch == NULL) {
+        Py_XDECREF(out);
+        PyMem_Free(scratch);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *v = PyList_GET_ITEM(values, i), *oid = PyList_GET_ITEM(oids, i), *item = NULL;
+        Py_ssize_t n;
+        const char *p;
+        if (!PyBytes_Check(v) || !PyBytes_Check(oid) || PyBytes_GET_SIZE(oid) != 32 || (n = PyBytes_GET_SIZE(v) - 2) < 0
+            || n >= TINY_MAX || (p = PyBytes_AS_STRING(v))[0] != (char)type_code || p[1] != 0)
+            goto none;
+        p += 2;
+        if (head != Py_None) {
+            const char *hp = PyBytes_AS_STRING(head);
+            if (n < hlen + 64 || memcmp(p, hp, (size_t)hlen) != 0) goto none;
+            for (Py_ssize_t j = hlen; j < hlen + 64; j++)
+                if (!((p[j] >= '0' && p[j] <= '9') || (p[j] >= 'a' && p[j] <= 'f'))) goto none;
+        }
+        PyObject *id = object_id(hasher, kind, p, n, scratch);
+        if (id == NULL) goto fail;
+        int same = memcmp(PyBytes_AS_STRING(id), PyBytes_AS_STRING(oid), 32) == 0;
+        Py_DECREF(id);
+        if (!same) goto none;
+        if (head == Py_None) {
+            item = PyBytes_FromStringAndSize(p, n);
+            if (item == NULL) goto fail;
+        } else {
+            PyObject *hex = PyUnicode_DecodeASCII(p + hlen, 64, NULL);
+            PyObject *rest = PyBytes_FromStringAndSize(p + hlen + 64, n - hlen - 64);
+            if (hex != NULL && rest != NULL) item = PyTuple_Pack(2, hex, rest);
+            Py_XDECREF(hex);
+            Py_XDECREF(rest);
+            if (item == NULL) goto fail;
+        }
+        PyList_SET_ITEM(out, i, item);
+        continue;
+    none:
+        Py_INCREF(Py_None);
+        PyList_SET_ITEM(out, i, Py_None);
+    }
+    PyMem_Free(scratch);
+    return out;
+fail:
+    PyMem_Free(scratch);
+    Py_DECREF(out);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"split", k_split, METH_VARARGS, "split(src, dst, k, rotate): elements -> planes"},
     {"merge", k_merge, METH_VARARGS, "merge(planes, dst, k, rotate): k plane buffers -> elements"},
@@ -730,6 +1011,11 @@ static PyMethodDef methods[] = {
     {"scatter", k_scatter, METH_VARARGS, "scatter(base, mask, values, dst, k): base with the changes"},
     {"merge3_bf16", k_merge3_bf16, METH_VARARGS,
      "merge3_bf16(base, ours, theirs, out, mode, w1, w2, w1 + w2) -> conflicts: a three-way merge of bf16 elements"},
+    {"tiny_run", k_tiny_run, METH_VARARGS,
+     "tiny_run(hasher, buf, base, entries, lo, hi, data_start, tails, head, encode, raw_below, pairs, names, "
+     "path, locations, scratch) -> bytes stored: a run of tiny tensors ingested"},
+    {"verified_raw", k_verified_raw, METH_VARARGS,
+     "verified_raw(hasher, kind, type_code, oids, values, head) -> list: raw-stored objects verified"},
     {"huff", k_huff, METH_VARARGS, "huff(src) -> bytes | None: a zstd frame of Huffman-coded literal blocks"},
     {NULL, NULL, 0, NULL},
 };

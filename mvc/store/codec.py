@@ -233,7 +233,7 @@ class Joined:
         return b"".join(self.parts)
 
 
-_RAW_BELOW = 128  # values shorter than this are stored raw
+RAW_BELOW = 128  # values shorter than this are stored raw
 _PLANES_FROM = 1024  # float chunks from this size are split into planes (below: one zstd call, or raw)
 
 
@@ -241,7 +241,7 @@ def encode(type_code: int, data: bytes | bytearray | memoryview, float_size: int
     """Encode *data* for storage (bytes; with *joined*, a planes value may come as a Joined).
     *float_size* is the element size of a floating dtype (2, 4, 8) or 0."""
     n = len(data)
-    if n < _RAW_BELOW:  # nothing to gain that pays for a coder's call (100,000 tiny tensors: measured)
+    if n < RAW_BELOW:  # nothing to gain that pays for a coder's call (100,000 tiny tensors: measured)
         return bytes((type_code, RAW)) + bytes(data)
     if float_size in _UINT and n >= _PLANES_FROM and n % float_size == 0:
         parts = [bytes((type_code, PLANES)), *_plane_parts(split(data, float_size), float_size)]

@@ -32,6 +32,20 @@ def huff(data) -> bytes | None:
     return _native.huff(data) if _on else None
 
 
+def tiny_run(*args) -> int:
+    """The per-tensor work of ingesting a run of tiny tensors (pipeline.Ingestor._tiny_run; the
+    arguments are documented in _kernels.c). Only with the C kernels (pipeline.py does the same a
+    tensor at a time otherwise; tests/test_kernels.py compares the two)."""
+    return _native.tiny_run(*args)
+
+
+def verified_raw(hasher, kind: str, type_code: int, oids: list, values: list, head: bytes | None = None):
+    """For each stored value of *oids*: its content where it is stored raw and hashes to its id,
+    else None (decode it the general way); with *head*, (chunk id, rest) of a tiny tensor's JSON
+    that begins with *head* (_kernels.c). None in place of the list without the C kernels."""
+    return _native.verified_raw(hasher, kind, type_code, oids, values, head) if _on else None
+
+
 #: merge strategies the C kernel computes for bf16 (others: numpy, mvc/merge/engine.py)
 MERGE3_MODES = {None: 0, "average": 1, "task-arithmetic": 2}
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CorruptObjectError, UnsafePathError
 from .ids import is_hex_oid
+
+_first, _second = operator.itemgetter(0), operator.itemgetter(1)
 
 #: safetensors dtype name -> (element size in bytes, is floating point)
 DTYPES: dict[str, tuple[int, bool]] = {
@@ -48,7 +51,7 @@ _HEX_IDS = re.compile(r"(?:[0-9a-f]{64},)*")
 
 def _oids(v: Any, what: str) -> tuple[str, ...]:
     """A list of object ids, checked at once (a file object may list 100,000)."""
-    if not isinstance(v, list) or not all(type(x) is str for x in v):
+    if not isinstance(v, list) or set(map(type, v)) - {str}:
         raise ValueError(f"{what} ids must be a list of strings")
     if v and _HEX_IDS.fullmatch(",".join(v) + ",") is None:
         raise ValueError(f"a {what} is not an object id")
@@ -115,7 +118,7 @@ class File:
     def to_json(self) -> dict:
         d: dict = {"chunks": list(self.chunks), "format": self.format, "size": self.size}
         if self.format == "safetensors":
-            d["tensors"] = [list(t) for t in self.tensors]
+            d["tensors"] = list(map(list, self.tensors))
         return d
 
     @classmethod
@@ -125,10 +128,13 @@ class File:
             raise ValueError(f"unknown file format {fmt!r}")
         tensors: tuple = ()
         if fmt == "safetensors":
-            tensors = tuple((n, t) for n, t in d["tensors"])
-            if not all(type(n) is str for n, _ in tensors):
+            listed = d["tensors"]  # whole passes, not a Python step per tensor (100,000 of them)
+            if type(listed) is not list or set(map(type, listed)) - {list} or set(map(len, listed)) - {2}:
+                raise ValueError("tensors must be a list of [name, tensor id] pairs")
+            tensors = tuple(map(tuple, listed))
+            if set(map(type, map(_first, tensors))) - {str}:
                 raise ValueError("a tensor name is not a string")
-            _oids([t for _, t in tensors], "tensor")
+            _oids(list(map(_second, tensors)), "tensor")
         return cls(fmt, _int(d["size"], "size"), _oids(d["chunks"], "chunk"), tensors)
 
 

@@ -11,7 +11,7 @@ import os
 from ...diff.stats import fill_stats
 from ...diff.trees import FileChange, tensor_changes
 from ...errors import MvcError
-from ...pipeline import Ingestor
+from ...pipeline import Ingestor, Scratch
 from ...store.objects import MODE_FILE, File, Tree
 from ...store.odb import ObjectDB
 from .pointer import parse
@@ -22,7 +22,7 @@ class _View:
 
     def __init__(self, odb: ObjectDB):
         self.odb = odb
-        self.scratch: dict = {}
+        self.scratch = Scratch()
         self.locations: dict = {}
 
     def file(self, path: str, name: str) -> File | None:
