@@ -222,10 +222,9 @@ class LmdbBackend(Backend):
         return self._txn(fn)
 
     def get_many(self, oids):
-        def fn(txn):  # the C loop of getmulti (a file of 100,000 tensors); a missing id gives None
-            with txn.cursor(db=self._objects) as cur:
-                found = dict(cur.getmulti(oids))
-            return list(map(found.get, oids))
+        def fn(txn):
+            get, objects = txn.get, self._objects
+            return [get(o, db=objects) for o in oids]
 
         values = self._txn(fn)
         for i, v in enumerate(values):  # a value in a pack: read on its own (it may move)
