@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from mvc.errors import CorruptObjectError, UnsafePathError
 from mvc.store.ids import hash_object
-from mvc.store.objects import DTYPES, Commit, File, Tensor, Tree, TreeEntry, encode_object, parse_object
+from mvc.store.objects import DTYPES, Commit, File, Tensor, Tree, TreeEntry, canonical_json, encode_object, parse_object
 
 A = "a" * 64
 B = "b" * 64
@@ -39,6 +39,8 @@ def test_file_tree_commit_golden():
                                 b'"tree":"' + A.encode() + b'","tz":60}')
     for obj in (f, t, c):
         assert parse_object(obj.kind, encode_object(obj)) == obj
+    odd = File("safetensors", 10, (A,), (('é"\\', A), ("w", B)))  # the pairs written from tuples
+    assert encode_object(odd) == canonical_json(odd.to_json())
 
 
 def test_tensor_chunk_count_checked():

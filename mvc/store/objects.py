@@ -115,10 +115,12 @@ class File:
 
     kind = "file"
 
-    def to_json(self) -> dict:
+    def to_json(self, copy: bool = True) -> dict:
+        """The JSON fields; *copy* False leaves the tensor pairs as tuples (json writes them as the
+        same arrays, without a list made for each of 100,000 pairs)."""
         d: dict = {"chunks": list(self.chunks), "format": self.format, "size": self.size}
         if self.format == "safetensors":
-            d["tensors"] = list(map(list, self.tensors))
+            d["tensors"] = list(map(list, self.tensors)) if copy else self.tensors
         return d
 
     @classmethod
@@ -293,6 +295,8 @@ def encode_object(obj) -> bytes:
         fast = _encode_tensor(obj)
         if fast is not None:
             return fast
+    if type(obj) is File:
+        return canonical_json(obj.to_json(copy=False))
     return canonical_json(obj.to_json())
 
 
