@@ -8,8 +8,11 @@ chunks per worker, whatever the size of the model or its largest tensor.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import io
+import itertools
+import operator
 import os
 import stat
 from collections import deque
@@ -54,6 +57,7 @@ def _fileno(f) -> int | None:
 _INLINE_BELOW = 64 << 10  # chunks smaller than this are hashed and encoded by the main thread
 _TINY = 4096  # tensors smaller than this: read in runs, stored in full, never looked up first
 _TINY_READ = 1 << 20
+_first, _second = operator.itemgetter(0), operator.itemgetter(1)
 _META_BLOCK = 4096  # tensor objects read in one transaction while streaming a file out
 
 
@@ -559,19 +563,36 @@ class Materializer:
             offset += n
         if offset != head:
             raise _Misfit()
-        for t in tensors:
-            if type(t) is tuple:  # a tiny tensor: one chunk
-                out.append((t[0], offset, t[1], True, True))
-                offset += t[1]
+        bulk = not self.locations  # (chunks read from the work tree are placed one by one)
+        for tiny_run, group in itertools.groupby(tensors, key=_tiny_hit if bulk else _never):
+            if tiny_run:  # adjacent tiny tensors of one chunk each: taken in whole passes
+                group = list(group)
+                offset = _bulk_items(out, list(map(_first, group)), list(map(_second, group)), offset)
                 continue
-            left = t.nbytes
-            for j, c in enumerate(t.chunks):
-                n = min(t.chunk_size, left)
-                out.append((c, offset, n, True, j == 0))
-                offset, left = offset + n, left - n
-            if not t.chunks:
-                out.append((None, offset, 0, True, True))
+            for t in group:
+                if type(t) is tuple:  # a tensor of one chunk
+                    out.append((t[0], offset, t[1], True, True))
+                    offset += t[1]
+                    continue
+                left = t.nbytes
+                for j, c in enumerate(t.chunks):
+                    n = min(t.chunk_size, left)
+                    out.append((c, offset, n, True, j == 0))
+                    offset, left = offset + n, left - n
+                if not t.chunks:
+                    out.append((None, offset, 0, True, True))
         return out
+
+    def _place_bulk(self, item: _Bulk, fd: int) -> None:
+        """Write adjacent tiny tensors' chunks from the store: one read transaction, one write."""
+        datas = self.odb.read_chunks(item.cids)
+        if list(map(len, datas)) != item.sizes:
+            i = next(i for i, (d, n) in enumerate(zip(datas, item.sizes)) if len(d) != n)
+            raise CorruptObjectError(item.cids[i], f"{len(datas[i])} bytes where its tensor needs {item.sizes[i]}")
+        view, done = memoryview(b"".join(datas)), 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], item.offset + done)
+        self.progress.advance(nbytes=len(view), tensors=len(item.cids))
 
     def _place_run(self, run: list, fd: int) -> None:
         """Write a run of adjacent tiny chunks from the store: one read transaction, one write."""
@@ -593,6 +614,12 @@ class Materializer:
         run_bytes = 0
         try:
             for item in self._plan(file):
+                if type(item) is _Bulk:
+                    if run:
+                        self._place_run(run, fd)
+                        run_bytes = 0
+                    self._place_bulk(item, fd)
+                    continue
                 cid, offset, n, in_tensor, starts = item
                 if cid is None:
                     self.progress.advance(tensors=1)
@@ -637,6 +664,38 @@ class Materializer:
         buf = io.BytesIO()
         self.write(file_oid, buf)
         return buf.getvalue()
+
+
+class _Bulk:
+    """Adjacent tiny tensors of one chunk each, in a checkout's plan: their chunk ids and sizes,
+    and the offset of the first (at most _TINY_READ bytes in all, or one tensor)."""
+
+    __slots__ = ("cids", "offset", "sizes")
+
+    def __init__(self, cids: list, offset: int, sizes: list):
+        self.cids, self.offset, self.sizes = cids, offset, sizes
+
+
+def _tiny_hit(t) -> bool:
+    return type(t) is tuple and t[1] < _TINY
+
+
+def _never(_t) -> bool:
+    return False
+
+
+def _bulk_items(out: list, cids: list, sizes: list, offset: int) -> int:
+    """Append _Bulk items for adjacent tiny chunks (*sizes* bytes each, from *offset*) to *out*,
+    each at most _TINY_READ bytes; return the offset after them."""
+    ends = list(itertools.accumulate(sizes))
+    start = 0
+    while start < len(sizes):
+        before = ends[start - 1] if start else 0
+        stop = max(bisect.bisect_right(ends, before + _TINY_READ, start), start + 1)
+        out.append(_Bulk(cids[start:stop], offset, sizes[start:stop]))
+        offset += ends[stop - 1] - before
+        start = stop
+    return offset
 
 
 #: the probe that chooses how to store a chunk: this many blocks of elements, evenly spread

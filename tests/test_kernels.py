@@ -405,3 +405,37 @@ def test_verified_raw_on_any_bytes(cases, head):
             assert out == content
         else:
             assert content == head + out[0].encode() + out[1]
+
+
+def test_checkout_of_tiny_tensors_in_several_bulk_writes(tmp_path, rng):
+    """More tiny tensors than one read takes (1 MiB), a large one and an empty one among them: the
+    checkout plan's bulk items split where they must, and the file comes back bit for bit; a
+    flipped byte in one tiny chunk is refused and nothing is written."""
+    from mvc import Repo
+    from mvc.errors import CorruptObjectError
+    from tests.helpers import sha256
+    from tests.test_safety import flip_stored_byte
+
+    root = tmp_path / "r"
+    repo = Repo.init(root)
+    try:
+        # tensor objects of 128 bytes or more: zstd-coded (I8 (4000,)); under: raw (F32 (3,))
+        tensors = {f"t{i}": ("I8", (4000 - i % 3,), rng.bytes(4000 - i % 3)) for i in range(700)}
+        tensors["big"] = ("F32", (300, 300), rng.standard_normal(90000).astype(np.float32).tobytes())
+        tensors["empty"] = ("F32", (0,), b"")
+        tensors.update({f"u{i}": ("F32", (3,), rng.bytes(12)) for i in range(300)})
+        write_safetensors(root / "m.safetensors", tensors)
+        want = sha256(root / "m.safetensors")
+        first = repo.commit("tiny")
+        os.remove(root / "m.safetensors")
+        repo.checkout(first, force=True)
+        assert sha256(root / "m.safetensors") == want
+        file = repo.odb.get(repo.tree_of(first).entries[0].oid, "file")
+        tensor = repo.odb.get(dict(file.tensors)["t650"], "tensor")
+        flip_stored_byte(repo, tensor.chunks[0])
+        os.remove(root / "m.safetensors")
+        with pytest.raises(CorruptObjectError):
+            repo.checkout(first, force=True)
+        assert not (root / "m.safetensors").exists()
+    finally:
+        repo.close()

@@ -314,12 +314,19 @@ class ObjectDB:
 
     def tiny_tensors(self, hex_ids: list[str], head: bytes) -> list:
         """For each tensor id: (its one chunk's id, its size in bytes) where the tensor object is
-        stored raw, verified, and is the JSON that tiny_tensor_json makes (*head*, the chunk id,
-        then the part that names dtype and shape); None for any other, to be read by get_many.
-        Needs the C kernels (all None without them)."""
+        stored whole (raw or zstd), verified, and is the JSON that tiny_tensor_json makes (*head*,
+        the chunk id, then the part that names dtype and shape); None for any other, to be read by
+        get_many. Needs the C kernels (all None without them)."""
         oids = list(map(bytes.fromhex, hex_ids))
         values = self.backend.get_many(oids) if kernels.native() else []
         self._account(sum(map(len, filter(None, values))))
+        raw = bytes((TENSOR, codec.RAW))
+        for i, v in enumerate(values):  # zstd-coded ones (JSON of 128 bytes or more): decoded here
+            if v is not None and len(v) > 1 and v[1] == codec.ZSTD and v[0] == TENSOR:
+                try:
+                    values[i] = raw + codec.decode(v)[1]
+                except CorruptObjectError:
+                    pass  # left as it is: get_many reads it again and names the damage
         found = kernels.verified_raw(blake3.blake3, "tensor", TENSOR, oids, values, head)
         if found is None:
             return [None] * len(hex_ids)
