@@ -30,6 +30,7 @@ from .store.backend import Backend
 from .store.ids import TYPE_CODE, hash_object
 from .store.objects import DTYPES, File, Tensor, encode_object
 from .store.odb import CHUNK, ObjectDB, encode_chunk
+from .store.packs import pwrite_all
 
 TENSOR = TYPE_CODE["tensor"]
 
@@ -349,18 +350,16 @@ class Ingestor:
         offset, n = header.header_size + first.begin, last.end - first.begin
         buf = os.pread(fd, n, offset)
         _check_read(f, buf, n)
-        tails = _tiny_tails(entries, lo, hi)
+        pairs = [] if self.store else None  # stored: values to write; else locations and scratch
+        places = (None, None) if self.store else (self.locations, self.scratch)
+        added = kernels.tiny_run(blake3.blake3, buf, offset, entries, lo, hi, header.header_size,
+                                 _tiny_tails(entries, lo, hi), _TINY_HEAD, codec.encode, codec.RAW_BELOW, pairs,
+                                 names, path, *places)
         if self.store:
-            pairs: list = []
-            added = kernels.tiny_run(blake3.blake3, buf, offset, entries, lo, hi, header.header_size, tails,
-                                     _TINY_HEAD, codec.encode, codec.RAW_BELOW, pairs, names, path, None, None)
             self._batch.extend(pairs)
             self._batch_bytes += added
             if self._batch_bytes >= self._batch_limit:
                 self.flush()
-        else:
-            kernels.tiny_run(blake3.blake3, buf, offset, entries, lo, hi, header.header_size, tails, _TINY_HEAD,
-                             codec.encode, codec.RAW_BELOW, None, names, path, self.locations, self.scratch)
         self.progress.advance(nbytes=n, tensors=hi - lo)
         return hi
 
@@ -583,29 +582,23 @@ class Materializer:
                     out.append((None, offset, 0, True, True))
         return out
 
-    def _place_bulk(self, item: _Bulk, fd: int) -> None:
-        """Write adjacent tiny tensors' chunks from the store: one read transaction, one write."""
+    def _place_bulk(self, item: _Bulk, fd: int, tensors: int | None = None, header: list | None = None) -> None:
+        """Write adjacent tiny chunks from the store: one read transaction, one write. *header*:
+        which of them are header chunks (a length that does not fit them is a _Misfit, not damage);
+        *tensors*: how many tensors they start (default: one each)."""
         datas = self.odb.read_chunks(item.cids)
         if list(map(len, datas)) != item.sizes:
             i = next(i for i, (d, n) in enumerate(zip(datas, item.sizes)) if len(d) != n)
+            if header is not None and header[i]:
+                raise _Misfit()
             raise CorruptObjectError(item.cids[i], f"{len(datas[i])} bytes where its tensor needs {item.sizes[i]}")
-        view, done = memoryview(b"".join(datas)), 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], item.offset + done)
-        self.progress.advance(nbytes=len(view), tensors=len(item.cids))
+        pwrite_all(fd, [b"".join(datas)], item.offset)  # one buffer: pwritev takes at most IOV_MAX
+        self.progress.advance(nbytes=sum(item.sizes), tensors=len(item.cids) if tensors is None else tensors)
 
     def _place_run(self, run: list, fd: int) -> None:
-        """Write a run of adjacent tiny chunks from the store: one read transaction, one write."""
-        datas = self.odb.read_chunks([r[0] for r in run])
-        for (cid, _offset, n, in_tensor, _starts), data in zip(run, datas):
-            if len(data) != n:
-                if not in_tensor:
-                    raise _Misfit()
-                raise CorruptObjectError(cid, f"{len(data)} bytes where its tensor needs {n}")
-        view, done, offset = memoryview(b"".join(datas)), 0, run[0][1]
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], offset + done)
-        self.progress.advance(nbytes=len(view), tensors=sum(1 for r in run if r[4]))
+        """Write a run of adjacent tiny chunks of the plan (header chunks among them) as one bulk."""
+        self._place_bulk(_Bulk([r[0] for r in run], run[0][1], [r[2] for r in run]), fd,
+                         tensors=sum(1 for r in run if r[4]), header=[not r[3] for r in run])
         run.clear()
 
     def _place_all(self, file: File, fd: int) -> None:

@@ -85,7 +85,7 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _pwrite_all(fd: int, buffers: list, pos: int) -> None:
+def pwrite_all(fd: int, buffers: list, pos: int) -> None:
     """Write *buffers* one after the other at *pos* (one pwritev; again from where a short write
     stopped)."""
     views = [memoryview(b).cast("B") for b in buffers]
@@ -195,7 +195,7 @@ class PackSet:
                 pos = self._end
                 for oid, value in items:
                     parts = value.parts if isinstance(value, Joined) else [value]
-                    _pwrite_all(self._fd, [_REC.pack(oid, len(value)), *parts], pos)
+                    pwrite_all(self._fd, [_REC.pack(oid, len(value)), *parts], pos)
                     pos += _REC.size
                     out.append(locator(self._id, pos, len(value)))
                     pos += len(value)
