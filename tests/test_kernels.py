@@ -439,3 +439,170 @@ def test_checkout_of_tiny_tensors_in_several_bulk_writes(tmp_path, rng):
         assert not (root / "m.safetensors").exists()
     finally:
         repo.close()
+
+
+_DTYPES = ["F32", "BF16", "I8", "F64", "BOOL", "F8_E4M3", "X9", "f32"]
+
+
+@st.composite
+def _headers(draw):
+    """A safetensors header's bytes and its data region's size: mostly plain and valid, then bent
+    (keys reordered or repeated, other keys, floats, big or negative numbers, holes, escapes,
+    metadata of any JSON, whitespace, and finally a byte deleted, replaced or inserted)."""
+    import json
+
+    n = draw(st.integers(0, 6))
+    letters = st.sampled_from("ab.é_0:{}[]") if draw(st.booleans()) else st.characters(codec="utf-8")
+    names = draw(st.lists(st.text(letters, max_size=6), min_size=n, max_size=n))
+    head, off = {}, 0
+    for name in names:
+        dtype = draw(st.sampled_from(_DTYPES[:6]) if draw(st.integers(0, 9)) else st.sampled_from(_DTYPES))
+        shape = draw(st.lists(st.integers(0, 4), max_size=3))
+        if not draw(st.integers(0, 14)):
+            shape = draw(st.lists(st.sampled_from([-1, 0, 1, 2**31, 2**62, 2**64, 10**18, 1.0, True]), max_size=4))
+        size = {"F32": 4, "BF16": 2, "I8": 1, "F64": 8, "BOOL": 1, "F8_E4M3": 1}.get(dtype, 1)
+        nbytes = size * int(np.prod([d for d in shape if isinstance(d, int)] or [1]))
+        offsets = [off, off + nbytes] if draw(st.integers(0, 9)) else draw(
+            st.lists(st.integers(-1, 40), min_size=1, max_size=3))
+        off += nbytes if nbytes < 2**20 else 0
+        info = {"dtype": dtype, "shape": shape, "data_offsets": offsets}
+        order = draw(st.permutations(list(info)))
+        info = {k: info[k] for k in order}
+        if not draw(st.integers(0, 14)):
+            info["extra"] = draw(st.sampled_from([1, "x", None, [1]]))
+        head[name] = info
+    if draw(st.booleans()):
+        head["__metadata__"] = draw(st.dictionaries(st.text(max_size=3), st.text(max_size=3) | st.integers(), max_size=3)
+                                    if draw(st.integers(0, 4)) else st.sampled_from([None, [], 1, "m"]))
+    items = list(head.items())
+    if items and not draw(st.integers(0, 9)):
+        items.append(draw(st.sampled_from(items)))  # a repeated key
+    sep = draw(st.sampled_from([(",", ":"), (", ", ": "), (",\n", " :\t")]))
+    ascii_ = draw(st.booleans())  # else UTF-8 as it is, as the safetensors library writes it
+    body = "{" + sep[0].join(f"{json.dumps(k, ensure_ascii=ascii_)}{sep[1]}"
+                             f"{json.dumps(v, separators=sep, ensure_ascii=ascii_)}" for k, v in items) + "}"
+    raw = body.encode() + b" " * draw(st.integers(0, 7))
+    data_size = off + (0 if draw(st.integers(0, 9)) else draw(st.integers(-1, 3)))
+    if draw(st.integers(0, 3)) == 0 and raw:
+        at = draw(st.integers(0, len(raw) - 1))
+        how = draw(st.sampled_from(["delete", "replace", "insert"]))
+        byte = bytes([draw(st.sampled_from([0, 9, 34, 44, 45, 46, 48, 49, 58, 91, 92, 93, 123, 125, 128, 255]))])
+        raw = raw[:at] + (b"" if how == "delete" else byte) + raw[at + (how != "insert"):]
+    return raw, max(data_size, 0)
+
+
+@given(_headers())
+@settings(max_examples=1000, deadline=None)
+def test_safetensors_header_in_c_accepts_and_refuses_what_python_does(case):
+    """The C pass over a safetensors header (kernels.safetensors_header) gives the same Header as
+    the Python parser, or declines; with it on or off parse_header accepts, refuses and words its
+    error the same."""
+    import struct
+
+    from mvc.errors import InvalidFileError
+    from mvc.formats import safetensors as sf
+
+    raw, data_size = case
+    prefix = struct.pack("<Q", len(raw)) + raw
+    out = []
+    for on in (True, False):
+        kernels.use_native(on)
+        try:
+            out.append(sf.parse_header(prefix, len(prefix) + data_size, "m.safetensors"))
+        except InvalidFileError as e:
+            out.append(str(e))
+        finally:
+            kernels.use_native(True)
+    assert out[0] == out[1]
+    fast = kernels.safetensors_header(raw, data_size, sf._SIZE, sf.Entry)
+    if fast is not None:
+        assert isinstance(out[1], sf.Header) and (fast[0], fast[1]) == (out[1].entries, out[1].metadata)
+        assert all(type(e) is sf.Entry for e in fast[0])
+
+
+def test_safetensors_header_in_c_takes_a_plain_header(tmp_path):
+    """A header as the safetensors library writes it (metadata, many tensors out of name order) is
+    parsed by the C pass, not left to Python."""
+    from safetensors.numpy import save_file
+
+    from mvc.formats import safetensors as sf
+
+    path = tmp_path / "m.safetensors"
+    save_file({f"t{i}": np.full((i % 3, 2), i, np.float32) for i in range(50)} | {"é": np.zeros(3, np.int8)},
+              str(path), metadata={"format": "pt"})
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    fast = kernels.safetensors_header(data[8:8 + n], len(data) - 8 - n, sf._SIZE, sf.Entry)
+    assert fast is not None and fast[1] == {"format": "pt"} and len(fast[0]) == 51
+    kernels.use_native(False)
+    try:
+        assert sf.parse_header(data, len(data), str(path)).entries == fast[0]
+    finally:
+        kernels.use_native(True)
+
+
+_hex_ids = st.text("0123456789abcdef", min_size=64, max_size=64)
+
+
+@st.composite
+def _file_objects(draw):
+    """A safetensors file object, and its canonical bytes perhaps bent (a byte deleted, replaced
+    or inserted; an id in capitals; a space; another key)."""
+    from mvc.store.objects import File, canonical_json
+
+    letters = st.sampled_from('ab.é_0:,[]{}"\\\n\x7f') if draw(st.booleans()) else st.characters(codec="utf-8")
+    names = st.text(letters, max_size=6)
+    f = File("safetensors", draw(st.integers(0, 2**70) if not draw(st.integers(0, 9)) else st.integers(0, 9999)),
+             tuple(draw(st.lists(_hex_ids, max_size=2))), tuple(draw(st.lists(st.tuples(names, _hex_ids), max_size=5))))
+    raw = canonical_json(f.to_json())
+    how = draw(st.sampled_from(["keep", "keep", "delete", "replace", "insert", "upper", "key"]))
+    if how == "upper":
+        raw = raw.replace(b"a", b"A", 1)
+    elif how == "key":
+        raw = raw[:-1] + b',"x":1}'
+    elif how != "keep":
+        at = draw(st.integers(0, len(raw) - 1))
+        byte = bytes([draw(st.sampled_from([0, 32, 34, 44, 48, 49, 58, 91, 92, 93, 97, 123, 125, 195, 255]))])
+        raw = raw[:at] + (b"" if how == "delete" else byte) + raw[at + (how != "insert"):]
+    return f, raw
+
+
+@given(_file_objects())
+@settings(max_examples=1000, deadline=None)
+def test_file_objects_in_c_read_and_write_what_python_does(case):
+    """kernels.file_json writes canonical_json's bytes or declines; parse_object with the C reader
+    on or off accepts the same bytes, refuses the same bytes and gives the same File."""
+    from mvc.errors import CorruptObjectError
+    from mvc.store.objects import File, canonical_json, encode_object, parse_object
+
+    f, raw = case
+    fast = kernels.file_json(f.chunks, f.size, f.tensors)
+    if fast is not None:
+        assert fast == canonical_json(f.to_json())
+    out = []
+    for on in (True, False):
+        kernels.use_native(on)
+        try:
+            out.append(encode_object(f))
+            try:
+                out.append(parse_object("file", raw))
+            except CorruptObjectError as e:
+                out.append(str(e))
+        finally:
+            kernels.use_native(True)
+    assert out[:2] == out[2:]
+    parsed = kernels.file_object(raw)
+    if parsed is not None:  # only canonical bytes are read in C
+        chunks, size, tensors = parsed
+        assert canonical_json(File("safetensors", size, chunks, tensors).to_json()) == raw
+
+
+def test_file_objects_in_c_take_the_common_form():
+    """A file object of plain names is written and read by the C pass, not left to json."""
+    from mvc.store.objects import File, canonical_json
+
+    f = File("safetensors", 12, ("0" * 64,), tuple((f"layer.{i}.é", f"{i:064x}") for i in range(100)))
+    raw = kernels.file_json(f.chunks, f.size, f.tensors)
+    assert raw == canonical_json(f.to_json())
+    assert kernels.file_object(raw) == (f.chunks, f.size, f.tensors)
+    assert kernels.file_json(f.chunks, f.size, f.tensors + (("a\"b", "0" * 64),)) is None

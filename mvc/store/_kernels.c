@@ -1002,6 +1002,474 @@ fail:
     return NULL;
 }
 
+/* safetensors_header(raw, data_size, sizes, entry_type) -> (entries, metadata) | None
+ *
+ * formats/safetensors.parse_header's common case in one pass: *raw* is the header's JSON, an
+ * object of tensors {"dtype": str, "shape": [int, ...], "data_offsets": [int, int]} (those three
+ * keys, each once, in any order) and at most one "__metadata__" object of strings. Strings hold
+ * no escapes and no control characters, integers are plain digits (at most 18), whitespace is
+ * JSON's. Returns the entries as *entry_type* tuples (name, dtype, shape, begin, end) sorted by
+ * (begin, end), file order among equals, and the metadata dict or None, when every check of
+ * parse_header holds: a known dtype (*sizes*: name -> element size), no repeated key anywhere,
+ * begin <= end <= data_size, the shape's running product under 2^64, end - begin = size x
+ * elements, and the entries tiling the data region. Anything else, valid or not, gives None and
+ * the Python parser decides (and names what is wrong): this never accepts what it refuses
+ * (tests/test_kernels.py). No recursion; every size is bounded by the header's length. */
+typedef struct {
+    const unsigned char *p, *end;
+} st_cur;
+
+static inline void st_ws(st_cur *c) {
+    while (c->p < c->end && (*c->p == ' ' || *c->p == '\n' || *c->p == '\r' || *c->p == '\t')) c->p++;
+}
+
+static inline int st_lit(st_cur *c, unsigned char ch) {
+    st_ws(c);
+    if (c->p < c->end && *c->p == ch) {
+        c->p++;
+        return 1;
+    }
+    return 0;
+}
+
+/* a string without escapes or control characters: its bytes are [*s, *s + *n) */
+static int st_str(st_cur *c, const unsigned char **s, Py_ssize_t *n) {
+    st_ws(c);
+    if (c->p >= c->end || *c->p != '"') return 0;
+    const unsigned char *q = ++c->p;
+    while (q < c->end && *q != '"') {
+        if (*q == '\\' || *q < 0x20) return 0;
+        q++;
+    }
+    if (q >= c->end) return 0;
+    *s = c->p;
+    *n = q - c->p;
+    c->p = q + 1;
+    return 1;
+}
+
+/* a non-negative integer of at most 18 digits, no leading zero (JSON's form) */
+static int st_num(st_cur *c, int64_t *v) {
+    st_ws(c);
+    const unsigned char *q = c->p;
+    int64_t x = 0;
+    while (q < c->end && *q >= '0' && *q <= '9' && q - c->p < 19) x = 10 * x + (*q++ - '0');
+    Py_ssize_t digits = q - c->p;
+    if (digits == 0 || digits > 18 || (digits > 1 && *c->p == '0')) return 0;
+    if (q < c->end && ((*q >= '0' && *q <= '9') || *q == '.' || *q == 'e' || *q == 'E')) return 0;
+    c->p = q;
+    *v = x;
+    return 1;
+}
+
+static PyObject *st_decode(const unsigned char *s, Py_ssize_t n) {
+    PyObject *u = PyUnicode_DecodeUTF8((const char *)s, n, "strict");
+    if (u == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) PyErr_Clear(); /* Python says it */
+    return u;
+}
+
+typedef struct {
+    int64_t begin, end;
+    Py_ssize_t index;
+} st_span;
+
+static int st_span_cmp(const void *a, const void *b) {
+    const st_span *x = (const st_span *)a, *y = (const st_span *)b;
+    if (x->begin != y->begin) return x->begin < y->begin ? -1 : 1;
+    if (x->end != y->end) return x->end < y->end ? -1 : 1;
+    return x->index < y->index ? -1 : (x->index > y->index);
+}
+
+#define ST_DTYPES 64
+#define ST_RANK 64
+
+static PyObject *k_safetensors_header(PyObject *self, PyObject *args) {
+    Py_buffer raw;
+    long long data_size;
+    PyObject *sizes, *etype_obj;
+    if (!PyArg_ParseTuple(args, "y*LO!O!", &raw, &data_size, &PyDict_Type, &sizes, &PyType_Type, &etype_obj))
+        return NULL;
+    PyTypeObject *etype = (PyTypeObject *)etype_obj;
+    PyObject *names = NULL, *meta = NULL, *rows = NULL, *result = NULL, *entries = NULL;
+    st_span *spans = NULL;
+    Py_ssize_t count = 0, room = 0;
+    /* the dtype names: their str objects are the entries' dtypes */
+    const char *dt_name[ST_DTYPES];
+    Py_ssize_t dt_len[ST_DTYPES];
+    PyObject *dt_obj[ST_DTYPES];
+    int64_t dt_size[ST_DTYPES];
+    int ndt = 0;
+    if (!PyType_IsSubtype(etype, &PyTuple_Type) || etype->tp_basicsize != PyTuple_Type.tp_basicsize
+        || etype->tp_itemsize != PyTuple_Type.tp_itemsize || data_size < 0) {
+        PyErr_SetString(PyExc_TypeError, "safetensors_header: entry_type must be a plain tuple subclass");
+        goto done;
+    }
+    {
+        PyObject *k, *v;
+        Py_ssize_t pos = 0;
+        while (PyDict_Next(sizes, &pos, &k, &v)) {
+            if (ndt == ST_DTYPES || !PyUnicode_Check(k) || !PyLong_Check(v)) {
+                PyErr_SetString(PyExc_TypeError, "safetensors_header: sizes must map at most 64 str to int");
+                goto done;
+            }
+            dt_name[ndt] = PyUnicode_AsUTF8AndSize(k, &dt_len[ndt]);
+            dt_size[ndt] = PyLong_AsLongLong(v);
+            if (dt_name[ndt] == NULL || (dt_size[ndt] == -1 && PyErr_Occurred())) goto done;
+            if (dt_size[ndt] < 1 || dt_size[ndt] > 64) {
+                PyErr_SetString(PyExc_ValueError, "safetensors_header: an element size out of range");
+                goto done;
+            }
+            dt_obj[ndt++] = k;
+        }
+    }
+    if ((names = PyDict_New()) == NULL || (rows = PyList_New(0)) == NULL) goto done;
+    st_cur c = {(const unsigned char *)raw.buf, (const unsigned char *)raw.buf + raw.len};
+    const unsigned char *s;
+    Py_ssize_t n;
+    int seen_meta = 0;
+    if (!st_lit(&c, '{')) goto none;
+    if (!st_lit(&c, '}')) {
+        do {
+            if (!st_str(&c, &s, &n) || !st_lit(&c, ':')) goto none;
+            if (n == 12 && memcmp(s, "__metadata__", 12) == 0) {
+                if (seen_meta++ || (meta = PyDict_New()) == NULL || !st_lit(&c, '{')) goto none_or_error;
+                if (!st_lit(&c, '}')) {
+                    do {
+                        const unsigned char *vs;
+                        Py_ssize_t vn;
+                        if (!st_str(&c, &s, &n) || !st_lit(&c, ':') || !st_str(&c, &vs, &vn)) goto none;
+                        PyObject *k = st_decode(s, n), *v;
+                        if (k == NULL) goto none_or_error;
+                        if ((v = st_decode(vs, vn)) == NULL) {
+                            Py_DECREF(k);
+                            goto none_or_error;
+                        }
+                        int had = PyDict_Contains(meta, k);
+                        int bad = had != 0 || PyDict_SetItem(meta, k, v) < 0;
+                        Py_DECREF(k);
+                        Py_DECREF(v);
+                        if (bad) goto none_or_error;
+                    } while (st_lit(&c, ','));
+                    if (!st_lit(&c, '}')) goto none;
+                }
+                continue;
+            }
+            PyObject *name = st_decode(s, n);
+            if (name == NULL) goto none_or_error;
+            int had = PyDict_Contains(names, name);
+            if (had != 0 || PyDict_SetItem(names, name, Py_None) < 0) {
+                Py_DECREF(name);
+                goto none_or_error;
+            }
+            /* the tensor's object: dtype, shape, data_offsets */
+            int have = 0, dt = -1, rank = 0;
+            int64_t dims[ST_RANK], begin = 0, end = 0;
+            if (!st_lit(&c, '{')) {
+                Py_DECREF(name);
+                goto none;
+            }
+            do {
+                if (!st_str(&c, &s, &n) || !st_lit(&c, ':')) goto bad_tensor;
+                if (n == 5 && memcmp(s, "dtype", 5) == 0 && !(have & 1)) {
+                    have |= 1;
+                    if (!st_str(&c, &s, &n)) goto bad_tensor;
+                    for (int j = 0; j < ndt; j++)
+                        if (dt_len[j] == n && memcmp(dt_name[j], s, (size_t)n) == 0) dt = j;
+                    if (dt < 0) goto bad_tensor;
+                } else if (n == 5 && memcmp(s, "shape", 5) == 0 && !(have & 2)) {
+                    have |= 2;
+                    if (!st_lit(&c, '[')) goto bad_tensor;
+                    if (!st_lit(&c, ']')) {
+                        do {
+                            if (rank == ST_RANK || !st_num(&c, &dims[rank])) goto bad_tensor;
+                            rank++;
+                        } while (st_lit(&c, ','));
+                        if (!st_lit(&c, ']')) goto bad_tensor;
+                    }
+                } else if (n == 12 && memcmp(s, "data_offsets", 12) == 0 && !(have & 4)) {
+                    have |= 4;
+                    if (!st_lit(&c, '[') || !st_num(&c, &begin) || !st_lit(&c, ',') || !st_num(&c, &end)
+                        || !st_lit(&c, ']'))
+                        goto bad_tensor;
+                } else {
+                    goto bad_tensor;
+                }
+            } while (st_lit(&c, ','));
+            if (have != 7 || !st_lit(&c, '}')) goto bad_tensor;
+            /* parse_header's checks: bounds, the running product under 2^64, size x elements */
+            uint64_t elements = 1, bytes;
+            for (int j = 0; j < rank; j++)
+                if (__builtin_mul_overflow(elements, (uint64_t)dims[j], &elements)) goto bad_tensor;
+            if (begin > end || end > data_size || __builtin_mul_overflow(elements, (uint64_t)dt_size[dt], &bytes)
+                || bytes != (uint64_t)(end - begin))
+                goto bad_tensor;
+            PyObject *shape = PyTuple_New(rank);
+            if (shape == NULL) {
+                Py_DECREF(name);
+                goto done;
+            }
+            for (int j = 0; j < rank; j++) {
+                PyObject *d = PyLong_FromLongLong(dims[j]);
+                if (d == NULL) {
+                    Py_DECREF(shape);
+                    Py_DECREF(name);
+                    goto done;
+                }
+                PyTuple_SET_ITEM(shape, j, d);
+            }
+            PyObject *e = etype->tp_alloc(etype, 5), *b = PyLong_FromLongLong(begin), *f = PyLong_FromLongLong(end);
+            if (e == NULL || b == NULL || f == NULL) {
+                Py_XDECREF(e);
+                Py_XDECREF(b);
+                Py_XDECREF(f);
+                Py_DECREF(shape);
+                Py_DECREF(name);
+                goto done;
+            }
+            Py_INCREF(dt_obj[dt]);
+            PyTuple_SET_ITEM(e, 0, name);
+            PyTuple_SET_ITEM(e, 1, dt_obj[dt]);
+            PyTuple_SET_ITEM(e, 2, shape);
+            PyTuple_SET_ITEM(e, 3, b);
+            PyTuple_SET_ITEM(e, 4, f);
+            int r = PyList_Append(rows, e);
+            Py_DECREF(e);
+            if (r < 0) goto done;
+            if (count == room) {
+                room = room ? 2 * room : 1024;
+                st_span *more = (st_span *)PyMem_Realloc(spans, (size_t)room * sizeof(st_span));
+                if (more == NULL) {
+                    PyErr_NoMemory();
+                    goto done;
+                }
+                spans = more;
+            }
+            spans[count].begin = begin;
+            spans[count].end = end;
+            spans[count].index = count;
+            count++;
+            continue;
+        bad_tensor:
+            Py_DECREF(name);
+            goto none;
+        } while (st_lit(&c, ','));
+        if (!st_lit(&c, '}')) goto none;
+    }
+    st_ws(&c);
+    if (c.p != c.end) goto none;
+    /* the entries tile the data region: sorted by (begin, end), each begins where the last ended */
+    if (count) qsort(spans, (size_t)count, sizeof(st_span), st_span_cmp);
+    int64_t at = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (spans[i].begin != at) goto none;
+        at = spans[i].end;
+    }
+    if (at != data_size) goto none;
+    if ((entries = PyTuple_New(count)) == NULL) goto done;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *e = PyList_GET_ITEM(rows, spans[i].index);
+        Py_INCREF(e);
+        PyTuple_SET_ITEM(entries, i, e);
+    }
+    result = PyTuple_Pack(2, entries, meta ? meta : Py_None);
+    goto done;
+none_or_error:
+    if (PyErr_Occurred()) goto done;
+none:
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    PyMem_Free(spans);
+    Py_XDECREF(names);
+    Py_XDECREF(meta);
+    Py_XDECREF(rows);
+    Py_XDECREF(entries);
+    PyBuffer_Release(&raw);
+    return result;
+}
+
+/* file_object(content) -> (chunks, size, tensors) | None
+ * file_json(chunks, size, tensors) -> bytes | None
+ *
+ * The canonical JSON of a safetensors file object (docs/format.md §4: keys sorted, no spaces,
+ * UTF-8) for the common case, read and written in one pass (a file object may list 100,000
+ * tensors): {"chunks":[ids],"format":"safetensors","size":N,"tensors":[["name","id"],...]}, ids
+ * 64 lowercase hex digits, N plain digits, names valid UTF-8 holding neither a quote, a backslash
+ * nor a control character (json.dumps writes such a name as it is). file_object accepts exactly
+ * those bytes and file_json writes exactly what objects.canonical_json writes; anything else gives
+ * None and Python decides (tests/test_kernels.py). */
+static int fo_lit(const char **p, const char *end, const char *s, Py_ssize_t n) {
+    if (end - *p < n || memcmp(*p, s, (size_t)n) != 0) return 0;
+    *p += n;
+    return 1;
+}
+
+static int fo_hex64(const char *p, const char *end) {
+    if (end - p < 66 || p[0] != '"' || p[65] != '"') return 0;
+    for (int i = 1; i <= 64; i++)
+        if (!((p[i] >= '0' && p[i] <= '9') || (p[i] >= 'a' && p[i] <= 'f'))) return 0;
+    return 1;
+}
+
+static PyObject *fo_ascii(const char *s, Py_ssize_t n) {
+    PyObject *u = PyUnicode_New(n, 127);
+    if (u != NULL) memcpy(PyUnicode_1BYTE_DATA(u), s, (size_t)n);
+    return u;
+}
+
+static PyObject *k_file_object(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    if (!PyArg_ParseTuple(args, "y*", &buf)) return NULL;
+    const char *p = (const char *)buf.buf, *end = p + buf.len;
+    PyObject *chunks = PyList_New(0), *tensors = PyList_New(0), *result = NULL, *ct = NULL, *tt = NULL;
+    if (chunks == NULL || tensors == NULL) goto done;
+    if (!fo_lit(&p, end, "{\"chunks\":[", 11)) goto none;
+    if (!fo_lit(&p, end, "]", 1)) {
+        do {
+            if (!fo_hex64(p, end)) goto none;
+            PyObject *id = fo_ascii(p + 1, 64);
+            if (id == NULL || PyList_Append(chunks, id) < 0) {
+                Py_XDECREF(id);
+                goto done;
+            }
+            Py_DECREF(id);
+            p += 66;
+        } while (fo_lit(&p, end, ",", 1));
+        if (!fo_lit(&p, end, "]", 1)) goto none;
+    }
+    if (!fo_lit(&p, end, ",\"format\":\"safetensors\",\"size\":", 31)) goto none;
+    const char *d = p;
+    long long size = 0;
+    while (p < end && *p >= '0' && *p <= '9' && p - d < 19) size = 10 * size + (*p++ - '0');
+    if (p == d || p - d > 18 || (p - d > 1 && *d == '0')) goto none;
+    if (!fo_lit(&p, end, ",\"tensors\":[", 12)) goto none;
+    if (!fo_lit(&p, end, "]", 1)) {
+        do {
+            if (!fo_lit(&p, end, "[\"", 2)) goto none;
+            const char *s = p;
+            while (p < end && *p != '"') {
+                if (*p == '\\' || (unsigned char)*p < 0x20) goto none;
+                p++;
+            }
+            if (p == end) goto none;
+            Py_ssize_t n = p - s;
+            p++;
+            if (!fo_lit(&p, end, ",", 1) || !fo_hex64(p, end) || end - p < 67 || p[66] != ']') goto none;
+            PyObject *name = PyUnicode_DecodeUTF8(s, n, "strict");
+            if (name == NULL) {
+                if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+                    PyErr_Clear();
+                    goto none;
+                }
+                goto done;
+            }
+            PyObject *id = fo_ascii(p + 1, 64), *pair = NULL;
+            if (id != NULL) pair = PyTuple_Pack(2, name, id);
+            Py_DECREF(name);
+            Py_XDECREF(id);
+            if (pair == NULL || PyList_Append(tensors, pair) < 0) {
+                Py_XDECREF(pair);
+                goto done;
+            }
+            Py_DECREF(pair);
+            p += 67;
+        } while (fo_lit(&p, end, ",", 1));
+        if (!fo_lit(&p, end, "]", 1)) goto none;
+    }
+    if (!fo_lit(&p, end, "}", 1) || p != end) goto none;
+    if ((ct = PyList_AsTuple(chunks)) == NULL || (tt = PyList_AsTuple(tensors)) == NULL) goto done;
+    result = Py_BuildValue("(OLO)", ct, size, tt);
+    goto done;
+none:
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    Py_XDECREF(chunks);
+    Py_XDECREF(tensors);
+    Py_XDECREF(ct);
+    Py_XDECREF(tt);
+    PyBuffer_Release(&buf);
+    return result;
+}
+
+/* a str json.dumps(ensure_ascii=False) writes as it is: its UTF-8 bytes, else NULL (no error) */
+static const char *fo_plain(PyObject *s, Py_ssize_t *n) {
+    if (!PyUnicode_Check(s)) return NULL;
+    const char *u = PyUnicode_AsUTF8AndSize(s, n);
+    if (u == NULL) {
+        PyErr_Clear(); /* a lone surrogate: Python says what is wrong */
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < *n; i++)
+        if (u[i] == '"' || u[i] == '\\' || (unsigned char)u[i] < 0x20) return NULL;
+    return u;
+}
+
+static PyObject *k_file_json(PyObject *self, PyObject *args) {
+    PyObject *chunks, *tensors, *size_obj;
+    if (!PyArg_ParseTuple(args, "O!O!O!", &PyTuple_Type, &chunks, &PyLong_Type, &size_obj, &PyTuple_Type, &tensors))
+        return NULL;
+    if (!PyLong_CheckExact(size_obj)) Py_RETURN_NONE;
+    long long size = PyLong_AsLongLong(size_obj);
+    if (size == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    if (size < 0) Py_RETURN_NONE;
+    Py_ssize_t nc = PyTuple_GET_SIZE(chunks), nt = PyTuple_GET_SIZE(tensors), total = 64 + 24, n;
+    for (int pass = 0; pass < 2; pass++) {
+        /* pass 0 measures and checks, pass 1 writes */
+        PyObject *out = NULL;
+        char *w = NULL;
+        if (pass) {
+            if ((out = PyBytes_FromStringAndSize(NULL, total)) == NULL) return NULL;
+            w = PyBytes_AS_STRING(out);
+        }
+#define FO_PUT(s, len)                          \
+        do {                                    \
+            if (pass) memcpy(w, (s), (size_t)(len)); \
+            if (pass) w += (len);               \
+            else total += (len);                \
+        } while (0)
+        if (!pass) total = 0;
+        FO_PUT("{\"chunks\":[", 11);
+        for (Py_ssize_t i = 0; i < nc; i++) {
+            const char *u = fo_plain(PyTuple_GET_ITEM(chunks, i), &n);
+            if (u == NULL) goto decline;
+            if (i) FO_PUT(",", 1);
+            FO_PUT("\"", 1);
+            FO_PUT(u, n);
+            FO_PUT("\"", 1);
+        }
+        char digits[32];
+        int nd = snprintf(digits, sizeof digits, "%lld", size);
+        FO_PUT("],\"format\":\"safetensors\",\"size\":", 32);
+        FO_PUT(digits, nd);
+        FO_PUT(",\"tensors\":[", 12);
+        for (Py_ssize_t i = 0; i < nt; i++) {
+            PyObject *pair = PyTuple_GET_ITEM(tensors, i);
+            if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) goto decline;
+            Py_ssize_t m;
+            const char *a = fo_plain(PyTuple_GET_ITEM(pair, 0), &n), *b = fo_plain(PyTuple_GET_ITEM(pair, 1), &m);
+            if (a == NULL || b == NULL) goto decline;
+            if (i) FO_PUT(",", 1);
+            FO_PUT("[\"", 2);
+            FO_PUT(a, n);
+            FO_PUT("\",\"", 3);
+            FO_PUT(b, m);
+            FO_PUT("\"]", 2);
+        }
+        FO_PUT("]}", 2);
+#undef FO_PUT
+        if (pass) return out;
+        continue;
+    decline:
+        Py_XDECREF(out);
+        Py_RETURN_NONE;
+    }
+    Py_RETURN_NONE; /* not reached */
+}
+
 static PyMethodDef methods[] = {
     {"split", k_split, METH_VARARGS, "split(src, dst, k, rotate): elements -> planes"},
     {"merge", k_merge, METH_VARARGS, "merge(planes, dst, k, rotate): k plane buffers -> elements"},
@@ -1016,6 +1484,12 @@ static PyMethodDef methods[] = {
      "path, locations, scratch) -> bytes stored: a run of tiny tensors ingested"},
     {"verified_raw", k_verified_raw, METH_VARARGS,
      "verified_raw(hasher, kind, type_code, oids, values, head) -> list: raw-stored objects verified"},
+    {"safetensors_header", k_safetensors_header, METH_VARARGS,
+     "safetensors_header(raw, data_size, sizes, entry_type) -> (entries, metadata) | None: a plain header parsed"},
+    {"file_object", k_file_object, METH_VARARGS,
+     "file_object(content) -> (chunks, size, tensors) | None: a canonical safetensors file object read"},
+    {"file_json", k_file_json, METH_VARARGS,
+     "file_json(chunks, size, tensors) -> bytes | None: a safetensors file object's canonical JSON"},
     {"huff", k_huff, METH_VARARGS, "huff(src) -> bytes | None: a zstd frame of Huffman-coded literal blocks"},
     {NULL, NULL, 0, NULL},
 };

@@ -39,6 +39,25 @@ def tiny_run(*args) -> int:
     return _native.tiny_run(*args)
 
 
+def safetensors_header(raw, data_size: int, sizes: dict, entry_type):
+    """(entries sorted by offsets, metadata) of a plain, valid safetensors header *raw*, or None:
+    the C kernels are off, or the header is anything else (escapes, other keys, an error); then
+    formats/safetensors.py parses and checks it in Python (_kernels.c says exactly what "plain" is)."""
+    return _native.safetensors_header(raw, data_size, sizes, entry_type) if _on else None
+
+
+def file_object(content):
+    """(chunks, size, tensors) of a safetensors file object's canonical JSON in the common form
+    (_kernels.c), or None: the C kernels are off, or objects.parse_object must decide."""
+    return _native.file_object(content) if _on else None
+
+
+def file_json(chunks: tuple, size: int, tensors: tuple) -> bytes | None:
+    """A safetensors file object's canonical JSON, exactly objects.canonical_json's bytes, or None:
+    the C kernels are off, or a name needs an escape (then json writes it)."""
+    return _native.file_json(chunks, size, tensors) if _on else None
+
+
 def verified_raw(hasher, kind: str, type_code: int, oids: list, values: list, head: bytes | None = None):
     """For each stored value of *oids*: its content where it is stored raw and hashes to its id,
     else None (decode it the general way); with *head*, (chunk id, rest) of a tiny tensor's JSON

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import operator
 import os
@@ -28,6 +29,7 @@ from .ids import is_hex_oid
 from .packs import HEADER, LOC_SIZE, PACK_MIN, PackGone, PackSet, locator, parse_locator
 
 _first, _second = operator.itemgetter(0), operator.itemgetter(1)
+_is_joined = functools.partial(operator.is_, Joined)
 
 _RECORD = 40  # a pack record's header: id and length
 _MOVE_BATCH = 64 << 20
@@ -303,11 +305,14 @@ class LmdbBackend(Backend):
             return 0
         limit = self.pack_min if self.pack_writes else float("inf")  # values this long go to a pack
         values = list(map(_second, items))
-        if max(map(len, values)) < limit and Joined not in set(map(type, values)):
-            pairs = items  # every value indexed inline, as it is
-        else:
-            pairs = [(oid, index) for oid, _v, index in self._packed(items, present=False)]
         sizes = list(map(len, values))
+        pairs = items  # every value indexed inline, as it is, but for
+        odd = list(itertools.compress(range(len(items)), map(operator.or_, map(limit.__le__, sizes),
+                                                              map(_is_joined, map(type, values)))))
+        if odd:  # values for a pack, and joined parts: only those take a step in Python
+            pairs = list(items)
+            for i, (oid, _v, index) in zip(odd, self._packed([items[i] for i in odd], present=False), strict=True):
+                pairs[i] = (oid, index)
 
         def fn(txn):
             n, size = self._counts(txn)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CorruptObjectError, UnsafePathError
+from . import kernels
 from .ids import is_hex_oid
 
 _first, _second = operator.itemgetter(0), operator.itemgetter(1)
@@ -296,6 +297,10 @@ def encode_object(obj) -> bytes:
         if fast is not None:
             return fast
     if type(obj) is File:
+        if obj.format == "safetensors" and type(obj.chunks) is tuple and type(obj.tensors) is tuple:
+            fast = kernels.file_json(obj.chunks, obj.size, obj.tensors)
+            if fast is not None:
+                return fast
         return canonical_json(obj.to_json(copy=False))
     return canonical_json(obj.to_json())
 
@@ -307,6 +312,11 @@ def parse_object(kind: str, content: bytes, oid: str = "?"):
             m = _TENSOR_CANONICAL.fullmatch(content)
             if m is not None:  # canonical by construction: ids are hex, dimensions integers
                 return _tensor_of(*m.groups())
+        elif kind == "file":
+            fast = kernels.file_object(content)
+            if fast is not None:  # canonical by construction: exactly the bytes file_json writes
+                chunks, size, tensors = fast
+                return File("safetensors", size, chunks, tensors)
         d = json.loads(content)
         if not isinstance(d, dict):
             raise ValueError("not a JSON object")
