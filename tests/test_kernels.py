@@ -472,8 +472,8 @@ def _headers(draw):
             info["extra"] = draw(st.sampled_from([1, "x", None, [1]]))
         head[name] = info
     if draw(st.booleans()):
-        head["__metadata__"] = draw(st.dictionaries(st.text(max_size=3), st.text(max_size=3) | st.integers(), max_size=3)
-                                    if draw(st.integers(0, 4)) else st.sampled_from([None, [], 1, "m"]))
+        meta = st.dictionaries(st.text(max_size=3), st.text(max_size=3) | st.integers(), max_size=3)
+        head["__metadata__"] = draw(meta if draw(st.integers(0, 4)) else st.sampled_from([None, [], 1, "m"]))
     items = list(head.items())
     if items and not draw(st.integers(0, 9)):
         items.append(draw(st.sampled_from(items)))  # a repeated key
