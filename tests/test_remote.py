@@ -533,3 +533,15 @@ def test_push_over_a_damaged_remote_ref_is_one_line(target, tmp_path, rng):
     res = mvc_proc("push", cwd=a, env=target.env)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert "remote ref refs/heads/main is damaged" in res.stderr
+
+
+def test_a_file_remote_writes_a_pack_from_its_parts_as_a_join_would(tmp_path, rng):
+    """FileRemote.put_parts (push's pack writes, no joined copy) stores exactly the joined bytes,
+    for more parts than one pwritev takes, empty parts included, and counts them as sent."""
+    remote = FileRemote(str(tmp_path / "r"), create=True)
+    parts = [rng.bytes(int(n)) for n in rng.integers(0, 300, 2500)] + [b"", memoryview(b"tail")]
+    remote.put_parts("packs/x.pack", parts)
+    want = b"".join(parts)
+    assert remote.get("packs/x.pack") == want and remote.sent == len(want)
+    remote.put_parts("packs/empty.pack", [b""])
+    assert remote.get("packs/empty.pack") == b"" and not list((tmp_path / "r" / "packs").glob("*.tmp"))

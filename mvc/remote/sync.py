@@ -141,12 +141,15 @@ def _upload_pack(remote: RemoteBackend, items: list[tuple[str, bytes]]) -> int:
     for oid, stored in items:
         offsets.append([oid, pos, len(stored)])
         pos += len(stored)
-    data = b"".join(s for _, s in items)
-    items.clear()  # one copy of the pack in memory, not two
-    key = "packs/" + blake3.blake3(data).hexdigest()
-    remote.put(key + ".pack", data)
+    parts = [s for _, s in items]
+    items.clear()
+    h = blake3.blake3()
+    for part in parts:
+        h.update(part)
+    key = "packs/" + h.hexdigest()
+    remote.put_parts(key + ".pack", parts)  # a file:// remote writes the parts as they are
     remote.put(key + ".idx", canonical_json({"objects": offsets}))
-    return len(data)
+    return pos
 
 
 def push(repo, remote: RemoteBackend, name: str, branch: str, force: bool = False, progress=None) -> PushResult:
