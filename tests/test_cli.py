@@ -172,6 +172,29 @@ def test_commit_json_and_author(hist, rng):
     assert json.loads(mvc("log", "-n", "1", "--json", cwd=root).output)[0]["author"] == "A B <a@b>"
 
 
+@pytest.mark.parametrize("git_on_path", [True, False])
+def test_the_author_comes_from_gits_global_config(hist, tmp_path, git_on_path):
+    """With no MVC_AUTHOR or GIT_AUTHOR_* set, the author is user.name and user.email of Git's
+    global configuration, asked of the git command, or read by pygit2 where git is not installed."""
+    import subprocess
+
+    from tests.helpers import mvc_cmd, mvc_proc
+
+    root, _ = hist
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".gitconfig").write_text("[user]\n\tname = Ada Lovelace\n\temail = ada@example.com\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("MVC_AUTHOR", "GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL",
+                                                             "XDG_CONFIG_HOME", "GIT_CONFIG_GLOBAL")}
+    env["HOME"] = str(home)
+    if not git_on_path:  # a PATH without git on it (the command is named by its full path)
+        env["PATH"] = str(tmp_path / "no-git")
+    (root / "n.txt").write_text("n")
+    subprocess.run(mvc_cmd() + ["-q", "commit", "-m", "a"], cwd=root, env=env, check=True)
+    assert json.loads(mvc_proc("log", "-n", "1", "--json", cwd=root).stdout)[0]["author"] == \
+        "Ada Lovelace <ada@example.com>"
+
+
 def test_fsck_and_gc(hist):
     root, ids = hist
     assert json.loads(mvc("fsck", "--json", cwd=root).output)["ok"] is True
