@@ -15,7 +15,7 @@ import itertools
 import operator
 import os
 import stat
-from collections import deque
+from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import blake3
@@ -58,6 +58,13 @@ def _fileno(f) -> int | None:
 _INLINE_BELOW = 64 << 10  # chunks smaller than this are hashed and encoded by the main thread
 _TINY = 4096  # tensors smaller than this: read in runs, stored in full, never looked up first
 _TINY_READ = 1 << 20
+_entry_begin, _entry_end = operator.itemgetter(3), operator.itemgetter(4)  # safetensors Entry fields
+
+
+def _not_tiny(size: int) -> bool:
+    return not 0 < size < _TINY
+
+
 _first, _second = operator.itemgetter(0), operator.itemgetter(1)
 _META_BLOCK = 4096  # tensor objects read in one transaction while streaming a file out
 
@@ -328,20 +335,25 @@ class Ingestor:
     @staticmethod
     def _tiny_runs(entries) -> list[int]:
         """For each entry i, where a run of tiny tensors that starts at i ends (i itself: not
-        tiny). A run's data spans at most _TINY_READ bytes."""
-        ends = list(range(len(entries)))
+        tiny). A run's data spans at most _TINY_READ bytes. A Python step per run, not per entry:
+        the entries are sorted by offset, so a run ends at the next entry that is not tiny or
+        that ends more than _TINY_READ bytes after the run's start, whichever comes first."""
+        n = len(entries)
+        out = list(range(n))
+        begins, ends = list(map(_entry_begin, entries)), list(map(_entry_end, entries))
+        sizes = list(map(operator.sub, ends, begins))
+        others = list(itertools.compress(range(n), map(_not_tiny, sizes)))  # breaks every run
         i = 0
-        while i < len(entries):
-            if not 0 < entries[i].end - entries[i].begin < _TINY:
+        while i < n:
+            if not 0 < sizes[i] < _TINY:
                 i += 1
                 continue
-            j, start = i, entries[i].begin
-            while j < len(entries) and 0 < entries[j].end - entries[j].begin < _TINY \
-                    and entries[j].end - start <= _TINY_READ:
-                j += 1
-            ends[i:j] = [j] * (j - i)
+            k = bisect.bisect_left(others, i)
+            j = min(others[k] if k < len(others) else n, bisect.bisect_right(ends, begins[i] + _TINY_READ, i))
+            j = max(j, i + 1)
+            out[i:j] = [j] * (j - i)
             i = j
-        return ends
+        return out
 
     def _tiny_run(self, fd: int, f, header, lo: int, hi: int, names: list, path: str) -> int:
         """Tiny tensors lo..hi-1, read with one pread and done by kernels.tiny_run; returns hi."""
@@ -373,7 +385,7 @@ class Ingestor:
                 self._add(oid, stored)
             header_chunks.append(oid.hex())
         self.progress.advance(nbytes=len(raw_header))
-        per_tensor: list[list[str]] = [[] for _ in header.entries]
+        per_tensor: dict[int, list[str]] = defaultdict(list)  # only tensors of a worker's chunks
         names: list[tuple[str, str]] = []
         done = [0]
 
@@ -381,9 +393,9 @@ class Ingestor:
             # tensors whose chunks are all back, in file order
             while done[0] < len(header.entries):
                 e = header.entries[done[0]]
-                if len(per_tensor[done[0]]) * CHUNK_SIZE < e.end - e.begin:
+                if len(per_tensor.get(done[0], ())) * CHUNK_SIZE < e.end - e.begin:
                     return
-                t = Tensor(e.dtype, e.shape, CHUNK_SIZE, tuple(per_tensor[done[0]]))
+                t = Tensor(e.dtype, e.shape, CHUNK_SIZE, tuple(per_tensor.pop(done[0], ())))
                 names.append((e.name, self.add_meta(t)))
                 self.progress.advance(tensors=1)
                 done[0] += 1

@@ -606,3 +606,28 @@ def test_file_objects_in_c_take_the_common_form():
     assert raw == canonical_json(f.to_json())
     assert kernels.file_object(raw) == (f.chunks, f.size, f.tensors)
     assert kernels.file_json(f.chunks, f.size, f.tensors + (("a\"b", "0" * 64),)) is None
+
+
+@given(st.lists(st.sampled_from([0, 1, 80, 4095, 4096, 5000, 300000, 1 << 20]), max_size=60))
+@settings(max_examples=300, deadline=None)
+def test_tiny_runs_end_where_an_entry_by_entry_walk_ends_them(sizes):
+    """Ingestor._tiny_runs (a step per run) splits the entries where the walk over every entry
+    does: at each tensor that is not tiny, and before a run's data would pass _TINY_READ bytes."""
+    from mvc.formats.safetensors import Entry
+    from mvc.pipeline import _TINY, _TINY_READ, Ingestor
+
+    entries, off = [], 0
+    for i, n in enumerate(sizes):
+        entries.append(Entry(f"t{i}", "I8", (n,), off, off + n))
+        off += n
+    want, i = list(range(len(entries))), 0  # a tensor that is not tiny: its own index
+    while i < len(entries):
+        if not 0 < sizes[i] < _TINY:
+            i += 1
+            continue
+        j = i
+        while j < len(entries) and 0 < sizes[j] < _TINY and entries[j].end - entries[i].begin <= _TINY_READ:
+            j += 1
+        want[i:j] = [j] * (j - i)
+        i = j
+    assert Ingestor._tiny_runs(entries) == want

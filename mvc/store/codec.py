@@ -246,7 +246,10 @@ def encode(type_code: int, data: bytes | bytearray | memoryview, float_size: int
     if float_size in _UINT and n >= _PLANES_FROM and n % float_size == 0:
         parts = [bytes((type_code, PLANES)), *_plane_parts(split(data, float_size), float_size)]
         return Joined(parts) if joined else b"".join(parts)
-    codec, payload = _zstd_or_raw(_ctx()[1], data)
+    # metadata (type code > 0: JSON full of hex ids, which have no long matches) at zstd's level
+    # 1: a 100,000-tensor file object of 8.4 MB codes to 3.57 MB in 34 ms there, 3.92 MB in 78 ms
+    # at level 3, which stays for the chunks of plain files
+    codec, payload = _zstd_or_raw(_ctx()[1] if type_code == 0 else _delta_ctx(), data)
     return bytes((type_code, codec)) + payload
 
 
