@@ -253,8 +253,12 @@ class Merger:
         thresholds = self._ties_thresholds(b, o, t) if self.strategy == "ties" else None
         fs = itemsize if DTYPES[o.dtype][1] and itemsize > 1 else 0
 
-        def merge_chunk(i, cb, co, ct):
-            """On a worker: the merged chunk i, encoded (numpy, zstd and BLAKE3 release the GIL)."""
+        def merge_chunk(i, cb):
+            """On a worker: the merged chunk i, encoded (numpy, zstd and BLAKE3 release the GIL).
+            Ours and theirs are read here, once base chunk *cb* has been decoded and cached: a
+            side stored as a delta against the base then decodes its own planes only (read in
+            three parallel streams, each side often decoded the base again)."""
+            co, ct = self.odb.read_chunk(o.chunks[i]), self.odb.read_chunk(t.chunks[i])
             vb, vo, vt = (np.frombuffer(v, dtype=view) for v in (cb, co, ct))
             fused = kernels.merge3_bf16(vb, vo, vt, self.strategy, self.weights) if o.dtype == "BF16" else None
             if fused is not None:  # one pass in C, the same bytes as _merge_elements
@@ -275,10 +279,9 @@ class Merger:
                 return 0
             return n
 
-        streams = [self.mat.chunks(x.chunks) for x in (b, o, t)]
         pending: deque = deque()
-        for i, (cb, co, ct) in enumerate(zip(*streams, strict=True)):
-            pending.append(self.ing.pool.submit(merge_chunk, i, cb, co, ct))
+        for i, cb in enumerate(self.mat.chunks(b.chunks)):
+            pending.append(self.ing.pool.submit(merge_chunk, i, cb))
             while len(pending) > 2:  # one chunk merging on each worker, one waiting
                 conflicts += finish(pending.popleft())
         while pending:
