@@ -471,7 +471,10 @@ class Repo:
         return diff_trees(self.lookup(), Tree(()), self.tree_of(rev))
 
     # -- checkout --------------------------------------------------------------
-    def write_entries(self, entries: list[TreeEntry], progress: Progress) -> None:
+    def write_entries(self, entries: list[TreeEntry], progress: Progress, locations: dict | None = None) -> None:
+        """Write *entries* into the work tree. *locations*: chunk id -> (path, offset, length) of
+        chunks to read from a file (a merge's scratch file) rather than decode from the store;
+        they are verified against their ids all the same."""
         total = 0
         files = {}
         for e in entries:
@@ -482,6 +485,8 @@ class Repo:
         from .pipeline import Materializer
 
         with Materializer(self.odb, workers=self.workers, progress=progress) as mat:
+            if locations:
+                mat.locations = locations
             for e in entries:
                 with self.worktree.open_for_write(e.path, e.mode) as f:
                     mat.write_file(e.oid, f)
@@ -519,10 +524,11 @@ class Repo:
                 self.refs.detach_head(target, f"checkout: moving to {rev}", old)
             return target
 
-    def switch_tree(self, tree: Tree, force: bool, progress: Progress) -> None:
+    def switch_tree(self, tree: Tree, force: bool, progress: Progress, locations: dict | None = None) -> None:
         """Make the work tree match *tree*, refusing to lose uncommitted work unless forced.
         Forced, nothing is read that is about to be overwritten (a damaged file must not stop
-        its own repair): a file the stat cache does not vouch for is simply written again."""
+        its own repair): a file the stat cache does not vouch for is simply written again.
+        *locations*: as for write_entries."""
         head = self.head_tree().as_dict()
         target = tree.as_dict()
         if force:
@@ -553,7 +559,7 @@ class Repo:
         for p in to_remove:  # first, so that a file can become a directory
             self.worktree.remove(p)
         self.worktree.remember({}, forget=to_remove)
-        self.write_entries(to_write, progress)
+        self.write_entries(to_write, progress, locations)
 
     def switch(self, branch: str, create: bool = False, start: str | None = None,
                force: bool = False, progress: Progress = NULL) -> str | None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -23,6 +25,7 @@ from ..pipeline import CHUNK_SIZE, Ingestor, Materializer
 from ..progress import NULL, Progress
 from ..store import kernels
 from ..store.objects import DTYPES, File, Tensor, Tree, TreeEntry
+from ..store.packs import pwrite_all
 
 STRATEGIES = ("ours", "theirs", "average", "task-arithmetic", "ties")
 _UINT = {1: "u1", 2: "<u2", 4: "<u4", 8: "<u8"}
@@ -42,6 +45,9 @@ class MergeResult:
     conflicts: list[Conflict] = field(default_factory=list)
     merged_tensors: int = 0
     elements_resolved: int = 0  # conflicting elements a strategy decided
+    #: merged chunk id -> (scratch file, offset, length): chunks computed by this merge, which the
+    #: checkout of its result reads (and verifies) from there instead of decoding their delta chains
+    locations: dict[str, tuple[str, int, int]] = field(default_factory=dict)
 
 
 def merge_bases(repo, a: str, b: str) -> list[str]:
@@ -152,7 +158,7 @@ def resolve_elements(strategy: str, dtype: str, b, o, t, weights: tuple[float, f
 # -- the merge ---------------------------------------------------------------------------
 class Merger:
     def __init__(self, repo, strategy: str | None = None, weights: tuple[float, float] = (1.0, 1.0),
-                 density: float = 0.2, progress: Progress = NULL):
+                 density: float = 0.2, progress: Progress = NULL, scratch: str | None = None):
         if strategy is not None and strategy not in STRATEGIES:
             raise UsageError(f"unknown strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
         self.repo = repo
@@ -164,6 +170,10 @@ class Merger:
         self.density = density
         self.progress = progress
         self._made: dict[str, Tensor] = {}  # tensors made by this merge, not yet flushed to the store
+        #: where merged chunks are also written as they are made (None: nowhere), see MergeResult
+        self.scratch = scratch
+        self._scratch_fd: int | None = None
+        self._scratch_end = 0
 
     def _tensor(self, tid: str) -> Tensor:
         return self._made.get(tid) or self.odb.get(tid, "tensor")
@@ -173,19 +183,39 @@ class Merger:
         res = MergeResult(entries={})
         # progress counts the tensor bytes of files changed on both sides: the ones merged tensor by tensor
         both = [p for p in o if p in t and o[p] != t[p] and (p not in b or (b[p] != o[p] and b[p] != t[p]))]
-        self.progress.start("merging", sum(self.odb.get(o[p].oid, "file").size for p in both))
+        total = sum(self.odb.get(o[p].oid, "file").size for p in both)
+        self.progress.start("merging", total)
+        self._open_scratch(total)
+        self._res = res
         bases = self.repo.delta_bases([])
-        with Ingestor(self.odb, store=True, workers=self.repo.workers, batch_bytes=32 << 20, bases=bases) as ing, \
-                Materializer(self.odb, workers=self.repo.workers) as mat:
-            mat.inflight = 2  # three streams (base, ours, theirs) read at once: keep each short
-            self.ing, self.mat = ing, mat
-            for path in sorted(b.keys() | o.keys() | t.keys(), key=str.encode):
-                eb, eo, et = b.get(path), o.get(path), t.get(path)
-                merged = self._merge_path(path, eb, eo, et, res)
-                if merged is not None:
-                    res.entries[path] = merged
+        try:
+            with Ingestor(self.odb, store=True, workers=self.repo.workers, batch_bytes=32 << 20, bases=bases) as ing, \
+                    Materializer(self.odb, workers=self.repo.workers) as mat:
+                mat.inflight = 2  # three streams (base, ours, theirs) read at once: keep each short
+                self.ing, self.mat = ing, mat
+                for path in sorted(b.keys() | o.keys() | t.keys(), key=str.encode):
+                    eb, eo, et = b.get(path), o.get(path), t.get(path)
+                    merged = self._merge_path(path, eb, eo, et, res)
+                    if merged is not None:
+                        res.entries[path] = merged
+        finally:
+            if self._scratch_fd is not None:
+                os.close(self._scratch_fd)
+                self._scratch_fd = None
         self.progress.finish()
         return res
+
+    def _open_scratch(self, total: int) -> None:
+        """Open the scratch file for the merged chunks, when there is one and the disk has room
+        for it twice over (it lives until the merged files are written)."""
+        if self.scratch is None or total == 0:
+            return
+        try:
+            if shutil.disk_usage(os.path.dirname(self.scratch)).free < 2 * total + (256 << 20):
+                return
+            self._scratch_fd = os.open(self.scratch, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError:
+            self._scratch_fd = None  # no scratch: the checkout decodes from the store as ever
 
     def _take(self, e: TreeEntry | None):
         return (e.mode, e.oid) if e is not None else None
@@ -253,7 +283,7 @@ class Merger:
         thresholds = self._ties_thresholds(b, o, t) if self.strategy == "ties" else None
         fs = itemsize if DTYPES[o.dtype][1] and itemsize > 1 else 0
 
-        def merge_chunk(i, cb):
+        def merge_chunk(i, cb, at):
             """On a worker: the merged chunk i, encoded (numpy, zstd and BLAKE3 release the GIL).
             Ours and theirs are read here, once base chunk *cb* has been decoded and cached: a
             side stored as a delta against the base then decodes its own planes only (read in
@@ -267,12 +297,16 @@ class Merger:
                 merged, n = self._merge_elements(o.dtype, vb, vo, vt, thresholds)
             data = memoryview(merged).cast("B")
             oid, stored = self.ing.encode_made(data, fs, [o.chunks[i], t.chunks[i], b.chunks[i]])
-            return oid, stored, len(data), n
+            if at is not None:
+                pwrite_all(self._scratch_fd, [data], at)
+            return oid, stored, len(data), n, at
 
         def finish(fut) -> int:
-            oid, stored, nbytes, n = fut.result()
+            oid, stored, nbytes, n, at = fut.result()
             self.ing.add_encoded(oid, stored)
             chunks.append(oid.hex())
+            if at is not None:
+                self._res.locations[oid.hex()] = (self.scratch, at, nbytes)
             self.progress.advance(nbytes=nbytes)
             if n and self.strategy:
                 res.elements_resolved += n
@@ -281,7 +315,10 @@ class Merger:
 
         pending: deque = deque()
         for i, cb in enumerate(self.mat.chunks(b.chunks)):
-            pending.append(self.ing.pool.submit(merge_chunk, i, cb))
+            at = None
+            if self._scratch_fd is not None:
+                at, self._scratch_end = self._scratch_end, self._scratch_end + len(cb)
+            pending.append(self.ing.pool.submit(merge_chunk, i, cb, at))
             while len(pending) > 2:  # one chunk merging on each worker, one waiting
                 conflicts += finish(pending.popleft())
         while pending:

@@ -7,6 +7,7 @@ resolved (`checkout --ours|--theirs -- PATH:TENSOR`) and `merge --continue` comm
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -16,6 +17,8 @@ from ..errors import DirtyWorkTreeError, MvcError, UsageError
 from ..progress import NULL
 from ..state import KV_MERGE
 from ..store.objects import DTYPES, Tree
+
+SCRATCH = "merge-scratch"  # under .mvc: the chunks a running merge computed, for its checkout
 
 if TYPE_CHECKING:  # the engine (and numpy) load when a merge runs: `mvc status` reads only the state
     from .engine import Conflict
@@ -54,7 +57,7 @@ def merge(repo, rev: str, message: str | None = None, strategy: str | None = Non
     _require_clean(repo, "merge")
     if ours is None:
         raise UsageError("cannot merge into a branch with no commits")
-    with repo.lock():
+    with repo.lock(), _scratch(repo) as scratch:
         if theirs == ours or theirs in repo.ancestors(ours):
             return MergeOutcome("up-to-date", ours)
         if ours in repo.ancestors(theirs):
@@ -65,8 +68,8 @@ def merge(repo, rev: str, message: str | None = None, strategy: str | None = Non
         bases = merge_bases(repo, ours, theirs)
         base = bases[0] if bases else None
         base_tree = repo.odb.get(repo.commit_obj(base).tree, "tree") if base else Tree(())
-        res = Merger(repo, strategy, w, density, progress or NULL).merge_trees(base_tree, repo.head_tree(),
-                                                    repo.odb.get(repo.commit_obj(theirs).tree, "tree"))
+        res = Merger(repo, strategy, w, density, progress or NULL, scratch).merge_trees(
+            base_tree, repo.head_tree(), repo.odb.get(repo.commit_obj(theirs).tree, "tree"))
         merged = Tree.build(res.entries)
         msg = message or f"Merge {rev}"
         op = {"op": "merge", "strategy": strategy or "three-way", "base": base, "theirs": theirs,
@@ -81,12 +84,28 @@ def merge(repo, rev: str, message: str | None = None, strategy: str | None = Non
             st["tree"] = repo.odb.put(merged)
         _save(repo, st)
         if res.conflicts:
-            repo.switch_tree(merged, False, progress or NULL)
+            repo.switch_tree(merged, False, progress or NULL, res.locations)
             return MergeOutcome("conflicts", None, res.conflicts, base)
-        return _resume(repo, st, author, progress or NULL)
+        return _resume(repo, st, author, progress or NULL, res.locations)
 
 
-def _resume(repo, st: dict, author: str | None, progress) -> MergeOutcome:
+@contextlib.contextmanager
+def _scratch(repo):
+    """The path of the file that holds a running merge's computed chunks (.mvc/merge-scratch),
+    removed when the merge is done, and before it starts (a killed merge's)."""
+    _drop_scratch(repo)
+    try:
+        yield os.path.join(repo.root, ".mvc", SCRATCH)
+    finally:
+        _drop_scratch(repo)
+
+
+def _drop_scratch(repo) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(repo.root, ".mvc", SCRATCH))
+
+
+def _resume(repo, st: dict, author: str | None, progress, locations: dict | None = None) -> MergeOutcome:
     """Finish a merge with no conflicts whose state is saved: the work tree, then the commit.
     Run again after a kill, it completes what is left (a merge that had landed is just cleared).
     The caller holds the repository lock."""
@@ -100,7 +119,9 @@ def _resume(repo, st: dict, author: str | None, progress) -> MergeOutcome:
         raise UsageError("a merge is in progress, but HEAD has moved since it began",
                          hint="`mvc merge --abort`, then merge again")
     merged = repo.odb.get(st["tree"], "tree")
-    repo.switch_tree(merged, False, progress)
+    if locations is None:  # resumed after a kill: what a killed merge left in its scratch goes
+        _drop_scratch(repo)
+    repo.switch_tree(merged, False, progress, locations)
     oid = repo.record(merged, parents, st["message"], author, st["op"], None, kind)
     _save(repo, None)
     return MergeOutcome("merged", oid, [], st["base"])
@@ -164,6 +185,7 @@ def abort(repo) -> None:
     if st is None:
         raise UsageError("no merge in progress")
     with repo.lock():
+        _drop_scratch(repo)
         repo.switch_tree(_tree(repo, st["ours"]), True, NULL)
     _save(repo, None)
 
