@@ -295,7 +295,7 @@ def test_a_merge_killed_halfway_is_finished_by_running_it_again(forked, monkeypa
 
 
 def test_merged_chunks_are_checked_out_from_the_merges_scratch_file(forked):
-    """A merge writes the chunks it computes to .mvc/merge-scratch as well, and its checkout reads
+    """A merge writes the chunks it computes to .mvc/tmp/merge-scratch as well, and its checkout reads
     them from there (verified against their ids: a flipped byte there is refused), not through
     their delta chains; the work tree is byte for byte what checking the merge commit out writes,
     and the scratch file is gone after. One that a killed merge left behind is dropped, not read."""
@@ -331,7 +331,8 @@ def test_merged_chunks_are_checked_out_from_the_merges_scratch_file(forked):
     assert sha(root / "m.safetensors") == ours_sha  # nothing written from the damaged scratch
     os.remove(probe)
 
-    scratch = root / ".mvc" / "merge-scratch"
+    scratch = root / ".mvc" / "tmp" / "merge-scratch"
+    scratch.parent.mkdir(exist_ok=True)
     scratch.write_bytes(b"left by a killed merge" * 1000)
     mvc("merge", "side", "--strategy", "average", cwd=root)
     assert not scratch.exists()

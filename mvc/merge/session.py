@@ -18,7 +18,7 @@ from ..progress import NULL
 from ..state import KV_MERGE
 from ..store.objects import DTYPES, Tree
 
-SCRATCH = "merge-scratch"  # under .mvc: the chunks a running merge computed, for its checkout
+SCRATCH = os.path.join("tmp", "merge-scratch")  # under .mvc: a running merge's chunks, for its checkout
 
 if TYPE_CHECKING:  # the engine (and numpy) load when a merge runs: `mvc status` reads only the state
     from .engine import Conflict
@@ -91,11 +91,13 @@ def merge(repo, rev: str, message: str | None = None, strategy: str | None = Non
 
 @contextlib.contextmanager
 def _scratch(repo):
-    """The path of the file that holds a running merge's computed chunks (.mvc/merge-scratch),
+    """The path of the file that holds a running merge's computed chunks (.mvc/tmp/merge-scratch),
     removed when the merge is done, and before it starts (a killed merge's)."""
     _drop_scratch(repo)
+    path = os.path.join(repo.root, ".mvc", SCRATCH)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
-        yield os.path.join(repo.root, ".mvc", SCRATCH)
+        yield path
     finally:
         _drop_scratch(repo)
 
