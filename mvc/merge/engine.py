@@ -186,7 +186,6 @@ class Merger:
         total = sum(self.odb.get(o[p].oid, "file").size for p in both)
         self.progress.start("merging", total)
         self._open_scratch(total)
-        self._res = res
         bases = self.repo.delta_bases([])
         try:
             with Ingestor(self.odb, store=True, workers=self.repo.workers, batch_bytes=32 << 20, bases=bases) as ing, \
@@ -298,7 +297,10 @@ class Merger:
             data = memoryview(merged).cast("B")
             oid, stored = self.ing.encode_made(data, fs, [o.chunks[i], t.chunks[i], b.chunks[i]])
             if at is not None:
-                pwrite_all(self._scratch_fd, [data], at)
+                try:
+                    pwrite_all(self._scratch_fd, [data], at)
+                except OSError:  # a full disk: the checkout decodes this chunk from the store
+                    at = None
             return oid, stored, len(data), n, at
 
         def finish(fut) -> int:
@@ -306,7 +308,7 @@ class Merger:
             self.ing.add_encoded(oid, stored)
             chunks.append(oid.hex())
             if at is not None:
-                self._res.locations[oid.hex()] = (self.scratch, at, nbytes)
+                res.locations[oid.hex()] = (self.scratch, at, nbytes)
             self.progress.advance(nbytes=nbytes)
             if n and self.strategy:
                 res.elements_resolved += n
