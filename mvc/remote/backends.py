@@ -132,14 +132,14 @@ class FileRemote(RemoteBackend):
         path = self._path(key)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
-        parts = [p for p in parts if len(p)]  # (an empty key is an empty file)
+        parts = [p for p in map(memoryview, parts) if p.nbytes]  # (an empty key is an empty file)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         pos = 0
         try:
             for i in range(0, len(parts), _IOV_MAX):  # straight from the parts, no joined copy
                 group = parts[i:i + _IOV_MAX]
                 pwrite_all(fd, group, pos)
-                pos += sum(map(len, group))
+                pos += sum(p.nbytes for p in group)
             os.fsync(fd)
         finally:
             os.close(fd)
