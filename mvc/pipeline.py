@@ -58,7 +58,6 @@ def _fileno(f) -> int | None:
 _INLINE_BELOW = 64 << 10  # chunks smaller than this are hashed and encoded by the main thread
 _TINY = 4096  # tensors smaller than this: read in runs, stored in full, never looked up first
 _TINY_READ = 1 << 20
-_entry_begin, _entry_end = operator.itemgetter(3), operator.itemgetter(4)  # safetensors Entry fields
 
 
 def _not_tiny(size: int) -> bool:
@@ -340,7 +339,7 @@ class Ingestor:
         that ends more than _TINY_READ bytes after the run's start, whichever comes first."""
         n = len(entries)
         out = list(range(n))
-        begins, ends = list(map(_entry_begin, entries)), list(map(_entry_end, entries))
+        begins, ends = list(map(stf.entry_begin, entries)), list(map(stf.entry_end, entries))
         sizes = list(map(operator.sub, ends, begins))
         others = list(itertools.compress(range(n), map(_not_tiny, sizes)))  # breaks every run
         i = 0

@@ -40,7 +40,7 @@ class Header:
 
 
 _by_offsets = operator.itemgetter(3, 4)  # Entry.begin, Entry.end
-_by_begin, _by_end = operator.itemgetter(3), operator.itemgetter(4)
+entry_begin, entry_end = operator.itemgetter(3), operator.itemgetter(4)  # Entry.begin, Entry.end, in C
 
 
 def encode_header(tensors, metadata: dict | None = None) -> tuple[bytes, dict[str, int], int]:
@@ -166,7 +166,7 @@ def _entries_fast(head: dict, data_size: int) -> list[Entry] | None:
     # tuple.__new__ makes each Entry in C (Entry's own __new__ is a Python function: 0.2 s here)
     entries = list(map(tuple.__new__, itertools.repeat(Entry), zip(head, dtypes, map(tuple, shapes), begins, ends)))
     entries.sort(key=_by_offsets)
-    begins, ends = list(map(_by_begin, entries)), list(map(_by_end, entries))
+    begins, ends = list(map(entry_begin, entries)), list(map(entry_end, entries))
     if entries and (begins[0] != 0 or ends[-1] != data_size or begins[1:] != ends[:-1]):
         return None  # overlaps, holes or trailing bytes
     if not entries and data_size:

@@ -1355,14 +1355,8 @@ static PyObject *k_file_object(PyObject *self, PyObject *args) {
             Py_ssize_t n = p - s;
             p++;
             if (!fo_lit(&p, end, ",", 1) || !fo_hex64(p, end) || end - p < 67 || p[66] != ']') goto none;
-            PyObject *name = PyUnicode_DecodeUTF8(s, n, "strict");
-            if (name == NULL) {
-                if (PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
-                    PyErr_Clear();
-                    goto none;
-                }
-                goto done;
-            }
+            PyObject *name = st_decode((const unsigned char *)s, n);
+            if (name == NULL) goto none_or_error;
             PyObject *id = fo_ascii(p + 1, 64), *pair = NULL;
             if (id != NULL) pair = PyTuple_Pack(2, name, id);
             Py_DECREF(name);
@@ -1380,6 +1374,8 @@ static PyObject *k_file_object(PyObject *self, PyObject *args) {
     if ((ct = PyList_AsTuple(chunks)) == NULL || (tt = PyList_AsTuple(tensors)) == NULL) goto done;
     result = Py_BuildValue("(OLO)", ct, size, tt);
     goto done;
+none_or_error:
+    if (PyErr_Occurred()) goto done;
 none:
     Py_INCREF(Py_None);
     result = Py_None;
