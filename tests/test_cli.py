@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mvc import Repo
-from tests.helpers import bf16, mvc, write_safetensors
+from tests.helpers import bf16, mvc, mvc_cmd, mvc_proc, write_safetensors
 
 
 @pytest.fixture
@@ -177,8 +177,6 @@ def test_the_author_comes_from_gits_global_config(hist, tmp_path, git_on_path):
     """With no MVC_AUTHOR or GIT_AUTHOR_* set, the author is user.name and user.email of Git's
     global configuration, asked of the git command, or read by pygit2 where git is not installed."""
     import subprocess
-
-    from tests.helpers import mvc_cmd, mvc_proc
 
     root, _ = hist
     home = tmp_path / "home"

@@ -1122,7 +1122,7 @@ static PyObject *k_safetensors_header(PyObject *self, PyObject *args) {
             dt_obj[ndt++] = k;
         }
     }
-    if ((names = PyDict_New()) == NULL || (rows = PyList_New(0)) == NULL) goto done;
+    if ((names = PySet_New(NULL)) == NULL || (rows = PyList_New(0)) == NULL) goto done;
     st_cur c = {(const unsigned char *)raw.buf, (const unsigned char *)raw.buf + raw.len};
     const unsigned char *s;
     Py_ssize_t n;
@@ -1156,8 +1156,8 @@ static PyObject *k_safetensors_header(PyObject *self, PyObject *args) {
             }
             PyObject *name = st_decode(s, n);
             if (name == NULL) goto none_or_error;
-            int had = PyDict_Contains(names, name);
-            if (had != 0 || PyDict_SetItem(names, name, Py_None) < 0) {
+            int had = PySet_Contains(names, name); /* a tensor named twice: Python names the error */
+            if (had != 0 || PySet_Add(names, name) < 0) {
                 Py_DECREF(name);
                 goto none_or_error;
             }
