@@ -11,6 +11,8 @@ chunk i of each candidate (pipeline.encode_with_bases), and only chunks, never i
 from __future__ import annotations
 
 import math
+import threading
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from .store.odb import ObjectDB
@@ -36,6 +38,41 @@ class Prediction:
 DEFAULT_MAX_DEPTH = 10  # the longest delta chain a read follows (config: delta.max_depth)
 ANCESTORS = 8  # first-parent ancestors searched after the named commits
 MAX_CANDIDATES = 4  # candidate tensors per new tensor
+#: a base one level deeper must give a delta this much smaller (per level) to be chosen: every
+#: level is one more chunk decoded by each read (Git's pack-objects asks the same of deep bases)
+DEPTH_COST = 0.15
+FULL = -1  # BaseChooser's outcome "no delta: stored in full"
+
+
+class BaseChooser:
+    """Which candidate wins, learnt over the chunks of one commit, so that the others are not
+    decoded for every chunk: a version made one way from one base (a fine-tune, a merge, a prune)
+    makes every chunk's best base the same commit. Candidates are known by *rank*, the place of
+    the commit they come from in DeltaBases' list. The first PROBE_FIRST chunks with a choice, and
+    then one in PROBE_EVERY, try every candidate; the others try the winner of the last WINDOW such
+    trials first (or go straight to a full encoding when that is what won), and try the rest only
+    when the winner gives them nothing. Thread-safe: the workers of a commit share one."""
+
+    PROBE_FIRST, PROBE_EVERY, WINDOW = 8, 16, 8
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._seen = 0
+        self._won: deque[int] = deque(maxlen=self.WINDOW)
+
+    def leader(self) -> int | None:
+        """The rank to try first (FULL: none), or None: try every candidate."""
+        with self._lock:
+            self._seen += 1
+            if self._seen <= self.PROBE_FIRST or self._seen % self.PROBE_EVERY == 0 or not self._won:
+                return None
+            rank, _ = Counter(self._won).most_common(1)[0]
+            return rank
+
+    def record(self, rank: int) -> None:
+        """What a chunk that tried every candidate chose (a rank, or FULL)."""
+        with self._lock:
+            self._won.append(rank)
 
 
 class DeltaBases:
@@ -58,17 +95,18 @@ class DeltaBases:
             self._files[key] = tensors
         return self._files[key]
 
-    def chunks_for(self, path: str, name: str, dtype: str, shape, chunk_size: int) -> list[tuple[str, ...]]:
-        """Per candidate base tensor (nearest first, distinct), its chunk ids."""
+    def chunks_for(self, path: str, name: str, dtype: str, shape, chunk_size: int) -> list[tuple[int, tuple[str, ...]]]:
+        """Per candidate base tensor (nearest first, distinct): (rank, its chunk ids), the rank
+        being the place in this list of commits of the first commit that holds it."""
         out, seen = [], set()
-        for commit in self.commits:
+        for rank, commit in enumerate(self.commits):
             tid = self._tensors(commit, path).get(name)
             if tid is None or tid in seen:
                 continue
             seen.add(tid)
             t = self.odb.get(tid, "tensor")
             if t.dtype == dtype and tuple(t.shape) == tuple(shape) and t.chunk_size == chunk_size and t.chunks:
-                out.append(t.chunks)
+                out.append((rank, t.chunks))
                 if len(out) == MAX_CANDIDATES:
                     break
         return out

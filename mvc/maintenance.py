@@ -183,7 +183,7 @@ def repack(repo, max_depth: int | None = None, progress=None) -> RepackReport:
                         if ch in visited:
                             continue
                         visited.add(ch)
-                        mine = [cc[i] for cc in cands if i < len(cc) and cc[i] in visited and cc[i] != ch]
+                        mine = [cc[i] for _, cc in cands if i < len(cc) and cc[i] in visited and cc[i] != ch]
                         old = store.get(bytes.fromhex(ch))
                         if old is None:
                             continue  # a lazy clone's unfetched chunk
@@ -288,7 +288,7 @@ def _fix_depths(repo, store: _Paged, chunks, max_depth: int) -> int:
     change = 0
     for _round in range(3):
         memo: dict[bytes, int] = {}
-        patch, too_deep = [], []
+        patch, size, too_deep = [], 0, []
         for ch in chunks:
             oid = bytes.fromhex(ch)
             stored = store.get(oid)
@@ -299,8 +299,12 @@ def _fix_depths(repo, store: _Paged, chunks, max_depth: int) -> int:
                 too_deep.append(oid)
             elif stored[34] != d:
                 patch.append((oid, bytes(stored[:34]) + bytes((d,)) + bytes(stored[35:])))
+                size += len(stored)
+                if size >= 64 << 20:  # a depth is only a header's number: any batch is a sound state
+                    store.replace_many(patch)
+                    patch, size = [], 0
+        store.replace_many(patch)
         if not too_deep:
-            store.replace_many(patch)
             return change
         change += store.replace_many([(oid, repo.odb.standalone(oid.hex())) for oid in too_deep])
     return change

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import blake3
 
-from .delta import DeltaBases, Prediction, scales_fit, scales_of
+from .delta import DEPTH_COST, FULL, MAX_CANDIDATES, BaseChooser, DeltaBases, Prediction, scales_fit, scales_of
 from .errors import CorruptObjectError, InvalidFileError, MvcError
 from .formats import safetensors as stf
 from .formats import torchfile
@@ -145,6 +145,8 @@ class Ingestor:
         if self.bases is not None:
             odb.keep_links = True  # candidate bases often share a chain: decode its links once
             odb.cache_bytes = max(odb.cache_bytes, _LINK_CACHE_BYTES)
+        #: which base has been winning (one per Ingestor: a commit, a merge, a compression step)
+        self.chooser = BaseChooser()
         self.backend: Backend = odb.backend
         self.store = store
         self.progress = progress
@@ -209,7 +211,7 @@ class Ingestor:
 
     def add_chunk(self, data, float_size: int = 0, bases: list[str] = ()) -> str:
         """Encode and store one chunk made in memory (merges), as a delta against one of *bases*
-        (chunk ids) where that is smaller; returns its id."""
+        (chunk ids, in the same roles from chunk to chunk) where that is smaller; returns its id."""
         oid, stored = self.encode_made(data, float_size, bases)
         self.add_encoded(oid, stored)
         return oid.hex()
@@ -222,7 +224,8 @@ class Ingestor:
             return oid, None
         if self.bases is None:  # delta coding is off here (or the store's format predates it)
             return encode_chunk(data, float_size)
-        return oid, encode_with_bases(self.odb, data, float_size, bases, self.bases.max_depth)
+        return oid, encode_with_bases(self.odb, data, float_size, bases, self.bases.max_depth, None,
+                                      range(len(bases)), self.chooser)
 
     def add_encoded(self, oid: bytes, stored: bytes | None) -> None:
         """Queue a chunk that encode_made made for the store (the main thread, in order)."""
@@ -239,7 +242,7 @@ class Ingestor:
         return oid.hex()
 
     # -- workers -----------------------------------------------------------------
-    def _work(self, data, float_size: int, bases: list[str], predict: Prediction | None, f=None):
+    def _work(self, data, float_size: int, bases: list[str], ranks: list[int], predict: Prediction | None, f=None):
         if isinstance(data, tuple):  # (fd, offset, length) of the work-tree file
             fd, offset, n = data
             data = os.pread(fd, n, offset)
@@ -251,11 +254,12 @@ class Ingestor:
             return oid, None
         if not bases and predict is None:
             return encode_chunk(data, float_size, joined=True)  # the pack writer takes its parts
-        return oid, encode_with_bases(self.odb, data, float_size, bases, self.bases.max_depth, predict)
+        return oid, encode_with_bases(self.odb, data, float_size, bases, self.bases.max_depth, predict, ranks,
+                                      self.chooser)
 
     def _chunks(self, f, nbytes: int, float_size: int, pending: deque, tag, bases=(), predict=None):
         """Read *nbytes* from *f* in chunks and queue them; yields control to drain the queue.
-        *bases*: per candidate base tensor, its chunk ids (chunk i is tried against their chunk i);
+        *bases*: per candidate base tensor, (rank, its chunk ids) (chunk i is tried against their chunk i);
         *predict*: (chunk index, length) -> Prediction, for int8 codes."""
         left, i = nbytes, 0
         if self._fd_of[0] is not f:  # once per file, not per tensor
@@ -271,14 +275,18 @@ class Ingestor:
                 f.seek(n, os.SEEK_CUR)
                 data = (fd, offset, n)
             left -= n
-            mine = list(dict.fromkeys(b[i] for b in bases if i < len(b)))
+            mine, ranks = [], []
+            for rank, b in bases:
+                if i < len(b) and b[i] not in mine:
+                    mine.append(b[i])
+                    ranks.append(rank)
             pred = predict(i, n) if predict is not None else None
             if n < _INLINE_BELOW and fd is not None:  # a tiny tensor: a thread hop costs more than its work
                 data = os.pread(fd, n, offset)
                 _check_read(f, data, n)
-                job = _Done(self._work(data, float_size, mine, pred))
+                job = _Done(self._work(data, float_size, mine, ranks, pred))
             else:
-                job = self.pool.submit(self._work, data, float_size, mine, pred, f)
+                job = self.pool.submit(self._work, data, float_size, mine, ranks, pred, f)
             pending.append((tag, (n, offset), job))
             i += 1
             yield
@@ -719,13 +727,16 @@ def _probe(el):
 
 
 def encode_with_bases(odb: ObjectDB, data, float_size: int, bases: list[str], max_depth: int,
-                      predict: Prediction | None = None) -> bytes:
+                      predict: Prediction | None = None, ranks: tuple | list = (),
+                      chooser: BaseChooser | None = None) -> bytes:
     """The smallest stored value of a chunk among its full encoding and deltas against *bases*
-    (up to three, nearest first) and a *predict*ion. Each candidate is first coded on a sample
+    (up to MAX_CANDIDATES, nearest first) and a *predict*ion. Each candidate is first coded on a sample
     of the chunk (_probe: 1/16 of a 4 MiB chunk), and only the best is coded in full; a search
-    ends early at a candidate under a quarter of the raw size. A base whose chain is already
-    *max_depth* long is skipped, so reads stay fast, and so is a damaged one: nothing is ever
-    stored against bytes that do not verify."""
+    ends early at a candidate under a quarter of the raw size. A base one level deeper must save
+    DEPTH_COST per level. A base whose chain is already *max_depth* long is skipped, so reads
+    stay fast, and so is a damaged one: nothing is ever stored against bytes that do not verify.
+    With a *chooser* (and the *ranks* of *bases*), the base that has been winning is tried first
+    and alone where it gives a delta (BaseChooser)."""
     k = float_size or 1
     is_float = float_size > 1
     new = codec.elements(data, k)
@@ -735,32 +746,21 @@ def encode_with_bases(odb: ObjectDB, data, float_size: int, bases: list[str], ma
     sample = _probe(new)
     scale = new.size / sample.size
     full_guess = len(codec.encode(CHUNK, sample.tobytes(), float_size)) * scale
-    # (estimated size, base id, depth, base elements, sparse?) of the best delta so far
-    choice = None
-    for b in bases[:3]:
-        if choice is not None and choice[0] < len(data) // 4:
-            break
-        base = bytes.fromhex(b)
-        stored = odb.stored_or_none(base)
-        if stored is None:
-            continue
-        depth = codec.depth(stored) + 1
-        if depth > max_depth:
-            continue
-        try:
-            old = odb.chunk_elements(base, k, stored)
-        except MvcError:
-            continue
-        if old.shape != new.shape:
-            continue
-        old_sample = _probe(old)
-        for sparse in (False, True):
-            enc = codec.encode_sparse if sparse else codec.encode_diff
-            cand = enc(CHUNK, sample, old_sample, k, is_float, base, depth)
-            if choice is None or len(cand) * scale < choice[0]:
-                choice = (len(cand) * scale, base, depth, old, sparse)
+    tries = list(range(min(len(bases), MAX_CANDIDATES)))
+    lead = chooser.leader() if chooser is not None and tries and len(ranks) >= len(tries) else None
+    if lead is None:
+        choice = _best_delta(odb, new, sample, scale, [bases[j] for j in tries], k, is_float, max_depth, len(data))
+        if chooser is not None and len(ranks) >= len(tries):
+            chooser.record(FULL if choice is None or choice[0] >= full_guess else ranks[tries[choice[5]]])
+    else:
+        first = [j for j in tries if ranks[j] == lead]
+        choice = _best_delta(odb, new, sample, scale, [bases[j] for j in first], k, is_float, max_depth, len(data))
+        if lead != FULL and (choice is None or choice[0] >= 0.9 * full_guess):  # not here: try the others
+            rest = [j for j in tries if ranks[j] != lead]
+            choice = _best_delta(odb, new, sample, scale, [bases[j] for j in rest], k, is_float, max_depth,
+                                 len(data), choice)
     if choice is not None and choice[0] < full_guess:
-        _, base, depth, old, sparse = choice
+        _, base, depth, old, sparse, _ = choice
         enc = codec.encode_sparse if sparse else codec.encode_diff
         delta = enc(CHUNK, new, old, k, is_float, base, depth)
         if best is None or len(delta) < len(best):
@@ -770,6 +770,37 @@ def encode_with_bases(odb: ObjectDB, data, float_size: int, bases: list[str], ma
         if best is None or len(full) <= len(best):
             best = full
     return best
+
+
+def _best_delta(odb: ObjectDB, new, sample, scale: float, bases: list[str], k: int, is_float: bool,
+                max_depth: int, nbytes: int, choice=None):
+    """(estimated size, base id, depth, base elements, sparse?, index in *bases*) of the best delta
+    of *new* (elements) against *bases*, judged on the *sample*; *choice* is the best so far."""
+    keep = len(bases) > 1  # several bases often share one chain: verify and keep its links
+    for j, b in enumerate(bases):
+        if choice is not None and choice[0] < nbytes // 4:
+            break
+        base = bytes.fromhex(b)
+        stored = odb.stored_or_none(base)
+        if stored is None:
+            continue
+        depth = codec.depth(stored) + 1
+        if depth > max_depth:
+            continue
+        try:
+            old = odb.chunk_elements(base, k, stored, keep)
+        except MvcError:
+            continue
+        if old.shape != new.shape:
+            continue
+        old_sample = _probe(old)
+        weight = 1 + DEPTH_COST * (depth - 1)
+        for sparse in (False, True):
+            enc = codec.encode_sparse if sparse else codec.encode_diff
+            size = len(enc(CHUNK, sample, old_sample, k, is_float, base, depth)) * scale
+            if choice is None or size * weight < choice[0] * (1 + DEPTH_COST * (choice[2] - 1)):
+                choice = (size, base, depth, old, sparse, j)
+    return choice
 
 
 def _predicted(odb: ObjectDB, new, p: Prediction, max_depth: int) -> bytes | None:
@@ -784,7 +815,8 @@ def _predicted(odb: ObjectDB, new, p: Prediction, max_depth: int) -> bytes | Non
         return None
     size = codec.PARENT_DTYPES[p.pdtype][0]
     try:
-        parent = np.concatenate([odb.chunk_elements(bytes.fromhex(b), size, s) for b, s in zip(p.bases, stores)])
+        parent = np.concatenate([odb.chunk_elements(bytes.fromhex(b), size, s, False)  # one chain each: no
+                                 for b, s in zip(p.bases, stores)])  # link is read twice
     except MvcError:
         return None
     parent = parent[p.skip:p.skip + new.size]

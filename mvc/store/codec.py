@@ -406,12 +406,37 @@ def decode(stored: bytes | memoryview, oid_hex: str = "?", bases: BaseReader | N
 _SLICE = 64 * 1024
 
 
-def decode_slices(stored, oid_hex: str = "?"):
+def diff_level(stored, oid_hex: str = "?"):
+    """A DIFF value's (base id, element size k, float?, its k planes as arrays of their own, not
+    views of *stored*), for decode_slices; None for any other codec or without the C kernels.
+    Raises CorruptObjectError on malformed input."""
+    if len(stored) < 2 + _DELTA_HEAD or stored[1] != DIFF or not kernels.native():
+        return None
+    import numpy as np
+
+    body = memoryview(stored)[2:]
+    k, is_float = body[33], body[34]
+    try:
+        if k not in (1, *_UINT) or is_float > 1:
+            raise ValueError("delta element size does not fit")
+        pk, planes = _read_plane_body(body[35:], MAX_CHUNK, True)
+        if pk != k:
+            raise ValueError("delta element size does not fit")
+    except (zstd.ZstdError, struct.error, ValueError, IndexError, TypeError) as e:
+        raise CorruptObjectError(oid_hex, f"cannot decode ({e})") from e
+    own = [np.array(p) if isinstance(p.base, memoryview) else p for p in planes]  # raw planes are views
+    return bytes(body[:32]), k, bool(is_float), own
+
+
+def decode_slices(stored, oid_hex: str = "?", levels: list = ()):
     """A PLANES value decoded a slice at a time: (its decoded length, an iterator of the slices),
-    each slice a view of one buffer that the next overwrites; None for any other codec or without
-    the C kernels. The planes are decoded first (zstd, or views of *stored*); merging a slice, then
-    hashing and writing it while it is in the cache spares three trips through memory per chunk
-    (checkout). Raises CorruptObjectError on malformed input, also while iterating."""
+    each slice a view of one buffer that the next overwrites; None for any other codec, for
+    *levels* that do not fit it, or without the C kernels. The planes are decoded first (zstd, or
+    views of *stored*); merging a slice, then hashing and writing it while it is in the cache
+    spares three trips through memory per chunk (checkout). *levels*: DIFF values stored on this
+    one (diff_level's tuples, the top of the chain first), applied to each slice in turn, so a
+    chain of differences is decoded in the cache too. Raises CorruptObjectError on malformed
+    input, also while iterating."""
     if len(stored) < 2 or stored[1] != PLANES or not kernels.native():
         return None
     import numpy as np
@@ -421,7 +446,10 @@ def decode_slices(stored, oid_hex: str = "?"):
     except (zstd.ZstdError, struct.error, ValueError, IndexError, TypeError) as e:
         raise CorruptObjectError(oid_hex, f"cannot decode ({e})") from e
     n = planes[0].size
+    if any(lk != k or lp[0].size != n for _, lk, _, lp in levels):
+        return None
     step = min(_SLICE, n)
+    below = list(reversed(levels))
 
     def slices():
         buf = np.empty(step, dtype=_UINT.get(k, np.uint8))
@@ -429,6 +457,8 @@ def decode_slices(stored, oid_hex: str = "?"):
             part = [p[i:i + step] for p in planes]
             out = buf[:part[0].size]
             kernels.merge(part, k, k > 1, out)
+            for _, _, is_float, lp in below:  # in place: each element is read before it is written
+                kernels.undiff([p[i:i + step] for p in lp], out, k, is_float, out)
             yield memoryview(out).cast("B")
 
     return n * k, slices()

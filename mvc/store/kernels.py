@@ -172,20 +172,24 @@ def diff(new, base, k: int, is_float: bool):
     return split(((d << 1) ^ (d >> (8 * k - 1))).view(new.dtype), k, False)
 
 
-def undiff(planes, base, k: int, is_float: bool):
-    """The inverse of diff, given the base: unsigned k-byte integers (*planes* as for merge)."""
+def undiff(planes, base, k: int, is_float: bool, out=None):
+    """The inverse of diff, given the base: unsigned k-byte integers (*planes* as for merge).
+    *out*: an array to write them into (and return); it may be *base* itself."""
     import numpy as np
 
     if _on:
-        out = np.empty(base.size, dtype=_UINT[k])
+        if out is None:
+            out = np.empty(base.size, dtype=_UINT[k])
         _native.undiff(planes, np.ascontiguousarray(base), out, k, is_float)
         return out
     zz = merge(planes, k, False)
     one = np.array(1, dtype=zz.dtype)
     d = (zz >> one) ^ (np.array(0, dtype=zz.dtype) - (zz & one))
-    if not is_float:
-        return base + d
-    return _unorder(_order(base, k) + d, k)
+    new = base + d if not is_float else _unorder(_order(base, k) + d, k)
+    if out is None:
+        return new
+    out[:] = new
+    return out
 
 
 def gather(new, base, k: int):

@@ -118,17 +118,22 @@ class ObjectDB:
         return data if decoded else self.decode(oid, data, "chunk")[1]
 
     def place_chunk(self, hex_id: str, fd: int, offset: int, n: int) -> bool:
-        """Decode a chunk stored as planes straight into file *fd* at *offset* (its *n* bytes), a
-        slice at a time (codec.decode_slices), hashing as it goes. False, with nothing written,
-        when the chunk is stored otherwise or is not *n* bytes long: the caller reads it whole.
-        The written bytes are verified only at the end: on a mismatch this raises, and the caller
-        must discard the file (checkout writes into a temporary file renamed on success)."""
+        """Decode a chunk stored as planes, or as a chain of DIFFs on planes, straight into file
+        *fd* at *offset* (its *n* bytes), a slice at a time (codec.decode_slices), hashing as it
+        goes. False when the chunk is stored otherwise or is not *n* bytes long, and when a chain
+        does not decode to its id: the caller reads it whole (and names what is damaged), writing
+        over whatever this wrote. A mismatch of a value stored whole raises, and the caller must
+        discard the file (checkout writes into a temporary file renamed on success)."""
         oid = bytes.fromhex(hex_id)
         size = [0]
+        levels: list = []  # the DIFFs read so far, the top of the chain first
 
         def place(view):
-            size[0] = len(view)
-            got = codec.decode_slices(view, hex_id)
+            size[0] += len(view)
+            level = codec.diff_level(view, hex_id)
+            if level is not None:
+                return level
+            got = codec.decode_slices(view, hex_id, levels)
             if got is None or got[0] != n:
                 return False
             h = blake3.blake3(header("chunk", n))
@@ -143,10 +148,23 @@ class ObjectDB:
                 raise CorruptObjectError(hex_id, "content does not match its id")
             return True
 
-        placed = self.backend.read_with(oid, place)
-        if placed:
+        cur = oid
+        try:
+            for _ in range(_MAX_CHAIN):
+                got = self.backend.read_with(cur, place)
+                if not isinstance(got, tuple):
+                    break
+                levels.append(got)
+                cur = got[0]
+            else:
+                got = False
+        except CorruptObjectError:
+            if not levels:
+                raise
+            got = False  # a damaged chain: the caller's whole read names the damaged link
+        if size[0]:
             self._account(size[0])
-        return bool(placed)
+        return got is True
 
     def stored(self, hex_id: str, what: str = "object"):
         v = self.stored_or_none(bytes.fromhex(hex_id))
@@ -208,7 +226,7 @@ class ObjectDB:
         self._tls.level = level + 1
         try:
             stored = self.stored(oid.hex(), "chunk")
-            if not self.keep_links:
+            if not getattr(self._tls, "keep", self.keep_links):
                 return codec.decode_elements(stored, self.base_reader, k)
             _, content = decode_verified(oid, stored, "chunk", self.base_reader)
         finally:
@@ -216,14 +234,26 @@ class ObjectDB:
         self._remember(oid, content)
         return codec.elements(content, k)
 
-    def chunk_elements(self, oid: bytes, k: int, stored=None):
-        """The verified elements of a chunk (for encoding a delta against it)."""
+    def chunk_elements(self, oid: bytes, k: int, stored=None, keep_links: bool | None = None):
+        """The verified elements of a chunk (for encoding a delta against it). *keep_links*
+        overrides ``keep_links`` for this read: a writer that decodes one base of a chain, not
+        several, has no use for its links (the chunk's own hash verifies the chain)."""
         with self._lock:
             hit = self._chunks.get(oid)
         if hit is None:
             if stored is None:
                 stored = self.stored(oid.hex(), "chunk")
-            hit = self.decode(oid, stored, "chunk")[1]
+            before = getattr(self._tls, "keep", None)
+            if keep_links is not None:
+                self._tls.keep = keep_links
+            try:
+                hit = self.decode(oid, stored, "chunk")[1]
+            finally:
+                if keep_links is not None:
+                    if before is None:
+                        del self._tls.keep
+                    else:
+                        self._tls.keep = before
         return codec.elements(hit, k)
 
     def _account(self, n: int) -> None:
