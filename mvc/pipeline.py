@@ -487,6 +487,9 @@ class Materializer:
         self.progress = progress
         #: chunk id -> (path, offset, length) for chunks that live only in the work tree
         self.locations: dict[str, tuple[str, int, int]] = {}
+        #: the path of the file being written when it is itself one of ``locations``' files (a
+        #: merge's scratch, finished in place): its chunks already at their place are only verified
+        self.in_place: str | None = None
 
     def close(self):
         self.pool.shutdown()
@@ -557,6 +560,8 @@ class Materializer:
         try:
             self._place_all(file, fd)
         except _Misfit:
+            if self.in_place is not None:
+                raise  # the caller writes it anew: truncating would lose the located chunks
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
             self.write(file_oid, f)
@@ -647,6 +652,8 @@ class Materializer:
                 if run:
                     self._place_run(run, fd)
                     run_bytes = 0
+                if loc is not None and loc[0] == self.in_place and loc[1] == offset and loc[2] == n:
+                    loc = _Here(loc[0])
                 args = (self.odb, cid, loc, fd, offset, n, in_tensor)
                 if n < _INLINE_BELOW:  # a tiny chunk: a thread hop costs more than its work
                     _place(*args)
@@ -847,9 +854,19 @@ def _reserve(fd: int, size: int) -> None:
             raise
 
 
+class _Here(str):
+    """A location that is the chunk's own place in the file being written (its path): the chunk is
+    read there and verified, not written."""
+
+
 def _place(odb: ObjectDB, cid: str, loc, fd: int, offset: int, n: int, in_tensor: bool) -> None:
     """Read (store or work tree), decode, verify and write one chunk at *offset*. Worker thread."""
     if loc is None and odb.place_chunk(cid, fd, offset, n):
+        return
+    if type(loc) is _Here:
+        data = os.pread(fd, n, offset)
+        if len(data) != n or hash_object("chunk", data).hex() != cid:
+            raise InvalidFileError(loc, "changed while mvc was reading it; run the command again")
         return
     if loc is not None:
         data = _read_located(cid, *loc)

@@ -471,10 +471,13 @@ class Repo:
         return diff_trees(self.lookup(), Tree(()), self.tree_of(rev))
 
     # -- checkout --------------------------------------------------------------
-    def write_entries(self, entries: list[TreeEntry], progress: Progress, locations: dict | None = None) -> None:
+    def write_entries(self, entries: list[TreeEntry], progress: Progress, locations: dict | None = None,
+                      prepared: dict | None = None) -> None:
         """Write *entries* into the work tree. *locations*: chunk id -> (path, offset, length) of
         chunks to read from a file (a merge's scratch file) rather than decode from the store;
-        they are verified against their ids all the same."""
+        they are verified against their ids all the same. *prepared*: path -> a scratch file laid
+        out as that path's file, holding some of its located chunks at their places: the rest is
+        written into it, its own chunks are read and verified there, and it is moved into place."""
         total = 0
         files = {}
         for e in entries:
@@ -488,8 +491,10 @@ class Repo:
             if locations:
                 mat.locations = locations
             for e in entries:
-                with self.worktree.open_for_write(e.path, e.mode) as f:
-                    mat.write_file(e.oid, f)
+                src = (prepared or {}).get(e.path)
+                if src is None or not self._finish_prepared(mat, e, src):
+                    with self.worktree.open_for_write(e.path, e.mode) as f:
+                        mat.write_file(e.oid, f)
                 fs = self.worktree.stat(e.path)
                 if fs is not None:
                     written[e.path] = (fs, e.oid)
@@ -497,9 +502,36 @@ class Repo:
         progress.finish()
         self.worktree.remember(written)
 
+    def _finish_prepared(self, mat, e: TreeEntry, src: str) -> bool:
+        """Write the rest of *e*'s file into its prepared scratch *src* and move it into place;
+        False (*src* given up: its located chunks are then read, not trusted in place) when it
+        cannot be: not on this file system, gone, or laid out otherwise."""
+        from .pipeline import _Misfit
+
+        try:
+            fd = os.open(src, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            mat.locations = {c: loc for c, loc in mat.locations.items() if loc[0] != src}
+            return False
+        try:
+            with os.fdopen(fd, "r+b", buffering=0) as f:
+                mat.in_place = src
+                try:
+                    mat.write_file(e.oid, f)
+                finally:
+                    mat.in_place = None
+            self.worktree.adopt(e.path, e.mode, src)
+            return True
+        except (_Misfit, OSError):
+            mat.locations = {c: loc for c, loc in mat.locations.items() if loc[0] != src}
+            with contextlib.suppress(OSError):
+                os.remove(src)
+            return False
+
     def checkout(self, rev: str, paths: list[str] | None = None, force: bool = False,
-                 progress: Progress = NULL) -> str:
-        """Check out *rev*: the whole tree (moving HEAD), or only *paths* (HEAD stays)."""
+                 progress: Progress = NULL, locations: dict | None = None, prepared: dict | None = None) -> str:
+        """Check out *rev*: the whole tree (moving HEAD), or only *paths* (HEAD stays).
+        *locations*, *prepared*: as for write_entries (a clone's work tree written while fetching)."""
         with self.lock():
             target = self.resolve(rev)
             tree = self.odb.get(self.commit_obj(target).tree, "tree")
@@ -513,7 +545,7 @@ class Repo:
                     self.worktree.check_writable(e.path)
                 self.write_entries(entries, progress)
                 return target
-            self.switch_tree(tree, force, progress)
+            self.switch_tree(tree, force, progress, locations, prepared)
             old = self.refs.head_commit()
             if rev in ("HEAD", "@"):  # stays as it is: attached or detached
                 return target
@@ -524,11 +556,12 @@ class Repo:
                 self.refs.detach_head(target, f"checkout: moving to {rev}", old)
             return target
 
-    def switch_tree(self, tree: Tree, force: bool, progress: Progress, locations: dict | None = None) -> None:
+    def switch_tree(self, tree: Tree, force: bool, progress: Progress, locations: dict | None = None,
+                    prepared: dict | None = None) -> None:
         """Make the work tree match *tree*, refusing to lose uncommitted work unless forced.
         Forced, nothing is read that is about to be overwritten (a damaged file must not stop
         its own repair): a file the stat cache does not vouch for is simply written again.
-        *locations*: as for write_entries."""
+        *locations*, *prepared*: as for write_entries."""
         head = self.head_tree().as_dict()
         target = tree.as_dict()
         if force:
@@ -559,7 +592,7 @@ class Repo:
         for p in to_remove:  # first, so that a file can become a directory
             self.worktree.remove(p)
         self.worktree.remember({}, forget=to_remove)
-        self.write_entries(to_write, progress, locations)
+        self.write_entries(to_write, progress, locations, prepared)
 
     def switch(self, branch: str, create: bool = False, start: str | None = None,
                force: bool = False, progress: Progress = NULL) -> str | None:

@@ -280,6 +280,28 @@ class WorkTree:
         finally:
             os.close(dfd)
 
+    def adopt(self, rel: str, mode: int, src: str) -> None:
+        """Move the finished file *src* (on this file system: a merge's scratch under .mvc) into
+        place as *rel*, atomically, with the mode a written file gets. Raises OSError (EXDEV on
+        another file system) with *rel* untouched; the caller then writes it the usual way."""
+        check_path(rel)
+        parent, _, name = rel.rpartition("/")
+        dfd = self._open_dir(parent, create=True)
+        try:
+            try:
+                existing = os.lstat(name, dir_fd=dfd)
+                if st.S_ISDIR(existing.st_mode) and not st.S_ISLNK(existing.st_mode):
+                    raise UnsafePathError(f"{rel}: a directory is in the way")
+            except FileNotFoundError:
+                pass
+            if mode == MODE_EXEC:
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(src, 0o777 & ~umask)
+            os.rename(src, name, dst_dir_fd=dfd)
+        finally:
+            os.close(dfd)
+
     def stat(self, rel: str) -> FileStat | None:
         try:
             s = os.stat(self.abspath(rel))

@@ -295,13 +295,15 @@ def test_a_merge_killed_halfway_is_finished_by_running_it_again(forked, monkeypa
 
 
 def test_merged_chunks_are_checked_out_from_the_merges_scratch_file(forked):
-    """A merge writes the chunks it computes to .mvc/tmp/merge-scratch as well, and its checkout reads
-    them from there (verified against their ids: a flipped byte there is refused), not through
-    their delta chains; the work tree is byte for byte what checking the merge commit out writes,
-    and the scratch file is gone after. One that a killed merge left behind is dropped, not read."""
+    """A merge writes the chunks it computes to a scratch file per merged file (.mvc/tmp/
+    merge-scratch.N), each where the merged file has it; its checkout writes the rest into that
+    file, verifies the merged chunks there (a flipped byte is refused and nothing is written) and
+    moves it into the work tree: byte for byte what checking the merge commit out writes. No
+    scratch is left after; one that a killed merge left behind is dropped, not read."""
     import hashlib
     import os
 
+    from mvc import pipeline
     from mvc.errors import MvcError
     from mvc.merge.engine import Merger, merge_bases
     from mvc.progress import NULL
@@ -316,26 +318,52 @@ def test_merged_chunks_are_checked_out_from_the_merges_scratch_file(forked):
     probe = root / ".mvc" / "probe"
     side, head = repo.resolve("side"), repo.refs.head_commit()
     base_tree = repo.odb.get(repo.commit_obj(merge_bases(repo, head, side)[0]).tree, "tree")
-    res = Merger(repo, "average", scratch=str(probe)).merge_trees(
-        base_tree, repo.head_tree(), repo.odb.get(repo.commit_obj(side).tree, "tree"))
-    assert res.locations and not res.conflicts
-    with open(probe, "rb") as f:
-        for cid, (_path, offset, n) in res.locations.items():
+
+    def merged():
+        return Merger(repo, "average", scratch=str(probe)).merge_trees(
+            base_tree, repo.head_tree(), repo.odb.get(repo.commit_obj(side).tree, "tree"))
+
+    res = merged()
+    assert res.locations and not res.conflicts and res.prepared == {"m.safetensors": f"{probe}.0"}
+    for cid, (path, offset, n) in res.locations.items():
+        assert path == f"{probe}.0"
+        with open(path, "rb") as f:
             f.seek(offset)
             assert hash_object("chunk", f.read(n)).hex() == cid
-    damaged = bytearray(probe.read_bytes())
-    damaged[len(damaged) // 2] ^= 1
-    probe.write_bytes(bytes(damaged))
+    damaged = bytearray(open(f"{probe}.0", "rb").read())
+    _, at, n = next(iter(res.locations.values()))
+    damaged[at + n // 2] ^= 1
+    open(f"{probe}.0", "wb").write(bytes(damaged))
     with pytest.raises(MvcError):
-        repo.switch_tree(Tree.build(res.entries), False, NULL, res.locations)
+        repo.switch_tree(Tree.build(res.entries), False, NULL, res.locations, res.prepared)
     assert sha(root / "m.safetensors") == ours_sha  # nothing written from the damaged scratch
-    os.remove(probe)
+    os.remove(f"{probe}.0")
+
+    res = merged()
+    tree = Tree.build(res.entries)
+    copied = []
+    real = pipeline._read_located
+    pipeline._read_located = lambda *a: copied.append(a) or real(*a)
+    try:
+        repo.switch_tree(tree, False, NULL, res.locations, res.prepared)
+    finally:
+        pipeline._read_located = real
+    assert not copied  # every merged chunk was at its place: verified there, not copied
+    assert not os.path.exists(f"{probe}.0")  # moved into the work tree
+    in_place = sha(root / "m.safetensors")
+    os.remove(root / "m.safetensors")
+    repo.switch_tree(tree, True, NULL)  # the same tree decoded from the store
+    assert sha(root / "m.safetensors") == in_place
+    repo.switch_tree(repo.head_tree(), True, NULL)
+    assert sha(root / "m.safetensors") == ours_sha
 
     scratch = root / ".mvc" / "tmp" / "merge-scratch"
     scratch.parent.mkdir(exist_ok=True)
-    scratch.write_bytes(b"left by a killed merge" * 1000)
+    for left in (scratch, scratch.with_name("merge-scratch.3")):
+        left.write_bytes(b"left by a killed merge" * 1000)
     mvc("merge", "side", "--strategy", "average", cwd=root)
-    assert not scratch.exists()
+    assert not scratch.exists() and not scratch.with_name("merge-scratch.3").exists()
+    assert os.listdir(scratch.parent) == []
     merged = sha(root / "m.safetensors")
     os.remove(root / "m.safetensors")
     mvc("checkout", "-f", "HEAD", cwd=root)

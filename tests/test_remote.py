@@ -286,6 +286,42 @@ def test_a_killed_clone_is_resumed_by_running_it_again(tmp_path, rng):
     assert json.loads(run(b, "status", "--json", env=t.env).stdout)["clean"]
 
 
+def test_a_clone_writes_its_work_tree_while_fetching(target, tmp_path, rng, monkeypatch):
+    """Each verified chunk of the branch a clone checks out is written into a scratch laid out as
+    its file; the checkout only verifies those there (no chunk decoded twice) and moves the file
+    into the work tree: bit for bit, no scratch left. A scratch whose bytes are not what was
+    verified is refused: the clone fails cleanly and leaves nothing."""
+    from mvc import pipeline
+    from mvc.errors import MvcError
+    from mvc.remote import prefill
+    from mvc.remote.sync import clone
+    from mvc.store.odb import ObjectDB
+
+    a, _ = pushed(tmp_path, rng, target, n=6)  # six 512 KiB tensors
+    decoded, copied = [], []
+    real_place, real_read = ObjectDB.place_chunk, pipeline._read_located
+    monkeypatch.setattr(ObjectDB, "place_chunk", lambda self, cid, *a: decoded.append(cid) or real_place(self, cid, *a))
+    monkeypatch.setattr(pipeline, "_read_located", lambda *a: copied.append(a) or real_read(*a))
+    b = tmp_path / "b"
+    clone(target.url, str(b), endpoint_url=target.endpoint).close()
+    assert tree_hashes(b) == tree_hashes(a)
+    assert not decoded and not copied  # every tensor chunk was written while fetching
+    assert os.listdir(b / ".mvc" / "tmp") == []
+    assert json.loads(run(b, "status", "--json", env=target.env).stdout)["clean"]
+
+    real_put = prefill.Prefill.put
+
+    def damaging(self, oid, content):
+        bad = bytearray(content)
+        bad[len(bad) // 2] ^= 1
+        real_put(self, oid, bytes(bad))
+
+    monkeypatch.setattr(prefill.Prefill, "put", damaging)
+    with pytest.raises(MvcError, match="changed while mvc was reading it"):
+        clone(target.url, str(tmp_path / "c"), endpoint_url=target.endpoint)
+    assert not (tmp_path / "c").exists()
+
+
 def test_lazy_clone_fetches_only_what_is_read(tmp_path):
     from mvc.remote.sync import add_remote, fetch, lazy_fetcher
     from mvc.synth import write_model

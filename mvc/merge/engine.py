@@ -48,6 +48,9 @@ class MergeResult:
     #: merged chunk id -> (scratch file, offset, length): chunks computed by this merge, which the
     #: checkout of its result reads (and verifies) from there instead of decoding their delta chains
     locations: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    #: path -> its scratch file, which holds the merged chunks where the merged file has them: the
+    #: checkout fills in the rest and moves it into the work tree (Repo.write_entries)
+    prepared: dict[str, str] = field(default_factory=dict)
 
 
 def merge_bases(repo, a: str, b: str) -> list[str]:
@@ -170,10 +173,12 @@ class Merger:
         self.density = density
         self.progress = progress
         self._made: dict[str, Tensor] = {}  # tensors made by this merge, not yet flushed to the store
-        #: where merged chunks are also written as they are made (None: nowhere), see MergeResult
+        #: where merged chunks are also written as they are made (None: nowhere), see MergeResult:
+        #: one file per merged file, *scratch*.N, each laid out as that file is
         self.scratch = scratch
-        self._scratch_fd: int | None = None
-        self._scratch_end = 0
+        self._scratch_ok = False
+        self._scratch_fd: int | None = None  # the file being merged: its scratch, and where its
+        self._scratch_at: dict[str, int] = {}  # tensors (by name) begin in it
 
     def _tensor(self, tid: str) -> Tensor:
         return self._made.get(tid) or self.odb.get(tid, "tensor")
@@ -185,7 +190,7 @@ class Merger:
         both = [p for p in o if p in t and o[p] != t[p] and (p not in b or (b[p] != o[p] and b[p] != t[p]))]
         total = sum(self.odb.get(o[p].oid, "file").size for p in both)
         self.progress.start("merging", total)
-        self._open_scratch(total)
+        self._scratch_ok = self._room_for_scratch(total)
         bases = self.repo.delta_bases([])
         try:
             with Ingestor(self.odb, store=True, workers=self.repo.workers, batch_bytes=32 << 20, bases=bases) as ing, \
@@ -198,23 +203,45 @@ class Merger:
                     if merged is not None:
                         res.entries[path] = merged
         finally:
-            if self._scratch_fd is not None:
-                os.close(self._scratch_fd)
-                self._scratch_fd = None
+            self._close_scratch()
         self.progress.finish()
         return res
 
-    def _open_scratch(self, total: int) -> None:
-        """Open the scratch file for the merged chunks, when there is one and the disk has room
-        for it twice over (it lives until the merged files are written)."""
+    def _room_for_scratch(self, total: int) -> bool:
+        """Whether merged chunks go to scratch files: there is a scratch path and the disk has room
+        for the merged files twice over (a scratch lives until its file is written)."""
         if self.scratch is None or total == 0:
-            return
+            return False
         try:
-            if shutil.disk_usage(os.path.dirname(self.scratch)).free < 2 * total + (256 << 20):
-                return
-            self._scratch_fd = os.open(self.scratch, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            return shutil.disk_usage(os.path.dirname(self.scratch)).free >= 2 * total + (256 << 20)
         except OSError:
-            self._scratch_fd = None  # no scratch: the checkout decodes from the store as ever
+            return False
+
+    def _open_scratch(self, path: str, f: File, res: MergeResult) -> None:
+        """The scratch of merged file *path*, laid out as *f* (the side whose header the merged
+        file keeps): its tensors begin where they do in *f*. Without one (no room, an error) the
+        checkout decodes the merged chunks from the store as ever."""
+        if not self._scratch_ok:
+            return
+        at = f.size - sum(self._tensor(tid).nbytes for _, tid in f.tensors)  # the header's length
+        where = {}
+        for name, tid in f.tensors:
+            where[name] = at
+            at += self._tensor(tid).nbytes
+        name = f"{self.scratch}.{len(res.prepared)}"
+        try:
+            # the mode checkout gives a new file: this one may become the work tree's file
+            self._scratch_fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666)
+        except OSError:
+            return
+        self._scratch_at = where
+        res.prepared[path] = name
+
+    def _close_scratch(self) -> None:
+        if self._scratch_fd is not None:
+            os.close(self._scratch_fd)
+            self._scratch_fd = None
+        self._scratch_at = {}
 
     def _take(self, e: TreeEntry | None):
         return (e.mode, e.oid) if e is not None else None
@@ -251,6 +278,18 @@ class Merger:
         to, tt = dict(fo.tensors), dict(ft.tensors)
         names = [n for n, _ in fo.tensors] + [n for n, _ in ft.tensors if n not in to]
         out: list[tuple[str, str]] = []
+        if fb is not None and self._layout(fo) == self._layout(ft) == self._layout(fb):
+            self._open_scratch(path, fo, res)  # the merged file keeps ours' header: its layout is known
+        try:
+            merged = self._merge_tensors(path, fo, ft, names, tb, to, tt, out, res)
+        finally:
+            self._close_scratch()
+        return merged
+
+    def _layout(self, f: File) -> list:
+        return [(n, self._tensor(tid).dtype, tuple(self._tensor(tid).shape)) for n, tid in f.tensors]
+
+    def _merge_tensors(self, path, fo, ft, names, tb, to, tt, out, res) -> str:
         for name in names + [n for n in tb if n not in to and n not in tt]:
             b, o, t = tb.get(name), to.get(name), tt.get(name)
             streamed = False  # merged element by element: progress was counted chunk by chunk
@@ -296,31 +335,30 @@ class Merger:
                 merged, n = self._merge_elements(o.dtype, vb, vo, vt, thresholds)
             data = memoryview(merged).cast("B")
             oid, stored = self.ing.encode_made(data, fs, [o.chunks[i], t.chunks[i], b.chunks[i]])
-            if at is not None:
-                try:
-                    pwrite_all(self._scratch_fd, [data], at)
-                except OSError:  # a full disk: the checkout decodes this chunk from the store
-                    at = None
-            return oid, stored, len(data), n, at
+            return oid, stored, data, n, at
 
         def finish(fut) -> int:
-            oid, stored, nbytes, n, at = fut.result()
+            oid, stored, data, n, at = fut.result()
             self.ing.add_encoded(oid, stored)
             chunks.append(oid.hex())
-            if at is not None:
-                res.locations[oid.hex()] = (self.scratch, at, nbytes)
-            self.progress.advance(nbytes=nbytes)
+            if at is not None:  # here, not on the workers: two writers of one file wait on its lock
+                try:
+                    pwrite_all(self._scratch_fd, [data], at)
+                    res.locations[oid.hex()] = (res.prepared[path], at, len(data))
+                except OSError:  # a full disk: the checkout decodes this chunk from the store
+                    pass
+            self.progress.advance(nbytes=len(data))
             if n and self.strategy:
                 res.elements_resolved += n
                 return 0
             return n
 
         pending: deque = deque()
+        at = self._scratch_at.get(name) if self._scratch_fd is not None else None
         for i, cb in enumerate(self.mat.chunks(b.chunks)):
-            at = None
-            if self._scratch_fd is not None:
-                at, self._scratch_end = self._scratch_end, self._scratch_end + len(cb)
             pending.append(self.ing.pool.submit(merge_chunk, i, cb, at))
+            if at is not None:
+                at += len(cb)
             while len(pending) > 2:  # one chunk merging on each worker, one waiting
                 conflicts += finish(pending.popleft())
         while pending:

@@ -84,15 +84,15 @@ def merge(repo, rev: str, message: str | None = None, strategy: str | None = Non
             st["tree"] = repo.odb.put(merged)
         _save(repo, st)
         if res.conflicts:
-            repo.switch_tree(merged, False, progress or NULL, res.locations)
+            repo.switch_tree(merged, False, progress or NULL, res.locations, res.prepared)
             return MergeOutcome("conflicts", None, res.conflicts, base)
-        return _resume(repo, st, author, progress or NULL, res.locations)
+        return _resume(repo, st, author, progress or NULL, res.locations, res.prepared)
 
 
 @contextlib.contextmanager
 def _scratch(repo):
-    """The path of the file that holds a running merge's computed chunks (.mvc/tmp/merge-scratch),
-    removed when the merge is done, and before it starts (a killed merge's)."""
+    """The path that a running merge's scratch files start with (.mvc/tmp/merge-scratch.N: its
+    computed chunks), removed when the merge is done, and before it starts (a killed merge's)."""
     _drop_scratch(repo)
     path = os.path.join(repo.root, ".mvc", SCRATCH)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -103,11 +103,20 @@ def _scratch(repo):
 
 
 def _drop_scratch(repo) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(repo.root, ".mvc", SCRATCH))
+    path = os.path.join(repo.root, ".mvc", SCRATCH)
+    folder, prefix = os.path.split(path)
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name == prefix or name.startswith(prefix + "."):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
 
 
-def _resume(repo, st: dict, author: str | None, progress, locations: dict | None = None) -> MergeOutcome:
+def _resume(repo, st: dict, author: str | None, progress, locations: dict | None = None,
+            prepared: dict | None = None) -> MergeOutcome:
     """Finish a merge with no conflicts whose state is saved: the work tree, then the commit.
     Run again after a kill, it completes what is left (a merge that had landed is just cleared).
     The caller holds the repository lock."""
@@ -123,7 +132,7 @@ def _resume(repo, st: dict, author: str | None, progress, locations: dict | None
     merged = repo.odb.get(st["tree"], "tree")
     if locations is None:  # resumed after a kill: what a killed merge left in its scratch goes
         _drop_scratch(repo)
-    repo.switch_tree(merged, False, progress, locations)
+    repo.switch_tree(merged, False, progress, locations, prepared)
     oid = repo.record(merged, parents, st["message"], author, st["op"], None, kind)
     _save(repo, None)
     return MergeOutcome("merged", oid, [], st["base"])

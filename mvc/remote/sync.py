@@ -232,7 +232,7 @@ def _remote_tip(raw: bytes, key: str) -> str:
     return tip
 
 
-def fetch(repo, remote: RemoteBackend, name: str, progress=None, lazy: bool = False) -> dict[str, str]:
+def fetch(repo, remote: RemoteBackend, name: str, progress=None, lazy: bool = False, prefill=None) -> dict[str, str]:
     """Download every branch's missing objects (verified) and set refs/remotes/NAME/*.
 
     Holds the store lock shared: gc and repack (exclusive) cannot delete what it stored before
@@ -240,12 +240,14 @@ def fetch(repo, remote: RemoteBackend, name: str, progress=None, lazy: bool = Fa
     included, so a repository that lost objects gets them back.
 
     *lazy*: metadata only (commits, trees, files, tensors); chunks come on demand (lazy_fetcher).
+    *prefill*: a clone's Prefill (mvc/remote/prefill.py), which keeps the verified chunks of the
+    branch it will check out.
     """
     with repo.store_lock(exclusive=False):
-        return _fetch(repo, remote, name, progress, lazy)
+        return _fetch(repo, remote, name, progress, lazy, prefill)
 
 
-def _fetch(repo, remote: RemoteBackend, name: str, progress, lazy: bool) -> dict[str, str]:
+def _fetch(repo, remote: RemoteBackend, name: str, progress, lazy: bool, prefill=None) -> dict[str, str]:
     check_format(remote, create=False)
     repo.use_packs()
     tips = {}
@@ -260,7 +262,10 @@ def _fetch(repo, remote: RemoteBackend, name: str, progress, lazy: bool) -> dict
             raise RemoteError(f"remote ref {key} is damaged (not a valid branch name)") from e
         tips[branch] = _remote_tip(raw, key)
     index = remote_index(repo, remote, name)
-    download_objects(repo.odb, remote, index, [(t, "commit") for t in tips.values()], name, progress, lazy)
+    if prefill is not None:
+        prefill.choose(tips)
+    download_objects(repo.odb, remote, index, [(t, "commit") for t in tips.values()], name, progress, lazy,
+                     prefill)
     for branch, tip in tips.items():
         ref = f"{REMOTES}{name}/{branch}"
         repo.refs.set_ref(ref, tip, repo.refs.get(ref), f"fetch from {name}")
@@ -268,14 +273,15 @@ def _fetch(repo, remote: RemoteBackend, name: str, progress, lazy: bool) -> dict
 
 
 def download_objects(odb, remote: RemoteBackend, index: dict, roots, name: str, progress=None,
-                     lazy: bool = False) -> int:
+                     lazy: bool = False, prefill=None) -> int:
     """Store everything reachable from *roots* [(id, kind)] that *odb* lacks, downloaded through
     *index* (remote_index) and verified against its id before it is stored: chunks first (several
     requests in flight, a delta only once its base is stored), then metadata, children before
     parents, so the store never names what it lacks. Objects already here are walked through, so a
     store that lost some gets them back. *name* labels errors and progress.
 
-    *lazy*: metadata only; chunks come on demand (lazy_fetcher). Returns how many objects it stored."""
+    *lazy*: metadata only; chunks come on demand (lazy_fetcher). *prefill*: see fetch. Returns how
+    many objects it stored."""
     stored = 0
 
     def download(oid: str, kind: str) -> bytes:
@@ -287,13 +293,16 @@ def download_objects(odb, remote: RemoteBackend, index: dict, roots, name: str, 
         if kind == "chunk" and delta_base(data) is not None:
             return data  # verified once its base is at hand (store_chunk)
         try:
-            decode_verified(bytes.fromhex(oid), data, kind)
+            _, content = decode_verified(bytes.fromhex(oid), data, kind)
         except MvcError as e:
             raise CorruptObjectError(oid, f"downloaded from {name} and refused: {e}") from e
+        if kind == "chunk" and prefill is not None:
+            prefill.put(oid, content)  # decoded: the clone's work tree takes it
         return data
 
     # 1. metadata (small): walk down from the tips, keeping what is new in memory
     metas: dict[str, tuple[str, bytes]] = {}
+    parsed: dict[str, object] = {}
     chunks: list[str] = []
     stack = list(roots)
     seen: set[str] = set()
@@ -313,7 +322,10 @@ def download_objects(odb, remote: RemoteBackend, index: dict, roots, name: str, 
         data = download(oid, kind)
         metas[oid] = (kind, data)
         _, content = decode_verified(bytes.fromhex(oid), data, kind)
-        stack.extend(children(kind, odb.get_parsed_from(kind, content, oid)))
+        parsed[oid] = odb.get_parsed_from(kind, content, oid)
+        stack.extend(children(kind, parsed[oid]))
+    if prefill is not None and not lazy:
+        prefill.plan(lambda oid, kind: parsed[oid] if oid in parsed else odb.get(oid, kind))
     # 2. chunks, several requests in flight, each verified before it is stored
     if progress is not None and chunks:
         progress.start(f"fetching from {name}", sum(index[c][2] for c in chunks if c in index))
@@ -344,9 +356,11 @@ def download_objects(odb, remote: RemoteBackend, index: dict, roots, name: str, 
                 flush()
         if bases:
             try:
-                odb.decode(key, data, "chunk")
+                content = odb.decode(key, data, "chunk")[1]
             except MvcError as e:
                 raise CorruptObjectError(oid, f"downloaded from {name} and refused: {e}") from e
+            if prefill is not None:
+                prefill.put(oid, content)
         batch.append((key, data))
         in_batch.add(key)
         size += len(data)
@@ -537,6 +551,7 @@ def clone(url: str, dest: str, progress=None, endpoint_url: str | None = None, l
 
     from ..repo import Repo
     from .backends import open_remote
+    from .prefill import Prefill, default_branch
 
     marker = os.path.join(dest, ".mvc", CLONING)
     if os.path.isdir(dest) and os.listdir(dest) == [".mvc"] and \
@@ -566,14 +581,21 @@ def clone(url: str, dest: str, progress=None, endpoint_url: str | None = None, l
         if lazy:
             repo.update_config(lambda cfg: cfg.__setitem__(CFG_LAZY, "origin"))
             repo.odb.fetcher = lazy_fetcher(repo, "origin")
-        tips = fetch(repo, remote, "origin", progress, lazy=lazy)
-        if tips:
-            branch = "main" if "main" in tips else sorted(tips)[0]
-            old = repo.refs.get(HEADS + branch)
-            repo.refs.set_ref(HEADS + branch, tips[branch], old, f"clone: from {url}")
-            repo.refs.attach_head(branch, "clone", None, tips[branch])
-            if not lazy:  # a lazy clone checks nothing out: tensors arrive when something reads them
-                repo.checkout(branch, force=True, progress=progress or NULL)
+        prefill = None if lazy else Prefill(dest)  # the work tree written while fetching
+        try:
+            tips = fetch(repo, remote, "origin", progress, lazy=lazy, prefill=prefill)
+            if tips:
+                branch = default_branch(tips)
+                old = repo.refs.get(HEADS + branch)
+                repo.refs.set_ref(HEADS + branch, tips[branch], old, f"clone: from {url}")
+                repo.refs.attach_head(branch, "clone", None, tips[branch])
+                if not lazy:  # a lazy clone checks nothing out: tensors arrive when something reads them
+                    prefill.close()
+                    repo.checkout(branch, force=True, progress=progress or NULL, locations=prefill.locations,
+                                  prepared=prefill.prepared)
+        finally:
+            if prefill is not None:
+                prefill.drop()
         os.remove(marker)
     except BaseException as e:
         if resuming or isinstance(e, KeyboardInterrupt):
