@@ -36,6 +36,7 @@ from .backends import RemoteBackend, RemoteError
 
 FORMAT = 1
 PACK_TARGET = 64 << 20
+_STORE_BATCH = 32 << 20  # a fetch stores this much per transaction (one more is being written)
 
 
 @dataclass
@@ -332,28 +333,40 @@ def download_objects(odb, remote: RemoteBackend, index: dict, roots, name: str, 
     batch: list[tuple[bytes, bytes]] = []
     in_batch: set[bytes] = set()
     size = 0
+    # one batch at a time is written on its own thread: the pack's fdatasync overlaps the next
+    # downloads and decodes (the store shows a batch only once its transaction commits)
+    writer = ThreadPoolExecutor(1, thread_name_prefix="mvc-fetch-store")
+    writing: list = [None, set()]  # the batch being written: its future, its ids
 
-    def flush():
-        nonlocal batch, size
-        odb.backend.put_many(batch)
-        odb.backend.release_pages()
-        batch, size = [], 0
-        in_batch.clear()
+    def settle():
+        if writing[0] is not None:
+            fut, writing[0], writing[1] = writing[0], None, set()
+            fut.result()
+            odb.backend.release_pages()
+
+    def flush(wait: bool = False):
+        nonlocal batch, size, in_batch
+        if batch:
+            settle()
+            writing[0], writing[1] = writer.submit(odb.backend.put_many, batch), in_batch
+            batch, size, in_batch = [], 0, set()
+        if wait:
+            settle()
 
     def store_chunk(oid: str, data: bytes) -> None:
         """Add a verified chunk to the batch; a delta only once its base is stored (fetched first if
         need be), so the store never holds a delta without its base."""
         nonlocal size, stored
         key = bytes.fromhex(oid)
-        if key in in_batch or odb.backend.has(key):
+        if key in in_batch or key in writing[1] or odb.backend.has(key):
             return
         bases = links(data)
         for base in bases:
-            if base in in_batch:
-                flush()
+            if base in in_batch or base in writing[1]:
+                flush(wait=True)
             elif not odb.backend.has(base):
                 store_chunk(base.hex(), download(base.hex(), "chunk"))
-                flush()
+                flush(wait=True)
         if bases:
             try:
                 content = odb.decode(key, data, "chunk")[1]
@@ -366,25 +379,28 @@ def download_objects(odb, remote: RemoteBackend, index: dict, roots, name: str, 
         size += len(data)
         stored += 1
 
-    with ThreadPoolExecutor(8, thread_name_prefix="mvc-fetch") as pool:
-        def downloaded():  # in order, at most 16 requests (and their data) in flight
-            pending: deque = deque()
-            for c in chunks:
-                pending.append((c, pool.submit(download, c, "chunk")))
-                if len(pending) >= 16:
+    try:
+        with ThreadPoolExecutor(8, thread_name_prefix="mvc-fetch") as pool:
+            def downloaded():  # in order, at most 16 requests (and their data) in flight
+                pending: deque = deque()
+                for c in chunks:
+                    pending.append((c, pool.submit(download, c, "chunk")))
+                    if len(pending) >= 16:
+                        oid, fut = pending.popleft()
+                        yield oid, fut.result()
+                while pending:
                     oid, fut = pending.popleft()
                     yield oid, fut.result()
-            while pending:
-                oid, fut = pending.popleft()
-                yield oid, fut.result()
 
-        for oid, data in downloaded():
-            store_chunk(oid, data)
-            if progress is not None:
-                progress.advance(nbytes=len(data))
-            if size >= PACK_TARGET:
-                flush()
-    flush()
+            for oid, data in downloaded():
+                store_chunk(oid, data)
+                if progress is not None:
+                    progress.advance(nbytes=len(data))
+                if size >= _STORE_BATCH:
+                    flush()
+        flush(wait=True)
+    finally:
+        writer.shutdown(wait=True)  # nothing writes to the store after this returns or raises
     if progress is not None:
         progress.finish()
     # 3. metadata last, children before parents: tensors, files, trees, commits
