@@ -54,10 +54,12 @@ from .store.odb import ObjectDB
 from .worktree import FileStat, WorkTree
 
 #: 1: full encodings only; 2: chunks may be delta-coded (docs/format.md §5.1); 3: large values
-#: may live in pack files (§2.1). A repository is raised before the first value that needs the new
-#: version is written, so an older mvc refuses it instead of misreading it.
-FORMAT_VERSION = 3
+#: may live in pack files (§2.1); 4: planes of delta values may be NIBBLES-coded (§5.1). A
+#: repository is raised before the first value that needs the new version is written, so an
+#: older mvc refuses it instead of misreading it.
+FORMAT_VERSION = 4
 PACKS_FORMAT = 3
+DELTA_FORMAT = 4  # what a delta written now may need
 DEFAULT_AUTHOR = "mvc user <mvc@localhost>"
 
 
@@ -347,8 +349,8 @@ class Repo:
             raise MvcError(f"config {CFG_DELTA}.max_depth must be an integer in [0, 255], not {depth!r}")
         if depth == 0:
             return None
-        if self.config.get(CFG_FORMAT, 1) < 2:  # before the first delta: older mvc must refuse the repository
-            self.update_config(lambda cfg: cfg.__setitem__(CFG_FORMAT, 2))
+        if self.config.get(CFG_FORMAT, 1) < DELTA_FORMAT:  # before the first delta: an older mvc must refuse
+            self.update_config(lambda cfg: cfg.__setitem__(CFG_FORMAT, DELTA_FORMAT))  # the repository
         return DeltaBases(self.odb, with_ancestors(self.odb, [c for c in commits if c]), depth)
 
     def snapshot(self, message: str = "work tree", progress: Progress = NULL) -> str:

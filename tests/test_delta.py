@@ -139,7 +139,7 @@ def test_every_dtype_round_trips_through_delta_history(tmp_path, dtype):
     for c, h in zip(commits, hashes):
         repo.checkout(c, force=True)
         assert sha256(root / "m.safetensors") == h
-    assert repo.config["format"] == 3
+    assert repo.config["format"] == 4
     assert json.loads(mvc("fsck", "--json", cwd=root).output)["ok"] is True
 
 
@@ -231,11 +231,11 @@ def test_a_format_1_repository_is_raised_before_its_first_delta_or_pack(tmp_path
     repo = Repo(root)
     w = rng.standard_normal(1 << 16).astype(np.float32)
     write_safetensors(root / "m.safetensors", {"w": ("F32", (w.size,), w.tobytes())})
-    repo.commit("one")  # its 256 KiB chunk goes to a pack: format 3 (which includes the deltas of 2)
-    assert json.loads(cfg.read_text())["format"] == 3
+    repo.commit("one")  # format 4 before its first delta (NIBBLES planes) or pack (its 256 KiB chunk)
+    assert json.loads(cfg.read_text())["format"] == 4
     write_safetensors(root / "m.safetensors", {"w": ("F32", (w.size,), (w + 1e-6).astype(np.float32).tobytes())})
     assert "diff" in added_by(repo, repo.commit("two"))["encodings"]
-    assert json.loads(cfg.read_text())["format"] == 3
+    assert json.loads(cfg.read_text())["format"] == 4
 
 
 def test_a_damaged_base_is_named_and_nothing_wrong_is_written(tmp_path, rng):
@@ -463,6 +463,45 @@ def test_damaged_delta_values_fail_cleanly(kind, cut, flips):
         codec.decode(data, "x", lambda oid, k: codec.elements(base.tobytes(), k))
     except CorruptObjectError:
         pass
+
+
+def _fine_tune(rng, n=1 << 20):
+    """bf16 weights N(0, 0.02) and the same moved by N(0, 1e-3): a DIFF whose low plane is noise."""
+    w = (0.02 * rng.standard_normal(n)).astype(np.float32)
+    moved = (w + 1e-3 * rng.standard_normal(n)).astype(np.float32)
+    return (w.view(np.uint32) >> 16).astype(np.uint16), (moved.view(np.uint32) >> 16).astype(np.uint16)
+
+
+def _plane_codecs(stored) -> list[int]:
+    body = memoryview(stored)[2 + 35:]
+    return [body[5 + 5 * j] for j in range(body[0])]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_noise_plane_of_a_delta_is_coded_as_nibbles(rng, native):
+    """A fine-tune's DIFF: its top plane NONZERO, its low plane (6.7 bits of noise a byte) NIBBLES,
+    within 1 % of Huffman-coding the bytes; the value decodes to the target's exact bytes on both
+    paths, and a value cut or flipped inside the NIBBLES plane fails as CorruptObjectError."""
+    base, new = _fine_tune(rng)
+    bid = hash_object("chunk", base.tobytes())
+    kernels.use_native(native)
+    try:
+        stored = codec.encode_diff(0, new, base, 2, True, bid, 1)
+        assert _plane_codecs(stored) == [codec.NONZERO, codec.NIBBLES]
+        _, out = codec.decode(stored, "x", lambda oid, k: codec.elements(base.tobytes(), k))
+        assert bytes(out) == new.tobytes()
+    finally:
+        kernels.use_native(True)
+    planes = kernels.diff(new, base, 2, True)
+    huffman = len(codec._entropy(codec._ctx()[0], planes[1]))
+    nib = len(codec._nibbles_body(planes[1], codec._delta_ctx()))
+    assert nib <= 1.01 * huffman  # what the probe chose, on the whole plane
+    for bad in (stored[:-7], stored[:-1] + bytes([stored[-1] ^ 0x40]), stored[:len(stored) - 300000]):
+        try:
+            _, out = codec.decode(bad, "x", lambda oid, k: codec.elements(base.tobytes(), k))
+        except CorruptObjectError:
+            continue
+        assert bytes(out) != new.tobytes()  # decodes to other bytes: the reader's hash refuses them
 
 
 def test_repack_stores_the_branch_heads_whole_at_no_cost(tmp_path, rng):

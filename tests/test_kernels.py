@@ -631,3 +631,23 @@ def test_tiny_runs_end_where_an_entry_by_entry_walk_ends_them(sizes):
         want[i:j] = [j] * (j - i)
         i = j
     assert Ingestor._tiny_runs(entries) == want
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=5000))
+def test_nibbles_give_the_numpy_bytes_and_back(data):
+    """The NIBBLES split (docs/format.md §5.1) on both paths: the same hi and lo bytes, and
+    unnibbles gives the plane back, at every length (odd ones pair the last byte with 0)."""
+    plane = np.frombuffer(data, np.uint8)
+    hi, lo = kernels.nibbles(plane)
+    kernels.use_native(False)
+    try:
+        hi2, lo2 = kernels.nibbles(plane)
+        back2 = kernels.unnibbles(hi, lo, plane.size)
+    finally:
+        kernels.use_native(True)
+    assert hi.tobytes() == hi2.tobytes() and lo.tobytes() == lo2.tobytes()
+    assert kernels.unnibbles(hi, lo, plane.size).tobytes() == data == back2.tobytes()
+    if plane.size:
+        assert hi.size == lo.size == (plane.size + 1) // 2
+        assert int(hi[0]) & 0x0F == plane[0] >> 4 and int(lo[0]) & 0x0F == plane[0] & 0x0F

@@ -40,7 +40,7 @@ def model(root, rng, n=6, rows=512):
 def test_a_commit_puts_chunk_payloads_in_a_pack_and_checks_them_out_bit_exact(tmp_path, rng):
     root = tmp_path / "w"
     repo = Repo.init(root)
-    assert json.loads((root / ".mvc" / "config.json").read_text())["format"] == 3
+    assert json.loads((root / ".mvc" / "config.json").read_text())["format"] == 4
     h = model(root, rng)
     c = repo.commit("one")
     [pack] = packs_of(root)
@@ -169,7 +169,7 @@ def test_a_reader_follows_a_value_that_compaction_moved(tmp_path):
     assert a.get(oid(0)) == keep  # a's old locator is gone; it reads the new one
 
 
-def test_a_format_2_repository_is_raised_to_3_by_its_first_commit(tmp_path, rng):
+def test_a_format_2_repository_is_raised_by_its_first_commit(tmp_path, rng):
     root = tmp_path / "w"
     Repo.init(root).close()
     cfg = root / ".mvc" / "config.json"
@@ -178,8 +178,8 @@ def test_a_format_2_repository_is_raised_to_3_by_its_first_commit(tmp_path, rng)
     with Repo(root) as repo:
         assert repo.backend.pack_writes is False
         repo.commit("one")
-    assert json.loads(cfg.read_text())["format"] == 3 and len(packs_of(root)) == 1
-    cfg.write_text(json.dumps({"format": 4}))
+    assert json.loads(cfg.read_text())["format"] == 4 and len(packs_of(root)) == 1  # packs and NIBBLES
+    cfg.write_text(json.dumps({"format": 5}))
     st = mvc_proc("status", cwd=root)
     assert st.returncode != 0 and "newer than this mvc understands" in st.stderr
 

@@ -322,6 +322,27 @@ def test_a_clone_writes_its_work_tree_while_fetching(target, tmp_path, rng, monk
     assert not (tmp_path / "c").exists()
 
 
+def test_a_push_raises_a_format_1_remote_and_a_newer_one_is_refused(tmp_path, rng):
+    """A remote written by an mvc that knows only format 1 is raised to 2 by the first push (its
+    values may now hold NIBBLES planes: the old mvc must refuse the remote, not its objects);
+    a remote of a format newer than this mvc knows is refused with one clear line."""
+    t = Target("file", f"file://{tmp_path / 'remote'}")
+    a, _ = pushed(tmp_path, rng, t)
+    marker = tmp_path / "remote" / "mvc-remote.json"
+    assert json.loads(marker.read_text()) == {"format": 2}
+    marker.write_text('{"format":1}')
+    run(tmp_path, "clone", t.url, "b")  # a format 1 remote is read as ever
+    assert json.loads(marker.read_text()) == {"format": 1}
+    (a / "config.json").write_text('{"x": 1}')
+    run(a, "commit", "-m", "two")
+    run(a, "push")
+    assert json.loads(marker.read_text()) == {"format": 2}
+    marker.write_text('{"format":3}')
+    res = mvc_proc("fetch", cwd=tmp_path / "b")
+    assert res.returncode != 0 and "remote format 3 is newer than this mvc understands" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
 def test_lazy_clone_fetches_only_what_is_read(tmp_path):
     from mvc.remote.sync import add_remote, fetch, lazy_fetcher
     from mvc.synth import write_model

@@ -1,8 +1,8 @@
 """push, fetch and clone over a RemoteBackend (layout: docs/remote-format.md).
 
-Remote layout, format 1:
+Remote layout, format 2:
 
-    mvc-remote.json            {"format": 1}
+    mvc-remote.json            {"format": 2}
     packs/<id>.pack            stored values back to back (id = BLAKE3 of the pack bytes)
     packs/<id>.idx             canonical JSON {"objects": [[oid, offset, length], ...]}, written after its pack
     refs/heads/<branch>        "<commit id>\\n", moved last, by compare-and-swap
@@ -34,7 +34,9 @@ from ..store.objects import canonical_json
 from ..store.odb import decode_verified
 from .backends import RemoteBackend, RemoteError
 
-FORMAT = 1
+#: 1: the layout below; 2: stored values may hold NIBBLES planes (docs/format.md §5.1), so a
+#: push raises a format 1 remote to 2 before it uploads anything
+FORMAT = 2
 PACK_TARGET = 64 << 20
 _STORE_BATCH = 32 << 20  # a fetch stores this much per transaction (one more is being written)
 
@@ -65,6 +67,8 @@ def check_format(remote: RemoteBackend, create: bool) -> None:
     if fmt > FORMAT:
         raise RemoteError(f"remote format {fmt} is newer than this mvc understands ({FORMAT})",
                           hint="upgrade mvc")
+    if create and fmt < FORMAT:  # before the first pack that may need it: an older mvc must refuse
+        remote.put("mvc-remote.json", canonical_json({"format": FORMAT}))
 
 
 def remote_index(local, remote: RemoteBackend, name: str) -> dict[str, tuple[str, int, int]]:

@@ -716,6 +716,71 @@ static PyObject *k_merge3_bf16(PyObject *self, PyObject *args) {
 static PyObject *k_gather(PyObject *self, PyObject *args) { return sparse(args, 0); }
 static PyObject *k_scatter(PyObject *self, PyObject *args) { return sparse(args, 1); }
 
+/* nibbles(src, hi, lo): the bytes of src in pairs (the last paired with 0 when there is an odd
+ * number): hi[i] = src[2i] >> 4 | (src[2i+1] & 0xf0), lo[i] = (src[2i] & 0x0f) | src[2i+1] << 4.
+ * unnibbles(hi, lo, dst): the inverse, len(dst) bytes. A noise plane of deltas (docs/format.md
+ * §5.1, NIBBLES) is coded as its hi bytes (zstd) and its lo bytes (raw). */
+static void nib(const uint8_t *s, uint8_t *hi, uint8_t *lo, Py_ssize_t n) {
+    Py_ssize_t m = n / 2;
+    for (Py_ssize_t i = 0; i < m; i++) {
+        uint8_t a = s[2 * i], b = s[2 * i + 1];
+        hi[i] = (uint8_t)((a >> 4) | (b & 0xf0));
+        lo[i] = (uint8_t)((a & 0x0f) | (b << 4));
+    }
+    if (n & 1) {
+        hi[m] = (uint8_t)(s[n - 1] >> 4);
+        lo[m] = (uint8_t)(s[n - 1] & 0x0f);
+    }
+}
+
+static void unnib(const uint8_t *hi, const uint8_t *lo, uint8_t *d, Py_ssize_t n) {
+    Py_ssize_t m = n / 2;
+    for (Py_ssize_t i = 0; i < m; i++) {
+        uint8_t h = hi[i], l = lo[i];
+        d[2 * i] = (uint8_t)((h << 4) | (l & 0x0f));
+        d[2 * i + 1] = (uint8_t)((h & 0xf0) | (l >> 4));
+    }
+    if (n & 1) d[n - 1] = (uint8_t)((hi[m] << 4) | (lo[m] & 0x0f));
+}
+
+static PyObject *k_nibbles(PyObject *self, PyObject *args) {
+    Py_buffer src, hi, lo;
+    if (!PyArg_ParseTuple(args, "y*w*w*", &src, &hi, &lo)) return NULL;
+    PyObject *ret = NULL;
+    if (hi.len != (src.len + 1) / 2 || lo.len != hi.len) {
+        PyErr_SetString(PyExc_ValueError, "nibbles: hi and lo must hold (len(src) + 1) // 2 bytes");
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        nib((const uint8_t *)src.buf, (uint8_t *)hi.buf, (uint8_t *)lo.buf, src.len);
+        Py_END_ALLOW_THREADS
+        ret = Py_None;
+        Py_INCREF(ret);
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&hi);
+    PyBuffer_Release(&lo);
+    return ret;
+}
+
+static PyObject *k_unnibbles(PyObject *self, PyObject *args) {
+    Py_buffer hi, lo, dst;
+    if (!PyArg_ParseTuple(args, "y*y*w*", &hi, &lo, &dst)) return NULL;
+    PyObject *ret = NULL;
+    if (hi.len != (dst.len + 1) / 2 || lo.len != hi.len) {
+        PyErr_SetString(PyExc_ValueError, "unnibbles: hi and lo must hold (len(dst) + 1) // 2 bytes");
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        unnib((const uint8_t *)hi.buf, (const uint8_t *)lo.buf, (uint8_t *)dst.buf, dst.len);
+        Py_END_ALLOW_THREADS
+        ret = Py_None;
+        Py_INCREF(ret);
+    }
+    PyBuffer_Release(&hi);
+    PyBuffer_Release(&lo);
+    PyBuffer_Release(&dst);
+    return ret;
+}
+
 static PyObject *k_split(PyObject *self, PyObject *args) { return one(args, SPLIT); }
 static PyObject *k_merge(PyObject *self, PyObject *args) { return planar(args, 0); }
 static PyObject *k_diff(PyObject *self, PyObject *args) { return two(args, DIFF); }
@@ -1487,6 +1552,8 @@ static PyMethodDef methods[] = {
     {"file_json", k_file_json, METH_VARARGS,
      "file_json(chunks, size, tensors) -> bytes | None: a safetensors file object's canonical JSON"},
     {"huff", k_huff, METH_VARARGS, "huff(src) -> bytes | None: a zstd frame of Huffman-coded literal blocks"},
+    {"nibbles", k_nibbles, METH_VARARGS, "nibbles(src, hi, lo): the bytes' high and low nibbles, in pairs"},
+    {"unnibbles", k_unnibbles, METH_VARARGS, "unnibbles(hi, lo, dst): the bytes from their nibbles"},
     {NULL, NULL, 0, NULL},
 };
 

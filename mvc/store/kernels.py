@@ -192,6 +192,42 @@ def undiff(planes, base, k: int, is_float: bool, out=None):
     return out
 
 
+def nibbles(plane):
+    """(hi, lo) of a uint8 *plane*, in pairs of bytes (the last paired with 0 when odd): hi holds
+    their high nibbles (the first's in the low half), lo their low nibbles (the same order)."""
+    import numpy as np
+
+    m = (plane.size + 1) // 2
+    hi, lo = np.empty(m, np.uint8), np.empty(m, np.uint8)
+    if _on:
+        _native.nibbles(np.ascontiguousarray(plane), hi, lo)
+        return hi, lo
+    padded = np.zeros(2 * m, np.uint8)
+    padded[:plane.size] = plane
+    a, b = padded[0::2], padded[1::2]
+    hi[:] = (a >> 4) | (b & 0xF0)
+    lo[:] = (a & 0x0F) | (b << 4)
+    return hi, lo
+
+
+def unnibbles(hi, lo, n: int):
+    """The inverse of nibbles: a uint8 array of *n* bytes."""
+    import numpy as np
+
+    out = np.empty(n, np.uint8)
+    if _on:
+        _native.unnibbles(hi, lo, out)
+        return out
+    hi, lo = np.frombuffer(hi, np.uint8), np.frombuffer(lo, np.uint8)
+    if hi.size != (n + 1) // 2 or lo.size != hi.size:
+        raise ValueError("unnibbles: hi and lo must hold (n + 1) // 2 bytes")
+    pair = np.empty(2 * hi.size, np.uint8)
+    pair[0::2] = (hi << 4) | (lo & 0x0F)
+    pair[1::2] = (hi & 0xF0) | (lo >> 4)
+    out[:] = pair[:n]
+    return out
+
+
 def gather(new, base, k: int):
     """(little-endian bit mask of the elements where *new* differs from *base*, those elements)."""
     import numpy as np
