@@ -265,11 +265,24 @@ def _stored_value():
     from mvc.store import codec
     from mvc.store.odb import encode_chunk
 
+    import numpy as np
+
     seeds = [encode_chunk(bytes(range(256)) * 64, 2)[1], encode_chunk(b"\x00" * 5000, 4)[1], encode_chunk(b"abc")[1]]
     seeds += _real()["stored"][:4]
+    # delta values against one base: a fine-tune's DIFF (NONZERO and NIBBLES planes) and a SPARSE
+    rng = np.random.default_rng(0)
+    base = rng.integers(0x3C00, 0x3D00, 4096, dtype=np.uint16)
+    moved = (base.astype(np.int32) + rng.integers(-40, 41, base.size)).astype(np.uint16)
+    pruned = base.copy()
+    pruned[::2] = 0
+    seeds += [codec.encode_diff(0, moved, base, 2, True, bytes(32), 1),
+              codec.encode_sparse(0, pruned, base, 2, True, bytes(32), 1)]
+
+    def bases(_oid, k):
+        return codec.elements(base.tobytes(), k)
 
     def parse(data):
-        codec.decode(data, "fuzz", None)
+        codec.decode(data, "fuzz", bases)
 
     return seeds, parse
 
