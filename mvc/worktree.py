@@ -254,12 +254,12 @@ class WorkTree:
                 raise UnsafePathError(f"refusing to write {rel!r}: {sub!r} is a file, not a directory")
 
     @contextlib.contextmanager
-    def open_for_write(self, rel: str, mode: int):
-        """Yield a binary file to fill; on success it atomically replaces *rel*."""
+    def _parent_of(self, rel: str):
+        """(the open parent directory of *rel*, created if need be; *rel*'s name in it), once no
+        directory stands where the file goes."""
         check_path(rel)
         parent, _, name = rel.rpartition("/")
         dfd = self._open_dir(parent, create=True)
-        tmp = f".{name}.{os.getpid()}{TMP_SUFFIX}"
         try:
             try:
                 existing = os.lstat(name, dir_fd=dfd)
@@ -267,6 +267,15 @@ class WorkTree:
                     raise UnsafePathError(f"{rel}: a directory is in the way")
             except FileNotFoundError:
                 pass
+            yield dfd, name
+        finally:
+            os.close(dfd)
+
+    @contextlib.contextmanager
+    def open_for_write(self, rel: str, mode: int):
+        """Yield a binary file to fill; on success it atomically replaces *rel*."""
+        with self._parent_of(rel) as (dfd, name):
+            tmp = f".{name}.{os.getpid()}{TMP_SUFFIX}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_EXCL,
                          0o777 if mode == MODE_EXEC else 0o666, dir_fd=dfd)
             try:
@@ -277,30 +286,17 @@ class WorkTree:
                     os.unlink(tmp, dir_fd=dfd)
                 raise
             os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-        finally:
-            os.close(dfd)
 
     def adopt(self, rel: str, mode: int, src: str) -> None:
-        """Move the finished file *src* (on this file system: a merge's scratch under .mvc) into
-        place as *rel*, atomically, with the mode a written file gets. Raises OSError (EXDEV on
-        another file system) with *rel* untouched; the caller then writes it the usual way."""
-        check_path(rel)
-        parent, _, name = rel.rpartition("/")
-        dfd = self._open_dir(parent, create=True)
-        try:
-            try:
-                existing = os.lstat(name, dir_fd=dfd)
-                if st.S_ISDIR(existing.st_mode) and not st.S_ISLNK(existing.st_mode):
-                    raise UnsafePathError(f"{rel}: a directory is in the way")
-            except FileNotFoundError:
-                pass
+        """Move the finished file *src* (on this file system: a merge's or a clone's scratch under
+        .mvc) into place as *rel*, atomically, with the mode a written file gets. Raises OSError
+        (EXDEV on another file system) with *rel* untouched; the caller then writes it the usual way."""
+        with self._parent_of(rel) as (dfd, name):
             if mode == MODE_EXEC:
                 umask = os.umask(0)
                 os.umask(umask)
                 os.chmod(src, 0o777 & ~umask)
             os.rename(src, name, dst_dir_fd=dfd)
-        finally:
-            os.close(dfd)
 
     def stat(self, rel: str) -> FileStat | None:
         try:
