@@ -47,6 +47,20 @@ class FileStat:
         return cls(s.st_size, s.st_mtime_ns, s.st_ino, MODE_EXEC if s.st_mode & 0o111 else MODE_FILE, s.st_ctime_ns)
 
 
+def drop_scratch(prefix: str) -> None:
+    """Remove the scratch files *prefix* and *prefix*.N (a merge's or a clone's, under .mvc/tmp:
+    what a finished command did not move into the work tree, or a killed one left)."""
+    folder, name = os.path.split(prefix)
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return
+    for n in names:
+        if n == name or n.startswith(name + "."):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, n))
+
+
 def _check_utf8(rel: str) -> None:
     """Paths are stored as UTF-8 (tree entries are JSON strings): a name the file system gave as
     other bytes is refused by name, and the user can rename or ignore it."""

@@ -103,16 +103,9 @@ def _scratch(repo):
 
 
 def _drop_scratch(repo) -> None:
-    path = os.path.join(repo.root, ".mvc", SCRATCH)
-    folder, prefix = os.path.split(path)
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return
-    for name in names:
-        if name == prefix or name.startswith(prefix + "."):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(folder, name))
+    from ..worktree import drop_scratch
+
+    drop_scratch(os.path.join(repo.root, ".mvc", SCRATCH))
 
 
 def _resume(repo, st: dict, author: str | None, progress, locations: dict | None = None,

@@ -16,6 +16,7 @@ import threading
 
 from ..pipeline import _INLINE_BELOW, CHUNK_SIZE
 from ..store.packs import pwrite_all
+from ..worktree import drop_scratch
 
 SCRATCH = os.path.join("tmp", "clone")  # under .mvc: .mvc/tmp/clone.N, one per file
 
@@ -109,9 +110,4 @@ class Prefill:
         """Remove the scratch files (what a checkout did not move into the work tree, or a killed
         clone's)."""
         self.close()
-        folder, prefix = os.path.split(self.prefix)
-        with contextlib.suppress(FileNotFoundError):
-            for name in os.listdir(folder):
-                if name.startswith(prefix + "."):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(os.path.join(folder, name))
+        drop_scratch(self.prefix)
