@@ -262,10 +262,10 @@ def _objects():
 
 
 def _stored_value():
+    import numpy as np
+
     from mvc.store import codec
     from mvc.store.odb import encode_chunk
-
-    import numpy as np
 
     seeds = [encode_chunk(bytes(range(256)) * 64, 2)[1], encode_chunk(b"\x00" * 5000, 4)[1], encode_chunk(b"abc")[1]]
     seeds += _real()["stored"][:4]
