@@ -322,6 +322,34 @@ def test_a_clone_writes_its_work_tree_while_fetching(target, tmp_path, rng, monk
     assert not (tmp_path / "c").exists()
 
 
+def test_a_clone_lays_out_at_most_max_files_files_while_fetching(tmp_path, rng, monkeypatch):
+    """Each file laid out holds a descriptor open: past MAX_FILES the rest are checked out as
+    ever, and every file is bit for bit the committed one."""
+    from mvc.remote import prefill
+    from mvc.remote.sync import clone
+
+    monkeypatch.setattr(prefill, "MAX_FILES", 2)
+    a = tmp_path / "a"
+    Repo.init(a).close()
+    for i in range(4):
+        write_safetensors(a / f"m{i}.safetensors", {"w": ("BF16", (256, 512), bf16(rng, (256, 512)))})
+    run(a, "commit", "-m", "four files")
+    t = Target("file", f"file://{tmp_path / 'remote'}")
+    run(a, "remote", "add", "origin", t.url)
+    run(a, "push")
+    prepared = []
+    real = prefill.Prefill.plan
+
+    def spying(self, get):
+        real(self, get)
+        prepared.append(dict(self.prepared))
+
+    monkeypatch.setattr(prefill.Prefill, "plan", spying)
+    clone(t.url, str(tmp_path / "b")).close()
+    assert len(prepared[0]) == 2
+    assert tree_hashes(tmp_path / "b") == tree_hashes(a)
+
+
 def test_a_push_raises_a_format_1_remote_and_a_newer_one_is_refused(tmp_path, rng):
     """A remote written by an mvc that knows only format 1 is raised to 2 by the first push (its
     values may now hold NIBBLES planes: the old mvc must refuse the remote, not its objects);

@@ -19,6 +19,7 @@ from ..store.packs import pwrite_all
 from ..worktree import drop_scratch
 
 SCRATCH = os.path.join("tmp", "clone")  # under .mvc: .mvc/tmp/clone.N, one per file
+MAX_FILES = 64  # files laid out at once (each holds a descriptor open); the rest are checked out as ever
 
 
 def default_branch(tips: dict[str, str]) -> str:
@@ -30,7 +31,7 @@ class Prefill:
     def __init__(self, root: str):
         self.prefix = os.path.join(root, ".mvc", SCRATCH)
         self.tip: str | None = None  # the commit that will be checked out (choose())
-        #: chunk id -> [(fd, offset)] of every place it has in the scratch files
+        #: chunk id -> [(fd, offset, length)] of every place it has in the scratch files
         self._places: dict[str, list[tuple[int, int]]] = {}
         self._fds: list[int] = []
         self._path_of: dict[int, str] = {}
@@ -53,6 +54,8 @@ class Prefill:
             return
         tree = get(get(self.tip, "commit").tree, "tree")
         for entry in tree.entries:
+            if len(self.prepared) >= MAX_FILES:
+                break
             f = get(entry.oid, "file")
             tensors = [get(tid, "tensor") for _name, tid in f.tensors]
             head = f.size - sum(t.nbytes for t in tensors)
