@@ -577,15 +577,8 @@ class Materializer:
         head = file.size - sum(t[1] if type(t) is tuple else t.nbytes for t in tensors)
         if head < 0:
             raise CorruptObjectError("?", "a file object smaller than its tensors")
-        out, offset = [], 0
-        for i, c in enumerate(file.chunks):
-            n = CHUNK_SIZE if i < len(file.chunks) - 1 else head - offset
-            if not 0 < n <= CHUNK_SIZE:
-                raise _Misfit()
-            out.append((c, offset, n, False, False))
-            offset += n
-        if offset != head:
-            raise _Misfit()
+        out = [(c, at, n, False, False) for c, at, n in header_places(file, head)]
+        offset = head
         bulk = not self.locations  # (chunks read from the work tree are placed one by one)
         for tiny_run, group in itertools.groupby(tensors, key=_tiny_hit if bulk else _never):
             if tiny_run:  # adjacent tiny tensors of one chunk each: taken in whole passes
@@ -597,11 +590,9 @@ class Materializer:
                     out.append((t[0], offset, t[1], True, True))
                     offset += t[1]
                     continue
-                left = t.nbytes
-                for j, c in enumerate(t.chunks):
-                    n = min(t.chunk_size, left)
-                    out.append((c, offset, n, True, j == 0))
-                    offset, left = offset + n, left - n
+                for j, (c, at, n) in enumerate(tensor_places(t, offset)):
+                    out.append((c, at, n, True, j == 0))
+                    offset = at + n
                 if not t.chunks:
                     out.append((None, offset, 0, True, True))
         return out
@@ -683,6 +674,30 @@ class Materializer:
         buf = io.BytesIO()
         self.write(file_oid, buf)
         return buf.getvalue()
+
+
+def header_places(file: File, head: int) -> list[tuple[str, int, int]]:
+    """(chunk id, offset, length) of a file's header (or plain-file) chunks, *head* bytes in all,
+    each 4 MiB but the last: where a checkout writes them. _Misfit when they cannot be so."""
+    out, offset = [], 0
+    for i, c in enumerate(file.chunks):
+        n = CHUNK_SIZE if i < len(file.chunks) - 1 else head - offset
+        if not 0 < n <= CHUNK_SIZE:
+            raise _Misfit()
+        out.append((c, offset, n))
+        offset += n
+    if offset != head:
+        raise _Misfit()
+    return out
+
+
+def tensor_places(t: Tensor, offset: int):
+    """(chunk id, offset, length) of tensor *t*'s chunks, the first at *offset*."""
+    left = t.nbytes
+    for c in t.chunks:
+        n = min(t.chunk_size, left)
+        yield c, offset, n
+        offset, left = offset + n, left - n
 
 
 class _Bulk:

@@ -511,12 +511,7 @@ class Repo:
         from .pipeline import _Misfit
 
         try:
-            fd = os.open(src, os.O_RDWR | os.O_NOFOLLOW)
-        except OSError:
-            mat.locations = {c: loc for c, loc in mat.locations.items() if loc[0] != src}
-            return False
-        try:
-            with os.fdopen(fd, "r+b", buffering=0) as f:
+            with open(os.open(src, os.O_RDWR | os.O_NOFOLLOW), "r+b", buffering=0) as f:
                 mat.in_place = src
                 try:
                     mat.write_file(e.oid, f)

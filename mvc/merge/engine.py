@@ -274,22 +274,21 @@ class Merger:
         return mode, self._merge_file(path, fb, fo, ft, res)
 
     def _merge_file(self, path: str, fb: File | None, fo: File, ft: File, res: MergeResult) -> str:
-        tb = dict(fb.tensors) if fb else {}
-        to, tt = dict(fo.tensors), dict(ft.tensors)
-        names = [n for n, _ in fo.tensors] + [n for n, _ in ft.tensors if n not in to]
-        out: list[tuple[str, str]] = []
         if fb is not None and self._layout(fo) == self._layout(ft) == self._layout(fb):
             self._open_scratch(path, fo, res)  # the merged file keeps ours' header: its layout is known
         try:
-            merged = self._merge_tensors(path, fo, ft, names, tb, to, tt, out, res)
+            return self._merge_tensors(path, fb, fo, ft, res)
         finally:
             self._close_scratch()
-        return merged
 
     def _layout(self, f: File) -> list:
         return [(n, self._tensor(tid).dtype, tuple(self._tensor(tid).shape)) for n, tid in f.tensors]
 
-    def _merge_tensors(self, path, fo, ft, names, tb, to, tt, out, res) -> str:
+    def _merge_tensors(self, path: str, fb: File | None, fo: File, ft: File, res: MergeResult) -> str:
+        tb = dict(fb.tensors) if fb else {}
+        to, tt = dict(fo.tensors), dict(ft.tensors)
+        names = [n for n, _ in fo.tensors] + [n for n, _ in ft.tensors if n not in to]
+        out: list[tuple[str, str]] = []
         for name in names + [n for n in tb if n not in to and n not in tt]:
             b, o, t = tb.get(name), to.get(name), tt.get(name)
             streamed = False  # merged element by element: progress was counted chunk by chunk

@@ -14,7 +14,7 @@ import contextlib
 import os
 import threading
 
-from ..pipeline import _INLINE_BELOW, CHUNK_SIZE
+from ..pipeline import _INLINE_BELOW, _Misfit, header_places, tensor_places
 from ..store.packs import pwrite_all
 from ..worktree import drop_scratch
 
@@ -59,19 +59,15 @@ class Prefill:
             f = get(entry.oid, "file")
             tensors = [get(tid, "tensor") for _name, tid in f.tensors]
             head = f.size - sum(t.nbytes for t in tensors)
-            places, offset = [], 0
-            for i, c in enumerate(f.chunks):
-                n = CHUNK_SIZE if i < len(f.chunks) - 1 else head - offset
-                places.append((c, offset, n))
-                offset += n
-            if offset != head or head < 0:
+            try:
+                places = header_places(f, head)
+            except _Misfit:
                 continue  # not the layout a checkout writes: it is written the usual way
+            offset = head
             for t in tensors:
-                left = t.nbytes
-                for c in t.chunks:
-                    n = min(t.chunk_size, left)
-                    places.append((c, offset, n))
-                    offset, left = offset + n, left - n
+                for c, at, n in tensor_places(t, offset):
+                    places.append((c, at, n))
+                    offset = at + n
             big = [p for p in places if p[2] >= _INLINE_BELOW]
             if not big:
                 continue

@@ -743,43 +743,33 @@ static void unnib(const uint8_t *hi, const uint8_t *lo, uint8_t *d, Py_ssize_t n
     if (n & 1) d[n - 1] = (uint8_t)((hi[m] << 4) | (lo[m] & 0x0f));
 }
 
-static PyObject *k_nibbles(PyObject *self, PyObject *args) {
-    Py_buffer src, hi, lo;
-    if (!PyArg_ParseTuple(args, "y*w*w*", &src, &hi, &lo)) return NULL;
+/* nibbles(src, hi, lo) and unnibbles(hi, lo, dst): the plane is the one buffer of its own length,
+ * hi and lo (len + 1) // 2 bytes each. */
+static PyObject *nibbling(PyObject *args, int back) {
+    Py_buffer a, b, c; /* forward: plane, hi, lo; back: hi, lo, plane */
+    if (!PyArg_ParseTuple(args, back ? "y*y*w*" : "y*w*w*", &a, &b, &c)) return NULL;
+    Py_buffer *plane = back ? &c : &a, *hi = back ? &a : &b, *lo = back ? &b : &c;
     PyObject *ret = NULL;
-    if (hi.len != (src.len + 1) / 2 || lo.len != hi.len) {
-        PyErr_SetString(PyExc_ValueError, "nibbles: hi and lo must hold (len(src) + 1) // 2 bytes");
+    if (hi->len != (plane->len + 1) / 2 || lo->len != hi->len) {
+        PyErr_SetString(PyExc_ValueError, "nibbles: hi and lo must hold (len(plane) + 1) // 2 bytes");
     } else {
         Py_BEGIN_ALLOW_THREADS
-        nib((const uint8_t *)src.buf, (uint8_t *)hi.buf, (uint8_t *)lo.buf, src.len);
+        if (back)
+            unnib((const uint8_t *)hi->buf, (const uint8_t *)lo->buf, (uint8_t *)plane->buf, plane->len);
+        else
+            nib((const uint8_t *)plane->buf, (uint8_t *)hi->buf, (uint8_t *)lo->buf, plane->len);
         Py_END_ALLOW_THREADS
         ret = Py_None;
         Py_INCREF(ret);
     }
-    PyBuffer_Release(&src);
-    PyBuffer_Release(&hi);
-    PyBuffer_Release(&lo);
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    PyBuffer_Release(&c);
     return ret;
 }
 
-static PyObject *k_unnibbles(PyObject *self, PyObject *args) {
-    Py_buffer hi, lo, dst;
-    if (!PyArg_ParseTuple(args, "y*y*w*", &hi, &lo, &dst)) return NULL;
-    PyObject *ret = NULL;
-    if (hi.len != (dst.len + 1) / 2 || lo.len != hi.len) {
-        PyErr_SetString(PyExc_ValueError, "unnibbles: hi and lo must hold (len(dst) + 1) // 2 bytes");
-    } else {
-        Py_BEGIN_ALLOW_THREADS
-        unnib((const uint8_t *)hi.buf, (const uint8_t *)lo.buf, (uint8_t *)dst.buf, dst.len);
-        Py_END_ALLOW_THREADS
-        ret = Py_None;
-        Py_INCREF(ret);
-    }
-    PyBuffer_Release(&hi);
-    PyBuffer_Release(&lo);
-    PyBuffer_Release(&dst);
-    return ret;
-}
+static PyObject *k_nibbles(PyObject *self, PyObject *args) { return nibbling(args, 0); }
+static PyObject *k_unnibbles(PyObject *self, PyObject *args) { return nibbling(args, 1); }
 
 static PyObject *k_split(PyObject *self, PyObject *args) { return one(args, SPLIT); }
 static PyObject *k_merge(PyObject *self, PyObject *args) { return planar(args, 0); }
