@@ -51,7 +51,9 @@ class BaseChooser:
     the commit they come from in DeltaBases' list. The first PROBE_FIRST chunks with a choice, and
     then one in PROBE_EVERY, try every candidate; the others try the winner of the last WINDOW such
     trials first (or go straight to a full encoding when that is what won), and try the rest only
-    when the winner gives them nothing. Thread-safe: the workers of a commit share one."""
+    when the winner gives them nothing. What the trials saw also spares the others the trial
+    coding of samples (hint): the winner's delta kind, and how large a full encoding came out.
+    Thread-safe: the workers of a commit share one."""
 
     PROBE_FIRST, PROBE_EVERY, WINDOW = 8, 16, 8
 
@@ -59,6 +61,8 @@ class BaseChooser:
         self._lock = threading.Lock()
         self._seen = 0
         self._won: deque[int] = deque(maxlen=self.WINDOW)
+        self._kinds: deque[tuple[int, bool]] = deque(maxlen=self.WINDOW)
+        self._full: deque[float] = deque(maxlen=self.WINDOW)
 
     def leader(self) -> int | None:
         """The rank to try first (FULL: none), or None: try every candidate."""
@@ -69,10 +73,24 @@ class BaseChooser:
             rank, _ = Counter(self._won).most_common(1)[0]
             return rank
 
-    def record(self, rank: int) -> None:
-        """What a chunk that tried every candidate chose (a rank, or FULL)."""
+    def record(self, rank: int, sparse: bool = False, full_ratio: float | None = None) -> None:
+        """What a chunk that tried every candidate chose (a rank, or FULL), whether that delta was
+        SPARSE, and its full encoding's estimated size over its raw size."""
         with self._lock:
             self._won.append(rank)
+            if rank != FULL:
+                self._kinds.append((rank, sparse))
+            if full_ratio is not None:
+                self._full.append(full_ratio)
+
+    def hint(self, rank: int) -> tuple[bool, float] | None:
+        """For a leading *rank*: (is its delta SPARSE, the largest full-encoding ratio lately
+        seen), or None when the trials have not told."""
+        with self._lock:
+            kinds = [sparse for r, sparse in self._kinds if r == rank]
+            if not kinds or not self._full:
+                return None
+            return kinds.count(True) * 2 > len(kinds), max(self._full)
 
 
 class DeltaBases:

@@ -765,15 +765,22 @@ def encode_with_bases(odb: ObjectDB, data, float_size: int, bases: list[str], ma
     best = _predicted(odb, new, predict, max_depth) if predict is not None else None
     if best is not None and len(best) < len(data) // 4:
         return best
+    tries = list(range(min(len(bases), MAX_CANDIDATES)))
+    lead = chooser.leader() if chooser is not None and tries and len(ranks) >= len(tries) else None
+    hint = chooser.hint(lead) if lead is not None and lead != FULL else None
+    if hint is not None:  # the trials agree: code against the winner at once, no samples
+        quick = _lead_delta(odb, new, [bases[j] for j in tries if ranks[j] == lead], k, is_float, max_depth,
+                            hint[0])
+        if quick is not None and len(quick) <= 0.9 * hint[1] * len(data):
+            return quick if best is None or len(quick) < len(best) else best
     sample = _probe(new)
     scale = new.size / sample.size
     full_guess = len(codec.encode(CHUNK, sample.tobytes(), float_size)) * scale
-    tries = list(range(min(len(bases), MAX_CANDIDATES)))
-    lead = chooser.leader() if chooser is not None and tries and len(ranks) >= len(tries) else None
     if lead is None:
         choice = _best_delta(odb, new, sample, scale, [bases[j] for j in tries], k, is_float, max_depth, len(data))
         if chooser is not None and len(ranks) >= len(tries):
-            chooser.record(FULL if choice is None or choice[0] >= full_guess else ranks[tries[choice[5]]])
+            won = choice is not None and choice[0] < full_guess
+            chooser.record(ranks[tries[choice[5]]] if won else FULL, won and choice[4], full_guess / len(data))
     else:
         first = [j for j in tries if ranks[j] == lead]
         choice = _best_delta(odb, new, sample, scale, [bases[j] for j in first], k, is_float, max_depth, len(data))
@@ -792,6 +799,28 @@ def encode_with_bases(odb: ObjectDB, data, float_size: int, bases: list[str], ma
         if best is None or len(full) <= len(best):
             best = full
     return best
+
+
+def _lead_delta(odb: ObjectDB, new, bases: list[str], k: int, is_float: bool, max_depth: int, sparse: bool):
+    """The delta of *new* (elements) against the first of *bases* that can be one (None: none can),
+    coded as the chooser's trials found best (SPARSE or DIFF)."""
+    for b in bases:
+        base = bytes.fromhex(b)
+        stored = odb.stored_or_none(base)
+        if stored is None:
+            continue
+        depth = codec.depth(stored) + 1
+        if depth > max_depth:
+            continue
+        try:
+            old = odb.chunk_elements(base, k, stored, False)
+        except MvcError:
+            continue
+        if old.shape != new.shape:
+            continue
+        enc = codec.encode_sparse if sparse else codec.encode_diff
+        return enc(CHUNK, new, old, k, is_float, base, depth)
+    return None
 
 
 def _best_delta(odb: ObjectDB, new, sample, scale: float, bases: list[str], k: int, is_float: bool,
@@ -844,7 +873,7 @@ def _predicted(odb: ObjectDB, new, p: Prediction, max_depth: int) -> bytes | Non
     parent = parent[p.skip:p.skip + new.size]
     if parent.size != new.size:
         return None
-    return codec.encode_predict(CHUNK, new, codec.to_f32(parent, p.pdtype), p.pdtype,
+    return codec.encode_predict(CHUNK, new, parent, p.pdtype,
                                 [bytes.fromhex(b) for b in p.bases], p.skip, p.cols, p.col0,
                                 np.frombuffer(p.scales, "<f4"), depth)
 

@@ -381,7 +381,7 @@ def test_int8_codes_are_stored_as_their_difference_from_the_prediction(tmp_path,
 def test_a_prediction_names_every_parent_chunk_it_reads(rng):
     parent = [hash_object("chunk", bytes([i])) for i in range(3)]
     new = rng.integers(0, 255, 5000, dtype=np.uint8)
-    stored = codec.encode_predict(0, new, np.zeros(5000, np.float32), 2, parent, 7, 100, 3,
+    stored = codec.encode_predict(0, new, np.zeros(5000, np.uint16), 2, parent, 7, 100, 3,
                                   np.ones(51, np.float32), 4)
     assert codec.links(stored) == parent and codec.depth(stored) == 4
     assert codec.delta_base(stored) == (parent[0], 4)
@@ -450,7 +450,7 @@ def test_damaged_delta_values_fail_cleanly(kind, cut, flips):
         stored = codec.encode_sparse(0, new, base, 2, True, bid, 1)
     else:
         q = rng.integers(0, 256, 6000, dtype=np.uint8)
-        stored = codec.encode_predict(0, q, np.zeros(6000, np.float32), 2, [bid, bid], 0, 100, 0,
+        stored = codec.encode_predict(0, q, np.zeros(6000, np.uint16), 2, [bid, bid], 0, 100, 0,
                                       np.ones(60, np.float32), 1)
     data = bytearray(stored[:len(stored) - cut] if cut < len(stored) else stored[:2])
     for pos, x in flips:
@@ -563,6 +563,43 @@ def test_the_chooser_learns_the_winner_and_still_probes_now_and_then():
     for _ in range(BaseChooser.WINDOW):  # the window moves: what wins now leads
         ch.record(FULL)
     assert {ch.leader() for _ in range(3)} <= {FULL, None} and FULL in {ch.leader() for _ in range(3)}
+
+
+def test_the_chooser_hints_the_winners_kind_and_the_full_size():
+    """What the trials saw spares the other chunks their sample coding: the leading base's delta
+    kind (as most of its wins were) and the largest full-encoding ratio lately seen; nothing
+    before a trial has told."""
+    from mvc.delta import FULL, BaseChooser
+
+    ch = BaseChooser()
+    assert ch.hint(2) is None
+    ch.record(2, True, 0.66)
+    ch.record(2, True, 0.70)
+    ch.record(2, False, 0.64)
+    ch.record(FULL, False, 0.9)
+    assert ch.hint(2) == (True, 0.9)
+    assert ch.hint(3) is None  # no trial chose it
+
+
+def test_chunks_coded_on_the_chooser_s_hint_match_the_trials(tmp_path, rng):
+    """A run of chunks moved a little from their bases: after the first trials every chunk is a
+    DIFF against the winner, each decodes to its bytes, and none is larger than what the full
+    search gives it."""
+    from mvc.delta import BaseChooser
+    from mvc.pipeline import encode_with_bases
+
+    repo = Repo.init(tmp_path / "w")
+    ch = BaseChooser()
+    for i in range(3 * BaseChooser.PROBE_EVERY):
+        v0 = rng.integers(0x3C00, 0x3D00, 1 << 16, dtype=np.uint16)
+        (bid,) = _store_chain(repo, [v0])
+        new = (v0.astype(np.int32) + rng.integers(-3, 4, v0.size)).astype(np.uint16)
+        got = encode_with_bases(repo.odb, new.tobytes(), 2, [bid.hex()], 10, None, [0], ch)
+        alone = encode_with_bases(repo.odb, new.tobytes(), 2, [bid.hex()], 10)
+        assert got[1] == codec.DIFF and codec.delta_base(got) == (bid, 1)
+        assert len(got) <= len(alone)
+        assert bytes(codec.decode(got, "x", lambda oid, k: v0)[1]) == new.tobytes()
+    assert ch.hint(0) == (False, ch.hint(0)[1]) and 0.5 < ch.hint(0)[1] < 1.0
 
 
 def _store_chain(repo, versions, k=2):

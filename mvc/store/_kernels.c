@@ -275,10 +275,117 @@ static PyObject *planar(PyObject *args, int with_base) {
     return ret;
 }
 
+/* gather of bytes and of two-byte elements, 16 elements at a time with SSE2 (every x86-64 CPU
+ * has it): one compare and one movemask give 16 mask bits. Bytes are then packed with SSSE3's
+ * pshufb where the CPU has it (a table gives, for each mask byte, where its changed bytes lie:
+ * no branch per element); two-byte elements, and bytes without SSSE3, are picked bit by bit
+ * where few changed, else all 16 written and the changed kept. The same result as the generic
+ * loop (tests/test_kernels.py). Measured on a 2 MiB delta plane with 5 % non-zero bytes: 1.8 ->
+ * 0.4 ms (docs/benchmarks.md). */
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#define GATHER16_PICK(T)                                                                       \
+    if (__builtin_popcount(ne) <= 4) {                                                         \
+        while (ne) {                                                                           \
+            v[m++] = x[i + __builtin_ctz(ne)];                                                 \
+            ne &= ne - 1;                                                                      \
+        }                                                                                      \
+    } else {                                                                                   \
+        for (int j = 0; j < 16; j++) {                                                         \
+            v[m] = x[i + j];                                                                   \
+            m += (ne >> j) & 1;                                                                \
+        }                                                                                      \
+    }
+static Py_ssize_t gather_1_sse2(const uint8_t *a, const uint8_t *b, uint8_t *mask, uint8_t *vals, Py_ssize_t n) {
+    const uint8_t *x = a;
+    uint8_t *v = vals;
+    Py_ssize_t m = 0, i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m128i p = _mm_loadu_si128((const __m128i *)(a + i)), q = _mm_loadu_si128((const __m128i *)(b + i));
+        unsigned ne = ~(unsigned)_mm_movemask_epi8(_mm_cmpeq_epi8(p, q)) & 0xFFFFu;
+        mask[i >> 3] = (uint8_t)ne;
+        mask[(i >> 3) + 1] = (uint8_t)(ne >> 8);
+        if (ne) {
+            GATHER16_PICK(uint8_t)
+        }
+    }
+    return m + gather_1(a + i, b + i, mask + (i >> 3), vals + m, n - i);
+}
+static Py_ssize_t gather_2_sse2(const uint8_t *a, const uint8_t *b, uint8_t *mask, uint8_t *vals, Py_ssize_t n) {
+    const uint16_t *x = (const uint16_t *)a;
+    uint16_t *v = (uint16_t *)vals;
+    Py_ssize_t m = 0, i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m128i *pa = (const __m128i *)(a + 2 * i), *pb = (const __m128i *)(b + 2 * i);
+        __m128i e0 = _mm_cmpeq_epi16(_mm_loadu_si128(pa), _mm_loadu_si128(pb));
+        __m128i e1 = _mm_cmpeq_epi16(_mm_loadu_si128(pa + 1), _mm_loadu_si128(pb + 1));
+        unsigned ne = ~(unsigned)_mm_movemask_epi8(_mm_packs_epi16(e0, e1)) & 0xFFFFu;
+        mask[i >> 3] = (uint8_t)ne;
+        mask[(i >> 3) + 1] = (uint8_t)(ne >> 8);
+        if (ne) {
+            GATHER16_PICK(uint16_t)
+        }
+    }
+    return m + gather_2(a + 2 * i, b + 2 * i, mask + (i >> 3), vals + 2 * m, n - i);
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <tmmintrin.h>
+static uint8_t pick_at[256][16]; /* mask byte -> the places of its set bits, then 0x80 (zero) */
+static uint8_t bits_in[256];
+static int gather_ready = 0;
+
+static void gather_tables(void) { /* once, at import (under the GIL) */
+    for (int w = 0; w < 256; w++) {
+        int c = 0;
+        memset(pick_at[w], 0x80, 16);
+        for (int j = 0; j < 8; j++)
+            if (w >> j & 1) pick_at[w][c++] = (uint8_t)j;
+        bits_in[w] = (uint8_t)c;
+    }
+    gather_ready = __builtin_cpu_supports("ssse3") ? 1 : 0;
+}
+
+__attribute__((target("ssse3")))
+static Py_ssize_t gather_1_ssse3(const uint8_t *a, const uint8_t *b, uint8_t *mask, uint8_t *vals, Py_ssize_t n) {
+    Py_ssize_t m = 0, i = 0;
+    for (; i + 16 <= n; i += 16) { /* m <= i: the 8 bytes stored at vals + m lie within vals */
+        __m128i p = _mm_loadu_si128((const __m128i *)(a + i)), q = _mm_loadu_si128((const __m128i *)(b + i));
+        unsigned ne = ~(unsigned)_mm_movemask_epi8(_mm_cmpeq_epi8(p, q)) & 0xFFFFu;
+        unsigned w0 = ne & 0xFF, w1 = ne >> 8;
+        mask[i >> 3] = (uint8_t)w0;
+        mask[(i >> 3) + 1] = (uint8_t)w1;
+        __m128i s0 = _mm_shuffle_epi8(p, _mm_loadu_si128((const __m128i *)pick_at[w0]));
+        _mm_storel_epi64((__m128i *)(vals + m), s0);
+        m += bits_in[w0];
+        __m128i s1 = _mm_shuffle_epi8(_mm_srli_si128(p, 8), _mm_loadu_si128((const __m128i *)pick_at[w1]));
+        _mm_storel_epi64((__m128i *)(vals + m), s1);
+        m += bits_in[w1];
+    }
+    return m + gather_1(a + i, b + i, mask + (i >> 3), vals + m, n - i);
+}
+
+static Py_ssize_t gather_1_best(const uint8_t *a, const uint8_t *b, uint8_t *mask, uint8_t *vals, Py_ssize_t n) {
+    return gather_ready ? gather_1_ssse3(a, b, mask, vals, n) : gather_1_sse2(a, b, mask, vals, n);
+}
+#define GATHER_1 gather_1_best
+#define GATHER_TABLES() gather_tables()
+#else
+#define GATHER_1 gather_1_sse2
+#endif
+#define GATHER_2 gather_2_sse2
+#else
+#define GATHER_1 gather_1
+#define GATHER_2 gather_2
+#endif
+#ifndef GATHER_TABLES
+#define GATHER_TABLES() ((void)0)
+#endif
+
 typedef Py_ssize_t (*gather_fn)(const uint8_t *, const uint8_t *, uint8_t *, uint8_t *, Py_ssize_t);
 typedef Py_ssize_t (*scatter_fn)(const uint8_t *, const uint8_t *, const uint8_t *, Py_ssize_t, uint8_t *,
                                  Py_ssize_t);
-static gather_fn GATHER[] = {gather_1, gather_2, gather_4, gather_8};
+static gather_fn GATHER[] = {GATHER_1, GATHER_2, gather_4, gather_8};
 static scatter_fn SCATTER[] = {scatter_1, scatter_2, scatter_4, scatter_8};
 
 /* gather(new, base, mask, values, k) -> number of values; mask must be zeroed, ceil(n/8) bytes.
@@ -322,9 +429,10 @@ static PyObject *sparse(PyObject *args, int scatter) {
  * literals and no sequences: zstd's own entropy stage without its match finder, which finds
  * nothing in an exponent plane or in delta noise but costs as much as the coding (measured:
  * docs/format.md §5). Any zstd decoder reads the frame. One code, from the histogram of all of
- * src, serves every block (each carries it: 1 + ceil(last/2) bytes). None when the code cannot be
- * written in the direct form (a symbol above 128, or fewer than 2 symbols) or src is under
- * HUF_MIN bytes: the caller then asks zstd. A block the code does not shrink is stored raw. */
+ * src, serves every block (each carries it: 1 + ceil(last/2) bytes, or with a symbol above 128 its
+ * weights FSE-coded, fse_weights). None when there are fewer than 2 symbols, the FSE-coded
+ * weights do not fit their 127 bytes, or src is under HUF_MIN bytes: the caller then asks zstd.
+ * A block the code does not shrink is stored raw. */
 #define HUF_MAXBITS 11
 #define HUF_BLOCK (128 * 1024)
 #define HUF_MIN 1024
@@ -336,7 +444,7 @@ typedef struct {
      * at the pair's first byte when coding backwards); only pairs of present symbols are set */
     uint64_t *elt2;
     uint8_t *len2;
-    uint8_t table[1 + 64]; /* the Huffman_Tree_Description, direct weights */
+    uint8_t table[1 + 128]; /* the Huffman_Tree_Description: direct weights, or FSE-coded (fse_weights) */
     int table_size;
 } huf_code;
 
@@ -415,7 +523,138 @@ static int huf_lengths(const uint32_t *count, uint8_t *len) {
     return n;
 }
 
-/* Weights, codes and the direct tree description; 0 when the direct form cannot hold them. */
+/* Bits written forward, least significant first (an FSE table description, and the FSE bitstream
+ * that a decoder reads backwards from its end mark). */
+typedef struct {
+    uint8_t *p, *end;
+    uint64_t acc;
+    int bits;
+} bit_out;
+
+static int bits_put(bit_out *b, uint32_t v, int n) { /* n <= 24; 0 when out of room */
+    b->acc |= (uint64_t)v << b->bits;
+    b->bits += n;
+    while (b->bits >= 8) {
+        if (b->p == b->end) return 0;
+        *b->p++ = (uint8_t)b->acc;
+        b->acc >>= 8;
+        b->bits -= 8;
+    }
+    return 1;
+}
+
+static int bits_flush(bit_out *b) { /* the last partial byte, zero-padded */
+    if (b->bits > 0) {
+        if (b->p == b->end) return 0;
+        *b->p++ = (uint8_t)b->acc;
+        b->acc = 0;
+        b->bits = 0;
+    }
+    return 1;
+}
+
+static int high_bit(uint32_t v) { /* v > 0 */
+    int n = 0;
+    while (v >>= 1) n++;
+    return n;
+}
+
+/* The weights of a code with a symbol above 128 (the direct form holds 128 weights at most),
+ * FSE-coded as RFC 8878 §4.2.1.2 has it: a table description (§4.1.1, accuracy log 6, every
+ * weight present at least 1 in 64), then one bitstream of two interleaved states, weight 0, 2,
+ * ... in the first. The coder works from the decoder's own table (built as §4.1.1 says): each
+ * weight, last to first, takes the state of its value whose range holds the state after it, and
+ * the bits that lead there. The last two weights are the states' final values, each the state of
+ * its value that reads the most bits, so that the decoder's update after the next-to-last weight
+ * runs past the stream's start, which is how it knows to stop (§4.2.1.2). Returns the length
+ * written to out (room: 127 bytes), 0 when it does not fit. */
+#define FSE_LOG 6
+#define FSE_SIZE (1 << FSE_LOG)
+static int fse_weights(const uint8_t *w, int n, uint8_t *out) {
+    int count[16] = {0}, norm[16] = {0}, last = 0, present = 0, sum = 0;
+    for (int i = 0; i < n; i++) count[w[i]]++;
+    for (int s = 0; s < 16; s++) {
+        if (!count[s]) continue;
+        norm[s] = count[s] * FSE_SIZE / n;
+        if (norm[s] < 1) norm[s] = 1;
+        present++;
+    }
+    if (present < 2) /* a table needs two values: give an unused one the least share */
+        norm[count[0] ? 1 : 0] = 1;
+    for (int s = 0; s < 16; s++) {
+        sum += norm[s];
+        if (norm[s]) last = s;
+    }
+    while (sum > FSE_SIZE) { /* rounding up the rare values overshot: take from the largest */
+        int big = 0;
+        for (int s = 1; s < 16; s++)
+            if (norm[s] > norm[big]) big = s;
+        norm[big]--;
+        sum--;
+    }
+    if (sum < FSE_SIZE) {
+        int big = 0;
+        for (int s = 1; s < 16; s++)
+            if (count[s] > count[big]) big = s;
+        norm[big] += FSE_SIZE - sum;
+    }
+    bit_out b = {out, out + 127, 0, 0};
+    if (!bits_put(&b, FSE_LOG - 5, 4)) return 0;
+    int remaining = FSE_SIZE;
+    for (int s = 0; s <= last;) {
+        int v = norm[s] + 1, nbits = high_bit((uint32_t)remaining + 1) + 1;
+        int low = (1 << (nbits - 1)) - 1, thr = (1 << nbits) - 1 - (remaining + 1), ok;
+        if (v < thr)
+            ok = bits_put(&b, (uint32_t)v, nbits - 1);
+        else
+            ok = bits_put(&b, (uint32_t)(v <= low ? v : v + thr), nbits);
+        if (!ok) return 0;
+        remaining -= norm[s];
+        if (norm[s++] == 0) { /* a run of zeros after it: 2-bit repeat flags */
+            int run = 0;
+            while (s + run <= last && norm[s + run] == 0) run++;
+            s += run;
+            for (; run >= 3; run -= 3)
+                if (!bits_put(&b, 3, 2)) return 0;
+            if (!bits_put(&b, (uint32_t)run, 2)) return 0;
+        }
+    }
+    if (remaining != 0 || !bits_flush(&b)) return 0;
+    /* the decoder's table */
+    uint8_t sym[FSE_SIZE], nb[FSE_SIZE];
+    int base[FSE_SIZE], next[16], pos = 0;
+    for (int s = 0; s <= last; s++) {
+        for (int i = 0; i < norm[s]; i++) {
+            sym[pos] = (uint8_t)s;
+            pos = (pos + (FSE_SIZE >> 1) + (FSE_SIZE >> 3) + 3) & (FSE_SIZE - 1);
+        }
+        next[s] = norm[s];
+    }
+    for (int x = 0; x < FSE_SIZE; x++) {
+        int d = next[sym[x]]++;
+        nb[x] = (uint8_t)(FSE_LOG - high_bit((uint32_t)d));
+        base[x] = (d << nb[x]) - FSE_SIZE;
+    }
+    int state[2];
+    for (int j = n - 2; j < n; j++) { /* the final states: the first (most bits) of their value */
+        int x = 0;
+        while (sym[x] != w[j]) x++;
+        state[j & 1] = x;
+    }
+    for (int j = n - 3; j >= 0; j--) {
+        int y = state[j & 1], x = 0;
+        while (x < FSE_SIZE && !(sym[x] == w[j] && base[x] <= y && y < base[x] + (1 << nb[x]))) x++;
+        if (x == FSE_SIZE || !bits_put(&b, (uint32_t)(y - base[x]), nb[x])) return 0; /* cannot happen */
+        state[j & 1] = x;
+    }
+    if (!bits_put(&b, (uint32_t)state[1], FSE_LOG) || !bits_put(&b, (uint32_t)state[0], FSE_LOG) ||
+        !bits_put(&b, 1, 1) || !bits_flush(&b))
+        return 0;
+    return (int)(b.p - out);
+}
+
+/* Weights, codes and the tree description (direct, or FSE-coded with a symbol above 128); 0 when
+ * neither form can hold them. */
 static int huf_build(const uint32_t *count, huf_code *h) {
     if (huf_lengths(count, h->len) < 2) return 0;
     int maxbits = 0, last = 0;
@@ -425,7 +664,6 @@ static int huf_build(const uint32_t *count, huf_code *h) {
             if (h->len[s] > maxbits) maxbits = h->len[s];
         }
     }
-    if (last > 128) return 0;
     uint8_t weight[256];
     for (int s = 0; s < 256; s++) weight[s] = h->len[s] ? (uint8_t)(maxbits + 1 - h->len[s]) : 0;
     /* canonical codes: by weight, then symbol; each takes the next 2^(weight-1) of 2^maxbits */
@@ -439,10 +677,17 @@ static int huf_build(const uint32_t *count, huf_code *h) {
         }
     }
     if (start != (1u << maxbits)) return 0; /* not complete: cannot happen; never write a bad table */
-    h->table[0] = (uint8_t)(127 + last); /* weights of symbols 0 .. last-1; last's is implied */
-    memset(h->table + 1, 0, 64);
-    for (int s = 0; s < last; s++) h->table[1 + s / 2] |= (uint8_t)(s % 2 ? weight[s] : weight[s] << 4);
-    h->table_size = 1 + (last + 1) / 2;
+    if (last > 128) { /* weights of symbols 0 .. last-1 (last's is implied), FSE-coded */
+        int size = fse_weights(weight, last, h->table + 1);
+        if (size <= 0 || size > 127) return 0;
+        h->table[0] = (uint8_t)size;
+        h->table_size = 1 + size;
+    } else { /* the same, 4 bits each */
+        h->table[0] = (uint8_t)(127 + last);
+        memset(h->table + 1, 0, 64);
+        for (int s = 0; s < last; s++) h->table[1 + s / 2] |= (uint8_t)(s % 2 ? weight[s] : weight[s] << 4);
+        h->table_size = 1 + (last + 1) / 2;
+    }
     for (int x = 0; x <= last; x++) {
         if (!h->len[x]) continue;
         for (int y = 0; y <= last; y++) {
@@ -536,7 +781,7 @@ static void huf_streams(const huf_code *h, const uint8_t *s, Py_ssize_t n, uint8
 /* One block's content (literals section + an empty sequences section) at dst; its length, or -1
  * when it would not be smaller than the block. dst has room for HUF_BLOCK_ROOM(n) bytes. */
 #define HUF_ROOM(n) (((n) + 3) / 4 * HUF_MAXBITS / 8 + 16)
-#define HUF_BLOCK_ROOM(n) (5 + 65 + 6 + 4 * HUF_ROOM(n) + 8)
+#define HUF_BLOCK_ROOM(n) (5 + 129 + 6 + 4 * HUF_ROOM(n) + 8)
 
 static Py_ssize_t huf_block(const huf_code *h, const uint8_t *s, Py_ssize_t n, uint8_t *dst) {
     Py_ssize_t room = HUF_ROOM(n), sizes[4], head = 5 + h->table_size + 6, pos = head;
@@ -711,6 +956,145 @@ static PyObject *k_merge3_bf16(PyObject *self, PyObject *args) {
     PyBuffer_Release(&t);
     PyBuffer_Release(&out);
     return ok ? PyLong_FromSsize_t(conflicts) : NULL;
+}
+
+/* rtn8(parent, pdtype, scales, cols, col0, out): the int8 codes that per-row symmetric
+ * round-to-nearest gives the parent's floats (bits of F32, F16 or BF16: pdtype 0, 1, 2), the
+ * chunk starting at column col0 of rows of cols, one float32 scale per row from that row on:
+ * clip(rint(x / scale), -127, 127), NaN -> 0 (codec.predict_rtn8 computes the same in numpy;
+ * tests/test_kernels.py compares them). Clipping before rounding gives the same codes (no value
+ * between 127 and 127.5 rounds past 127), and then |q| <= 127, so adding and taking away 1.5 *
+ * 2^23 rounds it to the nearest integer, ties to even, as rint does, with no call per element.
+ * The division is a division (not a product with the reciprocal), as numpy's. */
+static inline float half_f32(uint16_t h) { /* exact */
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF, u;
+    if (e == 0x1F) {
+        u = sign | 0x7F800000u | (m << 13);
+    } else if (e) {
+        u = sign | ((e + 112) << 23) | (m << 13);
+    } else if (m) { /* subnormal: normalize */
+        uint32_t x = 113;
+        while (!(m & 0x400)) {
+            m <<= 1;
+            x--;
+        }
+        u = sign | (x << 23) | ((m & 0x3FF) << 13);
+    } else {
+        u = sign;
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* one row's elements [from, to), each loop on its own kind so that it vectorizes */
+#define RTN8_Q(x)                                                                              \
+    float q = (x) / sc;                                                                        \
+    q = q == q ? q : 0.0f;                                                                     \
+    q = q > 127.0f ? 127.0f : q;                                                               \
+    q = q < -127.0f ? -127.0f : q;                                                             \
+    q = (q + 12582912.0f) - 12582912.0f;                                                       \
+    out[i] = (uint8_t)(int8_t)(int32_t)q;
+#define RTN8_BODY                                                                              \
+    {                                                                                          \
+        const uint16_t *restrict h = (const uint16_t *)p;                                      \
+        const float *restrict f = (const float *)p;                                            \
+        Py_ssize_t from = 0, row = 0, first = (cols - col0 % cols) % cols;                     \
+        while (from < n) {                                                                     \
+            Py_ssize_t to = row == 0 && first ? first : from + cols;                           \
+            if (to > n) to = n;                                                                \
+            const float sc = scales[row++];                                                    \
+            if (pdtype == 2) {                                                                 \
+                for (Py_ssize_t i = from; i < to; i++) {                                       \
+                    uint32_t u = (uint32_t)h[i] << 16;                                         \
+                    float x;                                                                   \
+                    memcpy(&x, &u, 4);                                                         \
+                    RTN8_Q(x)                                                                  \
+                }                                                                              \
+            } else if (pdtype == 1) {                                                          \
+                for (Py_ssize_t i = from; i < to; i++) {                                       \
+                    RTN8_Q(half_f32(h[i]))                                                     \
+                }                                                                              \
+            } else {                                                                           \
+                for (Py_ssize_t i = from; i < to; i++) {                                       \
+                    RTN8_Q(f[i])                                                               \
+                }                                                                              \
+            }                                                                                  \
+            from = to;                                                                         \
+        }                                                                                      \
+    }
+static void rtn8_base(const uint8_t *restrict p, int pdtype, const float *restrict scales, Py_ssize_t cols,
+                      Py_ssize_t col0, uint8_t *restrict out, Py_ssize_t n) RTN8_BODY
+#ifdef HUF_BMI2
+#include <immintrin.h>
+/* 8 codes at a time: the same operations on 8 lanes (division, NaN -> 0, clip, the rounding
+ * addition, truncation of an integer value) */
+__attribute__((target("avx2,f16c")))
+static inline void rtn8_8(__m256 x, __m256 s, uint8_t *out) {
+    __m256 q = _mm256_div_ps(x, s);
+    q = _mm256_and_ps(q, _mm256_cmp_ps(q, q, _CMP_ORD_Q));
+    q = _mm256_max_ps(_mm256_min_ps(q, _mm256_set1_ps(127.0f)), _mm256_set1_ps(-127.0f));
+    q = _mm256_sub_ps(_mm256_add_ps(q, _mm256_set1_ps(12582912.0f)), _mm256_set1_ps(12582912.0f));
+    __m256i v = _mm256_cvttps_epi32(q);
+    __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    _mm_storel_epi64((__m128i *)out, _mm_packs_epi16(w, w));
+}
+
+__attribute__((target("avx2,f16c")))
+static void rtn8_avx2(const uint8_t *restrict p, int pdtype, const float *restrict scales, Py_ssize_t cols,
+                      Py_ssize_t col0, uint8_t *restrict out, Py_ssize_t n) {
+    Py_ssize_t from = 0, row = 0, first = (cols - col0 % cols) % cols;
+    while (from < n) {
+        Py_ssize_t to = row == 0 && first ? first : from + cols, i = from;
+        if (to > n) to = n;
+        __m256 s = _mm256_set1_ps(scales[row]);
+        for (; i + 8 <= to; i += 8) {
+            __m256 x;
+            if (pdtype == 2) {
+                __m128i b = _mm_loadu_si128((const __m128i *)(p + 2 * i));
+                x = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
+            } else if (pdtype == 1) {
+                x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 2 * i)));
+            } else {
+                x = _mm256_loadu_ps((const float *)(p + 4 * i));
+            }
+            rtn8_8(x, s, out + i);
+        }
+        if (i < to) /* the row's last few: the plain loop */
+            rtn8_base(p + (pdtype ? 2 : 4) * i, pdtype, scales + row, cols, 0, out + i, to - i);
+        row++;
+        from = to;
+    }
+}
+#endif
+
+static PyObject *k_rtn8(PyObject *self, PyObject *args) {
+    Py_buffer par, sc, out;
+    int pdtype;
+    Py_ssize_t cols, col0;
+    if (!PyArg_ParseTuple(args, "y*iy*nnw*", &par, &pdtype, &sc, &cols, &col0, &out)) return NULL;
+    Py_ssize_t size = pdtype == 0 ? 4 : 2, n = out.len;
+    Py_ssize_t rows = cols > 0 && col0 >= 0 ? (col0 % cols + n + cols - 1) / cols : 0; /* rows touched */
+    PyObject *ret = NULL;
+    if (pdtype < 0 || pdtype > 2 || cols <= 0 || col0 < 0 || par.len != n * size || sc.len % 4 ||
+        sc.len / 4 < rows) {
+        PyErr_SetString(PyExc_ValueError, "rtn8: parent, scales and codes do not fit");
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+#ifdef HUF_BMI2
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
+            rtn8_avx2((const uint8_t *)par.buf, pdtype, (const float *)sc.buf, cols, col0, (uint8_t *)out.buf, n);
+        else
+#endif
+            rtn8_base((const uint8_t *)par.buf, pdtype, (const float *)sc.buf, cols, col0, (uint8_t *)out.buf, n);
+        Py_END_ALLOW_THREADS
+        ret = Py_None;
+        Py_INCREF(ret);
+    }
+    PyBuffer_Release(&par);
+    PyBuffer_Release(&sc);
+    PyBuffer_Release(&out);
+    return ret;
 }
 
 static PyObject *k_gather(PyObject *self, PyObject *args) { return sparse(args, 0); }
@@ -1542,6 +1926,8 @@ static PyMethodDef methods[] = {
     {"file_json", k_file_json, METH_VARARGS,
      "file_json(chunks, size, tensors) -> bytes | None: a safetensors file object's canonical JSON"},
     {"huff", k_huff, METH_VARARGS, "huff(src) -> bytes | None: a zstd frame of Huffman-coded literal blocks"},
+    {"rtn8", k_rtn8, METH_VARARGS,
+     "rtn8(parent, pdtype, scales, cols, col0, out): int8 codes predicted from the parent's floats"},
     {"nibbles", k_nibbles, METH_VARARGS, "nibbles(src, hi, lo): the bytes' high and low nibbles, in pairs"},
     {"unnibbles", k_unnibbles, METH_VARARGS, "unnibbles(hi, lo, dst): the bytes from their nibbles"},
     {NULL, NULL, 0, NULL},
@@ -1549,4 +1935,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernels(void) {
+    GATHER_TABLES();
+    return PyModule_Create(&module);
+}

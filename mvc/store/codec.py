@@ -161,9 +161,11 @@ def _delta_plane(plane, fast, general) -> tuple[int, bytes]:
     import numpy as np
 
     n = len(plane)
-    if np.count_nonzero(plane) <= n // 4:
-        return NONZERO, _nonzero_body(plane)
     sample = plane[:_PROBE]
+    if np.count_nonzero(sample) <= len(sample) // 2:  # a plane mostly zeros starts so: count the rest
+        mask, values = kernels.gather(plane, _zeros(n), 1)
+        if values.size <= n // 4:
+            return NONZERO, _nonzero_body(mask, values)
     m = min(_PROBE, n)
     coded = len(_entropy(fast, sample))
     split = len(_nibbles_body(sample, general))
@@ -194,11 +196,10 @@ def _read_nibbles(chunk, n: int):
     return kernels.unnibbles(hi, chunk[5 + hlen:], n)
 
 
-def _nonzero_body(plane) -> bytes:
+def _nonzero_body(mask, values) -> bytes:
     """NONZERO: [mask length u32][mask: zstd frame of the little-endian bit mask][zstd frame of the
-    non-zero bytes in order]."""
+    non-zero bytes in order] (*mask*, *values*: kernels.gather of the plane against zeros)."""
     fast = _ctx()[0]
-    mask, values = kernels.gather(plane, _zeros(plane.size), 1)
     m = _entropy(fast, mask)
     return struct.pack("<I", len(m)) + m + _entropy(fast, values)
 
@@ -388,11 +389,12 @@ def predict_rtn8(parent, scales, cols: int, col0: int):
 def encode_predict(type_code: int, new, parent, pdtype: int, bases: list[bytes], skip: int, cols: int, col0: int,
                    scales, depth: int) -> bytes:
     """PREDICT: int8 codes as their difference from the codes predicted from the parent's floats
-    (the chunks *bases*, from element *skip* of the first) and the stored per-row scales."""
+    (*parent*: their elements, from the chunks *bases*, from element *skip* of the first) and the
+    stored per-row scales."""
     import numpy as np
 
     scales = np.ascontiguousarray(scales, dtype="<f4")
-    pred = predict_rtn8(parent, scales, cols, col0)
+    pred = kernels.rtn8(parent, pdtype, scales, cols, col0)
     planes = kernels.diff(new, pred, 1, False)
     head = bytes((type_code, PREDICT)) + bases[0] + bytes((depth, 1, 0, len(bases) - 1)) + b"".join(bases[1:])
     return (head + struct.pack("<BIIII", pdtype, skip, cols, col0, scales.size) + scales.tobytes()
@@ -418,7 +420,7 @@ def _decode_predict(stored, bases: BaseReader):
     parent = np.concatenate([bases(b, psize) for b in ids])[skip:skip + n]
     if parent.size != n:
         raise ValueError("predict delta does not fit its parent")
-    pred = predict_rtn8(to_f32(parent, pdtype), scales, cols, col0)
+    pred = kernels.rtn8(parent, pdtype, scales, cols, col0)
     return kernels.undiff(planes, pred, 1, False)
 
 

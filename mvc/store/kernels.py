@@ -255,3 +255,18 @@ def scatter(base, mask, values, k: int):
     out = base.copy()
     out[changed] = values
     return out
+
+
+def rtn8(parent, pdtype: int, scales, cols: int, col0: int):
+    """The int8 codes (as uint8) that per-row round-to-nearest gives *parent* (elements: bits of
+    F32, F16 or BF16, *pdtype* 0, 1, 2; codec.PARENT_DTYPES), see codec.predict_rtn8."""
+    import numpy as np
+
+    from . import codec
+
+    if _on:
+        out = np.empty(parent.size, dtype=np.uint8)
+        _native.rtn8(np.ascontiguousarray(parent), pdtype, np.ascontiguousarray(scales, dtype="<f4"), cols, col0,
+                     out)
+        return out
+    return codec.predict_rtn8(codec.to_f32(parent, pdtype), scales, cols, col0)
