@@ -590,7 +590,7 @@ def test_chunks_coded_on_the_chooser_s_hint_match_the_trials(tmp_path, rng):
 
     repo = Repo.init(tmp_path / "w")
     ch = BaseChooser()
-    for i in range(3 * BaseChooser.PROBE_EVERY):
+    for _ in range(3 * BaseChooser.PROBE_EVERY):
         v0 = rng.integers(0x3C00, 0x3D00, 1 << 16, dtype=np.uint16)
         (bid,) = _store_chain(repo, [v0])
         new = (v0.astype(np.int32) + rng.integers(-3, 4, v0.size)).astype(np.uint16)
@@ -598,7 +598,7 @@ def test_chunks_coded_on_the_chooser_s_hint_match_the_trials(tmp_path, rng):
         alone = encode_with_bases(repo.odb, new.tobytes(), 2, [bid.hex()], 10)
         assert got[1] == codec.DIFF and codec.delta_base(got) == (bid, 1)
         assert len(got) <= len(alone)
-        assert bytes(codec.decode(got, "x", lambda oid, k: v0)[1]) == new.tobytes()
+        assert bytes(codec.decode(got, "x", lambda oid, k, v=v0: v)[1]) == new.tobytes()
     assert ch.hint(0) == (False, ch.hint(0)[1]) and 0.5 < ch.hint(0)[1] < 1.0
 
 
@@ -681,6 +681,55 @@ def test_a_commit_decodes_only_the_winning_base_once_it_is_known(tmp_path, rng, 
     repo.checkout("HEAD~1", force=True)
     repo.checkout(c, force=True)
     assert sha256(root / "m.safetensors") == h
+    repo.close()
+
+
+@pytest.mark.parametrize("damage", [None, "low nibbles", "values short"])
+def test_a_fine_tune_s_difference_is_applied_from_its_parts(tmp_path, rng, damage):
+    """A fine-tune's DIFF (top plane NONZERO, low plane NIBBLES) is applied at checkout from those
+    parts (codec.NibbleDiff, kernels.undiff_parts), merging its base's planes as it goes, bit for
+    bit; damaged, it writes nothing that passes (place_chunk hands it back) and the whole read
+    refuses it."""
+    import os
+    import struct
+
+    if not kernels.undiff_parts_ready():
+        pytest.skip("undiff_parts needs an x86-64 CPU with SSSE3")
+    repo = Repo.init(tmp_path / "w")
+    n = 1 << 20
+    v0 = (rng.standard_normal(n).astype(np.float32) * 0.02).view(np.uint32) >> 16
+    v0 = v0.astype(np.uint16)
+    step = rng.standard_normal(n) * np.where(rng.random(n) < 0.03, 400, 20)  # mostly small, a few far
+    v1 = (v0.astype(np.int32) + step.astype(np.int32)).astype(np.uint16)
+    ids = _store_chain(repo, [v0, v1])
+    stored = repo.backend.get(ids[1])
+    level = codec.diff_level(stored)
+    assert isinstance(level[3], codec.NibbleDiff) and len(level[3].values) > 0
+    if damage:
+        body = bytearray(stored)
+        if damage == "low nibbles":
+            body[-100] ^= 0x10
+        else:  # the NONZERO plane's frames rebuilt with one value fewer than its mask asks for
+            p = 2 + 35
+            (l0,) = struct.unpack_from("<I", body, p + 6)
+            nz = bytes(body[p + 15:p + 15 + l0])
+            (mlen,) = struct.unpack_from("<I", nz, 0)
+            values = codec._inflate(nz[4 + mlen:], n)[:-1]
+            nz2 = nz[:4 + mlen] + codec._delta_ctx().compress(values)
+            body = body[:p + 6] + struct.pack("<I", len(nz2)) + body[p + 10:p + 15] + nz2 + body[p + 15 + l0:]
+        repo.backend.replace_many([(ids[1], bytes(body))])
+    out = tmp_path / "out"
+    fd = os.open(out, os.O_RDWR | os.O_CREAT)
+    try:
+        placed = repo.odb.place_chunk(ids[1].hex(), fd, 0, 2 * n)
+        if damage is None:
+            assert placed and out.read_bytes() == v1.tobytes()
+        else:
+            assert placed is False
+            with pytest.raises(CorruptObjectError):
+                repo.odb.read_chunk(ids[1].hex())
+    finally:
+        os.close(fd)
     repo.close()
 
 

@@ -730,3 +730,89 @@ def test_rtn8_refuses_scales_short_of_the_rows():
     with pytest.raises(ValueError):
         kernels.rtn8(np.zeros(1000, np.uint16), 2, np.ones(9, np.float32), 100, 1)  # 11 rows touched
     assert kernels.rtn8(np.zeros(1000, np.uint16), 2, np.ones(11, np.float32), 100, 1).tobytes() == bytes(1000)
+
+
+@pytest.fixture(params=[2, 1, 0], ids=["avx2", "ssse3", "sse2"])
+def simd(request):
+    """Each SIMD path the kernels have, on this machine (as far as its CPU goes)."""
+    from mvc.store import _kernels
+
+    was = _kernels.simd_cap(request.param)
+    yield request.param
+    _kernels.simd_cap(was)
+
+
+@pytest.mark.parametrize("changed", [0.0, 0.05, 0.5, 1.0])
+def test_gather_on_every_simd_path(changed, simd, rng):
+    n = 16 * 4099 + 7
+    a = rng.integers(0, 256, n, dtype=np.uint8)
+    b = a.copy()
+    move = rng.random(n) < changed
+    b[move] ^= rng.integers(1, 256, int(move.sum()), dtype=np.uint8)
+    mask, values = kernels.gather(b, a, 1)
+    assert np.array_equal(mask, np.packbits(move, bitorder="little")) and np.array_equal(values, b[move])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 70_000), st.sampled_from([0.0, 0.03, 0.5, 1.0]), st.booleans(), st.booleans(),
+       st.integers(0, 2**32 - 1))
+def test_undiff_parts_gives_what_the_planes_give(n, spread, is_float, planes_base, seed):
+    """A DIFF of two-byte elements applied from its NONZERO and NIBBLES parts, slice by slice, in
+    place or merging the base's planes as it goes, on every SIMD path: the elements undiff gives
+    from the planes scatter and unnibbles make, and every non-zero byte used exactly once."""
+    from mvc.store import _kernels
+
+    if not kernels.undiff_parts_ready():
+        pytest.skip("undiff_parts needs an x86-64 CPU with SSSE3")
+    r = np.random.default_rng(seed)
+    base = r.integers(0, 65536, n, dtype=np.uint16)
+    base[:8] = [0, 0x8000, 0x7F80, 0xFF80, 0x7FC0, 0xFFFF, 1, 0x7FFF][:min(8, n)]
+    move = r.random(n) < 0.9
+    new = base.copy()
+    new[move] += (r.standard_normal(int(move.sum())) * (40 + 400 * spread)).astype(np.int64).astype(np.uint16)
+    planes = kernels.diff(new, base, 2, is_float)
+    mask, values = kernels.gather(planes[0], codec._zeros(n), 1)
+    hi, lo = kernels.nibbles(planes[1])
+    rot = kernels.split(base, 2, True)
+    step = 16 * int(r.integers(1, 300))
+    for cap in (2, 1):
+        was = _kernels.simd_cap(cap)
+        try:
+            out = base.copy() if not planes_base else np.zeros(n, np.uint16)
+            used = 0
+            for i in range(0, n, step):
+                extra = (rot[0][i:i + step], rot[1][i:i + step]) if planes_base else ()
+                used = kernels.undiff_parts(out[i:i + step], i, mask, values, used, hi, lo, is_float, *extra)
+        finally:
+            _kernels.simd_cap(was)
+        assert used == values.size
+        assert out.tobytes() == new.tobytes()
+
+
+def test_undiff_parts_refuses_what_does_not_fit(rng):
+    if not kernels.undiff_parts_ready():
+        pytest.skip("undiff_parts needs an x86-64 CPU with SSSE3")
+    n = 4096
+    out = np.zeros(n, np.uint16)
+    mask = np.full(n // 8, 0xFF, np.uint8)  # every element wants a value
+    hi = lo = np.zeros(n // 2, np.uint8)
+    with pytest.raises(ValueError, match="more values"):
+        kernels.undiff_parts(out, 0, mask, np.ones(100, np.uint8), 0, hi, lo, True)
+    with pytest.raises(ValueError, match="do not fit"):  # a start off the 16-element grid
+        kernels.undiff_parts(out[:64], 8, mask, np.ones(n, np.uint8), 0, hi, lo, True)
+    with pytest.raises(ValueError, match="do not fit"):  # a mask too short for the slice
+        kernels.undiff_parts(out, 0, mask[:10], np.ones(n, np.uint8), 0, hi, lo, True)
+    with pytest.raises(ValueError, match="do not fit"):  # base planes of another length
+        kernels.undiff_parts(out, 0, mask, np.ones(n, np.uint8), 0, hi, lo, True, hi, lo)
+
+
+@pytest.mark.parametrize("pdtype", [0, 1, 2])
+def test_rtn8_on_every_simd_path(pdtype, simd, rng):
+    n, cols = 10_000, 333
+    x = (rng.standard_normal(n) * 3).astype(np.float32)
+    bits = {0: x.view(np.uint32), 1: x.astype(np.float16).view(np.uint16),
+            2: (x.view(np.uint32) >> 16).astype(np.uint16)}[pdtype]
+    scales = (rng.random((5 + n + cols - 1) // cols) * 0.05).astype(np.float32)
+    with np.errstate(all="ignore"):
+        want = codec.predict_rtn8(codec.to_f32(bits, pdtype), scales, cols, 5)
+    assert kernels.rtn8(bits, pdtype, scales, cols, 5).tobytes() == want.tobytes()

@@ -282,6 +282,10 @@ static PyObject *planar(PyObject *args, int with_base) {
  * where few changed, else all 16 written and the changed kept. The same result as the generic
  * loop (tests/test_kernels.py). Measured on a 2 MiB delta plane with 5 % non-zero bytes: 1.8 ->
  * 0.4 ms (docs/benchmarks.md). */
+/* The widest SIMD the kernels below may use: 2 AVX2, 1 SSSE3, 0 SSE2 (x86-64's baseline); the
+ * CPU's own limits apply too. Lowered by tests only (simd_cap), to run every path on one machine. */
+static int simd_cap = 2;
+
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #define GATHER16_PICK(T)                                                                       \
@@ -366,7 +370,7 @@ static Py_ssize_t gather_1_ssse3(const uint8_t *a, const uint8_t *b, uint8_t *ma
 }
 
 static Py_ssize_t gather_1_best(const uint8_t *a, const uint8_t *b, uint8_t *mask, uint8_t *vals, Py_ssize_t n) {
-    return gather_ready ? gather_1_ssse3(a, b, mask, vals, n) : gather_1_sse2(a, b, mask, vals, n);
+    return gather_ready && simd_cap >= 1 ? gather_1_ssse3(a, b, mask, vals, n) : gather_1_sse2(a, b, mask, vals, n);
 }
 #define GATHER_1 gather_1_best
 #define GATHER_TABLES() gather_tables()
@@ -1082,7 +1086,7 @@ static PyObject *k_rtn8(PyObject *self, PyObject *args) {
     } else {
         Py_BEGIN_ALLOW_THREADS
 #ifdef HUF_BMI2
-        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
+        if (simd_cap >= 2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
             rtn8_avx2((const uint8_t *)par.buf, pdtype, (const float *)sc.buf, cols, col0, (uint8_t *)out.buf, n);
         else
 #endif
@@ -1095,6 +1099,209 @@ static PyObject *k_rtn8(PyObject *self, PyObject *args) {
     PyBuffer_Release(&sc);
     PyBuffer_Release(&out);
     return ret;
+}
+
+/* undiff_parts(out, start, mask, values, voff, hi, lo, is_float[, base_hi, base_lo]) -> voff:
+ * one DIFF level of two-byte elements applied to out (the elements start .. start + len(out) of
+ * the chunk) straight from its planes' parts, the top plane NONZERO (the chunk's bit mask and its
+ * non-zero bytes, of which voff are used before start) and the low plane NIBBLES (the chunk's
+ * high and low nibble bytes): what merging the planes made by scatter and unnibbles and then
+ * undiff would give, without making them (docs/format.md §5.1). The base is out itself (in
+ * place), or, given base_hi and base_lo, the planes of a PLANES value (rotated, as merge takes
+ * them) for out's elements: merged and differenced in one pass. 16 elements at a time, with
+ * SSSE3, or AVX2 where the CPU has it: a table gives, for each mask byte, where its values go
+ * (pshufb), and the nibbles pair up with shifts. Returns the values used by the end of out; -1
+ * when the mask asks for more values than there are. start must be a multiple of 16 (decode_slices'
+ * slices are). */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__SSE2__)
+#define HAVE_UNDIFF_PARTS 1
+static uint8_t put_at[256][16]; /* mask byte -> for each of its 8 places, the rank of its value (0x80: none) */
+
+static void undiff_tables(void) {
+    for (int w = 0; w < 256; w++) {
+        int c = 0;
+        memset(put_at[w], 0x80, 16);
+        for (int j = 0; j < 8; j++)
+            if (w >> j & 1) put_at[w][j] = (uint8_t)c++;
+    }
+}
+
+/* the last few elements of a chunk, one at a time */
+static Py_ssize_t undiff_parts_tail(uint16_t *out, Py_ssize_t start, Py_ssize_t i, Py_ssize_t n, const uint8_t *mask,
+                                    const uint8_t *vals, Py_ssize_t nvals, Py_ssize_t voff, const uint8_t *hi,
+                                    const uint8_t *lo, int fl, const uint8_t *bh, const uint8_t *bl) {
+    for (; i < n; i++) {
+        Py_ssize_t e = start + i;
+        uint16_t h = 0;
+        if (mask[e >> 3] >> (e & 7) & 1) {
+            if (voff >= nvals) return -1;
+            h = vals[voff++];
+        }
+        uint8_t hb = hi[e >> 1], lb = lo[e >> 1];
+        uint8_t l = e & 1 ? (uint8_t)((hb & 0xF0) | (lb >> 4)) : (uint8_t)((hb << 4) | (lb & 0x0F));
+        uint16_t z = (uint16_t)(h << 8 | l), d = (uint16_t)((z >> 1) ^ (uint16_t)(0 - (z & 1)));
+        uint16_t y = out[i];
+        if (bh) {
+            uint16_t v = (uint16_t)(bh[i] << 8 | bl[i]);
+            y = (uint16_t)((v >> 1) | (uint16_t)(v << 15));
+        }
+        out[i] = fl ? unorder_2((uint16_t)(order_2(y) + d)) : (uint16_t)(y + d);
+    }
+    return voff;
+}
+
+/* 16 bytes of values from vals + voff, zeros past the end */
+#define VALUES16(dst, at)                                                                      \
+    if (nvals - (at) >= 16) {                                                                  \
+        dst = _mm_loadu_si128((const __m128i *)(vals + (at)));                                 \
+    } else {                                                                                   \
+        uint8_t t_[16] = {0};                                                                  \
+        memcpy(t_, vals + (at), (size_t)(nvals - (at)));                                       \
+        dst = _mm_loadu_si128((const __m128i *)t_);                                            \
+    }
+
+__attribute__((target("ssse3")))
+static Py_ssize_t undiff_parts_ssse3(uint16_t *out, Py_ssize_t start, Py_ssize_t n, const uint8_t *mask,
+                                     const uint8_t *vals, Py_ssize_t nvals, Py_ssize_t voff, const uint8_t *hi,
+                                     const uint8_t *lo, int fl, const uint8_t *bh, const uint8_t *bl) {
+    const __m128i f0 = _mm_set1_epi8(0x0F), one = _mm_set1_epi16(1), top = _mm_set1_epi16((short)0x8000);
+    Py_ssize_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        Py_ssize_t e = start + i;
+        unsigned w0 = mask[e >> 3], w1 = mask[(e >> 3) + 1];
+        Py_ssize_t c0 = bits_in[w0], c1 = bits_in[w1];
+        if (nvals - voff < c0 + c1) return -1;
+        __m128i v0, v1;
+        VALUES16(v0, voff)
+        VALUES16(v1, voff + c0)
+        voff += c0 + c1;
+        __m128i h8 = _mm_unpacklo_epi64(_mm_shuffle_epi8(v0, _mm_loadu_si128((const __m128i *)put_at[w0])),
+                                        _mm_shuffle_epi8(v1, _mm_loadu_si128((const __m128i *)put_at[w1])));
+        __m128i H = _mm_loadl_epi64((const __m128i *)(hi + (e >> 1)));
+        __m128i L = _mm_loadl_epi64((const __m128i *)(lo + (e >> 1)));
+        __m128i a = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(H, f0), 4), _mm_and_si128(L, f0));
+        __m128i b = _mm_or_si128(_mm_andnot_si128(f0, H), _mm_and_si128(_mm_srli_epi16(L, 4), f0));
+        __m128i l8 = _mm_unpacklo_epi8(a, b); /* the low plane's 16 bytes */
+        __m128i BH = bh ? _mm_loadu_si128((const __m128i *)(bh + i)) : _mm_setzero_si128();
+        __m128i BL = bh ? _mm_loadu_si128((const __m128i *)(bl + i)) : _mm_setzero_si128();
+        for (int half = 0; half < 2; half++) {
+            __m128i z = half ? _mm_unpackhi_epi8(l8, h8) : _mm_unpacklo_epi8(l8, h8);
+            __m128i d = _mm_xor_si128(_mm_srli_epi16(z, 1), _mm_sub_epi16(_mm_setzero_si128(), _mm_and_si128(z, one)));
+            __m128i *at = (__m128i *)(out + i + 8 * half);
+            __m128i y;
+            if (bh) {
+                __m128i v = half ? _mm_unpackhi_epi8(BL, BH) : _mm_unpacklo_epi8(BL, BH);
+                y = _mm_or_si128(_mm_srli_epi16(v, 1), _mm_slli_epi16(v, 15));
+            } else {
+                y = _mm_loadu_si128(at);
+            }
+            if (fl) {
+                __m128i o = _mm_xor_si128(y, _mm_or_si128(_mm_srai_epi16(y, 15), top));
+                __m128i m = _mm_add_epi16(o, d);
+                y = _mm_xor_si128(m, _mm_or_si128(_mm_xor_si128(_mm_srai_epi16(m, 15), _mm_set1_epi16(-1)), top));
+            } else {
+                y = _mm_add_epi16(y, d);
+            }
+            _mm_storeu_si128(at, y);
+        }
+    }
+    return undiff_parts_tail(out, start, i, n, mask, vals, nvals, voff, hi, lo, fl, bh, bl);
+}
+
+__attribute__((target("avx2")))
+static Py_ssize_t undiff_parts_avx2(uint16_t *out, Py_ssize_t start, Py_ssize_t n, const uint8_t *mask,
+                                    const uint8_t *vals, Py_ssize_t nvals, Py_ssize_t voff, const uint8_t *hi,
+                                    const uint8_t *lo, int fl, const uint8_t *bh, const uint8_t *bl) {
+    const __m128i f0 = _mm_set1_epi8(0x0F);
+    const __m256i one = _mm256_set1_epi16(1), top = _mm256_set1_epi16((short)0x8000), ones = _mm256_set1_epi16(-1);
+    Py_ssize_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        Py_ssize_t e = start + i;
+        unsigned w0 = mask[e >> 3], w1 = mask[(e >> 3) + 1];
+        Py_ssize_t c0 = bits_in[w0], c1 = bits_in[w1];
+        if (nvals - voff < c0 + c1) return -1;
+        __m128i v0, v1;
+        VALUES16(v0, voff)
+        VALUES16(v1, voff + c0)
+        voff += c0 + c1;
+        /* each lane: one mask byte's 8 top-plane bytes in its low half */
+        __m256i h = _mm256_shuffle_epi8(
+            _mm256_inserti128_si256(_mm256_castsi128_si256(v0), v1, 1),
+            _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)put_at[w0])),
+                                    _mm_loadu_si128((const __m128i *)put_at[w1]), 1));
+        __m128i H = _mm_loadl_epi64((const __m128i *)(hi + (e >> 1)));
+        __m128i L = _mm_loadl_epi64((const __m128i *)(lo + (e >> 1)));
+        __m128i a = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(H, f0), 4), _mm_and_si128(L, f0));
+        __m128i b = _mm_or_si128(_mm_andnot_si128(f0, H), _mm_and_si128(_mm_srli_epi16(L, 4), f0));
+        __m128i l8 = _mm_unpacklo_epi8(a, b); /* the low plane's 16 bytes */
+        __m256i l = _mm256_inserti128_si256(_mm256_castsi128_si256(l8), _mm_srli_si128(l8, 8), 1);
+        __m256i z = _mm256_unpacklo_epi8(l, h); /* lane 0: elements 0-7, lane 1: 8-15 */
+        __m256i d = _mm256_xor_si256(_mm256_srli_epi16(z, 1), _mm256_sub_epi16(_mm256_setzero_si256(),
+                                                                                _mm256_and_si256(z, one)));
+        __m256i y;
+        if (bh) {
+            __m128i BH = _mm_loadu_si128((const __m128i *)(bh + i)), BL = _mm_loadu_si128((const __m128i *)(bl + i));
+            __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(BL, BH)),
+                                                _mm_unpackhi_epi8(BL, BH), 1);
+            y = _mm256_or_si256(_mm256_srli_epi16(v, 1), _mm256_slli_epi16(v, 15));
+        } else {
+            y = _mm256_loadu_si256((const __m256i *)(out + i));
+        }
+        if (fl) {
+            __m256i o = _mm256_xor_si256(y, _mm256_or_si256(_mm256_srai_epi16(y, 15), top));
+            __m256i m = _mm256_add_epi16(o, d);
+            y = _mm256_xor_si256(m, _mm256_or_si256(_mm256_xor_si256(_mm256_srai_epi16(m, 15), ones), top));
+        } else {
+            y = _mm256_add_epi16(y, d);
+        }
+        _mm256_storeu_si256((__m256i *)(out + i), y);
+    }
+    return undiff_parts_tail(out, start, i, n, mask, vals, nvals, voff, hi, lo, fl, bh, bl);
+}
+
+static PyObject *k_undiff_parts(PyObject *self, PyObject *args) {
+    Py_buffer out, mask, vals, hi, lo, bh = {0}, bl = {0};
+    Py_ssize_t start, voff;
+    int fl;
+    if (!PyArg_ParseTuple(args, "w*ny*y*ny*y*p|y*y*", &out, &start, &mask, &vals, &voff, &hi, &lo, &fl, &bh, &bl))
+        return NULL;
+    Py_ssize_t n = out.len / 2, end = start + n, got = -1;
+    int ok = gather_ready && out.len % 2 == 0 && start >= 0 && start % 16 == 0 && voff >= 0 && voff <= vals.len &&
+             mask.len >= (end + 7) / 8 && hi.len >= (end + 1) / 2 && lo.len == hi.len &&
+             (n % 16 == 0 || mask.len == (end + 7) / 8) && (bh.buf == NULL) == (bl.buf == NULL) &&
+             (bh.buf == NULL || (bh.len == n && bl.len == n));
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "undiff_parts: buffers do not fit");
+    } else {
+        const uint8_t *ph = (const uint8_t *)bh.buf, *pl = (const uint8_t *)bl.buf;
+        Py_BEGIN_ALLOW_THREADS
+        if (simd_cap >= 2 && __builtin_cpu_supports("avx2"))
+            got = undiff_parts_avx2((uint16_t *)out.buf, start, n, (const uint8_t *)mask.buf, (const uint8_t *)vals.buf,
+                                    vals.len, voff, (const uint8_t *)hi.buf, (const uint8_t *)lo.buf, fl, ph, pl);
+        else
+            got = undiff_parts_ssse3((uint16_t *)out.buf, start, n, (const uint8_t *)mask.buf, (const uint8_t *)vals.buf,
+                                     vals.len, voff, (const uint8_t *)hi.buf, (const uint8_t *)lo.buf, fl, ph, pl);
+        Py_END_ALLOW_THREADS
+        if (got < 0) PyErr_SetString(PyExc_ValueError, "undiff_parts: the mask asks for more values than there are");
+    }
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&mask);
+    PyBuffer_Release(&vals);
+    PyBuffer_Release(&hi);
+    PyBuffer_Release(&lo);
+    if (bh.buf) PyBuffer_Release(&bh);
+    if (bl.buf) PyBuffer_Release(&bl);
+    return got < 0 ? NULL : PyLong_FromSsize_t(got);
+}
+
+static PyObject *k_undiff_parts_ready(PyObject *self, PyObject *args) { return PyBool_FromLong(gather_ready); }
+#endif
+
+static PyObject *k_simd_cap(PyObject *self, PyObject *args) {
+    int level, was = simd_cap;
+    if (!PyArg_ParseTuple(args, "i", &level)) return NULL;
+    simd_cap = level;
+    return PyLong_FromLong(was);
 }
 
 static PyObject *k_gather(PyObject *self, PyObject *args) { return sparse(args, 0); }
@@ -1926,6 +2133,12 @@ static PyMethodDef methods[] = {
     {"file_json", k_file_json, METH_VARARGS,
      "file_json(chunks, size, tensors) -> bytes | None: a safetensors file object's canonical JSON"},
     {"huff", k_huff, METH_VARARGS, "huff(src) -> bytes | None: a zstd frame of Huffman-coded literal blocks"},
+#ifdef HAVE_UNDIFF_PARTS
+    {"undiff_parts", k_undiff_parts, METH_VARARGS,
+     "undiff_parts(out, start, mask, values, voff, hi, lo, is_float) -> voff: a NONZERO + NIBBLES DIFF applied in place"},
+    {"undiff_parts_ready", k_undiff_parts_ready, METH_NOARGS, "undiff_parts_ready() -> bool: this CPU runs undiff_parts"},
+#endif
+    {"simd_cap", k_simd_cap, METH_VARARGS, "simd_cap(level) -> the level before: 2 AVX2, 1 SSSE3, 0 SSE2 at most (tests)"},
     {"rtn8", k_rtn8, METH_VARARGS,
      "rtn8(parent, pdtype, scales, cols, col0, out): int8 codes predicted from the parent's floats"},
     {"nibbles", k_nibbles, METH_VARARGS, "nibbles(src, hi, lo): the bytes' high and low nibbles, in pairs"},
@@ -1937,5 +2150,8 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1,
 
 PyMODINIT_FUNC PyInit__kernels(void) {
     GATHER_TABLES();
+#ifdef HAVE_UNDIFF_PARTS
+    undiff_tables();
+#endif
     return PyModule_Create(&module);
 }

@@ -456,10 +456,52 @@ def decode(stored: bytes | memoryview, oid_hex: str = "?", bases: BaseReader | N
 _SLICE = 256 * 1024
 
 
+class NibbleDiff:
+    """A DIFF of two-byte elements whose top plane is NONZERO and low plane NIBBLES (a fine-tune's,
+    a merge's), kept as those planes' parts: the bit mask, the non-zero bytes, the high and the
+    low nibble bytes, which kernels.undiff_parts applies without making the planes."""
+
+    __slots__ = ("n", "mask", "values", "hi", "lo")
+
+    def __init__(self, n: int, mask: bytes, values: bytes, hi: bytes, lo: bytes):
+        self.n, self.mask, self.values, self.hi, self.lo = n, mask, values, hi, lo
+
+
+def _nibble_diff(body) -> NibbleDiff | None:
+    """The parts of a two-plane body coded NONZERO then NIBBLES (None: coded otherwise), each a
+    buffer of its own; ValueError (or zstd's, struct's) where they do not fit."""
+    k, total = struct.unpack_from("<BI", body, 0)
+    if k != 2 or total % 2 or total > MAX_CHUNK:
+        return None
+    (c0, l0), (c1, l1) = struct.unpack_from("<BI", body, 5), struct.unpack_from("<BI", body, 10)
+    if (c0, c1) != (NONZERO, NIBBLES):
+        return None
+    n, pos = total // 2, 15
+    if pos + l0 + l1 != len(body):
+        raise ValueError("trailing bytes")
+    nz, nb = body[pos:pos + l0], body[pos + l0:pos + l0 + l1]
+    (mlen,) = struct.unpack_from("<I", nz, 0)
+    if 4 + mlen > len(nz):
+        raise ValueError("bad non-zero plane")
+    mask = _inflate(nz[4:4 + mlen], (n + 7) // 8)
+    values = _inflate(nz[4 + mlen:], n)
+    if len(mask) != (n + 7) // 8:
+        raise ValueError("bad non-zero plane mask")
+    hcodec, hlen = struct.unpack_from("<BI", nb, 0)
+    m = (n + 1) // 2
+    if hcodec not in (RAW, ZSTD) or 5 + hlen > len(nb) or len(nb) - 5 - hlen != m:
+        raise ValueError("bad nibbles plane")
+    hbody = nb[5:5 + hlen]
+    hi = bytes(hbody) if hcodec == RAW else _inflate(hbody, m)
+    if len(hi) != m:
+        raise ValueError("bad nibbles plane")
+    return NibbleDiff(n, mask, values, hi, bytes(nb[5 + hlen:]))  # copies: *body* lives as long as a read
+
+
 def diff_level(stored, oid_hex: str = "?"):
     """A DIFF value's (base id, element size k, float?, its k planes as arrays of their own, not
-    views of *stored*), for decode_slices; None for any other codec or without the C kernels.
-    Raises CorruptObjectError on malformed input."""
+    views of *stored*, or a NibbleDiff where undiff_parts runs), for decode_slices; None for any
+    other codec or without the C kernels. Raises CorruptObjectError on malformed input."""
     if len(stored) < 2 + _DELTA_HEAD or stored[1] != DIFF or not kernels.native():
         return None
     import numpy as np
@@ -469,6 +511,9 @@ def diff_level(stored, oid_hex: str = "?"):
     try:
         if k not in (1, *_UINT) or is_float > 1:
             raise ValueError("delta element size does not fit")
+        parts = _nibble_diff(body[35:]) if k == 2 and kernels.undiff_parts_ready() else None
+        if parts is not None:
+            return bytes(body[:32]), k, bool(is_float), parts
         pk, planes = _read_plane_body(body[35:], MAX_CHUNK, True)
         if pk != k:
             raise ValueError("delta element size does not fit")
@@ -496,20 +541,33 @@ def decode_slices(stored, oid_hex: str = "?", levels: list = ()):
     except (zstd.ZstdError, struct.error, ValueError, IndexError, TypeError) as e:
         raise CorruptObjectError(oid_hex, f"cannot decode ({e})") from e
     n = planes[0].size
-    if any(lk != k or lp[0].size != n for _, lk, _, lp in levels):
+    if any(lk != k or (lp.n if isinstance(lp, NibbleDiff) else lp[0].size) != n for _, lk, _, lp in levels):
         return None
     step = min(_SLICE, n)
     below = list(reversed(levels))
 
     def slices():
         buf = np.empty(step, dtype=_UINT.get(k, np.uint8))
+        used = [0] * len(below)  # NibbleDiff levels: their values used so far
         for i in range(0, n, step):
             part = [p[i:i + step] for p in planes]
             out = buf[:part[0].size]
-            kernels.merge(part, k, k > 1, out)
-            for _, _, is_float, lp in below:  # in place: each element is read before it is written
-                kernels.undiff([p[i:i + step] for p in lp], out, k, is_float, out)
+            # the first difference from a NibbleDiff merges this value's planes itself (one pass)
+            merged = bool(below) and isinstance(below[0][3], NibbleDiff)
+            if not merged:
+                kernels.merge(part, k, k > 1, out)
+            for j, (_, _, is_float, lp) in enumerate(below):  # in place: each element read before written
+                if isinstance(lp, NibbleDiff):
+                    try:
+                        used[j] = kernels.undiff_parts(out, i, lp.mask, lp.values, used[j], lp.hi, lp.lo, is_float,
+                                                       *(part if j == 0 and merged else ()))
+                    except ValueError as e:
+                        raise CorruptObjectError(oid_hex, f"cannot decode a delta on it ({e})") from e
+                else:
+                    kernels.undiff([p[i:i + step] for p in lp], out, k, is_float, out)
             yield memoryview(out).cast("B")
+        if any(isinstance(lp, NibbleDiff) and used[j] != len(lp.values) for j, (*_, lp) in enumerate(below)):
+            raise CorruptObjectError(oid_hex, "a delta on it has non-zero bytes its mask does not place")
 
     return n * k, slices()
 

@@ -270,3 +270,20 @@ def rtn8(parent, pdtype: int, scales, cols: int, col0: int):
                      out)
         return out
     return codec.predict_rtn8(codec.to_f32(parent, pdtype), scales, cols, col0)
+
+
+def undiff_parts_ready() -> bool:
+    """Whether undiff_parts runs here (the C kernels, on an x86-64 CPU with SSSE3)."""
+    return _on and hasattr(_native, "undiff_parts") and _native.undiff_parts_ready()
+
+
+def undiff_parts(out, start: int, mask, values, voff: int, hi, lo, is_float: bool, base_hi=None, base_lo=None) -> int:
+    """One DIFF level of two-byte elements whose top plane is NONZERO (*mask*, *values*) and low
+    plane NIBBLES (*hi*, *lo*), applied to *out* (the chunk's elements from *start*, a multiple of
+    16): in place, or onto the base given as the (rotated) planes *base_hi*, *base_lo* of those
+    elements, which it merges as it goes. *voff* values are used before *start*. Returns the values
+    used by the end of *out*. Only where undiff_parts_ready(): the same as undiff of the planes
+    scatter and unnibbles make (tests/test_kernels.py)."""
+    if base_hi is None:
+        return _native.undiff_parts(out, start, mask, values, voff, hi, lo, is_float)
+    return _native.undiff_parts(out, start, mask, values, voff, hi, lo, is_float, base_hi, base_lo)
