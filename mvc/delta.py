@@ -35,6 +35,8 @@ class Prediction:
     col0: int
     scales: bytes
 
+#: tensor objects of a candidate file read ahead in one transaction (ObjectDB keeps 4096 parsed)
+_PREFETCH = 1024
 DEFAULT_MAX_DEPTH = 10  # the longest delta chain a read follows (config: delta.max_depth)
 ANCESTORS = 8  # first-parent ancestors searched after the named commits
 MAX_CANDIDATES = 4  # candidate tensors per new tensor
@@ -110,6 +112,8 @@ class DeltaBases:
             if entry is not None:
                 f = self.odb.get(entry.oid, "file")
                 tensors = dict(f.tensors) if f.format == "safetensors" else {}
+                # every tensor of the file in one read of the store (chunks_for asks for them one by one)
+                self.odb.get_many(list(dict.fromkeys(tensors.values()))[:_PREFETCH], "tensor")
             self._files[key] = tensors
         return self._files[key]
 

@@ -806,18 +806,10 @@ def _lead_delta(odb: ObjectDB, new, bases: list[str], k: int, is_float: bool, ma
     coded as the chooser's trials found best (SPARSE or DIFF)."""
     for b in bases:
         base = bytes.fromhex(b)
-        stored = odb.stored_or_none(base)
-        if stored is None:
+        got = odb.base_elements(base, k, max_depth, False)
+        if got is None or got[1].shape != new.shape:
             continue
-        depth = codec.depth(stored) + 1
-        if depth > max_depth:
-            continue
-        try:
-            old = odb.chunk_elements(base, k, stored, False)
-        except MvcError:
-            continue
-        if old.shape != new.shape:
-            continue
+        depth, old = got
         enc = codec.encode_sparse if sparse else codec.encode_diff
         return enc(CHUNK, new, old, k, is_float, base, depth)
     return None
@@ -832,18 +824,10 @@ def _best_delta(odb: ObjectDB, new, sample, scale: float, bases: list[str], k: i
         if choice is not None and choice[0] < nbytes // 4:
             break
         base = bytes.fromhex(b)
-        stored = odb.stored_or_none(base)
-        if stored is None:
+        got = odb.base_elements(base, k, max_depth, keep)
+        if got is None or got[1].shape != new.shape:
             continue
-        depth = codec.depth(stored) + 1
-        if depth > max_depth:
-            continue
-        try:
-            old = odb.chunk_elements(base, k, stored, keep)
-        except MvcError:
-            continue
-        if old.shape != new.shape:
-            continue
+        depth, old = got
         old_sample = _probe(old)
         weight = 1 + DEPTH_COST * (depth - 1)
         for sparse in (False, True):

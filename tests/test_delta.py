@@ -661,13 +661,13 @@ def test_a_commit_decodes_only_the_winning_base_once_it_is_known(tmp_path, rng, 
     last = [(x.astype(np.int32) + rng.integers(-40, 41, n)).astype(np.uint16) for x in w]
     write_safetensors(root / "m.safetensors", {f"t{j:02}": ("BF16", (n,), x.tobytes()) for j, x in enumerate(last)})
     decoded = []
-    real = ObjectDB.chunk_elements
+    real = ObjectDB.base_elements
 
-    def counting(self, oid, k, stored=None, keep_links=None):
+    def counting(self, oid, k, max_depth, keep_links=None):
         decoded.append(oid.hex())
-        return real(self, oid, k, stored, keep_links)
+        return real(self, oid, k, max_depth, keep_links)
 
-    monkeypatch.setattr(ObjectDB, "chunk_elements", counting)
+    monkeypatch.setattr(ObjectDB, "base_elements", counting)
     c = repo.commit("edit")
     others = [d for d in decoded if d not in head_chunks]
     probes = BaseChooser.PROBE_FIRST + n_t // BaseChooser.PROBE_EVERY + 1

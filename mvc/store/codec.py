@@ -616,6 +616,15 @@ def decode_elements(stored, bases: BaseReader | None, k: int):
         raise ValueError("delta element size does not fit")
     base_el = bases(base, k)
     if codec == DIFF:
+        parts = _nibble_diff(body[35:]) if k == 2 and kernels.undiff_parts_ready() else None
+        if parts is not None:  # applied from its parts (kernels.undiff_parts), onto a copy of the base
+            if parts.n != base_el.size:
+                raise ValueError("delta and base differ in size")
+            out = np.array(base_el)
+            used = kernels.undiff_parts(out, 0, parts.mask, parts.values, 0, parts.hi, parts.lo, is_float)
+            if used != len(parts.values):
+                raise ValueError("non-zero bytes the mask does not place")
+            return out
         pk, planes = _read_plane_body(body[35:], MAX_CHUNK, True)
         if pk != k or planes[0].size != base_el.size:
             raise ValueError("delta and base differ in size")

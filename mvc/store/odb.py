@@ -14,7 +14,7 @@ from collections import OrderedDict
 
 import blake3
 
-from ..errors import CorruptObjectError, ObjectMissingError
+from ..errors import CorruptObjectError, MvcError, ObjectMissingError
 from . import codec, kernels
 from .backend import Backend
 from .ids import TYPE_CODE, TYPES, hash_object, header
@@ -255,6 +255,38 @@ class ObjectDB:
                     else:
                         self._tls.keep = before
         return codec.elements(hit, k)
+
+    def base_elements(self, oid: bytes, k: int, max_depth: int, keep_links: bool | None = None):
+        """(depth, elements) of chunk *oid* as a delta base: the chain depth a delta stored on it
+        gets, and its verified elements (chunk_elements). None where no delta may go on it: not in
+        this store (nothing is fetched), its chain already *max_depth* long, or damaged (nothing is
+        stored against bytes that do not verify). A whole value is decoded straight from the
+        store's storage (read_chunk's way: no copy of it)."""
+        with self._lock:
+            hit = self._chunks.get(oid)
+        size = [0]
+
+        def look(view):
+            size[0] = len(view)
+            depth = codec.depth(view) + 1
+            if depth > max_depth or hit is not None:
+                return depth, None
+            if len(view) > 1 and view[1] in codec.DELTAS:
+                return depth, bytes(view)  # its chain is read after this read
+            return depth, self.decode(oid, view, "chunk")[1]
+
+        try:
+            got = self.backend.read_with(oid, look)
+            if got is None or got[0] > max_depth:
+                return None
+            depth, data = got
+            if hit is None and isinstance(data, bytes) and len(data) > 1 and data[1] in codec.DELTAS:
+                return depth, self.chunk_elements(oid, k, data, keep_links)
+            return depth, codec.elements(hit if hit is not None else data, k)
+        except MvcError:
+            return None
+        finally:
+            self._account(size[0])
 
     def _account(self, n: int) -> None:
         """Every 128 MiB read, hand the store's mapped pages back: they stay in the page cache
