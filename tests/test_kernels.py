@@ -775,6 +775,7 @@ def test_undiff_parts_gives_what_the_planes_give(n, spread, is_float, planes_bas
     hi, lo = kernels.nibbles(planes[1])
     rot = kernels.split(base, 2, True)
     step = 16 * int(r.integers(1, 300))
+    padded = np.r_[values, np.zeros(16, np.uint8)]
     for cap in (2, 1):
         was = _kernels.simd_cap(cap)
         try:
@@ -782,7 +783,8 @@ def test_undiff_parts_gives_what_the_planes_give(n, spread, is_float, planes_bas
             used = 0
             for i in range(0, n, step):
                 extra = (rot[0][i:i + step], rot[1][i:i + step]) if planes_base else ()
-                used = kernels.undiff_parts(out[i:i + step], i, mask, values, used, hi, lo, is_float, *extra)
+                used = kernels.undiff_parts(out[i:i + step], i, mask, padded, values.size, used, hi, lo, is_float,
+                                            *extra)
         finally:
             _kernels.simd_cap(was)
         assert used == values.size
@@ -796,14 +798,20 @@ def test_undiff_parts_refuses_what_does_not_fit(rng):
     out = np.zeros(n, np.uint16)
     mask = np.full(n // 8, 0xFF, np.uint8)  # every element wants a value
     hi = lo = np.zeros(n // 2, np.uint8)
+    v = np.ones(n + 16, np.uint8)
     with pytest.raises(ValueError, match="more values"):
-        kernels.undiff_parts(out, 0, mask, np.ones(100, np.uint8), 0, hi, lo, True)
+        kernels.undiff_parts(out, 0, mask, v, 100, 0, hi, lo, True)
+    with pytest.raises(ValueError, match="more values"):  # the same in the last few (one at a time)
+        kernels.undiff_parts(out[:20], 0, mask[:3], v, 19, 0, hi, lo, True)
+    with pytest.raises(ValueError, match="do not fit"):  # no 16 bytes to spare after the values
+        kernels.undiff_parts(out, 0, mask, v, n + 1, 0, hi, lo, True)
     with pytest.raises(ValueError, match="do not fit"):  # a start off the 16-element grid
-        kernels.undiff_parts(out[:64], 8, mask, np.ones(n, np.uint8), 0, hi, lo, True)
+        kernels.undiff_parts(out[:64], 8, mask, v, n, 0, hi, lo, True)
     with pytest.raises(ValueError, match="do not fit"):  # a mask too short for the slice
-        kernels.undiff_parts(out, 0, mask[:10], np.ones(n, np.uint8), 0, hi, lo, True)
+        kernels.undiff_parts(out, 0, mask[:10], v, n, 0, hi, lo, True)
     with pytest.raises(ValueError, match="do not fit"):  # base planes of another length
-        kernels.undiff_parts(out, 0, mask, np.ones(n, np.uint8), 0, hi, lo, True, hi, lo)
+        kernels.undiff_parts(out, 0, mask, v, n, 0, hi, lo, True, hi, lo)
+    assert kernels.undiff_parts(out, 0, mask, v, n, 0, hi, lo, True) == n
 
 
 @pytest.mark.parametrize("pdtype", [0, 1, 2])

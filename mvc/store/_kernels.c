@@ -1101,21 +1101,21 @@ static PyObject *k_rtn8(PyObject *self, PyObject *args) {
     return ret;
 }
 
-/* undiff_parts(out, start, mask, values, voff, hi, lo, is_float[, base_hi, base_lo]) -> voff:
- * one DIFF level of two-byte elements applied to out (the elements start .. start + len(out) of
- * the chunk) straight from its planes' parts, the top plane NONZERO (the chunk's bit mask and its
- * non-zero bytes, of which voff are used before start) and the low plane NIBBLES (the chunk's
- * high and low nibble bytes): what merging the planes made by scatter and unnibbles and then
- * undiff would give, without making them (docs/format.md §5.1). The base is out itself (in
- * place), or, given base_hi and base_lo, the planes of a PLANES value (rotated, as merge takes
- * them) for out's elements: merged and differenced in one pass. 16 elements at a time, with
- * SSSE3, or AVX2 where the CPU has it: a table gives, for each mask byte, where its values go
- * (pshufb), and the nibbles pair up with shifts. Returns the values used by the end of out; -1
- * when the mask asks for more values than there are. start must be a multiple of 16 (decode_slices'
- * slices are). */
+/* undiff_parts(out, start, mask, values, nvalues, voff, hi, lo, is_float[, base_hi, base_lo])
+ * -> voff: one DIFF level of two-byte elements applied to out (the elements start .. start +
+ * len(out) of the chunk) straight from its planes' parts: the top plane NONZERO (the chunk's bit
+ * mask, and its nvalues non-zero bytes with 16 bytes to spare after them, voff of them used
+ * before start) and the low plane NIBBLES (the chunk's high and low nibble bytes). What merging
+ * the planes that scatter and unnibbles make and then undiff would give, without making them
+ * (docs/format.md §5.1). The base is out itself (in place), or, given base_hi and base_lo, the
+ * planes of a PLANES value (rotated, as merge takes them) for out's elements, merged in the same
+ * pass. 16 elements at a time, with SSSE3, or AVX2 where the CPU has it: a table gives, for each
+ * mask byte, where its values go (pshufb), and the nibbles pair up with shifts. Returns the
+ * values used by the end of out; -1 when the mask asks for more values than there are. start
+ * must be a multiple of 16 (decode_slices' slices are). */
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__SSE2__)
 #define HAVE_UNDIFF_PARTS 1
-static uint8_t put_at[256][16]; /* mask byte -> for each of its 8 places, the rank of its value (0x80: none) */
+static uint8_t put_at[256][16] __attribute__((aligned(16))); /* mask byte -> for each of its 8 places, the rank of its value (0x80: none) */
 
 static void undiff_tables(void) {
     for (int w = 0; w < 256; w++) {
@@ -1150,15 +1150,14 @@ static Py_ssize_t undiff_parts_tail(uint16_t *out, Py_ssize_t start, Py_ssize_t 
     return voff;
 }
 
-/* 16 bytes of values from vals + voff, zeros past the end */
-#define VALUES16(dst, at)                                                                      \
-    if (nvals - (at) >= 16) {                                                                  \
-        dst = _mm_loadu_si128((const __m128i *)(vals + (at)));                                 \
-    } else {                                                                                   \
-        uint8_t t_[16] = {0};                                                                  \
-        memcpy(t_, vals + (at), (size_t)(nvals - (at)));                                       \
-        dst = _mm_loadu_si128((const __m128i *)t_);                                            \
-    }
+/* Whether the mask's bits for elements [start, start + m) (m a multiple of 16) ask for at most
+ * the values left after voff: checked once, so that the loops load without a test (the values
+ * buffer has 16 bytes to spare past its nvals: a load of 16 at voff <= nvals stays inside it). */
+static int values_suffice(const uint8_t *mask, Py_ssize_t start, Py_ssize_t m, Py_ssize_t nvals, Py_ssize_t voff) {
+    Py_ssize_t need = 0;
+    for (Py_ssize_t j = start >> 3; j < (start + m) >> 3; j++) need += bits_in[mask[j]];
+    return need <= nvals - voff;
+}
 
 __attribute__((target("ssse3")))
 static Py_ssize_t undiff_parts_ssse3(uint16_t *out, Py_ssize_t start, Py_ssize_t n, const uint8_t *mask,
@@ -1166,14 +1165,13 @@ static Py_ssize_t undiff_parts_ssse3(uint16_t *out, Py_ssize_t start, Py_ssize_t
                                      const uint8_t *lo, int fl, const uint8_t *bh, const uint8_t *bl) {
     const __m128i f0 = _mm_set1_epi8(0x0F), one = _mm_set1_epi16(1), top = _mm_set1_epi16((short)0x8000);
     Py_ssize_t i = 0;
+    if (!values_suffice(mask, start, n & ~(Py_ssize_t)15, nvals, voff)) return -1;
     for (; i + 16 <= n; i += 16) {
         Py_ssize_t e = start + i;
         unsigned w0 = mask[e >> 3], w1 = mask[(e >> 3) + 1];
         Py_ssize_t c0 = bits_in[w0], c1 = bits_in[w1];
-        if (nvals - voff < c0 + c1) return -1;
-        __m128i v0, v1;
-        VALUES16(v0, voff)
-        VALUES16(v1, voff + c0)
+        __m128i v0 = _mm_loadu_si128((const __m128i *)(vals + voff));
+        __m128i v1 = _mm_loadu_si128((const __m128i *)(vals + voff + c0));
         voff += c0 + c1;
         __m128i h8 = _mm_unpacklo_epi64(_mm_shuffle_epi8(v0, _mm_loadu_si128((const __m128i *)put_at[w0])),
                                         _mm_shuffle_epi8(v1, _mm_loadu_si128((const __m128i *)put_at[w1])));
@@ -1208,6 +1206,50 @@ static Py_ssize_t undiff_parts_ssse3(uint16_t *out, Py_ssize_t start, Py_ssize_t
     return undiff_parts_tail(out, start, i, n, mask, vals, nvals, voff, hi, lo, fl, bh, bl);
 }
 
+/* the AVX2 loop, built once per kind of base (planes or in place) and of element (float or not):
+ * no test of either inside it */
+#define UNDIFF_PARTS_AVX2(BASE, FL)                                                            \
+    for (; i + 16 <= n; i += 16) {                                                             \
+        Py_ssize_t e = start + i;                                                              \
+        unsigned w0 = mask[e >> 3], w1 = mask[(e >> 3) + 1];                                   \
+        Py_ssize_t c0 = bits_in[w0], c1 = bits_in[w1];                                         \
+        __m128i v0 = _mm_loadu_si128((const __m128i *)(vals + voff));                          \
+        __m128i v1 = _mm_loadu_si128((const __m128i *)(vals + voff + c0));                     \
+        voff += c0 + c1;                                                                       \
+        /* each lane: one mask byte's 8 top-plane bytes in its low half */                     \
+        __m256i h = _mm256_shuffle_epi8(                                                       \
+            _mm256_inserti128_si256(_mm256_castsi128_si256(v0), v1, 1),                        \
+            _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_load_si128((const __m128i *)put_at[w0])), \
+                                    _mm_load_si128((const __m128i *)put_at[w1]), 1));           \
+        __m128i H = _mm_loadl_epi64((const __m128i *)(hi + (e >> 1)));                         \
+        __m128i L = _mm_loadl_epi64((const __m128i *)(lo + (e >> 1)));                         \
+        __m128i a = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(H, f0), 4), _mm_and_si128(L, f0)); \
+        __m128i b = _mm_or_si128(_mm_andnot_si128(f0, H), _mm_and_si128(_mm_srli_epi16(L, 4), f0)); \
+        __m128i l8 = _mm_unpacklo_epi8(a, b); /* the low plane's 16 bytes */                   \
+        __m256i l = _mm256_inserti128_si256(_mm256_castsi128_si256(l8), _mm_srli_si128(l8, 8), 1); \
+        __m256i z = _mm256_unpacklo_epi8(l, h); /* lane 0: elements 0-7, lane 1: 8-15 */       \
+        __m256i d = _mm256_xor_si256(_mm256_srli_epi16(z, 1),                                  \
+                                     _mm256_sub_epi16(_mm256_setzero_si256(), _mm256_and_si256(z, one))); \
+        __m256i y;                                                                             \
+        if (BASE) {                                                                            \
+            __m128i BH = _mm_loadu_si128((const __m128i *)(bh + i));                           \
+            __m128i BL = _mm_loadu_si128((const __m128i *)(bl + i));                           \
+            __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(BL, BH)), \
+                                                _mm_unpackhi_epi8(BL, BH), 1);                 \
+            y = _mm256_or_si256(_mm256_srli_epi16(v, 1), _mm256_slli_epi16(v, 15));            \
+        } else {                                                                               \
+            y = _mm256_loadu_si256((const __m256i *)(out + i));                                \
+        }                                                                                      \
+        if (FL) {                                                                              \
+            __m256i o = _mm256_xor_si256(y, _mm256_or_si256(_mm256_srai_epi16(y, 15), top));   \
+            __m256i m = _mm256_add_epi16(o, d);                                                \
+            y = _mm256_xor_si256(m, _mm256_or_si256(_mm256_xor_si256(_mm256_srai_epi16(m, 15), ones), top)); \
+        } else {                                                                               \
+            y = _mm256_add_epi16(y, d);                                                        \
+        }                                                                                      \
+        _mm256_storeu_si256((__m256i *)(out + i), y);                                          \
+    }
+
 __attribute__((target("avx2")))
 static Py_ssize_t undiff_parts_avx2(uint16_t *out, Py_ssize_t start, Py_ssize_t n, const uint8_t *mask,
                                     const uint8_t *vals, Py_ssize_t nvals, Py_ssize_t voff, const uint8_t *hi,
@@ -1215,58 +1257,29 @@ static Py_ssize_t undiff_parts_avx2(uint16_t *out, Py_ssize_t start, Py_ssize_t 
     const __m128i f0 = _mm_set1_epi8(0x0F);
     const __m256i one = _mm256_set1_epi16(1), top = _mm256_set1_epi16((short)0x8000), ones = _mm256_set1_epi16(-1);
     Py_ssize_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        Py_ssize_t e = start + i;
-        unsigned w0 = mask[e >> 3], w1 = mask[(e >> 3) + 1];
-        Py_ssize_t c0 = bits_in[w0], c1 = bits_in[w1];
-        if (nvals - voff < c0 + c1) return -1;
-        __m128i v0, v1;
-        VALUES16(v0, voff)
-        VALUES16(v1, voff + c0)
-        voff += c0 + c1;
-        /* each lane: one mask byte's 8 top-plane bytes in its low half */
-        __m256i h = _mm256_shuffle_epi8(
-            _mm256_inserti128_si256(_mm256_castsi128_si256(v0), v1, 1),
-            _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)put_at[w0])),
-                                    _mm_loadu_si128((const __m128i *)put_at[w1]), 1));
-        __m128i H = _mm_loadl_epi64((const __m128i *)(hi + (e >> 1)));
-        __m128i L = _mm_loadl_epi64((const __m128i *)(lo + (e >> 1)));
-        __m128i a = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(H, f0), 4), _mm_and_si128(L, f0));
-        __m128i b = _mm_or_si128(_mm_andnot_si128(f0, H), _mm_and_si128(_mm_srli_epi16(L, 4), f0));
-        __m128i l8 = _mm_unpacklo_epi8(a, b); /* the low plane's 16 bytes */
-        __m256i l = _mm256_inserti128_si256(_mm256_castsi128_si256(l8), _mm_srli_si128(l8, 8), 1);
-        __m256i z = _mm256_unpacklo_epi8(l, h); /* lane 0: elements 0-7, lane 1: 8-15 */
-        __m256i d = _mm256_xor_si256(_mm256_srli_epi16(z, 1), _mm256_sub_epi16(_mm256_setzero_si256(),
-                                                                                _mm256_and_si256(z, one)));
-        __m256i y;
-        if (bh) {
-            __m128i BH = _mm_loadu_si128((const __m128i *)(bh + i)), BL = _mm_loadu_si128((const __m128i *)(bl + i));
-            __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(BL, BH)),
-                                                _mm_unpackhi_epi8(BL, BH), 1);
-            y = _mm256_or_si256(_mm256_srli_epi16(v, 1), _mm256_slli_epi16(v, 15));
-        } else {
-            y = _mm256_loadu_si256((const __m256i *)(out + i));
-        }
-        if (fl) {
-            __m256i o = _mm256_xor_si256(y, _mm256_or_si256(_mm256_srai_epi16(y, 15), top));
-            __m256i m = _mm256_add_epi16(o, d);
-            y = _mm256_xor_si256(m, _mm256_or_si256(_mm256_xor_si256(_mm256_srai_epi16(m, 15), ones), top));
-        } else {
-            y = _mm256_add_epi16(y, d);
-        }
-        _mm256_storeu_si256((__m256i *)(out + i), y);
+    if (!values_suffice(mask, start, n & ~(Py_ssize_t)15, nvals, voff)) return -1;
+    if (bh && fl) {
+        UNDIFF_PARTS_AVX2(1, 1)
+    } else if (bh) {
+        UNDIFF_PARTS_AVX2(1, 0)
+    } else if (fl) {
+        UNDIFF_PARTS_AVX2(0, 1)
+    } else {
+        UNDIFF_PARTS_AVX2(0, 0)
     }
     return undiff_parts_tail(out, start, i, n, mask, vals, nvals, voff, hi, lo, fl, bh, bl);
 }
 
 static PyObject *k_undiff_parts(PyObject *self, PyObject *args) {
     Py_buffer out, mask, vals, hi, lo, bh = {0}, bl = {0};
-    Py_ssize_t start, voff;
+    Py_ssize_t start, nvals, voff;
     int fl;
-    if (!PyArg_ParseTuple(args, "w*ny*y*ny*y*p|y*y*", &out, &start, &mask, &vals, &voff, &hi, &lo, &fl, &bh, &bl))
+    if (!PyArg_ParseTuple(args, "w*ny*y*nny*y*p|y*y*", &out, &start, &mask, &vals, &nvals, &voff, &hi, &lo, &fl, &bh,
+                          &bl))
         return NULL;
     Py_ssize_t n = out.len / 2, end = start + n, got = -1;
-    int ok = gather_ready && out.len % 2 == 0 && start >= 0 && start % 16 == 0 && voff >= 0 && voff <= vals.len &&
+    int ok = gather_ready && out.len % 2 == 0 && start >= 0 && start % 16 == 0 && nvals >= 0 &&
+             vals.len >= nvals + 16 && voff >= 0 && voff <= nvals &&
              mask.len >= (end + 7) / 8 && hi.len >= (end + 1) / 2 && lo.len == hi.len &&
              (n % 16 == 0 || mask.len == (end + 7) / 8) && (bh.buf == NULL) == (bl.buf == NULL) &&
              (bh.buf == NULL || (bh.len == n && bl.len == n));
@@ -1277,10 +1290,10 @@ static PyObject *k_undiff_parts(PyObject *self, PyObject *args) {
         Py_BEGIN_ALLOW_THREADS
         if (simd_cap >= 2 && __builtin_cpu_supports("avx2"))
             got = undiff_parts_avx2((uint16_t *)out.buf, start, n, (const uint8_t *)mask.buf, (const uint8_t *)vals.buf,
-                                    vals.len, voff, (const uint8_t *)hi.buf, (const uint8_t *)lo.buf, fl, ph, pl);
+                                    nvals, voff, (const uint8_t *)hi.buf, (const uint8_t *)lo.buf, fl, ph, pl);
         else
             got = undiff_parts_ssse3((uint16_t *)out.buf, start, n, (const uint8_t *)mask.buf, (const uint8_t *)vals.buf,
-                                     vals.len, voff, (const uint8_t *)hi.buf, (const uint8_t *)lo.buf, fl, ph, pl);
+                                     nvals, voff, (const uint8_t *)hi.buf, (const uint8_t *)lo.buf, fl, ph, pl);
         Py_END_ALLOW_THREADS
         if (got < 0) PyErr_SetString(PyExc_ValueError, "undiff_parts: the mask asks for more values than there are");
     }
@@ -1312,8 +1325,22 @@ static PyObject *k_scatter(PyObject *self, PyObject *args) { return sparse(args,
  * unnibbles(hi, lo, dst): the inverse, len(dst) bytes. A noise plane of deltas (docs/format.md
  * §5.1, NIBBLES) is coded as its hi bytes (zstd) and its lo bytes (raw). */
 static void nib(const uint8_t *s, uint8_t *hi, uint8_t *lo, Py_ssize_t n) {
-    Py_ssize_t m = n / 2;
-    for (Py_ssize_t i = 0; i < m; i++) {
+    Py_ssize_t m = n / 2, i = 0;
+#if defined(__SSE2__)
+    /* 16 pairs at a time: the first bytes of the pairs and the second ones apart (each the low or
+     * the high byte of a 16-bit lane), then their nibbles put together */
+    const __m128i low8 = _mm_set1_epi16(0x00FF), f0 = _mm_set1_epi8(0x0F);
+    for (; i + 16 <= m; i += 16) {
+        __m128i x0 = _mm_loadu_si128((const __m128i *)(s + 2 * i)), x1 = _mm_loadu_si128((const __m128i *)(s + 2 * i + 16));
+        __m128i a = _mm_packus_epi16(_mm_and_si128(x0, low8), _mm_and_si128(x1, low8));
+        __m128i b = _mm_packus_epi16(_mm_srli_epi16(x0, 8), _mm_srli_epi16(x1, 8));
+        __m128i h = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(a, 4), f0), _mm_andnot_si128(f0, b));
+        __m128i l = _mm_or_si128(_mm_and_si128(a, f0), _mm_andnot_si128(f0, _mm_slli_epi16(b, 4)));
+        _mm_storeu_si128((__m128i *)(hi + i), h);
+        _mm_storeu_si128((__m128i *)(lo + i), l);
+    }
+#endif
+    for (; i < m; i++) {
         uint8_t a = s[2 * i], b = s[2 * i + 1];
         hi[i] = (uint8_t)((a >> 4) | (b & 0xf0));
         lo[i] = (uint8_t)((a & 0x0f) | (b << 4));
@@ -2135,7 +2162,8 @@ static PyMethodDef methods[] = {
     {"huff", k_huff, METH_VARARGS, "huff(src) -> bytes | None: a zstd frame of Huffman-coded literal blocks"},
 #ifdef HAVE_UNDIFF_PARTS
     {"undiff_parts", k_undiff_parts, METH_VARARGS,
-     "undiff_parts(out, start, mask, values, voff, hi, lo, is_float) -> voff: a NONZERO + NIBBLES DIFF applied in place"},
+     "undiff_parts(out, start, mask, values, nvalues, voff, hi, lo, is_float[, base_hi, base_lo]) -> voff: a NONZERO + "
+     "NIBBLES DIFF applied"},
     {"undiff_parts_ready", k_undiff_parts_ready, METH_NOARGS, "undiff_parts_ready() -> bool: this CPU runs undiff_parts"},
 #endif
     {"simd_cap", k_simd_cap, METH_VARARGS, "simd_cap(level) -> the level before: 2 AVX2, 1 SSSE3, 0 SSE2 at most (tests)"},

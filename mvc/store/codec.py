@@ -150,7 +150,7 @@ def _plane_parts(planes, k: int, nonzero: bool = False) -> list:
             else:
                 codec, body = RAW, memoryview(plane)  # no copy: joined once into the stored value
         heads.append(struct.pack("<BI", codec, len(body)))
-        bodies.append(body)
+        bodies.extend(body.parts if isinstance(body, Joined) else (body,))
     return [struct.pack("<BI", k, k * len(planes[0])), *heads, *bodies]
 
 
@@ -172,16 +172,20 @@ def _delta_plane(plane, fast, general) -> tuple[int, bytes]:
     if min(coded, split) >= 0.9 * m:
         return RAW, memoryview(plane)
     if split <= 1.01 * coded:
-        return NIBBLES, _nibbles_body(plane, general)
+        return NIBBLES, Joined(_nibbles_parts(plane, general))
     return _entropy_or_raw(general, plane)
 
 
-def _nibbles_body(plane, cctx) -> bytes:
+def _nibbles_parts(plane, cctx) -> list:
     """NIBBLES: [hi codec u8][hi length u32][hi: zstd frame or raw][lo: raw], hi and lo each
-    (n + 1) // 2 bytes (kernels.nibbles)."""
+    (n + 1) // 2 bytes (kernels.nibbles), as its parts (joined once, with the whole value)."""
     hi, lo = kernels.nibbles(plane)
     hcodec, hbody = _zstd_or_raw(cctx, hi)
-    return b"".join([struct.pack("<BI", hcodec, len(hbody)), hbody, lo])
+    return [struct.pack("<BI", hcodec, len(hbody)), hbody, lo]
+
+
+def _nibbles_body(plane, cctx) -> bytes:
+    return b"".join(_nibbles_parts(plane, cctx))
 
 
 def _read_nibbles(chunk, n: int):
@@ -458,13 +462,20 @@ _SLICE = 256 * 1024
 
 class NibbleDiff:
     """A DIFF of two-byte elements whose top plane is NONZERO and low plane NIBBLES (a fine-tune's,
-    a merge's), kept as those planes' parts: the bit mask, the non-zero bytes, the high and the
-    low nibble bytes, which kernels.undiff_parts applies without making the planes."""
+    a merge's), kept as those planes' parts: the bit mask, the non-zero bytes (*count* of them,
+    then 16 zeros: kernels.undiff_parts loads 16 at a time), the high and the low nibble bytes,
+    which kernels.undiff_parts applies without making the planes."""
 
-    __slots__ = ("n", "mask", "values", "hi", "lo")
+    __slots__ = ("n", "mask", "values", "count", "hi", "lo")
 
     def __init__(self, n: int, mask: bytes, values: bytes, hi: bytes, lo: bytes):
-        self.n, self.mask, self.values, self.hi, self.lo = n, mask, values, hi, lo
+        self.n, self.mask, self.count, self.hi, self.lo = n, mask, len(values), hi, lo
+        self.values = values + bytes(16)
+
+    def apply(self, out, start: int, used: int, is_float: bool, base_planes=()) -> int:
+        """kernels.undiff_parts of this level on *out* (elements from *start*; *used* values before)."""
+        return kernels.undiff_parts(out, start, self.mask, self.values, self.count, used, self.hi, self.lo, is_float,
+                                    *base_planes)
 
 
 def _nibble_diff(body) -> NibbleDiff | None:
@@ -559,14 +570,13 @@ def decode_slices(stored, oid_hex: str = "?", levels: list = ()):
             for j, (_, _, is_float, lp) in enumerate(below):  # in place: each element read before written
                 if isinstance(lp, NibbleDiff):
                     try:
-                        used[j] = kernels.undiff_parts(out, i, lp.mask, lp.values, used[j], lp.hi, lp.lo, is_float,
-                                                       *(part if j == 0 and merged else ()))
+                        used[j] = lp.apply(out, i, used[j], is_float, part if j == 0 and merged else ())
                     except ValueError as e:
                         raise CorruptObjectError(oid_hex, f"cannot decode a delta on it ({e})") from e
                 else:
                     kernels.undiff([p[i:i + step] for p in lp], out, k, is_float, out)
             yield memoryview(out).cast("B")
-        if any(isinstance(lp, NibbleDiff) and used[j] != len(lp.values) for j, (*_, lp) in enumerate(below)):
+        if any(isinstance(lp, NibbleDiff) and used[j] != lp.count for j, (*_, lp) in enumerate(below)):
             raise CorruptObjectError(oid_hex, "a delta on it has non-zero bytes its mask does not place")
 
     return n * k, slices()
@@ -621,8 +631,7 @@ def decode_elements(stored, bases: BaseReader | None, k: int):
             if parts.n != base_el.size:
                 raise ValueError("delta and base differ in size")
             out = np.array(base_el)
-            used = kernels.undiff_parts(out, 0, parts.mask, parts.values, 0, parts.hi, parts.lo, is_float)
-            if used != len(parts.values):
+            if parts.apply(out, 0, 0, is_float) != parts.count:
                 raise ValueError("non-zero bytes the mask does not place")
             return out
         pk, planes = _read_plane_body(body[35:], MAX_CHUNK, True)

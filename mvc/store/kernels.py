@@ -277,13 +277,15 @@ def undiff_parts_ready() -> bool:
     return _on and hasattr(_native, "undiff_parts") and _native.undiff_parts_ready()
 
 
-def undiff_parts(out, start: int, mask, values, voff: int, hi, lo, is_float: bool, base_hi=None, base_lo=None) -> int:
-    """One DIFF level of two-byte elements whose top plane is NONZERO (*mask*, *values*) and low
-    plane NIBBLES (*hi*, *lo*), applied to *out* (the chunk's elements from *start*, a multiple of
-    16): in place, or onto the base given as the (rotated) planes *base_hi*, *base_lo* of those
-    elements, which it merges as it goes. *voff* values are used before *start*. Returns the values
-    used by the end of *out*. Only where undiff_parts_ready(): the same as undiff of the planes
-    scatter and unnibbles make (tests/test_kernels.py)."""
+def undiff_parts(out, start: int, mask, values, count: int, voff: int, hi, lo, is_float: bool, base_hi=None,
+                 base_lo=None) -> int:
+    """One DIFF level of two-byte elements whose top plane is NONZERO (*mask*, and *count*
+    non-zero bytes in *values*, which holds 16 bytes more) and low plane NIBBLES (*hi*, *lo*),
+    applied to *out* (the chunk's elements from *start*, a multiple of 16): in place, or onto the
+    base given as the (rotated) planes *base_hi*, *base_lo* of those elements, merged as it goes.
+    *voff* values are used before *start*. Returns the values used by the end of *out*. Only where
+    undiff_parts_ready(): the same as undiff of the planes scatter and unnibbles make
+    (tests/test_kernels.py)."""
     if base_hi is None:
-        return _native.undiff_parts(out, start, mask, values, voff, hi, lo, is_float)
-    return _native.undiff_parts(out, start, mask, values, voff, hi, lo, is_float, base_hi, base_lo)
+        return _native.undiff_parts(out, start, mask, values, count, voff, hi, lo, is_float)
+    return _native.undiff_parts(out, start, mask, values, count, voff, hi, lo, is_float, base_hi, base_lo)
