@@ -27,7 +27,8 @@ def use_native(on: bool) -> bool:
 def huff(data) -> bytes | None:
     """*data* (a contiguous buffer) as one zstd frame of Huffman-coded literal blocks and no
     sequences (_kernels.c), or None: the C kernels are off, or the data has fewer than two byte
-    values, a byte value above 128, or under 1 KiB; then zstd itself codes it. There is no numpy
+    values or is under 1 KiB (or, with byte values above 128, its FSE-coded code weights would not
+    fit 127 bytes); then zstd itself codes it. There is no numpy
     version: without the C kernels zstd codes everything (other bytes, the same values decoded)."""
     return _native.huff(data) if _on else None
 
