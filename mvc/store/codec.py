@@ -156,8 +156,10 @@ def _plane_parts(planes, k: int, nonzero: bool = False) -> list:
 
 def _delta_plane(plane, fast, general) -> tuple[int, bytes]:
     """(plane codec, body) of one plane of a delta value: NONZERO where at most a quarter of its
-    bytes are non-zero, else whichever of Huffman-coded bytes and NIBBLES is smaller on a probe
-    (within 1 %, NIBBLES: it decodes in half the time), or RAW where neither saves a tenth."""
+    bytes are non-zero (counted only where its first 64 KiB are at most half non-zero: a noise
+    plane is not gathered for nothing), else whichever of Huffman-coded bytes and NIBBLES is
+    smaller on a probe (within 1 %, NIBBLES: it decodes in half the time), or RAW where neither
+    saves a tenth."""
     import numpy as np
 
     n = len(plane)
