@@ -275,14 +275,29 @@ def _stored_value():
     moved = (base.astype(np.int32) + rng.integers(-40, 41, base.size)).astype(np.uint16)
     pruned = base.copy()
     pruned[::2] = 0
+    # a few elements far from their base: non-zero top-plane bytes (the NibbleDiff checkout path)
+    far = (base.astype(np.int32) + (rng.standard_normal(base.size) * np.where(rng.random(base.size) < 0.05, 400, 20))
+           .astype(np.int32)).astype(np.uint16)
     seeds += [codec.encode_diff(0, moved, base, 2, True, bytes(32), 1),
-              codec.encode_sparse(0, pruned, base, 2, True, bytes(32), 1)]
+              codec.encode_sparse(0, pruned, base, 2, True, bytes(32), 1),
+              codec.encode_diff(0, far, base, 2, True, bytes(32), 1)]
+    whole = codec.encode(0, base.tobytes(), 2)
 
     def bases(_oid, k):
         return codec.elements(base.tobytes(), k)
 
     def parse(data):
-        codec.decode(data, "fuzz", bases)
+        from mvc.errors import MvcError
+
+        try:
+            codec.decode(data, "fuzz", bases)
+        except MvcError:
+            pass
+        level = codec.diff_level(data, "fuzz")  # checkout's way: a DIFF applied a slice at a time
+        got = codec.decode_slices(whole, "fuzz", [level]) if level is not None else None
+        if got is not None:
+            for _ in got[1]:
+                pass
 
     return seeds, parse
 
