@@ -565,6 +565,31 @@ def test_the_chooser_learns_the_winner_and_still_probes_now_and_then():
     assert {ch.leader() for _ in range(3)} <= {FULL, None} and FULL in {ch.leader() for _ in range(3)}
 
 
+def test_a_base_is_read_whole_or_through_its_chain_and_refused_where_no_delta_may_go(tmp_path, rng):
+    """ObjectDB.base_elements: a whole value decoded from the store's storage (a raw one whose
+    second byte looks like a delta codec included), a delta through its chain, with the depth a
+    delta on it gets; None for a chain at the limit, a missing chunk and a damaged one."""
+    repo = Repo.init(tmp_path / "w")
+    odb = repo.odb
+    raw = bytes([7, codec.DIFF]) + bytes(range(60))  # under RAW_BELOW: stored raw
+    rid = hash_object("chunk", raw)
+    repo.backend.put_many([(rid, codec.encode(0, raw))])
+    assert odb.base_elements(rid, 1, 10) is not None
+    assert odb.base_elements(rid, 1, 10)[0] == 1 and odb.base_elements(rid, 1, 10)[1].tobytes() == raw
+    v = [rng.integers(0x3C00, 0x3D00, 1 << 12, dtype=np.uint16)]
+    v.append((v[0].astype(np.int32) + rng.integers(-3, 4, v[0].size)).astype(np.uint16))
+    ids = _store_chain(repo, v)
+    depth, el = odb.base_elements(ids[1], 2, 10)
+    assert depth == 2 and el.tobytes() == v[1].tobytes()
+    assert odb.base_elements(ids[1], 2, 1) is None  # a delta on it would be 2 deep
+    assert odb.base_elements(hash_object("chunk", b"absent"), 2, 10) is None
+    bad = bytearray(repo.backend.get(ids[0]))
+    bad[-5] ^= 1
+    repo.backend.replace_many([(ids[0], bytes(bad))])
+    assert odb.base_elements(ids[0], 2, 10) is None
+    repo.close()
+
+
 def test_the_chooser_hints_the_winners_kind_and_the_full_size():
     """What the trials saw spares the other chunks their sample coding: the leading base's delta
     kind (as most of its wins were) and the largest full-encoding ratio lately seen; nothing

@@ -270,17 +270,17 @@ class ObjectDB:
             size[0] = len(view)
             depth = codec.depth(view) + 1
             if depth > max_depth or hit is not None:
-                return depth, None
+                return depth, None, False
             if len(view) > 1 and view[1] in codec.DELTAS:
-                return depth, bytes(view)  # its chain is read after this read
-            return depth, self.decode(oid, view, "chunk")[1]
+                return depth, bytes(view), True  # stored as a delta: its chain is read after this read
+            return depth, self.decode(oid, view, "chunk")[1], False
 
         try:
             got = self.backend.read_with(oid, look)
             if got is None or got[0] > max_depth:
                 return None
-            depth, data = got
-            if hit is None and isinstance(data, bytes) and len(data) > 1 and data[1] in codec.DELTAS:
+            depth, data, stored_delta = got
+            if stored_delta:
                 return depth, self.chunk_elements(oid, k, data, keep_links)
             return depth, codec.elements(hit if hit is not None else data, k)
         except MvcError:
