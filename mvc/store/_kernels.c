@@ -16,6 +16,11 @@
 #include <stdint.h>
 #include <string.h>
 
+/* x86-64 with GCC or clang: SIMD versions built with target attributes, chosen at run time */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define X86_SIMD 1
+#endif
+
 static inline uint64_t le64(uint64_t w) {
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
     return __builtin_bswap64(w);
@@ -275,46 +280,18 @@ static PyObject *planar(PyObject *args, int with_base) {
     return ret;
 }
 
-/* gather of bytes and of two-byte elements, 16 elements at a time with SSE2 (every x86-64 CPU
- * has it): one compare and one movemask give 16 mask bits. Bytes are then packed with SSSE3's
- * pshufb where the CPU has it (a table gives, for each mask byte, where its changed bytes lie:
- * no branch per element); two-byte elements, and bytes without SSSE3, are picked bit by bit
- * where few changed, else all 16 written and the changed kept. The same result as the generic
- * loop (tests/test_kernels.py). Measured on a 2 MiB delta plane with 5 % non-zero bytes: 1.8 ->
- * 0.4 ms (docs/benchmarks.md). */
+/* gather of bytes and of two-byte elements, 16 elements at a time: one compare and one movemask
+ * give 16 mask bits. Bytes are packed with SSSE3's pshufb where the CPU has it (a table gives,
+ * for each mask byte, where its changed bytes lie: no branch per element); two-byte elements
+ * (SSE2, every x86-64 CPU has it) are picked bit by bit where few changed, else all 16 written
+ * and the changed kept. The same result as the generic loop (tests/test_kernels.py). Measured on
+ * a 2 MiB delta plane with 5 % non-zero bytes: 1.8 -> 0.6 ms (docs/benchmarks.md). */
 /* The widest SIMD the kernels below may use: 2 AVX2, 1 SSSE3, 0 SSE2 (x86-64's baseline); the
  * CPU's own limits apply too. Lowered by tests only (simd_cap), to run every path on one machine. */
 static int simd_cap = 2;
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
-#define GATHER16_PICK(T)                                                                       \
-    if (__builtin_popcount(ne) <= 4) {                                                         \
-        while (ne) {                                                                           \
-            v[m++] = x[i + __builtin_ctz(ne)];                                                 \
-            ne &= ne - 1;                                                                      \
-        }                                                                                      \
-    } else {                                                                                   \
-        for (int j = 0; j < 16; j++) {                                                         \
-            v[m] = x[i + j];                                                                   \
-            m += (ne >> j) & 1;                                                                \
-        }                                                                                      \
-    }
-static Py_ssize_t gather_1_sse2(const uint8_t *a, const uint8_t *b, uint8_t *mask, uint8_t *vals, Py_ssize_t n) {
-    const uint8_t *x = a;
-    uint8_t *v = vals;
-    Py_ssize_t m = 0, i = 0;
-    for (; i + 16 <= n; i += 16) {
-        __m128i p = _mm_loadu_si128((const __m128i *)(a + i)), q = _mm_loadu_si128((const __m128i *)(b + i));
-        unsigned ne = ~(unsigned)_mm_movemask_epi8(_mm_cmpeq_epi8(p, q)) & 0xFFFFu;
-        mask[i >> 3] = (uint8_t)ne;
-        mask[(i >> 3) + 1] = (uint8_t)(ne >> 8);
-        if (ne) {
-            GATHER16_PICK(uint8_t)
-        }
-    }
-    return m + gather_1(a + i, b + i, mask + (i >> 3), vals + m, n - i);
-}
 static Py_ssize_t gather_2_sse2(const uint8_t *a, const uint8_t *b, uint8_t *mask, uint8_t *vals, Py_ssize_t n) {
     const uint16_t *x = (const uint16_t *)a;
     uint16_t *v = (uint16_t *)vals;
@@ -326,28 +303,45 @@ static Py_ssize_t gather_2_sse2(const uint8_t *a, const uint8_t *b, uint8_t *mas
         unsigned ne = ~(unsigned)_mm_movemask_epi8(_mm_packs_epi16(e0, e1)) & 0xFFFFu;
         mask[i >> 3] = (uint8_t)ne;
         mask[(i >> 3) + 1] = (uint8_t)(ne >> 8);
-        if (ne) {
-            GATHER16_PICK(uint16_t)
+        if (__builtin_popcount(ne) <= 4) {
+            for (; ne; ne &= ne - 1) v[m++] = x[i + __builtin_ctz(ne)];
+        } else {
+            for (int j = 0; j < 16; j++) {
+                v[m] = x[i + j];
+                m += (ne >> j) & 1;
+            }
         }
     }
     return m + gather_2(a + 2 * i, b + 2 * i, mask + (i >> 3), vals + 2 * m, n - i);
 }
+#define GATHER_2 gather_2_sse2
+#else
+#define GATHER_2 gather_2
+#endif
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef X86_SIMD
 #include <tmmintrin.h>
-static uint8_t pick_at[256][16]; /* mask byte -> the places of its set bits, then 0x80 (zero) */
+/* per mask byte: the places of its set bits, then 0x80 (gather); for each of its 8 places, the
+ * rank of its value, 0x80 where none (undiff_parts); how many bits it has set */
+static uint8_t pick_at[256][16] __attribute__((aligned(16)));
+static uint8_t put_at[256][16] __attribute__((aligned(16)));
 static uint8_t bits_in[256];
-static int gather_ready = 0;
+static int have_ssse3 = 0;
 
-static void gather_tables(void) { /* once, at import (under the GIL) */
+static void simd_tables(void) { /* once, at import (under the GIL) */
     for (int w = 0; w < 256; w++) {
         int c = 0;
         memset(pick_at[w], 0x80, 16);
-        for (int j = 0; j < 8; j++)
-            if (w >> j & 1) pick_at[w][c++] = (uint8_t)j;
+        memset(put_at[w], 0x80, 16);
+        for (int j = 0; j < 8; j++) {
+            if (w >> j & 1) {
+                pick_at[w][c] = (uint8_t)j;
+                put_at[w][j] = (uint8_t)c++;
+            }
+        }
         bits_in[w] = (uint8_t)c;
     }
-    gather_ready = __builtin_cpu_supports("ssse3") ? 1 : 0;
+    have_ssse3 = __builtin_cpu_supports("ssse3") ? 1 : 0;
 }
 
 __attribute__((target("ssse3")))
@@ -359,10 +353,10 @@ static Py_ssize_t gather_1_ssse3(const uint8_t *a, const uint8_t *b, uint8_t *ma
         unsigned w0 = ne & 0xFF, w1 = ne >> 8;
         mask[i >> 3] = (uint8_t)w0;
         mask[(i >> 3) + 1] = (uint8_t)w1;
-        __m128i s0 = _mm_shuffle_epi8(p, _mm_loadu_si128((const __m128i *)pick_at[w0]));
+        __m128i s0 = _mm_shuffle_epi8(p, _mm_load_si128((const __m128i *)pick_at[w0]));
         _mm_storel_epi64((__m128i *)(vals + m), s0);
         m += bits_in[w0];
-        __m128i s1 = _mm_shuffle_epi8(_mm_srli_si128(p, 8), _mm_loadu_si128((const __m128i *)pick_at[w1]));
+        __m128i s1 = _mm_shuffle_epi8(_mm_srli_si128(p, 8), _mm_load_si128((const __m128i *)pick_at[w1]));
         _mm_storel_epi64((__m128i *)(vals + m), s1);
         m += bits_in[w1];
     }
@@ -370,20 +364,11 @@ static Py_ssize_t gather_1_ssse3(const uint8_t *a, const uint8_t *b, uint8_t *ma
 }
 
 static Py_ssize_t gather_1_best(const uint8_t *a, const uint8_t *b, uint8_t *mask, uint8_t *vals, Py_ssize_t n) {
-    return gather_ready && simd_cap >= 1 ? gather_1_ssse3(a, b, mask, vals, n) : gather_1_sse2(a, b, mask, vals, n);
+    return have_ssse3 && simd_cap >= 1 ? gather_1_ssse3(a, b, mask, vals, n) : gather_1(a, b, mask, vals, n);
 }
 #define GATHER_1 gather_1_best
-#define GATHER_TABLES() gather_tables()
-#else
-#define GATHER_1 gather_1_sse2
-#endif
-#define GATHER_2 gather_2_sse2
 #else
 #define GATHER_1 gather_1
-#define GATHER_2 gather_2
-#endif
-#ifndef GATHER_TABLES
-#define GATHER_TABLES() ((void)0)
 #endif
 
 typedef Py_ssize_t (*gather_fn)(const uint8_t *, const uint8_t *, uint8_t *, uint8_t *, Py_ssize_t);
@@ -762,7 +747,7 @@ static inline void put_le64(uint8_t *p, uint64_t v) {
 static void huf_pair_plain(const huf_code *h, const uint8_t *sa, Py_ssize_t ma, const uint8_t *sb, Py_ssize_t mb,
                            uint8_t *pa, uint8_t *pb, Py_ssize_t *size) HUF_PAIR_BODY
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef X86_SIMD
 #define HUF_BMI2 1
 __attribute__((target("bmi2")))
 static void huf_pair_bmi2(const huf_code *h, const uint8_t *sa, Py_ssize_t ma, const uint8_t *sb, Py_ssize_t mb,
@@ -928,7 +913,7 @@ typedef Py_ssize_t (*merge3_fn)(const uint16_t *, const uint16_t *, const uint16
 static Py_ssize_t merge3_plain(const uint16_t *pb, const uint16_t *po, const uint16_t *pt, uint16_t *pm, Py_ssize_t n,
                                int mode, float w1, float w2, float wsum) MERGE3_BODY
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#ifdef X86_SIMD
 #define MERGE3_AVX2 1
 __attribute__((target("avx2")))
 static Py_ssize_t merge3_avx2(const uint16_t *pb, const uint16_t *po, const uint16_t *pt, uint16_t *pm, Py_ssize_t n,
@@ -1029,7 +1014,7 @@ static inline float half_f32(uint16_t h) { /* exact */
     }
 static void rtn8_base(const uint8_t *restrict p, int pdtype, const float *restrict scales, Py_ssize_t cols,
                       Py_ssize_t col0, uint8_t *restrict out, Py_ssize_t n) RTN8_BODY
-#ifdef HUF_BMI2
+#ifdef X86_SIMD
 #include <immintrin.h>
 /* 8 codes at a time: the same operations on 8 lanes (division, NaN -> 0, clip, the rounding
  * addition, truncation of an integer value) */
@@ -1085,7 +1070,7 @@ static PyObject *k_rtn8(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "rtn8: parent, scales and codes do not fit");
     } else {
         Py_BEGIN_ALLOW_THREADS
-#ifdef HUF_BMI2
+#ifdef X86_SIMD
         if (simd_cap >= 2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
             rtn8_avx2((const uint8_t *)par.buf, pdtype, (const float *)sc.buf, cols, col0, (uint8_t *)out.buf, n);
         else
@@ -1113,19 +1098,8 @@ static PyObject *k_rtn8(PyObject *self, PyObject *args) {
  * mask byte, where its values go (pshufb), and the nibbles pair up with shifts. Returns the
  * values used by the end of out; -1 when the mask asks for more values than there are. start
  * must be a multiple of 16 (decode_slices' slices are). */
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__SSE2__)
+#if defined(X86_SIMD) && defined(__SSE2__)
 #define HAVE_UNDIFF_PARTS 1
-static uint8_t put_at[256][16] __attribute__((aligned(16))); /* mask byte -> for each of its 8 places, the rank of its value (0x80: none) */
-
-static void undiff_tables(void) {
-    for (int w = 0; w < 256; w++) {
-        int c = 0;
-        memset(put_at[w], 0x80, 16);
-        for (int j = 0; j < 8; j++)
-            if (w >> j & 1) put_at[w][j] = (uint8_t)c++;
-    }
-}
-
 /* the last few elements of a chunk, one at a time */
 static Py_ssize_t undiff_parts_tail(uint16_t *out, Py_ssize_t start, Py_ssize_t i, Py_ssize_t n, const uint8_t *mask,
                                     const uint8_t *vals, Py_ssize_t nvals, Py_ssize_t voff, const uint8_t *hi,
@@ -1278,10 +1252,10 @@ static PyObject *k_undiff_parts(PyObject *self, PyObject *args) {
                           &bl))
         return NULL;
     Py_ssize_t n = out.len / 2, end = start + n, got = -1;
-    int ok = gather_ready && out.len % 2 == 0 && start >= 0 && start % 16 == 0 && nvals >= 0 &&
+    int ok = have_ssse3 && out.len % 2 == 0 && start >= 0 && start % 16 == 0 && nvals >= 0 &&
              vals.len >= nvals + 16 && voff >= 0 && voff <= nvals &&
              mask.len >= (end + 7) / 8 && hi.len >= (end + 1) / 2 && lo.len == hi.len &&
-             (n % 16 == 0 || mask.len == (end + 7) / 8) && (bh.buf == NULL) == (bl.buf == NULL) &&
+             (bh.buf == NULL) == (bl.buf == NULL) &&
              (bh.buf == NULL || (bh.len == n && bl.len == n));
     if (!ok) {
         PyErr_SetString(PyExc_ValueError, "undiff_parts: buffers do not fit");
@@ -1307,7 +1281,7 @@ static PyObject *k_undiff_parts(PyObject *self, PyObject *args) {
     return got < 0 ? NULL : PyLong_FromSsize_t(got);
 }
 
-static PyObject *k_undiff_parts_ready(PyObject *self, PyObject *args) { return PyBool_FromLong(gather_ready); }
+static PyObject *k_undiff_parts_ready(PyObject *self, PyObject *args) { return PyBool_FromLong(have_ssse3); }
 #endif
 
 static PyObject *k_simd_cap(PyObject *self, PyObject *args) {
@@ -2177,9 +2151,8 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods};
 
 PyMODINIT_FUNC PyInit__kernels(void) {
-    GATHER_TABLES();
-#ifdef HAVE_UNDIFF_PARTS
-    undiff_tables();
+#ifdef X86_SIMD
+    simd_tables();
 #endif
     return PyModule_Create(&module);
 }

@@ -562,11 +562,11 @@ def decode_slices(stored, oid_hex: str = "?", levels: list = ()):
     def slices():
         buf = np.empty(step, dtype=_UINT.get(k, np.uint8))
         used = [0] * len(below)  # NibbleDiff levels: their values used so far
+        # the first difference, from a NibbleDiff, merges this value's planes itself (one pass)
+        merged = bool(below) and isinstance(below[0][3], NibbleDiff)
         for i in range(0, n, step):
             part = [p[i:i + step] for p in planes]
             out = buf[:part[0].size]
-            # the first difference from a NibbleDiff merges this value's planes itself (one pass)
-            merged = bool(below) and isinstance(below[0][3], NibbleDiff)
             if not merged:
                 kernels.merge(part, k, k > 1, out)
             for j, (_, _, is_float, lp) in enumerate(below):  # in place: each element read before written

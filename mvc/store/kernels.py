@@ -287,6 +287,5 @@ def undiff_parts(out, start: int, mask, values, count: int, voff: int, hi, lo, i
     *voff* values are used before *start*. Returns the values used by the end of *out*. Only where
     undiff_parts_ready(): the same as undiff of the planes scatter and unnibbles make
     (tests/test_kernels.py)."""
-    if base_hi is None:
-        return _native.undiff_parts(out, start, mask, values, count, voff, hi, lo, is_float)
-    return _native.undiff_parts(out, start, mask, values, count, voff, hi, lo, is_float, base_hi, base_lo)
+    base = () if base_hi is None else (base_hi, base_lo)
+    return _native.undiff_parts(out, start, mask, values, count, voff, hi, lo, is_float, *base)
