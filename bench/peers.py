@@ -404,6 +404,7 @@ def _warm_up(versions: list[str], work: str, env: dict) -> None:
     os.remove(os.path.join(work, "model.safetensors"))
     run(f"{_bin('mvc')} -q checkout -f main", work, env)
     shutil.rmtree(work, ignore_errors=True)
+    os.sync()  # its writes settle now, not while the first system measured commits
 
 
 def _gb(n: float) -> str:

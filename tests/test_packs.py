@@ -64,6 +64,27 @@ def test_a_commit_puts_chunk_payloads_in_a_pack_and_checks_them_out_bit_exact(tm
     repo.close()
 
 
+def test_a_packed_value_s_view_outlives_its_read_and_a_mapped_one_s_does_not(tmp_path, rng):
+    """Backend.lasting: a view of a pack's map stays valid after read_with returns (checkout keeps
+    one for a difference's low nibbles), bytes do too; a view of LMDB's map ends with the read."""
+    root = tmp_path / "w"
+    repo = Repo.init(root)
+    model(root, rng, n=1)
+    repo.commit("one")
+    be = repo.backend
+    kept = {}
+    with be.env.begin() as txn:
+        for k, v in txn.cursor(db=be._objects):
+            kept[bytes(k)] = len(v) == LOC_SIZE and parse_locator(v) is not None
+    assert set(kept.values()) == {True, False}
+    for key, packed in kept.items():
+        view = be.read_with(key, lambda v: v)
+        assert be.lasting(view) is packed
+        if packed:
+            assert bytes(view) == be.get(key)  # still readable, after the read
+    assert be.lasting(b"value") is True
+    repo.close()
+
 def test_a_second_process_appends_to_the_same_pack(tmp_path, rng):
     root = tmp_path / "w"
     Repo.init(root).close()

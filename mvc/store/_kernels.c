@@ -322,9 +322,11 @@ static Py_ssize_t gather_2_sse2(const uint8_t *a, const uint8_t *b, uint8_t *mas
 #ifdef X86_SIMD
 #include <tmmintrin.h>
 /* per mask byte: the places of its set bits, then 0x80 (gather); for each of its 8 places, the
- * rank of its value, 0x80 where none (undiff_parts); how many bits it has set */
+ * rank of its value, 0x80 where none (undiff_parts); the same ranks as the high bytes of 8
+ * two-byte words, their low bytes 0x80 (undiff_parts' AVX2 loop); how many bits it has set */
 static uint8_t pick_at[256][16] __attribute__((aligned(16)));
 static uint8_t put_at[256][16] __attribute__((aligned(16)));
+static uint8_t put_hi[256][16] __attribute__((aligned(16)));
 static uint8_t bits_in[256];
 static int have_ssse3 = 0;
 
@@ -333,9 +335,11 @@ static void simd_tables(void) { /* once, at import (under the GIL) */
         int c = 0;
         memset(pick_at[w], 0x80, 16);
         memset(put_at[w], 0x80, 16);
+        memset(put_hi[w], 0x80, 16);
         for (int j = 0; j < 8; j++) {
             if (w >> j & 1) {
                 pick_at[w][c] = (uint8_t)j;
+                put_hi[w][2 * j + 1] = (uint8_t)c;
                 put_at[w][j] = (uint8_t)c++;
             }
         }
@@ -1180,39 +1184,21 @@ static Py_ssize_t undiff_parts_ssse3(uint16_t *out, Py_ssize_t start, Py_ssize_t
     return undiff_parts_tail(out, start, i, n, mask, vals, nvals, voff, hi, lo, fl, bh, bl);
 }
 
-/* the AVX2 loop, built once per kind of base (planes or in place) and of element (float or not):
- * no test of either inside it */
-#define UNDIFF_PARTS_AVX2(BASE, FL)                                                            \
-    for (; i + 16 <= n; i += 16) {                                                             \
-        Py_ssize_t e = start + i;                                                              \
-        unsigned w0 = mask[e >> 3], w1 = mask[(e >> 3) + 1];                                   \
-        Py_ssize_t c0 = bits_in[w0], c1 = bits_in[w1];                                         \
-        __m128i v0 = _mm_loadu_si128((const __m128i *)(vals + voff));                          \
-        __m128i v1 = _mm_loadu_si128((const __m128i *)(vals + voff + c0));                     \
-        voff += c0 + c1;                                                                       \
-        /* each lane: one mask byte's 8 top-plane bytes in its low half */                     \
-        __m256i h = _mm256_shuffle_epi8(                                                       \
-            _mm256_inserti128_si256(_mm256_castsi128_si256(v0), v1, 1),                        \
-            _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_load_si128((const __m128i *)put_at[w0])), \
-                                    _mm_load_si128((const __m128i *)put_at[w1]), 1));           \
-        __m128i H = _mm_loadl_epi64((const __m128i *)(hi + (e >> 1)));                         \
-        __m128i L = _mm_loadl_epi64((const __m128i *)(lo + (e >> 1)));                         \
-        __m128i a = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(H, f0), 4), _mm_and_si128(L, f0)); \
-        __m128i b = _mm_or_si128(_mm_andnot_si128(f0, H), _mm_and_si128(_mm_srli_epi16(L, 4), f0)); \
-        __m128i l8 = _mm_unpacklo_epi8(a, b); /* the low plane's 16 bytes */                   \
-        __m256i l = _mm256_inserti128_si256(_mm256_castsi128_si256(l8), _mm_srli_si128(l8, 8), 1); \
-        __m256i z = _mm256_unpacklo_epi8(l, h); /* lane 0: elements 0-7, lane 1: 8-15 */       \
-        __m256i d = _mm256_xor_si256(_mm256_srli_epi16(z, 1),                                  \
-                                     _mm256_sub_epi16(_mm256_setzero_si256(), _mm256_and_si256(z, one))); \
+/* the AVX2 loops, built once per kind of base (planes or in place) and of element (float or not):
+ * no test of either inside them. ELEMS16(z, at, k) finishes 16 elements whose differences are the
+ * words z (zigzag-coded), out + i + at being theirs, k the base planes' offset. */
+#define UNDIFF_PARTS_ELEMS16(BASE, FL, Z, AT)                                                  \
+    {                                                                                          \
+        __m256i d = _mm256_xor_si256(_mm256_srli_epi16(Z, 1),                                  \
+                                     _mm256_sub_epi16(_mm256_setzero_si256(), _mm256_and_si256(Z, one))); \
         __m256i y;                                                                             \
-        if (BASE) {                                                                            \
-            __m128i BH = _mm_loadu_si128((const __m128i *)(bh + i));                           \
-            __m128i BL = _mm_loadu_si128((const __m128i *)(bl + i));                           \
-            __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_unpacklo_epi8(BL, BH)), \
-                                                _mm_unpackhi_epi8(BL, BH), 1);                 \
+        if (BASE) { /* the base's planes, merged here: low byte from bl, high from bh, rotated */ \
+            __m256i v = _mm256_or_si256(                                                       \
+                _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(bl + i + (AT)))),       \
+                _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(bh + i + (AT)))), 8)); \
             y = _mm256_or_si256(_mm256_srli_epi16(v, 1), _mm256_slli_epi16(v, 15));            \
         } else {                                                                               \
-            y = _mm256_loadu_si256((const __m256i *)(out + i));                                \
+            y = _mm256_loadu_si256((const __m256i *)(out + i + (AT)));                         \
         }                                                                                      \
         if (FL) {                                                                              \
             __m256i o = _mm256_xor_si256(y, _mm256_or_si256(_mm256_srai_epi16(y, 15), top));   \
@@ -1221,7 +1207,31 @@ static Py_ssize_t undiff_parts_ssse3(uint16_t *out, Py_ssize_t start, Py_ssize_t
         } else {                                                                               \
             y = _mm256_add_epi16(y, d);                                                        \
         }                                                                                      \
-        _mm256_storeu_si256((__m256i *)(out + i), y);                                          \
+        _mm256_storeu_si256((__m256i *)(out + i + (AT)), y);                                   \
+    }
+
+/* 32 elements a turn: each 128-bit lane takes one mask byte's top-plane bytes straight into the
+ * high bytes of its 8 words (put_hi), the low plane's bytes widen into the low bytes */
+#define UNDIFF_PARTS_AVX2(BASE, FL)                                                            \
+    for (; i + 32 <= n; i += 32) {                                                             \
+        Py_ssize_t e = start + i;                                                              \
+        unsigned w0 = mask[e >> 3], w1 = mask[(e >> 3) + 1], w2 = mask[(e >> 3) + 2], w3 = mask[(e >> 3) + 3]; \
+        Py_ssize_t c0 = bits_in[w0], c01 = c0 + bits_in[w1], c012 = c01 + bits_in[w2];        \
+        __m256i h01 = _mm256_shuffle_epi8(                                                     \
+            _mm256_loadu2_m128i((const __m128i *)(vals + voff + c0), (const __m128i *)(vals + voff)), \
+            _mm256_loadu2_m128i((const __m128i *)put_hi[w1], (const __m128i *)put_hi[w0]));    \
+        __m256i h23 = _mm256_shuffle_epi8(                                                     \
+            _mm256_loadu2_m128i((const __m128i *)(vals + voff + c012), (const __m128i *)(vals + voff + c01)), \
+            _mm256_loadu2_m128i((const __m128i *)put_hi[w3], (const __m128i *)put_hi[w2]));    \
+        voff += c012 + bits_in[w3];                                                            \
+        __m128i H = _mm_loadu_si128((const __m128i *)(hi + (e >> 1)));                         \
+        __m128i L = _mm_loadu_si128((const __m128i *)(lo + (e >> 1)));                         \
+        __m128i a = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(H, f0), 4), _mm_and_si128(L, f0)); \
+        __m128i b = _mm_or_si128(_mm_andnot_si128(f0, H), _mm_and_si128(_mm_srli_epi16(L, 4), f0)); \
+        __m256i z01 = _mm256_or_si256(h01, _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(a, b)));     \
+        __m256i z23 = _mm256_or_si256(h23, _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(a, b)));     \
+        UNDIFF_PARTS_ELEMS16(BASE, FL, z01, 0)                                                 \
+        UNDIFF_PARTS_ELEMS16(BASE, FL, z23, 16)                                                \
     }
 
 __attribute__((target("avx2")))

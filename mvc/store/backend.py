@@ -39,9 +39,14 @@ class Backend(ABC):
 
     def read_with(self, oid: bytes, fn):
         """fn(stored value) for an object, or None when absent. A backend may hand *fn* a view of
-        its storage that is valid only during the call (no copy): *fn* must not keep it."""
+        its storage that is valid only during the call (no copy): *fn* must not keep it, unless
+        lasting(view) says it stays valid while it lives."""
         v = self.get(oid)
         return None if v is None else fn(v)
+
+    def lasting(self, view) -> bool:
+        """Whether a value read_with handed over stays valid for as long as it is kept."""
+        return isinstance(view, bytes)
 
     @abstractmethod
     def put_many(self, items: Iterable[tuple[bytes, bytes]]) -> int:

@@ -480,9 +480,10 @@ class NibbleDiff:
                                     *base_planes)
 
 
-def _nibble_diff(body) -> NibbleDiff | None:
+def _nibble_diff(body, lasting: bool = False) -> NibbleDiff | None:
     """The parts of a two-plane body coded NONZERO then NIBBLES (None: coded otherwise), each a
-    buffer of its own; ValueError (or zstd's, struct's) where they do not fit."""
+    buffer of its own, but for the low nibbles, a view of *body* where it is *lasting* (it stays
+    valid while the view lives); ValueError (or zstd's, struct's) where they do not fit."""
     k, total = struct.unpack_from("<BI", body, 0)
     if k != 2 or total % 2 or total > MAX_CHUNK:
         return None
@@ -508,13 +509,15 @@ def _nibble_diff(body) -> NibbleDiff | None:
     hi = bytes(hbody) if hcodec == RAW else _inflate(hbody, m)
     if len(hi) != m:
         raise ValueError("bad nibbles plane")
-    return NibbleDiff(n, mask, values, hi, bytes(nb[5 + hlen:]))  # copies: *body* lives as long as a read
+    lo = nb[5 + hlen:]
+    return NibbleDiff(n, mask, values, hi, lo if lasting else bytes(lo))
 
 
-def diff_level(stored, oid_hex: str = "?"):
+def diff_level(stored, oid_hex: str = "?", lasting: bool = False):
     """A DIFF value's (base id, element size k, float?, its k planes as arrays of their own, not
-    views of *stored*, or a NibbleDiff where undiff_parts runs), for decode_slices; None for any
-    other codec or without the C kernels. Raises CorruptObjectError on malformed input."""
+    views of *stored*, or a NibbleDiff where undiff_parts runs, which may view *stored* where it
+    is *lasting*: Backend.lasting), for decode_slices; None for any other codec or without the C
+    kernels. Raises CorruptObjectError on malformed input."""
     if len(stored) < 2 + _DELTA_HEAD or stored[1] != DIFF or not kernels.native():
         return None
     import numpy as np
@@ -524,7 +527,7 @@ def diff_level(stored, oid_hex: str = "?"):
     try:
         if k not in (1, *_UINT) or is_float > 1:
             raise ValueError("delta element size does not fit")
-        parts = _nibble_diff(body[35:]) if k == 2 and kernels.undiff_parts_ready() else None
+        parts = _nibble_diff(body[35:], lasting) if k == 2 and kernels.undiff_parts_ready() else None
         if parts is not None:
             return bytes(body[:32]), k, bool(is_float), parts
         pk, planes = _read_plane_body(body[35:], MAX_CHUNK, True)

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import itertools
 import json
+import mmap
 import operator
 import os
 import struct
@@ -257,6 +258,11 @@ class LmdbBackend(Backend):
             except lmdb.Error as e:
                 raise MvcError(f"store read failed: {e}") from e
         return None
+
+    def lasting(self, view) -> bool:
+        """Bytes, and views of a pack's map: a map lives as long as a view of it (Packs.view), and
+        a pack's stored values never change. Views of the LMDB map end with their transaction."""
+        return isinstance(view, bytes) or (isinstance(view, memoryview) and isinstance(view.obj, mmap.mmap))
 
     def _change_objects(self, items, one) -> int:
         """In one write transaction: one(txn, item) -> (objects added, bytes added) for each item,

@@ -23,7 +23,7 @@ from .objects import encode_object, parse_object
 CHUNK = TYPE_CODE["chunk"]
 TENSOR = TYPE_CODE["tensor"]
 _CHUNK_CACHE_BYTES = 16 * 1024 * 1024  # a merge reads base, ours and theirs of one chunk in a row
-_RELEASE_BYTES = 32 * 1024 * 1024
+_RELEASE_BYTES = int(os.environ.get("MVC_RELEASE_MIB", "32")) * 1024 * 1024
 _MAX_CHAIN = 64  # a read refuses longer delta chains (the writer keeps them within delta.max_depth)
 
 
@@ -130,7 +130,7 @@ class ObjectDB:
 
         def place(view):
             size[0] += len(view)
-            level = codec.diff_level(view, hex_id)
+            level = codec.diff_level(view, hex_id, self.backend.lasting(view))
             if level is not None:
                 return level
             got = codec.decode_slices(view, hex_id, levels)
