@@ -110,6 +110,10 @@ def split(data, k: int):
 
 def merge(planes, k: int) -> memoryview:
     """The inverse of split: planes (k, n) -> the elements' bytes."""
+    if k > 1 and kernels.native():  # into bytes of its own: no numpy (a checkout need not import it)
+        out = bytearray(len(planes[0]) * k)
+        kernels.merge(planes, k, True, out)
+        return memoryview(out).toreadonly()
     return memoryview(kernels.merge(planes, k, k > 1)).cast("B")
 
 
@@ -232,11 +236,13 @@ def _read_nonzero(chunk, n: int):
     return kernels.scatter(_zeros(n), mask, values, 1)
 
 
-def _read_plane_body(body: memoryview, limit: int, nonzero: bool = False):
-    """(k, planes: a list of k uint8 arrays of n bytes) from a plane body; at most *limit* bytes in
-    all; *nonzero*: the body of a delta value, where NONZERO planes may appear. Raw planes are
-    views of *body* and decoded ones what zstd returned: nothing is copied."""
-    import numpy as np
+def _read_plane_body(body: memoryview, limit: int, nonzero: bool = False, arrays: bool = True):
+    """(k, planes: a list of k uint8 arrays of n bytes, or with *arrays* false memoryviews) from a
+    plane body; at most *limit* bytes in all; *nonzero*: the body of a delta value, where NONZERO
+    planes may appear. Raw planes are views of *body* and decoded ones what zstd returned:
+    nothing is copied."""
+    if arrays:
+        import numpy as np
 
     k, total = struct.unpack_from("<BI", body, 0)
     if k not in (1, *_UINT) or total % k or total > limit:
@@ -260,7 +266,7 @@ def _read_plane_body(body: memoryview, limit: int, nonzero: bool = False):
             raise ValueError(f"bad plane codec {codec}")
         if len(raw) != n:
             raise ValueError("plane length mismatch")
-        planes.append(np.frombuffer(raw, dtype=np.uint8))
+        planes.append(np.frombuffer(raw, dtype=np.uint8) if arrays else memoryview(raw))
     if pos != len(body):
         raise ValueError("trailing bytes")
     return k, planes
@@ -445,7 +451,7 @@ def decode(stored: bytes | memoryview, oid_hex: str = "?", bases: BaseReader | N
         if codec == ZSTD:
             return type_code, _ctx()[2].decompress(body, max_output_size=_frame_bound(body))
         if codec == PLANES:
-            k, planes = _read_plane_body(body, MAX_CHUNK)
+            k, planes = _read_plane_body(body, MAX_CHUNK, arrays=False)
             return type_code, merge(planes, k)
         if codec in DELTAS:
             k = stored[35]
@@ -520,8 +526,6 @@ def diff_level(stored, oid_hex: str = "?", lasting: bool = False):
     kernels. Raises CorruptObjectError on malformed input."""
     if len(stored) < 2 + _DELTA_HEAD or stored[1] != DIFF or not kernels.native():
         return None
-    import numpy as np
-
     body = memoryview(stored)[2:]
     k, is_float = body[33], body[34]
     try:
@@ -535,6 +539,8 @@ def diff_level(stored, oid_hex: str = "?", lasting: bool = False):
             raise ValueError("delta element size does not fit")
     except (zstd.ZstdError, struct.error, ValueError, IndexError, TypeError) as e:
         raise CorruptObjectError(oid_hex, f"cannot decode ({e})") from e
+    import numpy as np
+
     own = [np.array(p) if isinstance(p.base, memoryview) else p for p in planes]  # raw planes are views
     return bytes(body[:32]), k, bool(is_float), own
 
@@ -550,26 +556,24 @@ def decode_slices(stored, oid_hex: str = "?", levels: list = ()):
     input, also while iterating."""
     if len(stored) < 2 or stored[1] != PLANES or not kernels.native():
         return None
-    import numpy as np
-
-    try:
-        k, planes = _read_plane_body(memoryview(stored)[2:], MAX_CHUNK)
+    try:  # memoryviews, not arrays: checking out a bf16 model imports no numpy (70-100 ms)
+        k, planes = _read_plane_body(memoryview(stored)[2:], MAX_CHUNK, arrays=False)
     except (zstd.ZstdError, struct.error, ValueError, IndexError, TypeError) as e:
         raise CorruptObjectError(oid_hex, f"cannot decode ({e})") from e
-    n = planes[0].size
-    if any(lk != k or (lp.n if isinstance(lp, NibbleDiff) else lp[0].size) != n for _, lk, _, lp in levels):
+    n = len(planes[0])
+    if any(lk != k or (lp.n if isinstance(lp, NibbleDiff) else len(lp[0])) != n for _, lk, _, lp in levels):
         return None
     step = min(_SLICE, n)
     below = list(reversed(levels))
 
     def slices():
-        buf = np.empty(step, dtype=_UINT.get(k, np.uint8))
+        buf = memoryview(bytearray(step * k))
         used = [0] * len(below)  # NibbleDiff levels: their values used so far
         # the first difference, from a NibbleDiff, merges this value's planes itself (one pass)
         merged = bool(below) and isinstance(below[0][3], NibbleDiff)
         for i in range(0, n, step):
             part = [p[i:i + step] for p in planes]
-            out = buf[:part[0].size]
+            out = buf[:len(part[0]) * k]
             if not merged:
                 kernels.merge(part, k, k > 1, out)
             for j, (_, _, is_float, lp) in enumerate(below):  # in place: each element read before written
@@ -580,7 +584,7 @@ def decode_slices(stored, oid_hex: str = "?", levels: list = ()):
                         raise CorruptObjectError(oid_hex, f"cannot decode a delta on it ({e})") from e
                 else:
                     kernels.undiff([p[i:i + step] for p in lp], out, k, is_float, out)
-            yield memoryview(out).cast("B")
+            yield out
         if any(isinstance(lp, NibbleDiff) and used[j] != lp.count for j, (*_, lp) in enumerate(below)):
             raise CorruptObjectError(oid_hex, "a delta on it has non-zero bytes its mask does not place")
 

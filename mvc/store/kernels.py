@@ -107,11 +107,12 @@ def split(u, k: int, rotate: bool):
 def merge(planes, k: int, rotate: bool, out=None):
     """The inverse of split: planes (k, n) -> unsigned k-byte integers. *planes* may also be a
     sequence of k separate uint8 arrays of n bytes (what a decoder read, not copied together).
-    *out*: an array of n such integers to write them into (and return) instead of a new one."""
-    import numpy as np
-
+    *out*: an array of n such integers (or a writable buffer of their bytes) to write them into
+    (and return) instead of a new one."""
     if k > 1 and _on:
         if out is None:
+            import numpy as np
+
             out = np.empty(len(planes[0]), dtype=_UINT[k])
         _native.merge(planes, out, k, rotate)
         return out
@@ -125,6 +126,7 @@ def merge(planes, k: int, rotate: bool, out=None):
 def _merge_numpy(planes, k: int, rotate: bool):
     import numpy as np
 
+    planes = [np.frombuffer(p, np.uint8) for p in planes]  # arrays or any buffers
     if k == 1:
         return np.ascontiguousarray(planes[0])
     r = planes[0].astype(_UINT[k])
