@@ -23,7 +23,7 @@ from .objects import encode_object, parse_object
 CHUNK = TYPE_CODE["chunk"]
 TENSOR = TYPE_CODE["tensor"]
 _CHUNK_CACHE_BYTES = 16 * 1024 * 1024  # a merge reads base, ours and theirs of one chunk in a row
-_RELEASE_BYTES = int(os.environ.get("MVC_RELEASE_MIB", "32")) * 1024 * 1024
+_RELEASE_BYTES = 32 * 1024 * 1024
 _MAX_CHAIN = 64  # a read refuses longer delta chains (the writer keeps them within delta.max_depth)
 
 
@@ -289,7 +289,7 @@ class ObjectDB:
             self._account(size[0])
 
     def _account(self, n: int) -> None:
-        """Every 128 MiB read, hand the store's mapped pages back: they stay in the page cache
+        """Every _RELEASE_BYTES read, hand the store's mapped pages back: they stay in the page cache
         but leave this process's RSS (reads of delta chains touch a lot of the map)."""
         with self._lock:
             self._read_bytes += n
