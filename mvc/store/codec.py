@@ -113,7 +113,7 @@ def merge(planes, k: int) -> memoryview:
     if k > 1 and kernels.native():  # into bytes of its own: no numpy (a checkout need not import it)
         out = bytearray(len(planes[0]) * k)
         kernels.merge(planes, k, True, out)
-        return memoryview(out).toreadonly()
+        return memoryview(out)
     return memoryview(kernels.merge(planes, k, k > 1)).cast("B")
 
 
