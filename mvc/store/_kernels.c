@@ -1185,8 +1185,8 @@ static Py_ssize_t undiff_parts_ssse3(uint16_t *out, Py_ssize_t start, Py_ssize_t
 }
 
 /* the AVX2 loops, built once per kind of base (planes or in place) and of element (float or not):
- * no test of either inside them. ELEMS16(z, at, k) finishes 16 elements whose differences are the
- * words z (zigzag-coded), out + i + at being theirs, k the base planes' offset. */
+ * no test of either inside them. UNDIFF_PARTS_ELEMS16(BASE, FL, Z, AT) finishes the 16 elements
+ * at out + i + AT, whose differences are the words Z (zigzag-coded). */
 #define UNDIFF_PARTS_ELEMS16(BASE, FL, Z, AT)                                                  \
     {                                                                                          \
         __m256i d = _mm256_xor_si256(_mm256_srli_epi16(Z, 1),                                  \
