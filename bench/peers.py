@@ -240,57 +240,105 @@ class Zstd(FileCodec):
     name = "zstd"
 
 
-#: checkouts of each of the first and the last version (the fastest is reported)
-CHECKOUT_RUNS = 3
+#: checkouts of each of the first and the last version (the fastest is reported); each one starts
+#: after os.sync(), so that no earlier step's write-back lands in it
+CHECKOUT_RUNS = 5
 
 SYSTEMS = {"mvc": Mvc, "mvc-full": MvcFull, "git-lfs": GitLfs, "dvc": Dvc, "git-theta": GitTheta, "zipnn": Zipnn,
            "zstd": Zstd}
+#: systems measured in lockstep when both are asked for: their comparison is one of the targets
+PAIRED = ("mvc", "mvc-full")
+
+
+class _Lane:
+    """One system's measurement within measure_together: its results so far, and the seconds its
+    own steps have taken (its budget counts those only)."""
+
+    def __init__(self, cls, label: str, versions: list[str], work: str, env: dict, budget_s: float | None):
+        self.sys, self.work, self.budget, self.spent = cls(work, env), work, budget_s, 0.0
+        self.res = {"system": label, "raw_bytes": [os.path.getsize(p) for p in versions], "store": [],
+                    "commit_s": [], "peak_rss": 0, "error": None, "bit_exact": True}
+        self.base = 0
+
+    def step(self, fn, *args):
+        """fn(*args) within what is left of the budget; None (and nothing run) once this system has failed."""
+        if self.res["error"]:
+            return None
+        t = time.perf_counter()
+        DEADLINE[0] = None if self.budget is None else t + max(0.0, self.budget - self.spent)
+        try:
+            return fn(*args)
+        except Failed as e:
+            done = len(self.res["commit_s"])
+            self.res["error"] = str(e) + (f" (after {done} of {len(self.res['raw_bytes'])} versions, "
+                                          f"{sum(self.res['commit_s']):.0f} s)" if done else "")
+            self.res["bit_exact"] = False
+            return None
+        finally:
+            DEADLINE[0] = None
+            self.spent += time.perf_counter() - t
 
 
 def measure(cls, label: str, versions: list[str], work: str, env: dict, budget_s: float | None = None) -> dict:
     """Commit every version, then check out the first and the last, within *budget_s*; never raises."""
-    DEADLINE[0] = None if budget_s is None else time.perf_counter() + budget_s
-    sys_ = cls(work, env)
+    return measure_together([(cls, label, work)], versions, env, budget_s)[0]
+
+
+def measure_together(systems: list[tuple], versions: list[str], env: dict, budget_s: float | None = None) -> list[dict]:
+    """measure() for several systems ((class, label, work dir) each) in lockstep: each version is
+    committed into every system in turn (the order reversed at every version), and the checkouts
+    alternate between them too, so that systems compared with each other (mvc with and without
+    deltas) meet the same moments of a shared machine, whose speed drifts by 25 % within minutes.
+    Each system has *budget_s* of its own steps' time; never raises."""
     hashes = [sha256(p) for p in versions]
-    raw = [os.path.getsize(p) for p in versions]
-    res = {"system": label, "raw_bytes": raw, "store": [], "commit_s": [], "peak_rss": 0, "error": None}
-    try:
-        sys_.setup()
-        base = sys_.stored()
-        for i, p in enumerate(versions):
-            wall, rss = sys_.add(i, p)
-            res["commit_s"].append(wall)
-            res["peak_rss"] = max(res["peak_rss"], rss)
-            res["store"].append(sys_.stored() - base)
-        exact = [True]
+    lanes = [_Lane(cls, label, versions, work, env, budget_s) for cls, label, work in systems]
 
-        def checkouts(first_key, last_key):
-            """The first and the last version checked out CHECKOUT_RUNS times, in turn: the fastest
-            of each (one run on this shared machine can be 15 % off)."""
-            for _ in range(CHECKOUT_RUNS):
+    def setup(lane):
+        lane.sys.setup()
+        lane.base = lane.sys.stored()
+
+    def add(lane, i, p):
+        wall, rss = lane.sys.add(i, p)
+        lane.res["commit_s"].append(wall)
+        lane.res["peak_rss"] = max(lane.res["peak_rss"], rss)
+        lane.res["store"].append(lane.sys.stored() - lane.base)
+
+    def checkout(lane, key, i):
+        os.sync()  # untimed: the write-back of what came before is not this checkout's
+        wall, rss, h = lane.sys.checkout(i)
+        lane.res[key] = min(lane.res.get(key, wall), wall)
+        lane.res["peak_rss"] = max(lane.res["peak_rss"], rss)
+        lane.res["bit_exact"] &= h == hashes[i]
+
+    def checkouts(group, first_key, last_key):
+        """The first and the last version checked out CHECKOUT_RUNS times, in turn, system by
+        system: the fastest of each (one run on this shared machine can be 15-35 % off)."""
+        for _ in range(CHECKOUT_RUNS):
+            for lane in group:
                 for key, i in ((first_key, 0), (last_key, len(versions) - 1)):
-                    wall, rss, h = sys_.checkout(i)
-                    res[key] = min(res.get(key, wall), wall)
-                    res["peak_rss"] = max(res["peak_rss"], rss)
-                    exact[0] &= h == hashes[i]
+                    lane.step(checkout, lane, key, i)
 
-        checkouts("checkout_first_s", "checkout_last_s")
-        if sys_.repack_cmd:  # then as Git's gc would leave it: the heads whole, older versions deltas
-            wall, rss, _ = run(sys_.repack_cmd, work, env)
-            res["repack_s"] = wall
-            res["peak_rss"] = max(res["peak_rss"], rss)
-            res["store_repacked"] = sys_.stored() - base
-            checkouts("repacked_first_s", "repacked_last_s")
-        res["bit_exact"] = exact[0]
-    except Failed as e:
-        done = len(res["commit_s"])
-        res["error"] = str(e) + (f" (after {done} of {len(versions)} versions, {sum(res['commit_s']):.0f} s)"
-                                 if done else "")
-        res["bit_exact"] = False
+    def repack(lane):
+        wall, rss, _ = run(lane.sys.repack_cmd, lane.work, env)
+        lane.res["repack_s"] = wall
+        lane.res["peak_rss"] = max(lane.res["peak_rss"], rss)
+        lane.res["store_repacked"] = lane.sys.stored() - lane.base
+
+    try:
+        for lane in lanes:
+            lane.step(setup, lane)
+        for i, p in enumerate(versions):
+            for lane in lanes if i % 2 == 0 else reversed(lanes):
+                lane.step(add, lane, i, p)
+        checkouts(lanes, "checkout_first_s", "checkout_last_s")
+        for lane in lanes:  # then as Git's gc would leave it: the heads whole, older versions deltas
+            if lane.sys.repack_cmd and not lane.res["error"]:
+                lane.step(repack, lane)
+                checkouts([lane], "repacked_first_s", "repacked_last_s")
     finally:
-        DEADLINE[0] = None
-        shutil.rmtree(work, ignore_errors=True)  # the next system gets the disk and the page cache
-    return res
+        for lane in lanes:
+            shutil.rmtree(lane.work, ignore_errors=True)  # the next system gets the disk and the page cache
+    return [lane.res for lane in lanes]
 
 
 def fp32_copies(versions: list[str], out_dir: str) -> list[str]:
@@ -377,7 +425,14 @@ def run_all(size_mib: int, systems: list[str], dataset: str, workdir: str, budge
         _warm_up(versions=next(iter(sets.values())), work=os.path.join(workdir, "warm-up"), env=env)
     for ds, versions in sets.items():
         rows = []
+        paired = [n for n in PAIRED if n in systems] if all(n in systems for n in PAIRED) else []
         for name in systems:
+            if name in paired[1:]:
+                continue  # measured with the first of its pair
+            if name in paired:
+                rows += measure_together([(SYSTEMS[n], n, os.path.join(workdir, ds, "sys-" + n)) for n in paired],
+                                         versions, env, budget_s)
+                continue
             rows.append(measure(SYSTEMS[name], name, versions, os.path.join(workdir, ds, "sys-" + name), env,
                                 budget_s))
             if name == "git-theta" and rows[-1]["error"]:  # bf16 is not supported: also run on an fp32 copy
@@ -422,7 +477,8 @@ def report(res: dict) -> str:
         lines += [f"### {ds}: {len(info['versions'])} versions, {_gb(raw_total)} of files in all",
                   "", "versions: " + ", ".join(info["versions"]), "",
                   "| system | store after all versions | × git-lfs | added by the one-layer edit | commit | "
-                  "checkout first / last (fastest of 3) | peak RSS | bit-exact |", "|---|---|---|---|---|---|---|---|"]
+                  f"checkout first / last (fastest of {CHECKOUT_RUNS}) | peak RSS | bit-exact |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if r["error"]:
                 lines.append(f"| {r['system']} | **failed**: {r['error']} | | | | | | no |")
