@@ -425,7 +425,7 @@ def run_all(size_mib: int, systems: list[str], dataset: str, workdir: str, budge
         _warm_up(versions=next(iter(sets.values())), work=os.path.join(workdir, "warm-up"), env=env)
     for ds, versions in sets.items():
         rows = []
-        paired = [n for n in PAIRED if n in systems] if all(n in systems for n in PAIRED) else []
+        paired = PAIRED if all(n in systems for n in PAIRED) else ()
         for name in systems:
             if name in paired[1:]:
                 continue  # measured with the first of its pair
