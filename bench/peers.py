@@ -255,28 +255,53 @@ class _Lane:
     own steps have taken (its budget counts those only)."""
 
     def __init__(self, cls, label: str, versions: list[str], work: str, env: dict, budget_s: float | None):
-        self.sys, self.work, self.budget, self.spent = cls(work, env), work, budget_s, 0.0
+        self.sys, self.work, self.env, self.budget, self.spent = cls(work, env), work, env, budget_s, 0.0
         self.res = {"system": label, "raw_bytes": [os.path.getsize(p) for p in versions], "store": [],
                     "commit_s": [], "peak_rss": 0, "error": None, "bit_exact": True}
         self.base = 0
 
-    def step(self, fn, *args):
-        """fn(*args) within what is left of the budget; None (and nothing run) once this system has failed."""
+    def step(self, fn, *args) -> None:
+        """fn(*args) within what is left of the budget; nothing once this system has failed."""
         if self.res["error"]:
-            return None
+            return
         t = time.perf_counter()
         DEADLINE[0] = None if self.budget is None else t + max(0.0, self.budget - self.spent)
         try:
-            return fn(*args)
+            fn(*args)
         except Failed as e:
             done = len(self.res["commit_s"])
             self.res["error"] = str(e) + (f" (after {done} of {len(self.res['raw_bytes'])} versions, "
                                           f"{sum(self.res['commit_s']):.0f} s)" if done else "")
             self.res["bit_exact"] = False
-            return None
         finally:
             DEADLINE[0] = None
             self.spent += time.perf_counter() - t
+
+    def _rss(self, rss: int) -> None:
+        self.res["peak_rss"] = max(self.res["peak_rss"], rss)
+
+    def setup(self) -> None:
+        self.sys.setup()
+        self.base = self.sys.stored()
+
+    def add(self, i: int, path: str) -> None:
+        wall, rss = self.sys.add(i, path)
+        self.res["commit_s"].append(wall)
+        self._rss(rss)
+        self.res["store"].append(self.sys.stored() - self.base)
+
+    def checkout(self, key: str, i: int, want: str) -> None:
+        os.sync()  # untimed: the write-back of what came before is not this checkout's
+        wall, rss, h = self.sys.checkout(i)
+        self.res[key] = min(self.res.get(key, wall), wall)
+        self._rss(rss)
+        self.res["bit_exact"] &= h == want
+
+    def repack(self) -> None:
+        wall, rss, _ = run(self.sys.repack_cmd, self.work, self.env)
+        self.res["repack_s"] = wall
+        self._rss(rss)
+        self.res["store_repacked"] = self.sys.stored() - self.base
 
 
 def measure(cls, label: str, versions: list[str], work: str, env: dict, budget_s: float | None = None) -> dict:
@@ -290,50 +315,27 @@ def measure_together(systems: list[tuple], versions: list[str], env: dict, budge
     alternate between them too, so that systems compared with each other (mvc with and without
     deltas) meet the same moments of a shared machine, whose speed drifts by 25 % within minutes.
     Each system has *budget_s* of its own steps' time; never raises."""
-    hashes = [sha256(p) for p in versions]
+    ends = [(0, sha256(versions[0])), (len(versions) - 1, sha256(versions[-1]))]
     lanes = [_Lane(cls, label, versions, work, env, budget_s) for cls, label, work in systems]
-
-    def setup(lane):
-        lane.sys.setup()
-        lane.base = lane.sys.stored()
-
-    def add(lane, i, p):
-        wall, rss = lane.sys.add(i, p)
-        lane.res["commit_s"].append(wall)
-        lane.res["peak_rss"] = max(lane.res["peak_rss"], rss)
-        lane.res["store"].append(lane.sys.stored() - lane.base)
-
-    def checkout(lane, key, i):
-        os.sync()  # untimed: the write-back of what came before is not this checkout's
-        wall, rss, h = lane.sys.checkout(i)
-        lane.res[key] = min(lane.res.get(key, wall), wall)
-        lane.res["peak_rss"] = max(lane.res["peak_rss"], rss)
-        lane.res["bit_exact"] &= h == hashes[i]
 
     def checkouts(group, first_key, last_key):
         """The first and the last version checked out CHECKOUT_RUNS times, in turn, system by
         system: the fastest of each (one run on this shared machine can be 15-35 % off)."""
         for _ in range(CHECKOUT_RUNS):
             for lane in group:
-                for key, i in ((first_key, 0), (last_key, len(versions) - 1)):
-                    lane.step(checkout, lane, key, i)
-
-    def repack(lane):
-        wall, rss, _ = run(lane.sys.repack_cmd, lane.work, env)
-        lane.res["repack_s"] = wall
-        lane.res["peak_rss"] = max(lane.res["peak_rss"], rss)
-        lane.res["store_repacked"] = lane.sys.stored() - lane.base
+                for key, (i, want) in zip((first_key, last_key), ends):
+                    lane.step(lane.checkout, key, i, want)
 
     try:
         for lane in lanes:
-            lane.step(setup, lane)
+            lane.step(lane.setup)
         for i, p in enumerate(versions):
             for lane in lanes if i % 2 == 0 else reversed(lanes):
-                lane.step(add, lane, i, p)
+                lane.step(lane.add, i, p)
         checkouts(lanes, "checkout_first_s", "checkout_last_s")
         for lane in lanes:  # then as Git's gc would leave it: the heads whole, older versions deltas
             if lane.sys.repack_cmd and not lane.res["error"]:
-                lane.step(repack, lane)
+                lane.step(lane.repack)
                 checkouts([lane], "repacked_first_s", "repacked_last_s")
     finally:
         for lane in lanes:

@@ -5,6 +5,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+from safetensors.numpy import save_file
+
+from bench import peers
+
 
 def test_demo_runs_both_parts_of_the_main_job(tmp_path):
     res = subprocess.run([sys.executable, "-m", "mvc.cli.demo", str(tmp_path / "d"), "--size-mib", "16"],
@@ -67,14 +72,9 @@ def test_side_by_side_smoke(tmp_path):
 def test_lockstep_measurement_goes_on_when_one_system_fails(tmp_path):
     """A system that fails (here its commit command exits 1) is reported as failed, and the
     systems measured in lockstep with it are measured to the end."""
-    from bench import peers
-
     class Broken(peers.Mvc):
         def commit_cmd(self, i):
             return "false"
-
-    import numpy as np
-    from safetensors.numpy import save_file
 
     versions = []
     for i in range(3):
