@@ -419,6 +419,7 @@ def main(argv: list[str] | None = None) -> None:
 
         _print_table(codec_bench.run(args.size_mib), codec_bench.report, argv, args.out)
         print(codec_bench.report_kernels(codec_bench.bench_kernels()))
+        print(codec_bench.report_undiff_parts(codec_bench.bench_undiff_parts()))
         return
     workdir = args.workdir or tempfile.mkdtemp(prefix="mvc-bench-")
     try:

@@ -141,6 +141,56 @@ def bench_kernels() -> list[dict]:
     return rows
 
 
+def bench_undiff_parts() -> list[dict]:
+    """kernels.undiff_parts, which checkout runs on every chunk of a fine-tune's or a merge's DIFF
+    (docs/format.md §5.1), on each SIMD path this CPU has, against the plain merge of a whole
+    chunk's planes: one 4 MiB bf16 chunk whose every element moved by a fine-tune's noise (6 % of
+    the top-plane bytes non-zero), in checkout's 256 Ki-element slices, the base's planes merged
+    as it goes; one thread, the best of 20. [] without the kernel."""
+    from mvc.store import _kernels, codec, kernels
+
+    if not kernels.undiff_parts_ready():
+        return []
+    rng = np.random.default_rng(2)
+    base = np.frombuffer(_data("bf16", 4), "<u2")
+    x = (base.astype(np.uint32) << 16).view(np.float32)
+    new = ((x * (1 + rng.standard_normal(x.size, dtype=np.float32) * 0.05)).view(np.uint32) >> 16).astype("<u2")
+    planes = kernels.diff(new, base, 2, True)
+    mask, values = kernels.gather(planes[0], codec._zeros(base.size), 1)
+    padded = np.r_[values, np.zeros(16, np.uint8)]
+    hi, lo = kernels.nibbles(planes[1])
+    rot = kernels.split(base, 2, True)
+    out, step = np.empty_like(base), 256 * 1024
+
+    def undiff():
+        used = 0
+        for i in range(0, base.size, step):
+            used = kernels.undiff_parts(out[i:i + step], i, mask, padded, values.size, used, hi, lo, True,
+                                        rot[0][i:i + step], rot[1][i:i + step])
+
+    def merge():
+        for i in range(0, base.size, step):
+            kernels.merge([rot[0][i:i + step], rot[1][i:i + step]], 2, True, out[i:i + step])
+
+    rows = [{"step": "merge of the base's planes (a full chunk's decode, after zstd)", "ms": _time(merge, 20)[0] * 1e3}]
+    names = {2: "AVX2", 1: "SSSE3"}
+    for cap in (2, 1):  # a path this CPU lacks runs the widest one below it
+        was = _kernels.simd_cap(cap)
+        try:
+            ms = _time(undiff, 20)[0] * 1e3
+        finally:
+            _kernels.simd_cap(was)
+        if out.tobytes() != new.tobytes():
+            raise AssertionError(f"undiff_parts at simd_cap {cap} did not give the chunk back")
+        rows.append({"step": f"undiff_parts, {names[cap]} at most", "ms": ms})
+    return rows
+
+
+def report_undiff_parts(rows: list[dict]) -> str:
+    out = ["| step (2 Mi bf16 elements, one thread) | ms |", "|---|---|"]
+    return "\n".join(out + [f"| {r['step']} | {r['ms']:.3f} |" for r in rows])
+
+
 def report_kernels(rows: list[dict]) -> str:
     out = ["| step (4 MiB bf16 chunk, one thread) | C | numpy |", "|---|---|---|"]
     out += [f"| {r['step']} | {r['c_gbps']:.1f} | {r['numpy_gbps']:.2f} |" for r in rows]

@@ -9,6 +9,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from bench import peers
+from mvc.store import kernels
 
 
 def test_demo_runs_both_parts_of_the_main_job(tmp_path):
@@ -48,6 +49,8 @@ def test_codec_bench_smoke(tmp_path):
     tuned = rows[("bf16 exponent plane", "tuned zstd (strategy fast, min_match 7)")]
     assert huff.get("missing") or huff["ratio"] <= tuned["ratio"]
     assert "| three-way merge, every element conflicting, average |" in res.stdout
+    # the DIFF kernel on each SIMD path, checked against the chunk it must give back (else rc 1)
+    assert ("| undiff_parts, AVX2 at most |" in res.stdout) == kernels.undiff_parts_ready()
 
 
 def test_side_by_side_smoke(tmp_path):
