@@ -55,8 +55,11 @@ def test_rev_parse_forms(hist):
 
 def test_show_and_diff(hist):
     root, ids = hist
-    out = mvc("show", "HEAD", cwd=root).output
-    assert "step 2" in out and "m.safetensors:a" in out and "config.json" in out
+    out = mvc("show", "--stat", "HEAD", cwd=root).output  # git show --stat: a line per tensor or file
+    assert "step 2" in out and "m.safetensors:a" in out and "config.json" in out and "added to the store" in out
+    full = mvc("show", "HEAD", cwd=root).output  # git show: each change in full, here its statistics
+    assert "step 2" in full and "m.safetensors:a" not in full and "added to the store" in full
+    assert "modified m.safetensors" in full and "cosine" in full
     data = json.loads(mvc("show", "--json", ids[0], cwd=root).output)
     assert {c["path"] for c in data["changes"]} == {"m.safetensors", "config.json"}
     assert all(c["status"] == "added" for c in data["changes"])

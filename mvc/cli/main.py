@@ -212,11 +212,13 @@ def log(c, oneline, graph, max_count, stat, as_json, rev):
 
 
 @cli.command()
+@click.option("--stat", is_flag=True, help="One line per changed tensor or file, with sizes, instead of each "
+              "changed tensor's statistics.")
 @click.option("--json", "as_json", is_flag=True)
 @click.argument("rev", default="HEAD")
 @pass_ctx
-def show(c, as_json, rev):
-    """Show a commit: metadata, op record and what it changed."""
+def show(c, stat, as_json, rev):
+    """Show a commit: metadata, op record, what it changed and what it added to the store."""
     from ..graph import added_by
 
     repo = c.repo()
@@ -229,7 +231,10 @@ def show(c, as_json, rev):
         render.emit_json({**render.commit_json(oid, cm), "changes": render.changes_json(changes), "store": store})
         return
     render.render_commit(oid, cm, render.decorations(repo).get(oid))
-    render.render_stat(changes)
+    if stat:
+        render.render_stat(changes)
+    else:
+        render.render_full(changes)
     click.echo(render.store_line(store))
 
 
