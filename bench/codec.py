@@ -158,16 +158,15 @@ def bench_undiff_parts() -> list[dict]:
     new = ((x + rng.standard_normal(x.size, dtype=np.float32) * 0.00125).view(np.uint32) >> 16).astype("<u2")
     planes = kernels.diff(new, base, 2, True)
     mask, values = kernels.gather(planes[0], codec._zeros(base.size), 1)
-    padded = np.r_[values, np.zeros(16, np.uint8)]
     hi, lo = kernels.nibbles(planes[1])
+    level = codec.NibbleDiff(base.size, mask.tobytes(), values.tobytes(), hi.tobytes(), lo.tobytes())
     rot = kernels.split(base, 2, True)
     out, step = np.empty_like(base), 256 * 1024
 
-    def undiff():
+    def undiff():  # as codec.decode_slices applies it at checkout
         used = 0
         for i in range(0, base.size, step):
-            used = kernels.undiff_parts(out[i:i + step], i, mask, padded, values.size, used, hi, lo, True,
-                                        rot[0][i:i + step], rot[1][i:i + step])
+            used = level.apply(out[i:i + step], i, used, True, (rot[0][i:i + step], rot[1][i:i + step]))
 
     def merge():
         for i in range(0, base.size, step):

@@ -1137,7 +1137,8 @@ static int values_suffice(const uint8_t *mask, Py_ssize_t start, Py_ssize_t m, P
     return need <= nvals - voff;
 }
 
-/* the same, eight mask bytes to a popcnt (for the AVX2 loop: every CPU with AVX2 has popcnt) */
+/* the same, eight mask bytes to a popcnt, the last few left to values_suffice (for the AVX2
+ * loop: every CPU with AVX2 has popcnt) */
 __attribute__((target("popcnt")))
 static int values_suffice_popcnt(const uint8_t *mask, Py_ssize_t start, Py_ssize_t m, Py_ssize_t nvals,
                                  Py_ssize_t voff) {
@@ -1147,8 +1148,7 @@ static int values_suffice_popcnt(const uint8_t *mask, Py_ssize_t start, Py_ssize
         memcpy(&w, mask + j, 8);
         need += __builtin_popcountll(w);
     }
-    for (; j < end; j++) need += bits_in[mask[j]];
-    return need <= nvals - voff;
+    return values_suffice(mask, j << 3, (end - j) << 3, nvals, voff + need);
 }
 
 __attribute__((target("ssse3")))
